@@ -1,0 +1,72 @@
+"""The channel factory: one cached grpc.aio channel per target.
+
+Every channel gets the same service config (round_robin over all resolved addresses,
+transparent retries of UNAVAILABLE only), keepalive, message limits and the client
+interceptors (tracing, deadline and tenant propagation). Services ask for a channel
+by target and never build one themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from grpc import aio
+
+from trellis.runtime.interceptors import propagating_client_interceptors
+
+RETRY_POLICY = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    # Only UNAVAILABLE: the request never reached a handler, so a retry is safe.
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": [{}], "retryPolicy": RETRY_POLICY}],
+    }
+)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
+    return [
+        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+
+
+class Channels:
+    """Cached channels for one service (or one embedded stack); close them at shutdown."""
+
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int = 4 * 1024 * 1024,
+        interceptors: Sequence[aio.ClientInterceptor] = (),
+    ) -> None:
+        self._options = channel_options(max_message_bytes)
+        # Tracing first so its span covers the propagated call.
+        self._interceptors = [*interceptors, *propagating_client_interceptors()]
+        self._channels: dict[str, aio.Channel] = {}
+
+    def get(self, target: str) -> aio.Channel:
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = aio.insecure_channel(
+                target, options=self._options, interceptors=self._interceptors
+            )
+            self._channels[target] = channel
+        return channel
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()

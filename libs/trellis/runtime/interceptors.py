@@ -1,0 +1,136 @@
+"""Interceptors that apply the runtime's rules to every RPC.
+
+Server side: each handler runs inside a request scope (incoming deadline and tenant)
+and ``TrellisError`` becomes a rich gRPC status; anything unexpected becomes INTERNAL
+without leaking internals. Client side: every call's timeout is shortened to the
+incoming deadline and the tenant is forwarded as metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from trellis.runtime import context
+from trellis.runtime.errors import DeadlineExceeded, Internal, TrellisError, to_status
+
+log = logging.getLogger(__name__)
+
+
+async def _abort(ctx: aio.ServicerContext, error: TrellisError) -> None:
+    status = to_status(error)
+    await ctx.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+
+
+def _metadata_value(ctx: aio.ServicerContext, key: str) -> str | None:
+    for item in ctx.invocation_metadata() or ():
+        if item.key == key:
+            return item.value if isinstance(item.value, str) else item.value.decode()
+    return None
+
+
+def _scope(ctx: aio.ServicerContext):
+    return context.request_scope(
+        timeout=ctx.time_remaining(),
+        tenant_id=_metadata_value(ctx, context.TENANT_METADATA_KEY),
+    )
+
+
+async def _fail(ctx: aio.ServicerContext, method: str, exc: Exception) -> None:
+    if isinstance(exc, TrellisError):
+        await _abort(ctx, exc)
+        return
+    log.exception("unhandled error in %s", method)
+    await _abort(ctx, Internal(f"internal error ({type(exc).__name__})"))
+
+
+def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    async def handler(request: Any, ctx: aio.ServicerContext) -> Any:
+        with _scope(ctx):
+            try:
+                return await behavior(request, ctx)
+            except aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status here, once
+                await _fail(ctx, method, exc)
+
+    return handler
+
+
+def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+    async def handler(request: Any, ctx: aio.ServicerContext) -> AsyncIterator[Any]:
+        with _scope(ctx):
+            try:
+                async for item in behavior(request, ctx):
+                    yield item
+            except aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await _fail(ctx, method, exc)
+
+    return handler
+
+
+class ServerRulesInterceptor(aio.ServerInterceptor):
+    """Request scope and error mapping for every handler of a server."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary), **kwargs
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream), **kwargs
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(method, handler.stream_unary), **kwargs
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(method, handler.stream_stream), **kwargs
+        )
+
+
+def _propagate(details: aio.ClientCallDetails) -> aio.ClientCallDetails:
+    left = context.remaining()
+    timeout = details.timeout
+    if left is not None:
+        if left <= 0:
+            raise DeadlineExceeded(f"deadline expired before calling {details.method}")
+        timeout = left if timeout is None else min(timeout, left)
+    metadata = aio.Metadata(*(details.metadata or ()))
+    if context.TENANT_METADATA_KEY not in metadata:
+        metadata.add(context.TENANT_METADATA_KEY, context.tenant())
+    return details._replace(timeout=timeout, metadata=metadata)
+
+
+class PropagateUnaryUnary(aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(_propagate(client_call_details), request)
+
+
+class PropagateUnaryStream(aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(_propagate(client_call_details), request)
+
+
+def propagating_client_interceptors() -> list[aio.ClientInterceptor]:
+    """Deadline and tenant propagation for every call on a channel."""
+    return [PropagateUnaryUnary(), PropagateUnaryStream()]

@@ -1,0 +1,150 @@
+"""Server bootstrap: every Trellis gRPC server is built and stopped here.
+
+A server gets per-service health (grpc.health.v1), server reflection, message size
+and concurrency limits (RESOURCE_EXHAUSTED beyond ``max_concurrent_rpcs``),
+keepalive, tracing and the runtime's rules interceptor. On SIGTERM/SIGINT health
+turns NOT_SERVING first, so load balancers stop sending, then in-flight RPCs get
+``grace_seconds`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from trellis.runtime.channels import Channels
+from trellis.runtime.interceptors import ServerRulesInterceptor
+from trellis.runtime.logs import get_logger, setup_logging
+from trellis.runtime.metrics import serve_metrics
+from trellis.runtime.settings import ServiceSettings, load_settings
+from trellis.runtime.telemetry import Telemetry, setup_telemetry
+
+log = get_logger(__name__)
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Service:
+    """What one service contributes to a server."""
+
+    name: str
+    #: Fully-qualified proto service names, for health and reflection.
+    service_names: Sequence[str]
+    register: Callable[[aio.Server], None]
+    aclose: Callable[[], Awaitable[None]] = _nothing
+
+
+#: Builds a service from its settings and runtime handles (used by __main__ and the
+#: embedded stack alike).
+Builder = Callable[[ServiceSettings, Telemetry, Channels], Awaitable[Service]]
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+@dataclass
+class RunningServer:
+    """A started server and what it needs to stop cleanly."""
+
+    service: Service
+    server: aio.Server
+    health: HealthServicer
+    port: int
+    grace: float
+    telemetry: Telemetry
+    channels: Channels
+    _stopped: bool = field(default=False, init=False)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, then stop accepting and let in-flight RPCs finish."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.grace if grace is None else grace)
+        await self.service.aclose()
+        await self.channels.close()
+        self.telemetry.shutdown()
+
+
+async def start_server(
+    settings: ServiceSettings, builder: Builder, *, telemetry: Telemetry, channels: Channels
+) -> RunningServer:
+    """Build the service and serve it on ``settings.host:settings.port``."""
+    service = await builder(settings, telemetry, channels)
+    server = aio.server(
+        interceptors=[*telemetry.server_interceptors(), ServerRulesInterceptor()],
+        options=server_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    service.register(server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for name in ("", *service.service_names):
+        await health.set(name, serving)
+    reflection.enable_server_reflection(
+        [*service.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    log.info("serving", service=service.name, port=port)
+    return RunningServer(service, server, health, port, settings.grace_seconds, telemetry, channels)
+
+
+async def start_service(settings: ServiceSettings, name: str, builder: Builder) -> RunningServer:
+    """Telemetry, channels and server for one service, as a standalone process has them."""
+    telemetry = setup_telemetry(name)
+    channels = Channels(
+        max_message_bytes=settings.max_message_bytes, interceptors=telemetry.client_interceptors()
+    )
+    return await start_server(settings, builder, telemetry=telemetry, channels=channels)
+
+
+async def wait_for_signal() -> None:
+    """Return on the first SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def run_service(program: str, name: str, settings_cls: type[ServiceSettings], builder: Builder) -> None:
+    """Entry point body of every service's ``__main__``."""
+    settings = load_settings(settings_cls, program)
+    setup_logging(settings.log_level, service=name)
+
+    async def serve() -> None:
+        running = await start_service(settings, name, builder)
+        serve_metrics(settings.metrics_port, settings.host)
+        await wait_for_signal()
+        log.info("stopping", service=name, grace=settings.grace_seconds)
+        await running.stop()
+
+    asyncio.run(serve())

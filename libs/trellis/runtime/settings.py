@@ -1,0 +1,62 @@
+"""Typed settings from the environment (pydantic-settings), validated at start-up.
+
+Every service has a ``ServiceSettings`` subclass with its own default ports. A bad
+value stops the service with one line naming the variable, via ``load_settings``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal, TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "TRELLIS_"
+
+Port = int
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every service shares: listening, limits, peers, logging."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in containers).")
+    port: Port = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: Port = Field(0, ge=0, le=65535, description="Prometheus /metrics; 0 = off.")
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    max_concurrent_rpcs: int = Field(1000, ge=1, description="Beyond: RESOURCE_EXHAUSTED.")
+    grace_seconds: float = Field(5.0, ge=0, description="In-flight RPCs get this long on stop.")
+    call_timeout_seconds: float = Field(30.0, gt=0, description="Default onward-call timeout.")
+    log_level: LogLevel = "info"
+
+    executor_target: str = "localhost:50051"
+    planner_target: str = "localhost:50052"
+    toolgateway_target: str = "localhost:50053"
+    cache_target: str = "localhost:50054"
+    costs_target: str = "localhost:50055"
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def describe_error(error: ValidationError, prefix: str = ENV_PREFIX) -> str:
+    """One line naming every bad variable and why it is bad."""
+    parts = []
+    for item in error.errors():
+        name = prefix + "_".join(str(p) for p in item["loc"]).upper() if item["loc"] else prefix
+        got = f" (got {item['input']!r})" if "input" in item and item["type"] != "missing" else ""
+        parts.append(f"{name}: {item['msg']}{got}")
+    return "; ".join(parts)
+
+
+def load_settings(cls: type[S], program: str, **overrides: object) -> S:
+    """Build ``cls`` from the environment, or exit 2 with a one-line explanation."""
+    try:
+        return cls(**overrides)
+    except ValidationError as error:
+        prefix = cls.model_config.get("env_prefix") or ""
+        print(f"{program}: invalid configuration: {describe_error(error, prefix)}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,59 @@
+"""CacheService over gRPC: protos in, ``MemoryStore`` calls, protos out."""
+
+from __future__ import annotations
+
+from grpc import aio
+
+from trellis.cache.v1 import cache_pb2, cache_pb2_grpc
+from trellis.runtime.convert import duration, seconds
+from trellis.runtime.errors import FieldViolation, InvalidArgument
+from trellis.runtime.metrics import CACHE_REQUESTS
+from trellis_cache.store import MemoryStore
+
+
+class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
+    def __init__(self, store: MemoryStore, default_ttl: float) -> None:
+        self._store = store
+        self._default_ttl = default_ttl
+
+    async def Get(self, request: cache_pb2.GetRequest, context: aio.ServicerContext) -> cache_pb2.GetResponse:
+        _require_key(request.key)
+        found = self._store.get(request.key)
+        CACHE_REQUESTS.labels(result="hit" if found else "miss").inc()
+        if found is None:
+            return cache_pb2.GetResponse(found=False)
+        value, ttl_left = found
+        return cache_pb2.GetResponse(found=True, value=value, ttl_remaining=duration(ttl_left))
+
+    async def Set(self, request: cache_pb2.SetRequest, context: aio.ServicerContext) -> cache_pb2.SetResponse:
+        _require_key(request.key)
+        ttl = seconds(request.ttl) or self._default_ttl
+        if ttl < 0:
+            raise InvalidArgument(
+                "ttl must not be negative", violations=[FieldViolation("ttl", "must be >= 0")]
+            )
+        self._store.set(request.key, request.value, ttl, request.tags)
+        return cache_pb2.SetResponse()
+
+    async def Invalidate(
+        self, request: cache_pb2.InvalidateRequest, context: aio.ServicerContext
+    ) -> cache_pb2.InvalidateResponse:
+        return cache_pb2.InvalidateResponse(
+            invalidated=self._store.invalidate(request.keys, request.tags)
+        )
+
+    async def GetStats(
+        self, request: cache_pb2.GetStatsRequest, context: aio.ServicerContext
+    ) -> cache_pb2.GetStatsResponse:
+        s = self._store.stats()
+        return cache_pb2.GetStatsResponse(
+            hits=s.hits, misses=s.misses, entries=s.entries, evictions=s.evictions,
+            bytes=s.bytes, backend=self._store.backend,
+        )
+
+
+def _require_key(key: str) -> None:
+    if not key:
+        raise InvalidArgument(
+            "key is required", reason="KEY_REQUIRED", violations=[FieldViolation("key", "empty")]
+        )

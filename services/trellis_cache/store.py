@@ -1,0 +1,100 @@
+"""In-memory LRU + TTL store with tags: the cache's embedded backend.
+
+Written by hand (about a page) because no well-kept library combines per-entry TTL,
+an entry *and* byte bound, and tag invalidation; cachetools' TLRUCache covers the
+first only. Single-threaded by design: the service runs on one asyncio loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass
+class Entry:
+    value: bytes
+    expires_at: float
+    tags: frozenset[str]
+
+
+@dataclass
+class Stats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    entries: int = 0
+    bytes: int = 0
+
+
+class MemoryStore:
+    """Bounded by entries and bytes; least recently used entries go first."""
+
+    backend = "memory"
+
+    def __init__(
+        self,
+        *,
+        max_entries: int,
+        max_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._clock = clock
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._by_tag: dict[str, set[str]] = {}
+        self._bytes = 0
+        self._hits = self._misses = self._evictions = 0
+
+    def get(self, key: str) -> tuple[bytes, float] | None:
+        """The value and its remaining TTL, or None on a miss (expired counts as a miss)."""
+        entry = self._entries.get(key)
+        now = self._clock()
+        if entry is None or entry.expires_at <= now:
+            if entry is not None:
+                self._remove(key)
+            self._misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self._hits += 1
+        return entry.value, entry.expires_at - now
+
+    def set(self, key: str, value: bytes, ttl: float, tags: Iterable[str] = ()) -> None:
+        if key in self._entries:
+            self._remove(key)
+        if len(value) > self._max_bytes:
+            return  # can never fit; storing it would evict everything else
+        entry = Entry(value, self._clock() + ttl, frozenset(tags))
+        self._entries[key] = entry
+        self._bytes += len(value)
+        for tag in entry.tags:
+            self._by_tag.setdefault(tag, set()).add(key)
+        while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
+            oldest = next(iter(self._entries))
+            self._remove(oldest)
+            self._evictions += 1
+
+    def invalidate(self, keys: Iterable[str] = (), tags: Iterable[str] = ()) -> int:
+        """Remove entries by key and by tag; return how many were removed."""
+        doomed = {k for k in keys if k in self._entries}
+        for tag in tags:
+            doomed |= self._by_tag.get(tag, set())
+        for key in doomed:
+            self._remove(key)
+        return len(doomed)
+
+    def stats(self) -> Stats:
+        return Stats(self._hits, self._misses, self._evictions, len(self._entries), self._bytes)
+
+    def _remove(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        self._bytes -= len(entry.value)
+        for tag in entry.tags:
+            keys = self._by_tag.get(tag)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_tag[tag]
