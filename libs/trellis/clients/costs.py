@@ -1,0 +1,39 @@
+"""Client of ``trellis.costs.v1.CostAccountingService``."""
+
+from __future__ import annotations
+
+from grpc import aio
+
+from trellis.costs.v1 import costs_pb2, costs_pb2_grpc
+from trellis.runtime.errors import translated_rpc_errors
+
+
+class CostsClient:
+    def __init__(self, channel: aio.Channel, *, timeout: float = 5.0) -> None:
+        self._stub = costs_pb2_grpc.CostAccountingServiceStub(channel)
+        self._timeout = timeout
+
+    async def record_usage(
+        self, request: costs_pb2.RecordUsageRequest
+    ) -> costs_pb2.RecordUsageResponse:
+        """Record one usage event (idempotent on usage_id); returns its cost."""
+        with translated_rpc_errors():
+            return await self._stub.RecordUsage(request, timeout=self._timeout)
+
+    async def check_budget(self, estimated_cost_nano_usd: int = 0) -> costs_pb2.CheckBudgetResponse:
+        request = costs_pb2.CheckBudgetRequest(estimated_cost_nano_usd=estimated_cost_nano_usd)
+        with translated_rpc_errors():
+            return await self._stub.CheckBudget(request, timeout=self._timeout)
+
+    async def set_budget(self, request: costs_pb2.SetBudgetRequest) -> None:
+        with translated_rpc_errors():
+            await self._stub.SetBudget(request, timeout=self._timeout)
+
+    async def get_usage(
+        self, tenant_id: str = "", start_day: str = "", end_day: str = ""
+    ) -> costs_pb2.GetUsageResponse:
+        request = costs_pb2.GetUsageRequest(
+            tenant_id=tenant_id, start_day=start_day, end_day=end_day
+        )
+        with translated_rpc_errors():
+            return await self._stub.GetUsage(request, timeout=self._timeout)

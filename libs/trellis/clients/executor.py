@@ -1,0 +1,33 @@
+"""Client of ``trellis.executor.v1.ExecutorService`` (used by the CLI and by tests)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from trellis.clients._streams import stream
+from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
+from trellis.runtime.errors import translated_rpc_errors
+
+
+class ExecutorClient:
+    def __init__(self, channel: aio.Channel, *, timeout: float = 300.0) -> None:
+        self._stub = executor_pb2_grpc.ExecutorServiceStub(channel)
+        self._timeout = timeout
+
+    def run(self, request: executor_pb2.RunRequest) -> AsyncIterator[executor_pb2.RunResponse]:
+        return stream(self._stub.Run(request, timeout=self._timeout))
+
+    async def get_run(self, run_id: str) -> executor_pb2.Run:
+        with translated_rpc_errors():
+            response = await self._stub.GetRun(
+                executor_pb2.GetRunRequest(run_id=run_id), timeout=self._timeout
+            )
+        return response.run
+
+    async def cancel_run(self, run_id: str) -> executor_pb2.CancelRunResponse:
+        with translated_rpc_errors():
+            return await self._stub.CancelRun(
+                executor_pb2.CancelRunRequest(run_id=run_id), timeout=self._timeout
+            )

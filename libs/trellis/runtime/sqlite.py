@@ -1,0 +1,41 @@
+"""SQLite, the embedded default for stateful services (ledger, run store).
+
+``TRELLIS_DATABASE_URL`` picks the store: ``sqlite:///relative/path.db``,
+``sqlite:////absolute/path.db`` or ``sqlite:///:memory:``. The connection uses WAL
+and a busy timeout so several processes (``trellis up``) can share one file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiosqlite
+
+SQLITE_PREFIX = "sqlite:///"
+DEFAULT_DATABASE_URL = "sqlite:///.trellis/trellis.db"
+
+
+def validate_database_url(url: str) -> str:
+    """For settings validators: accept what this build can open, with a clear message."""
+    if not url.startswith(SQLITE_PREFIX):
+        raise ValueError(
+            "only sqlite:///path URLs are supported by this build "
+            "(PostgreSQL arrives with the durable run store)"
+        )
+    return url
+
+
+def sqlite_path(url: str) -> str:
+    return validate_database_url(url)[len(SQLITE_PREFIX):] or ":memory:"
+
+
+async def connect(url: str) -> aiosqlite.Connection:
+    """Open the database at ``url``, creating its directory, in WAL mode."""
+    path = sqlite_path(url)
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = await aiosqlite.connect(path)
+    await db.execute("PRAGMA journal_mode=WAL")
+    await db.execute("PRAGMA busy_timeout=5000")
+    await db.execute("PRAGMA synchronous=NORMAL")
+    return db
