@@ -199,8 +199,6 @@ def is_retryable_code(code: grpc.StatusCode) -> bool:
     return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
-
-
 @contextmanager
 def translated_rpc_errors() -> Iterator[None]:
     """Around a client call: a peer's ``RpcError`` re-raised as the domain exception."""

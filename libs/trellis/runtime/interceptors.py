@@ -55,7 +55,7 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
                 return await behavior(request, ctx)
             except aio.AbortError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - mapped to a status here, once
+            except Exception as exc:
                 await _fail(ctx, method, exc)
 
     return handler
@@ -69,7 +69,7 @@ def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Ca
                     yield item
             except aio.AbortError:
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 await _fail(ctx, method, exc)
 
     return handler

@@ -107,8 +107,11 @@ async def start_server(
     for name in ("", *service.service_names):
         await health.set(name, serving)
     reflection.enable_server_reflection(
-        [*service.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME],
+        [
+            *service.service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
@@ -135,7 +138,9 @@ async def wait_for_signal() -> None:
     await stop.wait()
 
 
-def run_service(program: str, name: str, settings_cls: type[ServiceSettings], builder: Builder) -> None:
+def run_service(
+    program: str, name: str, settings_cls: type[ServiceSettings], builder: Builder
+) -> None:
     """Entry point body of every service's ``__main__``."""
     settings = load_settings(settings_cls, program)
     setup_logging(settings.log_level, service=name)

@@ -26,7 +26,7 @@ def validate_database_url(url: str) -> str:
 
 
 def sqlite_path(url: str) -> str:
-    return validate_database_url(url)[len(SQLITE_PREFIX):] or ":memory:"
+    return validate_database_url(url)[len(SQLITE_PREFIX) :] or ":memory:"
 
 
 async def connect(url: str) -> aiosqlite.Connection:

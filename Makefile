@@ -1,0 +1,52 @@
+# Trellis: `make run` (demo) and `make test` work on a fresh machine; everything they
+# need is installed here, into .venv and node_modules.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+BUF := npx --no-install buf
+
+.PHONY: help install run test proto lint up bench clean
+
+help:
+	@echo "make run    - install, start the embedded stack, run an example goal"
+	@echo "make test   - install, run every test (unit, integration, end-to-end, stubs, buf)"
+	@echo "make proto  - regenerate the committed Python stubs from protos/"
+	@echo "make lint   - buf lint, buf format, buf breaking (vs main), ruff"
+	@echo "make up     - start the five services as processes on their default ports"
+
+$(INSTALLED): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+install: $(INSTALLED) node_modules/.installed
+
+run: $(INSTALLED)
+	$(VENV)/bin/trellis demo
+
+up: $(INSTALLED)
+	$(VENV)/bin/trellis up
+
+test: install
+	$(PY) -m pytest
+
+proto: $(INSTALLED)
+	$(PY) scripts/gen_protos.py
+
+lint: install
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+	@if git rev-parse --verify -q main >/dev/null && git ls-tree -r --name-only main -- protos | grep -q '\.proto$$'; then \
+		echo "buf breaking --against main"; $(BUF) breaking --against '.git#branch=main'; \
+	else echo "buf breaking: main has no protos yet, skipped"; fi
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) node_modules .trellis .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The ``trellis`` command line: demo (embedded stack), run, up."""

@@ -1,0 +1,86 @@
+"""The embedded stack: all five services in one process on loopback ports.
+
+Still real gRPC between them (each service has its own server, channels and
+tracer), plus the offline rule-based model server, so ``trellis demo`` and the
+end-to-end tests exercise exactly the paths a deployment uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trellis.runtime.server import Builder, RunningServer, start_service
+from trellis.runtime.settings import ServiceSettings
+from trellis.runtime.sqlite import DEFAULT_DATABASE_URL
+from trellis_cache.service import build as build_cache
+from trellis_cache.settings import CacheSettings
+from trellis_costs.service import build as build_costs
+from trellis_costs.settings import CostsSettings
+from trellis_executor.service import build as build_executor
+from trellis_executor.settings import ExecutorSettings
+from trellis_offline_model.server import RunningModel, start_offline_model
+from trellis_planner.service import build as build_planner
+from trellis_planner.settings import PlannerSettings
+from trellis_toolgateway.service import build as build_toolgateway
+from trellis_toolgateway.settings import GatewaySettings
+
+
+@dataclass
+class Stack:
+    """A running embedded stack; ``stop()`` ends it."""
+
+    model: RunningModel | None
+    servers: dict[str, RunningServer] = field(default_factory=dict)
+
+    @property
+    def executor_target(self) -> str:
+        return self.servers["executor"].target
+
+    def target(self, name: str) -> str:
+        return self.servers[name].target
+
+    async def stop(self) -> None:
+        for server in reversed(self.servers.values()):
+            await server.stop(0.5)
+        if self.model is not None:
+            await self.model.stop()
+
+
+async def start_stack(
+    *,
+    database_url: str = DEFAULT_DATABASE_URL,
+    model_base_url: str | None = None,
+    model_delay_ms: int = 0,
+    **overrides: object,
+) -> Stack:
+    """Start the offline model (unless ``model_base_url`` is given) and the five services.
+
+    ``overrides`` are extra settings applied to every service (e.g. ``max_parallel``).
+    """
+    model = None
+    if model_base_url is None:
+        model = await start_offline_model(port=0, delay_ms=model_delay_ms)
+        model_base_url = model.base_url
+    stack = Stack(model)
+    common = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, **overrides}
+
+    async def start(name: str, cls: type[ServiceSettings], builder: Builder, **kw: object) -> None:
+        fields = cls.model_fields
+        settings = cls(**{k: v for k, v in {**common, **kw}.items() if k in fields})
+        stack.servers[name] = await start_service(settings, name, builder)
+
+    try:
+        await start("cache", CacheSettings, build_cache)
+        await start("costs", CostsSettings, build_costs, database_url=database_url)
+        await start("toolgateway", GatewaySettings, build_toolgateway,
+                    cache_target=stack.target("cache"), costs_target=stack.target("costs"))
+        await start("planner", PlannerSettings, build_planner,
+                    costs_target=stack.target("costs"), openai_base_url=model_base_url)
+        await start("executor", ExecutorSettings, build_executor, database_url=database_url,
+                    planner_target=stack.target("planner"),
+                    toolgateway_target=stack.target("toolgateway"),
+                    costs_target=stack.target("costs"))
+    except BaseException:
+        await stack.stop()
+        raise
+    return stack

@@ -1,0 +1,160 @@
+"""Dispatch-as-ready DAG execution.
+
+A node starts the moment its last dependency succeeds — no level or superstep
+barrier — and nodes start while the plan is still streaming in. Dependents of a
+node that did not succeed are SKIPPED; independent branches go on. Concurrency is
+bounded per run (and per process through a shared semaphore).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from trellis.common.v1 import common_pb2
+from trellis.runtime.convert import from_struct, from_value, timestamp, to_struct
+from trellis.runtime.errors import TrellisError
+from trellis_executor.plan import NodeChecker
+from trellis_executor.refs import resolve
+
+Status = common_pb2.NodeStatus
+#: Runs one (resolved) call and returns its outcome; never raises for a tool failure.
+RunNode = Callable[[common_pb2.ToolCall], Awaitable[common_pb2.NodeOutcome]]
+
+
+class SchedulerEvents:
+    """What the scheduler reports; the runner persists each before the client sees it."""
+
+    async def planned(self, call: common_pb2.ToolCall) -> None: ...
+    async def started(self, node_id: str) -> None: ...
+    async def finished(self, outcome: common_pb2.NodeOutcome) -> None: ...
+
+
+def ended(node_id: str, status: int, code: str, message: str) -> common_pb2.NodeOutcome:
+    """An outcome for a node that did not run to completion (skipped, cancelled, ...)."""
+    now = timestamp()
+    return common_pb2.NodeOutcome(
+        node_id=node_id,
+        status=status,  # type: ignore[arg-type]
+        error=common_pb2.Error(code=code, message=message),
+        started_at=now,
+        finished_at=now,
+    )
+
+
+class DagScheduler:
+    """Runs the nodes of one run; may be fed several plans (replanning rounds)."""
+
+    def __init__(
+        self,
+        run_node: RunNode,
+        events: SchedulerEvents,
+        *,
+        max_parallel: int,
+        process_slots: asyncio.Semaphore | None = None,
+    ) -> None:
+        self._run_node = run_node
+        self._events = events
+        self._slots = asyncio.Semaphore(max_parallel)
+        self._process_slots = process_slots or asyncio.Semaphore(max_parallel)
+        self.calls: dict[str, common_pb2.ToolCall] = {}
+        self.outcomes: dict[str, common_pb2.NodeOutcome] = {}
+        self._outputs: dict[str, Any] = {}
+        self._waiting: dict[str, set[str]] = {}
+        self._dependents: dict[str, list[str]] = {}
+        self._group: asyncio.TaskGroup | None = None
+
+    async def run(self, calls: AsyncIterator[common_pb2.ToolCall], checker: NodeChecker) -> None:
+        """Consume ``calls`` and return when every node of them has an outcome."""
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            index = 0
+            async for call in calls:
+                checker.check(call, f"plan[{index}]")
+                index += 1
+                await self._admit(call)
+        self._group = None
+
+    async def _admit(self, call: common_pb2.ToolCall) -> None:
+        self.calls[call.node_id] = call
+        await self._events.planned(call)
+        pending = {d for d in call.depends_on if d not in self.outcomes}
+        failed = [d for d in call.depends_on if self._failed(d)]
+        for dep in pending:
+            self._dependents.setdefault(dep, []).append(call.node_id)
+        if failed:
+            await self._skip(call.node_id, failed[0])
+        elif pending:
+            self._waiting[call.node_id] = pending
+        else:
+            self._start(call)
+
+    def _failed(self, node_id: str) -> bool:
+        outcome = self.outcomes.get(node_id)
+        return outcome is not None and outcome.status != Status.NODE_STATUS_SUCCEEDED
+
+    def _start(self, call: common_pb2.ToolCall) -> None:
+        assert self._group is not None
+        self._group.create_task(self._execute(call), name=f"node:{call.node_id}")
+
+    async def _execute(self, call: common_pb2.ToolCall) -> None:
+        async with self._slots, self._process_slots:
+            try:
+                args = resolve(from_struct(call.args), self._outputs)
+            except TrellisError as error:
+                outcome = ended(
+                    call.node_id, Status.NODE_STATUS_FAILED, error.reason, error.message
+                )
+            else:
+                resolved = common_pb2.ToolCall(
+                    node_id=call.node_id,
+                    tool=call.tool,
+                    args=to_struct(args),
+                    depends_on=call.depends_on,
+                )
+                await self._events.started(call.node_id)
+                try:
+                    outcome = await self._run_node(resolved)
+                except asyncio.CancelledError:
+                    cancelled = ended(
+                        call.node_id,
+                        Status.NODE_STATUS_CANCELLED,
+                        "CANCELLED",
+                        "run cancelled while the node was running",
+                    )
+                    await asyncio.shield(self._record(cancelled))
+                    raise
+        await self._complete(outcome)
+
+    async def _record(self, outcome: common_pb2.NodeOutcome) -> None:
+        self.outcomes[outcome.node_id] = outcome
+        if outcome.status == Status.NODE_STATUS_SUCCEEDED:
+            self._outputs[outcome.node_id] = from_value(outcome.output)
+        await self._events.finished(outcome)
+
+    async def _complete(self, outcome: common_pb2.NodeOutcome) -> None:
+        await self._record(outcome)
+        for dependent in self._dependents.pop(outcome.node_id, []):
+            waiting = self._waiting.get(dependent)
+            if waiting is None:
+                continue  # already skipped
+            if outcome.status != Status.NODE_STATUS_SUCCEEDED:
+                del self._waiting[dependent]
+                await self._skip(dependent, outcome.node_id)
+                continue
+            waiting.discard(outcome.node_id)
+            if not waiting:
+                del self._waiting[dependent]
+                self._start(self.calls[dependent])
+
+    async def _skip(self, node_id: str, cause: str) -> None:
+        self._waiting.pop(node_id, None)
+        await self._complete(
+            ended(
+                node_id,
+                Status.NODE_STATUS_SKIPPED,
+                "DEPENDENCY_FAILED",
+                f"dependency {cause} did not succeed",
+            )
+        )

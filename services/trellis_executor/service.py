@@ -1,0 +1,41 @@
+"""Wires the executor core (runner, store) and servicer into a server."""
+
+from __future__ import annotations
+
+from grpc import aio
+
+from trellis.clients.costs import CostsClient
+from trellis.clients.planner import PlannerClient
+from trellis.clients.toolgateway import ToolGatewayClient
+from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
+from trellis.runtime.channels import Channels
+from trellis.runtime.server import Service
+from trellis.runtime.telemetry import Telemetry
+from trellis_executor.runner import Runner
+from trellis_executor.servicer import ExecutorServicer
+from trellis_executor.settings import ExecutorSettings
+from trellis_executor.store import RunStore
+
+NAME = "executor"
+SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
+
+
+async def build(settings: ExecutorSettings, telemetry: Telemetry, channels: Channels) -> Service:
+    store = await RunStore.open(settings.database_url)
+    timeout = settings.call_timeout_seconds
+    runner = Runner(
+        planner=PlannerClient(
+            channels.get(settings.planner_target), timeout=settings.run_timeout_seconds
+        ),
+        gateway=ToolGatewayClient(channels.get(settings.toolgateway_target), timeout=timeout),
+        budget=CostsClient(channels.get(settings.costs_target), timeout=timeout),
+        store=store,
+        tracer=telemetry.tracer,
+        settings=settings,
+    )
+    servicer = ExecutorServicer(runner)
+
+    def register(server: aio.Server) -> None:
+        executor_pb2_grpc.add_ExecutorServiceServicer_to_server(servicer, server)
+
+    return Service(NAME, [SERVICE_NAME], register, aclose=store.close)

@@ -1,0 +1,138 @@
+"""Server bootstrap and interceptors over real gRPC: deadlines and tenants propagate,
+limits hold, errors map, health and reflection answer, stop is graceful."""
+
+import asyncio
+
+import grpc
+import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from trellis.runtime import context
+from trellis.runtime.convert import from_struct, from_value, to_value
+from trellis.runtime.errors import (
+    DeadlineExceeded,
+    Internal,
+    NotFound,
+    ResourceExhausted,
+    translated_rpc_errors,
+)
+from trellis.runtime.server import Service
+from trellis.runtime.settings import ServiceSettings
+from trellis.tools.v1 import tools_pb2, tools_pb2_grpc
+
+SERVICE = tools_pb2.DESCRIPTOR.services_by_name["ToolServerService"].full_name
+
+
+class Probe(tools_pb2_grpc.ToolServerServiceServicer):
+    """Test servicer: reports what it sees, relays onward, sleeps or fails on request."""
+
+    def __init__(self, channels, next_target: str | None) -> None:
+        self._channels, self._next = channels, next_target
+
+    async def CallTool(self, request, ctx):
+        args = from_struct(request.args)
+        if args.get("sleep"):
+            await asyncio.sleep(args["sleep"])
+        if args.get("raise") == "not_found":
+            raise NotFound("nothing here", reason="NOTHING")
+        if args.get("raise") == "bug":
+            raise RuntimeError("secret internals")
+        if self._next:
+            stub = tools_pb2_grpc.ToolServerServiceStub(self._channels.get(self._next))
+            with translated_rpc_errors():
+                return await stub.CallTool(tools_pb2.CallToolRequest(tool="x"), timeout=30)
+        seen = {"remaining": context.remaining(), "tenant": context.tenant()}
+        return tools_pb2.CallToolResponse(output=to_value(seen))
+
+
+def probe(next_target: str | None = None):
+    async def build(settings, telemetry, channels) -> Service:
+        servicer = Probe(channels, next_target)
+        return Service(
+            "probe",
+            [SERVICE],
+            lambda server: tools_pb2_grpc.add_ToolServerServiceServicer_to_server(servicer, server),
+        )
+
+    return build
+
+
+def settings(**kw) -> ServiceSettings:
+    return ServiceSettings(port=0, metrics_port=0, **kw)
+
+
+async def call(channels, target, timeout=5.0, **args):
+    stub = tools_pb2_grpc.ToolServerServiceStub(channels.get(target))
+    request = tools_pb2.CallToolRequest(tool="x")
+    request.args.update(args)
+    with translated_rpc_errors():
+        response = await stub.CallTool(request, timeout=timeout)
+    return from_value(response.output)
+
+
+async def test_deadline_and_tenant_propagate_across_two_hops(serve, channels) -> None:
+    last = await serve("last", probe(), settings())
+    first = await serve("first", probe(last.target), settings())
+    with context.request_scope(tenant_id="acme"):
+        seen = await call(channels, first.target, timeout=2.0)
+    assert seen["tenant"] == "acme"
+    assert 0 < seen["remaining"] <= 2.0
+
+
+async def test_expired_deadline_fails_before_calling(serve, channels) -> None:
+    server = await serve("p", probe(), settings())
+    with context.request_scope(timeout=0.0), pytest.raises(DeadlineExceeded):
+        await call(channels, server.target)
+
+
+async def test_domain_error_keeps_reason_and_bugs_become_internal(serve, channels) -> None:
+    server = await serve("p", probe(), settings())
+    with pytest.raises(NotFound) as raised:
+        await call(channels, server.target, **{"raise": "not_found"})
+    assert raised.value.reason == "NOTHING"
+    with pytest.raises(Internal) as raised_internal:
+        await call(channels, server.target, **{"raise": "bug"})
+    assert "secret internals" not in raised_internal.value.message
+
+
+async def test_beyond_max_concurrent_rpcs_is_resource_exhausted(serve, channels) -> None:
+    server = await serve("p", probe(), settings(max_concurrent_rpcs=1))
+    results = await asyncio.gather(
+        call(channels, server.target, sleep=0.5),
+        call(channels, server.target, sleep=0.5),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, ResourceExhausted) for r in results) == 1
+
+
+async def test_health_and_reflection_list_the_service(serve, channels) -> None:
+    server = await serve("p", probe(), settings())
+    channel = channels.get(server.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
+    names = {s.name async for r in responses for s in r.list_services_response.service}
+    assert {SERVICE, "grpc.health.v1.Health"} <= names
+
+
+async def test_stop_turns_health_not_serving_and_lets_calls_finish(serve, channels) -> None:
+    server = await serve("p", probe(), settings())
+    in_flight = asyncio.create_task(call(channels, server.target, sleep=0.5))
+    await asyncio.sleep(0.1)
+    stopping = asyncio.create_task(server.stop(grace=3))
+    await asyncio.sleep(0.05)
+    assert (
+        await server.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), None)
+    ).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert (await in_flight)["tenant"] == context.DEFAULT_TENANT
+    await stopping
+    with pytest.raises(aio.AioRpcError) as raised:
+        stub = tools_pb2_grpc.ToolServerServiceStub(channels.get(server.target))
+        await stub.CallTool(tools_pb2.CallToolRequest(tool="x"), timeout=1)
+    assert raised.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
