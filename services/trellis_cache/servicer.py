@@ -16,7 +16,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self._store = store
         self._default_ttl = default_ttl
 
-    async def Get(self, request: cache_pb2.GetRequest, context: aio.ServicerContext) -> cache_pb2.GetResponse:
+    async def Get(
+        self, request: cache_pb2.GetRequest, context: aio.ServicerContext
+    ) -> cache_pb2.GetResponse:
         _require_key(request.key)
         found = self._store.get(request.key)
         CACHE_REQUESTS.labels(result="hit" if found else "miss").inc()
@@ -25,7 +27,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         value, ttl_left = found
         return cache_pb2.GetResponse(found=True, value=value, ttl_remaining=duration(ttl_left))
 
-    async def Set(self, request: cache_pb2.SetRequest, context: aio.ServicerContext) -> cache_pb2.SetResponse:
+    async def Set(
+        self, request: cache_pb2.SetRequest, context: aio.ServicerContext
+    ) -> cache_pb2.SetResponse:
         _require_key(request.key)
         ttl = seconds(request.ttl) or self._default_ttl
         if ttl < 0:
@@ -47,8 +51,12 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     ) -> cache_pb2.GetStatsResponse:
         s = self._store.stats()
         return cache_pb2.GetStatsResponse(
-            hits=s.hits, misses=s.misses, entries=s.entries, evictions=s.evictions,
-            bytes=s.bytes, backend=self._store.backend,
+            hits=s.hits,
+            misses=s.misses,
+            entries=s.entries,
+            evictions=s.evictions,
+            bytes=s.bytes,
+            backend=self._store.backend,
         )
 
 
