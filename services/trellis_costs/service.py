@@ -1,0 +1,28 @@
+"""Wires the prices, the ledger and the servicer into a server (standalone or embedded)."""
+
+from __future__ import annotations
+
+from grpc import aio
+
+from trellis.costs.v1 import costs_pb2, costs_pb2_grpc
+from trellis.runtime.channels import Channels
+from trellis.runtime.server import Service
+from trellis.runtime.telemetry import Telemetry
+from trellis_costs.ledger import Ledger
+from trellis_costs.prices import PriceTable
+from trellis_costs.servicer import CostAccountingServicer
+from trellis_costs.settings import CostsSettings
+
+NAME = "costs"
+SERVICE_NAME = costs_pb2.DESCRIPTOR.services_by_name["CostAccountingService"].full_name
+
+
+async def build(settings: CostsSettings, telemetry: Telemetry, channels: Channels) -> Service:
+    prices = PriceTable.load(settings.prices_file)
+    ledger = await Ledger.open(settings.database_url, prices)
+    servicer = CostAccountingServicer(ledger)
+
+    def register(server: aio.Server) -> None:
+        costs_pb2_grpc.add_CostAccountingServiceServicer_to_server(servicer, server)
+
+    return Service(NAME, [SERVICE_NAME], register, aclose=ledger.aclose)

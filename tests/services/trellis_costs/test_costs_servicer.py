@@ -1,0 +1,250 @@
+"""CostAccountingService over real gRPC: idempotent recording, reports, budgets,
+tenants from metadata, contract errors and metrics.
+
+(Named test_costs_servicer.py: pytest's default import mode needs unique basenames.)
+"""
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from trellis.clients.costs import CostsClient
+from trellis.common.v1 import common_pb2
+from trellis.costs.v1 import costs_pb2
+from trellis.runtime.context import request_scope
+from trellis.runtime.convert import timestamp
+from trellis.runtime.errors import InvalidArgument
+from trellis_costs.service import NAME, build
+from trellis_costs.settings import CostsSettings
+
+MODEL = costs_pb2.USAGE_KIND_MODEL
+TOOL = costs_pb2.USAGE_KIND_TOOL
+# gpt-4o-mini: 150 nano-USD per input token, 600 per output token.
+MINI_1000_100 = 1_000 * 150 + 100 * 600
+
+
+def settings(tmp_path: Path, **overrides: object) -> CostsSettings:
+    return CostsSettings(
+        port=0, metrics_port=0, database_url=f"sqlite:///{tmp_path}/costs.db", **overrides
+    )
+
+
+@pytest.fixture
+async def costs(serve, channels, tmp_path: Path) -> CostsClient:
+    server = await serve(NAME, build, settings(tmp_path))
+    return CostsClient(channels.get(server.target))
+
+
+def model_usage(
+    usage_id: str,
+    model: str = "gpt-4o-mini",
+    input_tokens: int = 1_000,
+    output_tokens: int = 100,
+    cached: int = 0,
+    **kw: object,
+) -> costs_pb2.RecordUsageRequest:
+    usage = common_pb2.Usage(
+        model=model,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_input_tokens=cached,
+    )
+    return costs_pb2.RecordUsageRequest(usage_id=usage_id, kind=MODEL, usage=usage, **kw)
+
+
+def today() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_record_twice_is_one_event_with_the_same_cost(costs: CostsClient) -> None:
+    first = await costs.record_usage(model_usage("run1/n1", run_id="run1", node_id="n1"))
+    assert (first.cost_nano_usd, first.duplicate) == (MINI_1000_100, False)
+    again = await costs.record_usage(model_usage("run1/n1", input_tokens=5))
+    assert (again.cost_nano_usd, again.duplicate) == (MINI_1000_100, True)
+
+    report = await costs.get_usage()
+    assert [(r.model, r.day, r.input_tokens, r.events) for r in report.rows] == [
+        ("gpt-4o-mini", today(), 1_000, 1)
+    ]
+    assert report.total_cost_nano_usd == MINI_1000_100
+
+
+async def test_get_usage_totals_models_and_tools_over_a_window(costs: CostsClient) -> None:
+    march_1 = timestamp(datetime(2025, 3, 1, 10, tzinfo=UTC))
+    march_2 = timestamp(datetime(2025, 3, 2, 10, tzinfo=UTC))
+    await costs.record_usage(model_usage("a", occurred_at=march_1))
+    await costs.record_usage(model_usage("b", occurred_at=march_2, cached=400))
+    await costs.record_usage(model_usage("c", model="gpt-4o", occurred_at=march_2))
+    tool = costs_pb2.RecordUsageRequest(
+        usage_id="d", kind=TOOL, tool="web_search", tool_cost_nano_usd=3_000, occurred_at=march_2
+    )
+    assert (await costs.record_usage(tool)).cost_nano_usd == 3_000
+    await costs.record_usage(model_usage("e"))  # today: outside the window
+
+    report = await costs.get_usage(start_day="2025-03-01", end_day="2025-03-02")
+    cached = 600 * 150 + 400 * 75 + 100 * 600
+    gpt4o = 1_000 * 2_500 + 100 * 10_000
+    assert [
+        (r.tenant_id, r.day, r.model, r.cached_input_tokens, r.cost_nano_usd) for r in report.rows
+    ] == [
+        ("default", "2025-03-01", "gpt-4o-mini", 0, MINI_1000_100),
+        ("default", "2025-03-02", "gpt-4o", 0, gpt4o),
+        ("default", "2025-03-02", "gpt-4o-mini", 400, cached),
+        ("default", "2025-03-02", "tool:web_search", 0, 3_000),
+    ]
+    assert report.total_cost_nano_usd == MINI_1000_100 + gpt4o + cached + 3_000
+
+    only_first = await costs.get_usage(start_day="2025-03-01", end_day="2025-03-01")
+    assert only_first.total_cost_nano_usd == MINI_1000_100
+
+
+async def test_tenant_comes_from_metadata(costs: CostsClient) -> None:
+    with request_scope(tenant_id="acme"):
+        await costs.record_usage(model_usage("u1"))
+        mine = await costs.get_usage()
+    assert [r.tenant_id for r in mine.rows] == ["acme"]
+    assert (await costs.get_usage()).rows == []  # the default tenant spent nothing
+    theirs = await costs.get_usage(tenant_id="acme")
+    assert theirs.total_cost_nano_usd == MINI_1000_100
+
+
+async def test_budget_round_trip_per_tenant(costs: CostsClient) -> None:
+    unlimited = await costs.check_budget(10**12)
+    assert (unlimited.allowed, unlimited.daily_limit_nano_usd) == (True, 0)
+
+    with request_scope(tenant_id="acme"):
+        await costs.set_budget(costs_pb2.SetBudgetRequest(daily_limit_nano_usd=MINI_1000_100 + 10))
+        await costs.record_usage(model_usage("u1"))
+        check = await costs.check_budget(10)
+        assert (check.allowed, check.daily_limit_nano_usd) == (True, MINI_1000_100 + 10)
+        assert (check.spent_today_nano_usd, check.remaining_nano_usd) == (MINI_1000_100, 10)
+        assert not (await costs.check_budget(11)).allowed
+    assert (await costs.check_budget(10**12)).allowed  # another tenant is not limited
+
+    # An explicit tenant_id sets another tenant's budget.
+    await costs.set_budget(costs_pb2.SetBudgetRequest(tenant_id="acme", daily_limit_nano_usd=0))
+    with request_scope(tenant_id="acme"):
+        assert (await costs.check_budget(10**12)).allowed
+
+
+async def test_missing_usage_id_is_invalid_argument(costs: CostsClient) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        await costs.record_usage(model_usage(""))
+    assert raised.value.reason == "USAGE_ID_REQUIRED"
+    assert [v.field for v in raised.value.violations] == ["usage_id"]
+
+
+async def test_model_call_without_model_and_negative_tokens_list_every_violation(
+    costs: CostsClient,
+) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        await costs.record_usage(model_usage("u1", model="", input_tokens=-1, output_tokens=-2))
+    assert raised.value.reason == "INVALID_USAGE"
+    assert [v.field for v in raised.value.violations] == [
+        "usage.model",
+        "usage.input_tokens",
+        "usage.output_tokens",
+    ]
+    assert (await costs.get_usage()).rows == []  # nothing was recorded
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (costs_pb2.RecordUsageRequest(usage_id="u1"), "kind"),
+        (costs_pb2.RecordUsageRequest(usage_id="u1", kind=TOOL), "tool"),
+        (
+            costs_pb2.RecordUsageRequest(usage_id="u1", kind=TOOL, tool="t", tool_cost_nano_usd=-1),
+            "tool_cost_nano_usd",
+        ),
+        (model_usage("u1", input_tokens=10, cached=11), "usage.cached_input_tokens"),
+    ],
+)
+async def test_contract_violations(
+    costs: CostsClient, request_: costs_pb2.RecordUsageRequest, field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        await costs.record_usage(request_)
+    assert raised.value.reason == "INVALID_USAGE"
+    assert [v.field for v in raised.value.violations] == [field]
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "fields"),
+    [
+        ("2025-13-01", "", ["start_day"]),
+        ("yesterday", "20250101", ["start_day", "end_day"]),
+        ("2025-03-02", "2025-03-01", ["end_day"]),
+    ],
+)
+async def test_bad_days_are_invalid_argument(
+    costs: CostsClient, start: str, end: str, fields: list[str]
+) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        await costs.get_usage(start_day=start, end_day=end)
+    assert raised.value.reason == "INVALID_DAY"
+    assert [v.field for v in raised.value.violations] == fields
+
+
+async def test_negative_budget_and_estimate_are_invalid(costs: CostsClient) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        await costs.set_budget(costs_pb2.SetBudgetRequest(monthly_limit_nano_usd=-1))
+    assert raised.value.reason == "INVALID_BUDGET"
+    assert [v.field for v in raised.value.violations] == ["monthly_limit_nano_usd"]
+    with pytest.raises(InvalidArgument) as raised:
+        await costs.check_budget(-5)
+    assert [v.field for v in raised.value.violations] == ["estimated_cost_nano_usd"]
+
+
+async def test_unknown_model_is_recorded_at_zero_cost(costs: CostsClient) -> None:
+    recorded = await costs.record_usage(model_usage("u1", model="mystery-7b"))
+    assert (recorded.cost_nano_usd, recorded.duplicate) == (0, False)
+    [row] = (await costs.get_usage()).rows
+    assert (row.model, row.input_tokens) == ("mystery-7b", 1_000)
+
+
+async def test_metrics_count_new_rows_only(costs: CostsClient) -> None:
+    model = "claude-3-5-haiku-20241022"  # used by no other test, so deltas are ours
+    tokens = ("trellis_tokens_total", {"model": model, "type": "input"})
+    cached = ("trellis_tokens_total", {"model": model, "type": "cached_input"})
+    usd = ("trellis_cost_usd_total", {"model": model, "kind": "model"})
+    before = [sample(name, **labels) for name, labels in (tokens, cached, usd)]
+
+    request = model_usage("m1", model=model, input_tokens=1_000, output_tokens=0, cached=200)
+    cost = (await costs.record_usage(request)).cost_nano_usd
+    assert cost == 800 * 800 + 200 * 80
+    assert (await costs.record_usage(request)).duplicate
+
+    after = [sample(name, **labels) for name, labels in (tokens, cached, usd)]
+    assert after[0] - before[0] == 1_000
+    assert after[1] - before[1] == 200
+    assert after[2] - before[2] == pytest.approx(cost / 1e9)
+
+
+async def test_tool_cost_metric(costs: CostsClient) -> None:
+    labels = {"model": "metric_probe_tool", "kind": "tool"}
+    before = sample("trellis_cost_usd_total", **labels)
+    request = costs_pb2.RecordUsageRequest(
+        usage_id="t1", kind=TOOL, tool="metric_probe_tool", tool_cost_nano_usd=2_500_000_000
+    )
+    await costs.record_usage(request)
+    await costs.record_usage(request)
+    assert sample("trellis_cost_usd_total", **labels) - before == pytest.approx(2.5)
+
+
+async def test_prices_file_overrides_bundled_prices(serve, channels, tmp_path: Path) -> None:
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps({"in-house": {"input_cost_per_token": 1e-08, "output_cost_per_token": 2e-08}})
+    )
+    server = await serve(NAME, build, settings(tmp_path, prices_file=prices))
+    costs = CostsClient(channels.get(server.target))
+    recorded = await costs.record_usage(model_usage("u1", model="in-house"))
+    assert recorded.cost_nano_usd == 1_000 * 10 + 100 * 20
