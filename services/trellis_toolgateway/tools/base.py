@@ -1,0 +1,102 @@
+"""The ``Tool`` abstraction every backend implements: a spec and an async ``run``.
+
+Builtins, and later YAML-registered shell/http/MCP/gRPC tools, all look the same to
+the invoker: a ``Spec`` (the contract: JSON Schemas, caching, timeout) and
+``run(args) -> output`` over plain JSON values. A tool that ran and failed raises
+``ToolError`` (a FAILED outcome with a stable code); a call that broke the contract
+raises ``trellis.runtime.errors.InvalidArgument`` (an RPC error). Nothing here knows
+about gRPC; ``Spec.to_proto`` only builds the wire message.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from trellis.common.v1 import common_pb2
+from trellis.runtime.convert import duration, to_struct
+
+#: A JSON value as Python sees it (dict, list, str, int, float, bool, None).
+Json = Any
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a tool is and the contract of its input and output (mirrors ``ToolSpec``)."""
+
+    name: str
+    description: str
+    input_schema: Mapping[str, Json]
+    output_schema: Mapping[str, Json]
+    version: str = "1"
+    side_effects: bool = False
+    #: Longest time a result may be served from the cache; 0 disables caching.
+    cache_ttl: float = 0.0
+    #: Upper bound of one call; the caller's deadline may shorten it.
+    timeout: float = 10.0
+
+    @property
+    def cacheable(self) -> bool:
+        return not self.side_effects and self.cache_ttl > 0
+
+    def to_proto(self) -> common_pb2.ToolSpec:
+        return common_pb2.ToolSpec(
+            name=self.name,
+            description=self.description,
+            version=self.version,
+            input_schema=to_struct(dict(self.input_schema)),
+            output_schema=to_struct(dict(self.output_schema)),
+            side_effects=self.side_effects,
+            cache_ttl=duration(self.cache_ttl),
+            timeout=duration(self.timeout),
+        )
+
+
+class ToolError(Exception):
+    """A tool ran and failed: becomes a FAILED outcome carrying ``code``."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        details: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.details = dict(details or {})
+
+
+class Tool(ABC):
+    """One tool. Subclasses set ``spec`` and implement ``run``."""
+
+    spec: Spec
+
+    @abstractmethod
+    async def run(self, args: dict[str, Json]) -> Json:
+        """The tool's output for ``args`` (already valid against ``spec.input_schema``)."""
+
+    def cache_ttl_for(self, args: dict[str, Json]) -> float:
+        """How long the result for these ``args`` may be cached (0 = never).
+
+        Defaults to the spec's TTL; a tool whose freshness depends on its arguments
+        (``run_command``: ``uname`` for an hour, ``uptime`` for seconds) overrides it.
+        Never above ``spec.cache_ttl``, which is what clients are told.
+        """
+        return self.spec.cache_ttl if self.spec.cacheable else 0.0
+
+
+@dataclass
+class FunctionTool(Tool):
+    """A tool from a spec and a coroutine function; handy for tests and small builtins."""
+
+    spec: Spec
+    fn: Callable[[dict[str, Json]], Awaitable[Json]] = field(repr=False)
+
+    async def run(self, args: dict[str, Json]) -> Json:
+        return await self.fn(args)
