@@ -15,7 +15,7 @@ from trellis.costs.v1 import costs_pb2, costs_pb2_grpc
 from trellis.runtime.context import tenant as current_tenant
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.runtime.logs import get_logger
-from trellis.runtime.metrics import COST_USD, TOKENS
+from trellis.runtime.metrics import COST_USD, TOKENS, UNKNOWN_MODEL_PRICES
 from trellis_costs.ledger import Budget, Ledger, UsageEvent, UsageKind, UsageRow, parse_day
 
 log = get_logger(__name__)
@@ -38,6 +38,7 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
         if not recorded.duplicate:
             _count(event, recorded.cost_nano_usd)
             if not recorded.price_known:
+                UNKNOWN_MODEL_PRICES.labels(model=event.model).inc()
                 self._warn_unknown_model(event)
         return costs_pb2.RecordUsageResponse(
             cost_nano_usd=recorded.cost_nano_usd, duplicate=recorded.duplicate

@@ -1,0 +1,13 @@
+"""Trellis offline rules model: a deterministic, RULE-BASED OpenAI-compatible server.
+
+It is not an LLM. It exists so the demo, the embedded stack and the tests run the real
+``openai`` client path (HTTP, SSE streaming, usage, retries) with no network and no
+weights. It understands exactly the prompts Trellis's planner writes:
+
+- ``prompt``    the sections ("## Tools", "## Goal", "## Outcomes") both sides agree on
+- ``planning``  goal + tool catalog -> a plan as JSON Lines, by keyword rules
+- ``answering`` goal + outcomes -> a short deterministic answer
+- ``tokens``    the deterministic tokenizer used for usage and stream pieces
+- ``script``    canned behaviours tests queue up (raw text, HTTP errors, stalls)
+- ``server``    the aiohttp app and ``start_offline_model`` for embedding
+"""

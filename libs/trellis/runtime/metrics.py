@@ -25,6 +25,12 @@ CACHE_REQUESTS = Counter("trellis_cache_requests", "Cache lookups by result.", [
 TOKENS = Counter("trellis_tokens", "Model tokens recorded in the ledger.", ["model", "type"])
 COST_USD = Counter("trellis_cost_usd", "Spend recorded in the ledger, USD.", ["model", "kind"])
 
+UNKNOWN_MODEL_PRICES = Counter(
+    "trellis_unknown_model_prices",
+    "Usage events recorded at cost 0 because the model has no price.",
+    ["model"],
+)
+
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int | None:
     """Serve /metrics on ``port`` (0 = off); return the port served."""

@@ -16,6 +16,7 @@ ENV_PREFIX = "TRELLIS_"
 
 Port = int
 LogLevel = Literal["debug", "info", "warning", "error"]
+_TARGET = "gRPC target of the {} (host:port; dns:///host:port balances replicas)."
 
 
 class ServiceSettings(BaseSettings):
@@ -26,17 +27,19 @@ class ServiceSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in containers).")
     port: Port = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: Port = Field(0, ge=0, le=65535, description="Prometheus /metrics; 0 = off.")
-    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest gRPC message."
+    )
     max_concurrent_rpcs: int = Field(1000, ge=1, description="Beyond: RESOURCE_EXHAUSTED.")
     grace_seconds: float = Field(5.0, ge=0, description="In-flight RPCs get this long on stop.")
     call_timeout_seconds: float = Field(30.0, gt=0, description="Default onward-call timeout.")
-    log_level: LogLevel = "info"
+    log_level: LogLevel = Field("info", description="debug, info, warning or error.")
 
-    executor_target: str = "localhost:50051"
-    planner_target: str = "localhost:50052"
-    toolgateway_target: str = "localhost:50053"
-    cache_target: str = "localhost:50054"
-    costs_target: str = "localhost:50055"
+    executor_target: str = Field("localhost:50051", description=_TARGET.format("executor"))
+    planner_target: str = Field("localhost:50052", description=_TARGET.format("planner"))
+    toolgateway_target: str = Field("localhost:50053", description=_TARGET.format("tool gateway"))
+    cache_target: str = Field("localhost:50054", description=_TARGET.format("cache"))
+    costs_target: str = Field("localhost:50055", description=_TARGET.format("cost accounting"))
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -1,0 +1,127 @@
+"""Planning by rules: goal + tool catalog -> tool calls, no model weights involved.
+
+The rules read the catalog the way an LLM would read it, but literally:
+
+- ``run_command``: its description lists allowed commands, one per line, as
+  ``- `df -h`: disk usage, disk space, storage``. A command is planned when one of its
+  keywords (or the command itself) appears in the goal as a whole word or phrase,
+  case-insensitively; commands come in description order, each once.
+- ``arithmetic``: one call per arithmetic expression in the goal ("(17*23)+4").
+- ``sleep``: "sleep 200 ms" / "sleep 2 s".
+- ``echo``: ``echo "hello"``; ``echo the result`` (or ``echo it``) echoes the output of the
+  call planned just before it, the one chained dependency the rules know.
+
+Commands come first, then the other calls in the order the goal mentions them. Calls are
+independent unless chained. A goal no rule matches gets an empty plan.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+RUN_COMMAND = "run_command"
+ARITHMETIC = "arithmetic"
+SLEEP = "sleep"
+ECHO = "echo"
+
+_COMMAND_LINE = re.compile(r"^\s*[-*]\s*`([^`]+)`\s*:\s*(.*)$")
+_EXPRESSION = re.compile(r"(?<![\w.])[(\-]*\d[\d\s.()+\-*/%]*")
+_HAS_OPERATOR = re.compile(r"[\d)]\s*(?:\*\*|//|[-+*/%])\s*[-(]*\s*\d")
+_SLEEP = re.compile(
+    r"\bsleep(?:s|ing)?\s+(?:for\s+)?(\d+(?:\.\d+)?)\s*"
+    r"(ms|msecs?|milliseconds?|s|secs?|seconds?)\b",
+    re.IGNORECASE,
+)
+_ECHO_LITERAL = re.compile(r"\becho\s+(?:\"([^\"]*)\"|'([^']*)'|`([^`]*)`|“([^”]*)”)", re.I)
+_ECHO_PREVIOUS = re.compile(r"\becho\s+(?:the\s+result|the\s+output|it|that)\b", re.I)
+
+Node = dict[str, Any]
+
+
+def allowed_commands(description: str) -> list[tuple[str, list[str]]]:
+    """(command, keywords) for every ``- `cmd`: kw, kw`` line of a description."""
+    found = []
+    for line in description.splitlines():
+        match = _COMMAND_LINE.match(line)
+        if match:
+            keywords = [k.strip() for k in match.group(2).split(",") if k.strip()]
+            found.append((match.group(1).strip(), keywords))
+    return found
+
+
+def mentions(goal: str, phrase: str) -> bool:
+    """Whether ``phrase`` occurs in ``goal`` as whole words, ignoring case and spacing."""
+    words = phrase.split()
+    if not words:
+        return False
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
+    return re.search(pattern, goal, re.IGNORECASE) is not None
+
+
+def _trim_expression(text: str) -> str:
+    expr = text.strip().rstrip("+-*/%. ").strip()
+    while expr.endswith(")") and expr.count(")") > expr.count("("):
+        expr = expr[:-1].rstrip()
+    while expr.startswith("(") and expr.count("(") > expr.count(")"):
+        expr = expr[1:].lstrip()
+    return expr
+
+
+def _overlaps(span: tuple[int, int], taken: Iterable[tuple[int, int]]) -> bool:
+    return any(span[0] < end and start < span[1] for start, end in taken)
+
+
+def _other_calls(goal: str, tools: set[str]) -> list[tuple[int, str, Any]]:
+    """(position, tool, args or a chain marker) of every non-command call in the goal."""
+    calls: list[tuple[int, str, Any]] = []
+    taken: list[tuple[int, int]] = []
+    if SLEEP in tools:
+        for m in _SLEEP.finditer(goal):
+            scale = 1 if m.group(2).lower().startswith("m") else 1000
+            calls.append((m.start(), SLEEP, {"ms": round(float(m.group(1)) * scale)}))
+            taken.append(m.span())
+    if ECHO in tools:
+        for m in _ECHO_LITERAL.finditer(goal):
+            value = next(g for g in m.groups() if g is not None)
+            calls.append((m.start(), ECHO, {"value": value}))
+            taken.append(m.span())
+        for m in _ECHO_PREVIOUS.finditer(goal):
+            calls.append((m.start(), ECHO, None))  # None: echo the previous call's output
+            taken.append(m.span())
+    if ARITHMETIC in tools:
+        for m in _EXPRESSION.finditer(goal):
+            expr = _trim_expression(m.group(0))
+            if _HAS_OPERATOR.search(expr) and not _overlaps(m.span(), taken):
+                calls.append((m.start(), ARITHMETIC, {"expression": expr}))
+    return sorted(calls, key=lambda call: call[0])
+
+
+def plan(goal: str, catalog: Iterable[Mapping[str, Any]], *, first_id: int = 1) -> list[Node]:
+    """The tool calls the rules find in ``goal`` for the tools of ``catalog``.
+
+    Nodes are numbered ``n{first_id}``, ``n{first_id + 1}``, ... (a replan continues
+    after the previous plan's ids).
+    """
+    by_name = {str(t.get("name")): t for t in catalog if t.get("name")}
+    nodes: list[Node] = []
+
+    def add(tool: str, args: dict[str, Any], depends_on: list[str]) -> None:
+        node_id = f"n{first_id + len(nodes)}"
+        nodes.append({"node_id": node_id, "tool": tool, "args": args, "depends_on": depends_on})
+
+    if RUN_COMMAND in by_name:
+        description = str(by_name[RUN_COMMAND].get("description", ""))
+        for command, keywords in allowed_commands(description):
+            if any(mentions(goal, k) for k in [command, *keywords]):
+                if all(n["args"].get("command") != command for n in nodes):
+                    add(RUN_COMMAND, {"command": command}, [])
+    for _, tool, args in _other_calls(goal, set(by_name)):
+        if args is None:
+            if nodes:
+                previous = nodes[-1]["node_id"]
+                add(tool, {"value": f"${previous}"}, [previous])
+            continue
+        add(tool, args, [])
+    return nodes

@@ -1,0 +1,66 @@
+"""Recording what each model call used, and learning what it cost.
+
+Costs are priced by the cost-accounting service, so the planner sends tokens and gets
+nano-USD back. The ledger is idempotent on ``usage_id``, which is derived from the run
+and round, so a retried Plan or Join is not charged twice. Recording must never break
+planning: on failure the call still finishes, with cost 0, and the usage_id is logged
+(a durable outbox arrives in a later change).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Protocol
+
+from trellis.common.v1 import common_pb2
+from trellis.costs.v1 import costs_pb2
+from trellis.runtime.convert import timestamp
+from trellis.runtime.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class UsageRecorder(Protocol):
+    """What the planner needs from cost accounting (``CostsClient`` satisfies it)."""
+
+    async def record_usage(
+        self, request: costs_pb2.RecordUsageRequest
+    ) -> costs_pb2.RecordUsageResponse: ...
+
+
+def usage_id(run_id: str, step: str, round_: int) -> str:
+    """``{run_id}/{step}/{round}``; a fresh uuid for calls outside a run."""
+    return f"{run_id}/{step}/{round_}" if run_id else str(uuid.uuid4())
+
+
+async def record(
+    recorder: UsageRecorder,
+    *,
+    usage_id: str,
+    run_id: str,
+    usage: common_pb2.Usage,
+    estimated: bool,
+) -> int:
+    """Record ``usage``; its cost in nano-USD, or 0 when recording failed."""
+    request = costs_pb2.RecordUsageRequest(
+        usage_id=usage_id,
+        run_id=run_id,
+        kind=costs_pb2.USAGE_KIND_MODEL,
+        usage=usage,
+        estimated=estimated,
+        occurred_at=timestamp(),
+    )
+    try:
+        response = await recorder.record_usage(request)
+    except Exception as error:  # any failure: the plan or answer matters more than the ledger
+        log.error(
+            "usage not recorded",
+            usage_id=usage_id,
+            run_id=run_id,
+            model=usage.model,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            error=repr(error),
+        )
+        return 0
+    return response.cost_nano_usd
