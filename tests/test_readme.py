@@ -30,6 +30,9 @@ def test_trellis_commands_in_readme_exist() -> None:
 
 def test_service_console_scripts_in_readme_are_installed() -> None:
     for script in re.findall(r"`(trellis-[a-z-]+)`", README):
-        result = subprocess.run(["bash", "-c", f"command -v {script} || ls .venv/bin/{script}"],
-                                cwd=ROOT, capture_output=True)
+        result = subprocess.run(
+            ["bash", "-c", f"command -v {script} || ls .venv/bin/{script}"],
+            cwd=ROOT,
+            capture_output=True,
+        )
         assert result.returncode == 0, script

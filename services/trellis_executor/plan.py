@@ -12,9 +12,9 @@ from collections.abc import Collection, Sequence
 from graphlib import CycleError, TopologicalSorter
 
 from trellis.common.v1 import common_pb2
+from trellis.refs import referenced_nodes
 from trellis.runtime.convert import from_struct
 from trellis.runtime.errors import FieldViolation, InvalidArgument
-from trellis_executor.refs import referenced_nodes
 
 
 class NodeChecker:
@@ -48,7 +48,7 @@ class NodeChecker:
                 violations.append(FieldViolation(f"{where}.depends_on", "depends on itself"))
             elif dep not in self._seen:
                 violations.append(FieldViolation(f"{where}.depends_on", f"unknown node {dep!r}"))
-        for ref in sorted(referenced_nodes(from_struct(call.args)) - set(deps)):
+        for ref in [r for r in referenced_nodes(from_struct(call.args)) if r not in deps]:
             violations.append(
                 FieldViolation(f"{where}.args", f"references ${ref} not listed in depends_on")
             )

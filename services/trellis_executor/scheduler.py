@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from trellis.common.v1 import common_pb2
+from trellis.refs import resolve
 from trellis.runtime.convert import from_struct, from_value, timestamp, to_struct
 from trellis.runtime.errors import TrellisError
 from trellis_executor.plan import NodeChecker
-from trellis_executor.refs import resolve
 
 Status = common_pb2.NodeStatus
 #: Runs one (resolved) call and returns its outcome; never raises for a tool failure.

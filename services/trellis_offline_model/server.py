@@ -59,9 +59,7 @@ class ModelState:
 
     delay_ms: float = 0.0
     script: Script = field(default_factory=Script)
-    requests: deque[dict[str, Any]] = field(
-        default_factory=lambda: deque(maxlen=RECORDED_REQUESTS)
-    )
+    requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECORDED_REQUESTS))
 
 
 STATE = web.AppKey("state", ModelState)

@@ -135,7 +135,8 @@ class ChatCall:
         try:
             if budget <= 0:
                 raise DeadlineExceeded(
-                    "no time left for the model call", reason="MODEL_TIMEOUT",
+                    "no time left for the model call",
+                    reason="MODEL_TIMEOUT",
                     metadata={"model": name},
                 )
             async with asyncio.timeout_at(self._loop_deadline()):
@@ -188,7 +189,7 @@ class ChatCall:
             result.input_tokens = usage.prompt_tokens or 0
             result.output_tokens = usage.completion_tokens or 0
             details = getattr(usage, "prompt_tokens_details", None)
-            result.cached_input_tokens = (getattr(details, "cached_tokens", 0) or 0)
+            result.cached_input_tokens = getattr(details, "cached_tokens", 0) or 0
         text = ""
         for choice in chunk.choices or ():
             if choice.delta and choice.delta.content:

@@ -28,7 +28,7 @@ class ReplanGate:
         """The rest of the REPLAN line (or, if empty, the next non-empty line)."""
         if not self.replan:
             return ""
-        rest = self._text.lstrip()[len(REPLAN_PREFIX):]
+        rest = self._text.lstrip()[len(REPLAN_PREFIX) :]
         lines = [line.strip() for line in rest.splitlines() if line.strip()]
         return lines[0] if lines else ""
 

@@ -15,35 +15,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from trellis.common.v1 import common_pb2
+from trellis.refs import referenced_nodes
 from trellis.runtime.convert import to_struct
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 
 INVALID_PLAN = "INVALID_PLAN"
 
 _NODE_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-# The same reference syntax the executor resolves (common.proto, ToolCall).
-_WHOLE_REF = re.compile(r"^\$([A-Za-z0-9_\-]+)$")
-_BRACED_REF = re.compile(r"\$\{([A-Za-z0-9_\-]+)((?:\.[^.{}]+)*)\}")
 
 
 def invalid_plan(message: str, violations: Iterable[FieldViolation]) -> InvalidArgument:
     return InvalidArgument(message, reason=INVALID_PLAN, violations=list(violations))
-
-
-def references(value: Any) -> list[str]:
-    """Node ids referenced by string values anywhere in ``value``, in order, once each."""
-    found: list[str] = []
-    if isinstance(value, str):
-        whole = _WHOLE_REF.match(value)
-        ids = [whole.group(1)] if whole else [m.group(1) for m in _BRACED_REF.finditer(value)]
-        found.extend(ids)
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            found.extend(references(item))
-    elif isinstance(value, list):
-        for item in value:
-            found.extend(references(item))
-    return list(dict.fromkeys(found))
 
 
 class PlanValidator:
@@ -102,7 +84,7 @@ class PlanValidator:
                 violations.append(
                     FieldViolation(f"{at}.depends_on[{i}]", f"{dep!r} is not an earlier node_id")
                 )
-        for ref in references(args):
+        for ref in referenced_nodes(args):
             if ref not in self._ids:
                 violations.append(
                     FieldViolation(f"{at}.args", f"references ${ref}, which is not an earlier node")
@@ -110,7 +92,7 @@ class PlanValidator:
         if violations:
             detail = "; ".join(f"{v.field}: {v.description}" for v in violations)
             raise invalid_plan(f"invalid plan node at line {line}: {detail}", violations)
-        deps = list(dict.fromkeys([*depends_on, *references(args)]))
+        deps = list(dict.fromkeys([*depends_on, *referenced_nodes(args)]))
         self._ids.append(node_id)  # type: ignore[arg-type]  # checked above
         return common_pb2.ToolCall(
             node_id=node_id, tool=tool, args=to_struct(dict(args)), depends_on=deps

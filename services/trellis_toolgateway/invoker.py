@@ -220,8 +220,8 @@ class Invoker:
         problems = list(entry.output_validator.iter_errors(output))
         if problems:
             return _failed(
-                "OUTPUT_INVALID", f"{spec.name} returned output that breaks its schema: "
-                f"{problems[0].message}"
+                "OUTPUT_INVALID",
+                f"{spec.name} returned output that breaks its schema: {problems[0].message}",
             )
         try:
             value = to_value(output)
@@ -260,8 +260,9 @@ class Invoker:
     @staticmethod
     def _cache_failed(operation: str, error: Exception, span: trace.Span) -> None:
         kind = error.reason if isinstance(error, TrellisError) else type(error).__name__
-        log.warning("cache failed; running without it", operation=operation, error=kind,
-                    message=str(error))
+        log.warning(
+            "cache failed; running without it", operation=operation, error=kind, message=str(error)
+        )
         CACHE_REQUESTS.labels(result="error").inc()
         span.add_event(
             "trellis.cache.error",
@@ -270,7 +271,10 @@ class Invoker:
 
     @staticmethod
     def _observe(
-        tool: str, outcome: common_pb2.NodeOutcome, cache_use: str, seconds: float,
+        tool: str,
+        outcome: common_pb2.NodeOutcome,
+        cache_use: str,
+        seconds: float,
         span: trace.Span,
     ) -> None:
         succeeded = outcome.status == SUCCEEDED

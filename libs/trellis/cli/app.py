@@ -11,9 +11,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from trellis.clients.executor import ExecutorClient
 from trellis.cli import up as up_module
 from trellis.cli.runs import show_run
+from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import context
@@ -35,7 +35,9 @@ def _request(goal: str, plan_file: Path | None) -> executor_pb2.RunRequest:
         for node in json.loads(plan_file.read_text()):
             request.plan.append(
                 common_pb2.ToolCall(
-                    node_id=node["node_id"], tool=node["tool"], args=to_struct(node.get("args")),
+                    node_id=node["node_id"],
+                    tool=node["tool"],
+                    args=to_struct(node.get("args")),
                     depends_on=node.get("depends_on", []),
                 )
             )

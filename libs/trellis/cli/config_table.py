@@ -6,10 +6,10 @@ exactly this table, so documented variables cannot drift from the code.
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, SecretStr
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
-from trellis.runtime.settings import ServiceSettings
+from trellis.runtime.settings import ServiceSettings, env_name
 from trellis_cache.settings import CacheSettings
 from trellis_costs.settings import CostsSettings
 from trellis_executor.settings import ExecutorSettings
@@ -27,13 +27,6 @@ SERVICES: dict[str, type[BaseSettings]] = {
 }
 
 
-def env_name(cls: type[BaseSettings], field: str) -> str:
-    alias = cls.model_fields[field].validation_alias
-    if isinstance(alias, AliasChoices):
-        return str(alias.choices[0])
-    return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
-
-
 def _default(cls: type[BaseSettings], field: str) -> str:
     value = cls.model_fields[field].default
     if isinstance(value, SecretStr):
@@ -45,8 +38,11 @@ def rows() -> list[tuple[str, str, str, str]]:
     """(variable, default, services, meaning), shared variables first."""
     out = []
     for field, info in ServiceSettings.model_fields.items():
-        overridden = [n for n, c in SERVICES.items()
-                      if issubclass(c, ServiceSettings) and c.model_fields[field].default != info.default]
+        overridden = [
+            n
+            for n, c in SERVICES.items()
+            if issubclass(c, ServiceSettings) and c.model_fields[field].default != info.default
+        ]
         default = _default(ServiceSettings, field)
         if overridden:
             default = "per service: " + ", ".join(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.live import Live
 
-from trellis.clients.executor import ExecutorClient
 from trellis.cli.view import RunView
+from trellis.clients.executor import ExecutorClient
 from trellis.executor.v1 import executor_pb2
 
 

@@ -72,14 +72,29 @@ async def start_stack(
     try:
         await start("cache", CacheSettings, build_cache)
         await start("costs", CostsSettings, build_costs, database_url=database_url)
-        await start("toolgateway", GatewaySettings, build_toolgateway,
-                    cache_target=stack.target("cache"), costs_target=stack.target("costs"))
-        await start("planner", PlannerSettings, build_planner,
-                    costs_target=stack.target("costs"), openai_base_url=model_base_url)
-        await start("executor", ExecutorSettings, build_executor, database_url=database_url,
-                    planner_target=stack.target("planner"),
-                    toolgateway_target=stack.target("toolgateway"),
-                    costs_target=stack.target("costs"))
+        await start(
+            "toolgateway",
+            GatewaySettings,
+            build_toolgateway,
+            cache_target=stack.target("cache"),
+            costs_target=stack.target("costs"),
+        )
+        await start(
+            "planner",
+            PlannerSettings,
+            build_planner,
+            costs_target=stack.target("costs"),
+            openai_base_url=model_base_url,
+        )
+        await start(
+            "executor",
+            ExecutorSettings,
+            build_executor,
+            database_url=database_url,
+            planner_target=stack.target("planner"),
+            toolgateway_target=stack.target("toolgateway"),
+            costs_target=stack.target("costs"),
+        )
     except BaseException:
         await stack.stop()
         raise

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from grpc import aio
@@ -49,9 +49,9 @@ def child_env(env: dict[str, str]) -> dict[str, str]:
     return child
 
 
-async def wait_serving(port: int, timeout: float) -> None:
-    """Poll gRPC health on ``port`` until SERVING or ``timeout``."""
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_serving(port: int, within: float) -> None:
+    """Poll gRPC health on ``port`` until SERVING, for at most ``within`` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
     async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
@@ -62,12 +62,13 @@ async def wait_serving(port: int, timeout: float) -> None:
             except aio.AioRpcError:
                 pass
             if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"nothing SERVING on port {port} after {timeout:g}s")
+                raise TimeoutError(f"nothing SERVING on port {port} after {within:g}s")
             await asyncio.sleep(0.2)
 
 
-async def wait_http(port: int, timeout: float) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_http(port: int, within: float) -> None:
+    """Wait until something accepts TCP connections on ``port``."""
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -75,31 +76,34 @@ async def wait_http(port: int, timeout: float) -> None:
             return
         except OSError:
             if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"nothing listening on port {port} after {timeout:g}s") from None
+                raise TimeoutError(f"nothing listening on port {port} after {within:g}s") from None
             await asyncio.sleep(0.2)
 
 
-def stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 8.0) -> None:
+async def stop_all(procs: list[asyncio.subprocess.Process], grace: float = 8.0) -> None:
+    """SIGTERM (each service's graceful stop), then SIGKILL whatever outlives ``grace``."""
     for proc in procs:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
     for proc in procs:
         try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
             proc.kill()
-            proc.wait()
+            await proc.wait()
 
 
-async def up(echo: callable = print, startup_timeout: float = 30.0) -> int:  # type: ignore[valid-type]
+async def up(echo: Callable[[str], object] = print, startup_seconds: float = 30.0) -> int:
     """Start everything, wait for a signal or a crash, stop everything; return an exit code."""
     env = child_env(dict(os.environ))
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[asyncio.subprocess.Process] = []
     try:
         for spec in planned_processes(dict(os.environ)):
-            procs.append(subprocess.Popen([sys.executable, "-m", spec.module], env=env))
+            procs.append(
+                await asyncio.create_subprocess_exec(sys.executable, "-m", spec.module, env=env)
+            )
             waiter = wait_http if spec is MODEL else wait_serving
-            await waiter(spec.port, startup_timeout)
+            await waiter(spec.port, startup_seconds)
             metrics = f", metrics :{spec.metrics_port}/metrics" if spec.metrics_port else ""
             echo(f"{spec.name:<13} pid {procs[-1].pid:<7} 127.0.0.1:{spec.port}{metrics}")
         echo("all services SERVING; Ctrl-C stops them")
@@ -107,18 +111,17 @@ async def up(echo: callable = print, startup_timeout: float = 30.0) -> int:  # t
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        while not stop.is_set():
-            dead = [p for p in procs if p.poll() is not None]
-            if dead:
-                echo(f"a service exited (pid {dead[0].pid}, code {dead[0].returncode}); stopping")
-                return 1
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=0.5)
-            except TimeoutError:
-                pass
+        exits = [asyncio.ensure_future(p.wait()) for p in procs]
+        stopping = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if stopping not in done:
+            dead = next(p for p in procs if p.returncode is not None)
+            echo(f"a service exited (pid {dead.pid}, code {dead.returncode}); stopping the rest")
+            return 1
         return 0
     except TimeoutError as error:
         echo(f"start-up failed: {error}")
         return 1
     finally:
-        stop_all(procs)
+        await stop_all(procs)

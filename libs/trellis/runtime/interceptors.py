@@ -21,9 +21,17 @@ from trellis.runtime.errors import DeadlineExceeded, Internal, TrellisError, to_
 log = logging.getLogger(__name__)
 
 
+#: A handler's own error is an answer, not a lost request: tell the client's retry
+#: policy (which retries UNAVAILABLE for connection failures) not to repeat the call.
+#: Without it a dependency outage is amplified by every hop's retries.
+_NO_RETRY = (("grpc-retry-pushback-ms", "-1"),)
+
+
 async def _abort(ctx: aio.ServicerContext, error: TrellisError) -> None:
     status = to_status(error)
-    await ctx.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+    await ctx.abort(
+        status.code, status.details, trailing_metadata=(*status.trailing_metadata, *_NO_RETRY)
+    )
 
 
 def _metadata_value(ctx: aio.ServicerContext, key: str) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "TRELLIS_"
@@ -45,13 +45,27 @@ class ServiceSettings(BaseSettings):
 S = TypeVar("S", bound=BaseSettings)
 
 
-def describe_error(error: ValidationError, prefix: str = ENV_PREFIX) -> str:
+def env_name(cls: type[BaseSettings], field: str) -> str:
+    """The environment variable a settings field is read from."""
+    alias = cls.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def _variable(cls: type[BaseSettings], loc: tuple[int | str, ...]) -> str:
+    name = str(loc[0]) if loc else ""
+    if name in cls.model_fields:
+        return env_name(cls, name)
+    return name  # errors of aliased fields are already reported by their variable name
+
+
+def describe_error(error: ValidationError, cls: type[BaseSettings]) -> str:
     """One line naming every bad variable and why it is bad."""
     parts = []
     for item in error.errors():
-        name = prefix + "_".join(str(p) for p in item["loc"]).upper() if item["loc"] else prefix
         got = f" (got {item['input']!r})" if "input" in item and item["type"] != "missing" else ""
-        parts.append(f"{name}: {item['msg']}{got}")
+        parts.append(f"{_variable(cls, item['loc'])}: {item['msg']}{got}")
     return "; ".join(parts)
 
 
@@ -60,6 +74,5 @@ def load_settings(cls: type[S], program: str, **overrides: object) -> S:
     try:
         return cls(**overrides)
     except ValidationError as error:
-        prefix = cls.model_config.get("env_prefix") or ""
-        print(f"{program}: invalid configuration: {describe_error(error, prefix)}", file=sys.stderr)
+        print(f"{program}: invalid configuration: {describe_error(error, cls)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -56,8 +56,7 @@ def _round(x: Number, ndigits: Number | None = None) -> Number:
         return round(x)
     if not isinstance(ndigits, int) or abs(ndigits) > MAX_ROUND_DIGITS:
         raise ExpressionError(
-            f"round() digits must be an integer between -{MAX_ROUND_DIGITS} and "
-            f"{MAX_ROUND_DIGITS}"
+            f"round() digits must be an integer between -{MAX_ROUND_DIGITS} and {MAX_ROUND_DIGITS}"
         )
     return round(x, ndigits)
 
@@ -179,8 +178,8 @@ class ArithmeticTool(Tool):
         name="arithmetic",
         description=(
             "Evaluate an arithmetic expression exactly: numbers, + - * / // % **, "
-            "parentheses and abs, round, min, max, sqrt. Example: {\"expression\": "
-            "\"(2 + 3) * sqrt(16)\"} -> {\"result\": 20.0}."
+            'parentheses and abs, round, min, max, sqrt. Example: {"expression": '
+            '"(2 + 3) * sqrt(16)"} -> {"result": 20.0}.'
         ),
         input_schema={
             "type": "object",
@@ -189,7 +188,7 @@ class ArithmeticTool(Tool):
                     "type": "string",
                     "minLength": 1,
                     "maxLength": MAX_EXPRESSION_CHARS,
-                    "description": "An arithmetic expression, e.g. \"2 ** 10 / 4\".",
+                    "description": 'An arithmetic expression, e.g. "2 ** 10 / 4".',
                 }
             },
             "required": ["expression"],

@@ -144,7 +144,7 @@ class CommandTool(Tool):
                         "minLength": 1,
                         "maxLength": 256,
                         "examples": [c.text for c in ALLOWED_COMMANDS],
-                        "description": "One allowed command, e.g. \"df -h\".",
+                        "description": 'One allowed command, e.g. "df -h".',
                     }
                 },
                 "required": ["command"],

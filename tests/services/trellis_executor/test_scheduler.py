@@ -89,14 +89,20 @@ async def test_nodes_start_while_plan_is_still_streaming() -> None:
 
 async def test_dependents_of_failure_are_skipped_independent_branch_runs() -> None:
     tools, events = FakeTools(), Recorder()
-    plan = [call("bad", 0, fail=True), call("dep", 0, ["bad"]), call("dep2", 0, ["dep"]),
-            call("free", 0)]
+    plan = [
+        call("bad", 0, fail=True),
+        call("dep", 0, ["bad"]),
+        call("dep2", 0, ["dep"]),
+        call("free", 0),
+    ]
     scheduler = DagScheduler(tools, events, max_parallel=8)
     await scheduler.run(feed(plan), checker())
     statuses = {k: common_pb2.NodeStatus.Name(v.status) for k, v in scheduler.outcomes.items()}
     assert statuses == {
-        "bad": "NODE_STATUS_FAILED", "dep": "NODE_STATUS_SKIPPED",
-        "dep2": "NODE_STATUS_SKIPPED", "free": "NODE_STATUS_SUCCEEDED",
+        "bad": "NODE_STATUS_FAILED",
+        "dep": "NODE_STATUS_SKIPPED",
+        "dep2": "NODE_STATUS_SKIPPED",
+        "free": "NODE_STATUS_SUCCEEDED",
     }
     assert "dep" not in tools.args and "dep2" not in tools.args
     assert scheduler.outcomes["dep"].error.code == "DEPENDENCY_FAILED"

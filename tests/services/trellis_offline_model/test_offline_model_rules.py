@@ -76,12 +76,27 @@ def test_answer_has_an_intro_and_one_bullet_per_node() -> None:
     text = answering.answer(
         "Report",
         [
-            {"node_id": "n1", "tool": "run_command", "args": {"command": "df -h"},
-             "status": "SUCCEEDED", "output": {"stdout": "Filesystem Size\n/dev/sda 10G\n"}},
-            {"node_id": "n2", "tool": "arithmetic", "args": {"expression": "1+2"},
-             "status": "SUCCEEDED", "output": {"result": 3}},
-            {"node_id": "n3", "tool": "run_command", "args": {"command": "uptime"},
-             "status": "FAILED", "error": {"code": "TOOL_TIMEOUT", "message": "too slow"}},
+            {
+                "node_id": "n1",
+                "tool": "run_command",
+                "args": {"command": "df -h"},
+                "status": "SUCCEEDED",
+                "output": {"stdout": "Filesystem Size\n/dev/sda 10G\n"},
+            },
+            {
+                "node_id": "n2",
+                "tool": "arithmetic",
+                "args": {"expression": "1+2"},
+                "status": "SUCCEEDED",
+                "output": {"result": 3},
+            },
+            {
+                "node_id": "n3",
+                "tool": "run_command",
+                "args": {"command": "uptime"},
+                "status": "FAILED",
+                "error": {"code": "TOOL_TIMEOUT", "message": "too slow"},
+            },
             {"node_id": "n4", "tool": "echo", "args": {"value": "$n3"}, "status": "SKIPPED"},
         ],
     )
@@ -106,8 +121,13 @@ def test_respond_dispatches_on_the_prompt_sections() -> None:
     assert [json.loads(line) for line in plan.splitlines()] == [
         {"node_id": "n1", "tool": "arithmetic", "args": {"expression": "2+2"}, "depends_on": []}
     ]
-    outcome = {"node_id": "n1", "tool": "arithmetic", "args": {"expression": "2+2"},
-               "status": "SUCCEEDED", "output": {"result": 4}}
+    outcome = {
+        "node_id": "n1",
+        "tool": "arithmetic",
+        "args": {"expression": "2+2"},
+        "status": "SUCCEEDED",
+        "output": {"result": 4},
+    }
     user = f"## Goal\nWhat is 2+2?\n\n## Outcomes\n{json.dumps(outcome)}"
     joined = respond([{"role": "user", "content": user}])
     assert joined == "Results for: What is 2+2?\n- 2+2 = 4"

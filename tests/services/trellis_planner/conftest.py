@@ -49,8 +49,12 @@ def make_tools() -> list[common_pb2.ToolSpec]:
             {"expression": {"type": "string"}},
             ["expression"],
         ),
-        spec("sleep", "Wait for the given number of milliseconds.", {"ms": {"type": "integer"}},
-             ["ms"]),
+        spec(
+            "sleep",
+            "Wait for the given number of milliseconds.",
+            {"ms": {"type": "integer"}},
+            ["ms"],
+        ),
         spec("echo", "Return the given value unchanged.", {"value": {}}, ["value"]),
     ]
 
@@ -106,6 +110,4 @@ async def chat_model(model: RunningModel, spans: InMemorySpanExporter) -> AsyncI
 
 @pytest.fixture
 def planner(chat_model: ChatModel, recorder: FakeRecorder) -> Planner:
-    return Planner(
-        chat_model, recorder, default_model="trellis-offline-rules-v1", max_nodes=50
-    )
+    return Planner(chat_model, recorder, default_model="trellis-offline-rules-v1", max_nodes=50)

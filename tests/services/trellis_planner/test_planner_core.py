@@ -31,8 +31,9 @@ async def collect(stream) -> tuple[list, object]:
 
 
 def plan_request(goal: str, tools, **kwargs) -> planner_pb2.PlanRequest:
-    return planner_pb2.PlanRequest(run_id=kwargs.pop("run_id", "run-1"), goal=goal, tools=tools,
-                                   **kwargs)
+    return planner_pb2.PlanRequest(
+        run_id=kwargs.pop("run_id", "run-1"), goal=goal, tools=tools, **kwargs
+    )
 
 
 def brief(calls) -> list[tuple[str, dict, list[str]]]:
@@ -230,22 +231,30 @@ def join_request(**kwargs) -> planner_pb2.JoinRequest:
         common_pb2.ToolCall(
             node_id="n1", tool="run_command", args=to_struct({"command": "uptime"})
         ),
-        common_pb2.ToolCall(node_id="n2", tool="arithmetic",
-                            args=to_struct({"expression": "(17*23)+4"})),
+        common_pb2.ToolCall(
+            node_id="n2", tool="arithmetic", args=to_struct({"expression": "(17*23)+4"})
+        ),
     ]
     outcomes = [
         common_pb2.NodeOutcome(
-            node_id="n1", status=common_pb2.NODE_STATUS_SUCCEEDED,
-            output=to_value({"stdout": " 10:00:00 up 3 days,  load average: 0.1\n",
-                             "exit_code": 0}),
+            node_id="n1",
+            status=common_pb2.NODE_STATUS_SUCCEEDED,
+            output=to_value(
+                {"stdout": " 10:00:00 up 3 days,  load average: 0.1\n", "exit_code": 0}
+            ),
         ),
         common_pb2.NodeOutcome(
-            node_id="n2", status=common_pb2.NODE_STATUS_FAILED,
+            node_id="n2",
+            status=common_pb2.NODE_STATUS_FAILED,
             error=common_pb2.Error(code="TOOL_TIMEOUT", message="took too long"),
         ),
     ]
     return planner_pb2.JoinRequest(
-        run_id="run-1", goal="How loaded is it?", plan=plan, outcomes=outcomes, round=1,
+        run_id="run-1",
+        goal="How loaded is it?",
+        plan=plan,
+        outcomes=outcomes,
+        round=1,
         **kwargs,
     )
 
@@ -291,7 +300,11 @@ async def test_replan_prompt_carries_the_previous_round(planner, tools, model):
     ]
     outcomes = [common_pb2.NodeOutcome(node_id="n1", status=common_pb2.NODE_STATUS_FAILED)]
     request = plan_request(
-        "What is 2+3?", tools, round=1, previous_plan=previous, previous_outcomes=outcomes,
+        "What is 2+3?",
+        tools,
+        round=1,
+        previous_plan=previous,
+        previous_outcomes=outcomes,
         replan_reason="uptime failed",
     )
     nodes, _ = await collect(planner.plan(request))

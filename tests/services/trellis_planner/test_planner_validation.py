@@ -4,7 +4,7 @@ import pytest
 
 from trellis.runtime.convert import from_struct
 from trellis.runtime.errors import InvalidArgument
-from trellis_planner.validation import PlanValidator, references
+from trellis_planner.validation import PlanValidator
 
 
 def node(node_id="n1", tool="echo", args=None, depends_on=None) -> dict:
@@ -22,10 +22,12 @@ def test_valid_nodes_become_tool_calls() -> None:
     v = PlanValidator(["echo", "sleep"], max_nodes=5)
     first = v.check(node(args={"value": {"x": [1, "a"]}}), line=1)
     second = v.check({"node_id": "n2", "tool": "sleep", "depends_on": ["n1"]}, line=2)
-    assert (first.node_id, first.tool, from_struct(first.args)) == ("n1", "echo",
-                                                                    {"value": {"x": [1, "a"]}})
-    assert (second.tool, list(second.depends_on), from_struct(second.args)) == ("sleep", ["n1"],
-                                                                                {})
+    assert (first.node_id, first.tool, from_struct(first.args)) == (
+        "n1",
+        "echo",
+        {"value": {"x": [1, "a"]}},
+    )
+    assert (second.tool, list(second.depends_on), from_struct(second.args)) == ("sleep", ["n1"], {})
 
 
 def test_unknown_tool_is_named_by_its_index() -> None:
@@ -65,10 +67,3 @@ def test_at_most_max_nodes() -> None:
     v.check(node(), line=1)
     error = rejected(v, node("n2"))
     assert [x.field for x in error.violations] == ["plan"]
-
-
-def test_references_finds_whole_and_braced_forms_once() -> None:
-    assert references({"a": "$n1", "b": ["${n2.x} and ${n1}"], "c": "$n3 text", "d": 5}) == [
-        "n1",
-        "n2",
-    ]

@@ -176,12 +176,19 @@ def test_description_lists_every_command_one_per_line_for_the_planner() -> None:
     lines = re.findall(r"^- `([^`]+)`: (.+)$", CommandTool().spec.description, re.MULTILINE)
     by_command = {cmd: [k.strip() for k in words.split(",")] for cmd, words in lines}
     assert set(by_command) == {
-        "uname -a", "uname -s", "uname -r", "df -h", "uptime",
-        "nproc", "free -h", "hostname", "date -u", "whoami",
+        "uname -a",
+        "uname -s",
+        "uname -r",
+        "df -h",
+        "uptime",
+        "nproc",
+        "free -h",
+        "hostname",
+        "date -u",
+        "whoami",
     }
     assert {"disk usage", "storage"} <= set(by_command["df -h"])
     assert {"operating system", "kernel"} <= set(by_command["uname -a"])
     assert "memory" in by_command["free -h"]
     assert "cores" in by_command["nproc"]
     assert "user" in by_command["whoami"]
-

@@ -270,7 +270,9 @@ async def test_tool_timeout_is_a_retryable_failure(tracer) -> None:
     outcome = await invoker.invoke(Call("slow", {}))
     assert time.perf_counter() - start < 1
     assert (outcome.status, outcome.error.code, outcome.error.retryable) == (
-        FAILED, "TOOL_TIMEOUT", True,
+        FAILED,
+        "TOOL_TIMEOUT",
+        True,
     )
 
 
@@ -306,9 +308,15 @@ async def test_output_breaking_its_schema_fails(tracer) -> None:
     async def wrong(args: dict) -> dict:
         return {"result": "not a number"}
 
-    spec = Spec("wrong", "lies", {"type": "object"}, {
-        "type": "object", "properties": {"result": {"type": "number"}},
-    })
+    spec = Spec(
+        "wrong",
+        "lies",
+        {"type": "object"},
+        {
+            "type": "object",
+            "properties": {"result": {"type": "number"}},
+        },
+    )
     outcome = await make(tracer, FunctionTool(spec, wrong)).invoke(Call("wrong", {}))
     assert (outcome.status, outcome.error.code) == (FAILED, "OUTPUT_INVALID")
 

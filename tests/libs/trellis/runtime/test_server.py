@@ -16,6 +16,7 @@ from trellis.runtime.errors import (
     Internal,
     NotFound,
     ResourceExhausted,
+    Unavailable,
     translated_rpc_errors,
 )
 from trellis.runtime.server import Service
@@ -30,9 +31,13 @@ class Probe(tools_pb2_grpc.ToolServerServiceServicer):
 
     def __init__(self, channels, next_target: str | None) -> None:
         self._channels, self._next = channels, next_target
+        self.calls = 0
 
     async def CallTool(self, request, ctx):
         args = from_struct(request.args)
+        self.calls += 1
+        if args.get("raise") == "unavailable":
+            raise Unavailable("my dependency is down", reason="DEPENDENCY_DOWN")
         if args.get("sleep"):
             await asyncio.sleep(args["sleep"])
         if args.get("raise") == "not_found":
@@ -47,9 +52,11 @@ class Probe(tools_pb2_grpc.ToolServerServiceServicer):
         return tools_pb2.CallToolResponse(output=to_value(seen))
 
 
-def probe(next_target: str | None = None):
+def probe(next_target: str | None = None, servicers: list | None = None):
     async def build(settings, telemetry, channels) -> Service:
         servicer = Probe(channels, next_target)
+        if servicers is not None:
+            servicers.append(servicer)
         return Service(
             "probe",
             [SERVICE],
@@ -63,12 +70,12 @@ def settings(**kw) -> ServiceSettings:
     return ServiceSettings(port=0, metrics_port=0, **kw)
 
 
-async def call(channels, target, timeout=5.0, **args):
+async def call(channels, target, deadline=5.0, **args):
     stub = tools_pb2_grpc.ToolServerServiceStub(channels.get(target))
     request = tools_pb2.CallToolRequest(tool="x")
     request.args.update(args)
     with translated_rpc_errors():
-        response = await stub.CallTool(request, timeout=timeout)
+        response = await stub.CallTool(request, timeout=deadline)
     return from_value(response.output)
 
 
@@ -76,7 +83,7 @@ async def test_deadline_and_tenant_propagate_across_two_hops(serve, channels) ->
     last = await serve("last", probe(), settings())
     first = await serve("first", probe(last.target), settings())
     with context.request_scope(tenant_id="acme"):
-        seen = await call(channels, first.target, timeout=2.0)
+        seen = await call(channels, first.target, deadline=2.0)
     assert seen["tenant"] == "acme"
     assert 0 < seen["remaining"] <= 2.0
 
@@ -136,3 +143,22 @@ async def test_stop_turns_health_not_serving_and_lets_calls_finish(serve, channe
         stub = tools_pb2_grpc.ToolServerServiceStub(channels.get(server.target))
         await stub.CallTool(tools_pb2.CallToolRequest(tool="x"), timeout=1)
     assert raised.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def test_handler_unavailable_is_not_retried_by_the_channel(serve, channels) -> None:
+    servicers: list = []
+    server = await serve("p", probe(servicers=servicers), settings())
+    with pytest.raises(Unavailable) as raised:
+        await call(channels, server.target, **{"raise": "unavailable"})
+    assert raised.value.reason == "DEPENDENCY_DOWN"
+    assert servicers[0].calls == 1
+
+
+async def test_unreachable_target_is_retried_then_unavailable(channels) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(Unavailable):
+        await call(channels, f"127.0.0.1:{port}", deadline=5)

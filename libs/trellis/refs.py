@@ -1,5 +1,8 @@
 """References from a node's args to earlier outputs: ``"$n1"`` and ``"${n1.path.to.field}"``.
 
+The syntax is part of the contract (common.proto, ToolCall), so it lives here once: the
+planner checks references as nodes stream out, the executor resolves them.
+
 A string that is exactly one reference is replaced by the referenced value (any JSON
 type); references inside a longer string are interpolated as text. Path segments
 index dicts by key and lists by position.
@@ -28,15 +31,13 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-def referenced_nodes(args: Mapping[str, Any]) -> set[str]:
-    """Ids of every node the args refer to."""
-    found: set[str] = set()
-    for text in _strings(args):
+def referenced_nodes(value: Any) -> list[str]:
+    """Ids of every node referenced anywhere in ``value``, in order of appearance, once each."""
+    found: list[str] = []
+    for text in _strings(value):
         whole = _WHOLE.match(text)
-        if whole:
-            found.add(whole.group(1))
-        found.update(m.group(1) for m in _BRACED.finditer(text))
-    return found
+        found.extend([whole.group(1)] if whole else [m.group(1) for m in _BRACED.finditer(text)])
+    return list(dict.fromkeys(found))
 
 
 def _lookup(node_id: str, path: str, outputs: Mapping[str, Any], where: str) -> Any:

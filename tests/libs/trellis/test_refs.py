@@ -2,8 +2,8 @@
 
 import pytest
 
+from trellis.refs import referenced_nodes, resolve
 from trellis.runtime.errors import InvalidArgument
-from trellis_executor.refs import referenced_nodes, resolve
 
 OUTPUTS = {"n1": {"items": [{"name": "a"}, {"name": "b"}], "n": 3}, "n2": "text"}
 
@@ -35,4 +35,11 @@ def test_unresolvable_reference_names_the_field(ref: str) -> None:
 
 def test_referenced_nodes_finds_all_forms() -> None:
     args = {"a": "$n1", "b": ["x ${n2.y} ${n3}"], "c": {"d": "$not a ref"}}
-    assert referenced_nodes(args) == {"n1", "n2", "n3"}
+    assert referenced_nodes(args) == ["n1", "n2", "n3"]
+
+
+def test_references_finds_whole_and_braced_forms_once() -> None:
+    assert referenced_nodes({"a": "$n1", "b": ["${n2.x} and ${n1}"], "c": "$n3 text", "d": 5}) == [
+        "n1",
+        "n2",
+    ]
