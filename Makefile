@@ -21,8 +21,10 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
+# `npm install`, not `npm ci`: npm 11 writes only this platform's optional buf binaries
+# into the lock file and `npm ci` then refuses it as out of sync. The lock still pins buf.
 node_modules/.installed: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm install --no-audit --no-fund --loglevel=error
 	@touch $@
 
 install: $(INSTALLED) node_modules/.installed

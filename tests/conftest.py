@@ -9,6 +9,7 @@ import pytest
 from trellis.runtime.channels import Channels
 from trellis.runtime.server import Builder, RunningServer, start_service
 from trellis.runtime.settings import ServiceSettings
+from trellis_offline_model.server import RunningModel, start_offline_model
 
 Serve = Callable[[str, Builder, ServiceSettings], Awaitable[RunningServer]]
 
@@ -34,3 +35,11 @@ async def channels() -> AsyncIterator[Channels]:
     chans = Channels()
     yield chans
     await chans.close()
+
+
+@pytest.fixture
+async def model() -> AsyncIterator[RunningModel]:
+    """The offline rules model on a free port (tests may script its replies)."""
+    running = await start_offline_model(port=0)
+    yield running
+    await running.stop()

@@ -7,14 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 from openai import AsyncOpenAI
 
-from trellis_offline_model.server import RunningModel, start_offline_model
-
-
-@pytest.fixture
-async def model() -> AsyncIterator[RunningModel]:
-    running = await start_offline_model(port=0)
-    yield running
-    await running.stop()
+from trellis_offline_model.server import RunningModel
 
 
 @pytest.fixture

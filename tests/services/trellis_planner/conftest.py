@@ -16,7 +16,7 @@ from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
 from trellis.runtime.convert import to_struct
 from trellis.runtime.errors import Unavailable
-from trellis_offline_model.server import RunningModel, start_offline_model
+from trellis_offline_model.server import RunningModel
 from trellis_planner.core import Planner
 from trellis_planner.model import ChatModel
 
@@ -79,13 +79,6 @@ class FakeRecorder:
 @pytest.fixture
 def tools() -> list[common_pb2.ToolSpec]:
     return make_tools()
-
-
-@pytest.fixture
-async def model() -> AsyncIterator[RunningModel]:
-    running = await start_offline_model(port=0)
-    yield running
-    await running.stop()
 
 
 @pytest.fixture
