@@ -19,6 +19,8 @@ async def show_run(
         async for event in client.run(request):
             view.apply(event)
             live.update(view.render())
+    if view.answer and not view.answer.endswith("\n"):
+        console.print()
     for line in view.summary():
         console.print(line, highlight=False)
     return view

@@ -7,7 +7,10 @@ end-to-end tests exercise exactly the paths a deployment uses.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from opentelemetry.sdk.trace import SpanProcessor
 
 from trellis.runtime.server import Builder, RunningServer, start_service
 from trellis.runtime.settings import ServiceSettings
@@ -51,11 +54,13 @@ async def start_stack(
     database_url: str = DEFAULT_DATABASE_URL,
     model_base_url: str | None = None,
     model_delay_ms: int = 0,
+    span_processors: Sequence[SpanProcessor] = (),
     **overrides: object,
 ) -> Stack:
     """Start the offline model (unless ``model_base_url`` is given) and the five services.
 
-    ``overrides`` are extra settings applied to every service (e.g. ``max_parallel``).
+    ``overrides`` are extra settings applied to every service (e.g. ``max_parallel``);
+    ``span_processors`` see every service's spans (tests pass an in-memory exporter's).
     """
     model = None
     if model_base_url is None:
@@ -67,7 +72,9 @@ async def start_stack(
     async def start(name: str, cls: type[ServiceSettings], builder: Builder, **kw: object) -> None:
         fields = cls.model_fields
         settings = cls(**{k: v for k, v in {**common, **kw}.items() if k in fields})
-        stack.servers[name] = await start_service(settings, name, builder)
+        stack.servers[name] = await start_service(
+            settings, name, builder, span_processors=span_processors
+        )
 
     try:
         await start("cache", CacheSettings, build_cache)

@@ -18,6 +18,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import SpanProcessor
 
 from trellis.runtime.channels import Channels
 from trellis.runtime.interceptors import ServerRulesInterceptor
@@ -120,9 +121,18 @@ async def start_server(
     return RunningServer(service, server, health, port, settings.grace_seconds, telemetry, channels)
 
 
-async def start_service(settings: ServiceSettings, name: str, builder: Builder) -> RunningServer:
-    """Telemetry, channels and server for one service, as a standalone process has them."""
-    telemetry = setup_telemetry(name)
+async def start_service(
+    settings: ServiceSettings,
+    name: str,
+    builder: Builder,
+    *,
+    span_processors: Sequence[SpanProcessor] = (),
+) -> RunningServer:
+    """Telemetry, channels and server for one service, as a standalone process has them.
+
+    ``span_processors`` adds span processors besides the OTEL_* ones (tests use it).
+    """
+    telemetry = setup_telemetry(name, processors=list(span_processors))
     channels = Channels(
         max_message_bytes=settings.max_message_bytes, interceptors=telemetry.client_interceptors()
     )
