@@ -190,3 +190,20 @@ async def test_run_deadline_fails_the_run_with_deadline_exceeded(executor) -> No
     finished = events[-1].finished
     assert finished.status == executor_pb2.RUN_STATUS_FAILED
     assert finished.error.code == "DEADLINE_EXCEEDED"
+
+
+async def test_client_that_goes_away_cancels_the_run(executor) -> None:
+    run_id = "client-leaves"
+    request = executor_pb2.RunRequest(run_id=run_id, plan=[node("long", "sleep", ms=10_000)])
+    stream = executor.run(request)
+    async for event in stream:
+        if event.WhichOneof("event") == "node_started":
+            break
+    await stream.aclose()  # cancels the RPC, as a client process dying would
+    for _ in range(100):
+        stored = await executor.get_run(run_id)
+        if stored.status != executor_pb2.RUN_STATUS_RUNNING:
+            break
+        await asyncio.sleep(0.05)
+    assert stored.status == executor_pb2.RUN_STATUS_CANCELLED
+    assert stored.outcomes[0].status == common_pb2.NODE_STATUS_CANCELLED

@@ -19,8 +19,7 @@ async def show_run(
         async for event in client.run(request):
             view.apply(event)
             live.update(view.render())
-    if view.answer and not view.answer.endswith("\n"):
-        console.print()
+    console.print()  # the live view leaves the cursor on its last line
     for line in view.summary():
         console.print(line, highlight=False)
     return view

@@ -114,8 +114,13 @@ class RunView:
         lines = [f"status: {status}"]
         if f.error.code:
             lines.append(f"error: {f.error.code}: {f.error.message}")
+        tokens = (
+            f"{f.usage.input_tokens} in / {f.usage.output_tokens} out ({f.usage.model})"
+            if f.usage.model
+            else "none (no model calls)"
+        )
         lines += [
-            f"tokens: {f.usage.input_tokens} in / {f.usage.output_tokens} out ({f.usage.model})",
+            f"tokens: {tokens}",
             f"cost: ${f.cost_nano_usd / 1e9:.6f} ({f.cost_nano_usd} nano-USD)",
             f"cache hits: {f.cache_hits} of {len(self.nodes)} tool calls",
             f"duration: {seconds(f.duration) * 1000:.0f} ms",
