@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 BUF := npx --no-install buf
 
-.PHONY: help install run test proto lint up bench clean
+.PHONY: help install run test proto lint up clean
 
 help:
 	@echo "make run    - install, start the embedded stack, run an example goal"
