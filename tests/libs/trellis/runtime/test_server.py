@@ -162,3 +162,15 @@ async def test_unreachable_target_is_retried_then_unavailable(channels) -> None:
         port = sock.getsockname()[1]
     with pytest.raises(Unavailable):
         await call(channels, f"127.0.0.1:{port}", deadline=5)
+
+
+async def test_message_over_the_size_limit_is_rejected(serve, channels) -> None:
+    server = await serve("p", probe(), settings(max_message_bytes=1024))
+    with pytest.raises(ResourceExhausted):
+        await call(channels, server.target, padding="x" * 4096)
+    assert (await call(channels, server.target, padding="x"))["tenant"] == "default"
+
+
+def test_channels_are_cached_per_target(channels) -> None:
+    assert channels.get("127.0.0.1:1") is channels.get("127.0.0.1:1")
+    assert channels.get("127.0.0.1:1") is not channels.get("127.0.0.1:2")
