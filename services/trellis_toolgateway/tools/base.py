@@ -36,6 +36,12 @@ class Spec:
     cache_ttl: float = 0.0
     #: Upper bound of one call; the caller's deadline may shorten it.
     timeout: float = 10.0
+    #: Calls of this tool running at once (0 = unbounded); more wait in a bounded queue.
+    max_concurrency: int = 0
+    #: What one call costs, charged to the run (nano-USD).
+    cost_nano_usd: int = 0
+    #: Cache results across tenants (only for tools whose output is the same for all).
+    shared_cache: bool = False
 
     @property
     def cacheable(self) -> bool:
@@ -100,3 +106,15 @@ class FunctionTool(Tool):
 
     async def run(self, args: dict[str, Json]) -> Json:
         return await self.fn(args)
+
+
+class ToolSource(ABC):
+    """A backend that brings its own tools, discovered when the registry loads
+    (an MCP server, a remote ``trellis.tools.v1.ToolServerService``)."""
+
+    @abstractmethod
+    async def tools(self) -> list[Tool]:
+        """Connect if needed and return the tools this source offers now."""
+
+    async def aclose(self) -> None:
+        """Release connections and processes; the registry calls it when replaced."""
