@@ -42,6 +42,8 @@ class Spec:
     cost_nano_usd: int = 0
     #: Cache results across tenants (only for tools whose output is the same for all).
     shared_cache: bool = False
+    #: Extra attempts after a retryable failure (ToolError(retryable=True), TOOL_TIMEOUT).
+    retries: int = 0
 
     @property
     def cacheable(self) -> bool:
