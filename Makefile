@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 BUF := npx --no-install buf
 
-.PHONY: help install run test proto lint up clean
+.PHONY: help install run test proto lint up bench clean
 
 help:
 	@echo "make run    - install, start the embedded stack, run an example goal"
@@ -27,13 +27,20 @@ node_modules/.installed: package.json package-lock.json
 	npm install --no-audit --no-fund --loglevel=error
 	@touch $@
 
-install: $(INSTALLED) node_modules/.installed
+examples/node-tool-server/node_modules/.installed: examples/node-tool-server/package.json examples/node-tool-server/package-lock.json
+	npm install --prefix examples/node-tool-server --no-audit --no-fund --loglevel=error
+	@touch $@
+
+install: $(INSTALLED) node_modules/.installed examples/node-tool-server/node_modules/.installed
 
 run: $(INSTALLED)
 	$(VENV)/bin/trellis demo
 
 up: $(INSTALLED)
 	$(VENV)/bin/trellis up
+
+bench: $(INSTALLED)
+	$(PY) -m bench
 
 test: install
 	$(PY) -m pytest

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +50,107 @@ async def model() -> AsyncIterator[RunningModel]:
     running = await start_offline_model(port=0)
     yield running
     await running.stop()
+
+
+class RedisServer:
+    """A real ``redis-server`` the test owns: no persistence, loopback only, a free port.
+
+    ``stop()`` kills it (SIGKILL, like a crash) and ``start()`` brings it back on the same
+    port, empty, so tests can take the backend away under a running service and check
+    that it recovers; ``pause()``/``resume()`` freeze it (a hung server, not a refused
+    connection). Started with ``--save "" --appendonly no`` so nothing touches disk
+    but the log in the test's tmp dir.
+
+    TODO(ci): a testcontainers-style path (``RedisContainer("redis:7")``) would pin the
+    server version, but there is no Docker here; CI installs ``redis-server`` instead.
+    """
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self._binary = binary
+        self._workdir = workdir
+        self.port = _free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start (or restart) on ``self.port`` and return once it answers PING."""
+        if self._process is not None:
+            raise RuntimeError("redis-server is already running")
+        log = self._workdir / "redis.log"
+        argv = [
+            self._binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self._workdir),
+            "--logfile", str(log),
+        ]  # fmt: skip
+        self._process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            if _answers_ping(self.port):
+                return
+            exited = self._process.poll() is not None
+            if exited or time.monotonic() > deadline:
+                self.stop()
+                output = log.read_text() if log.exists() else "(no log)"
+                pytest.fail(f"redis-server on port {self.port} did not start:\n{output}")
+            time.sleep(0.02)
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open but nothing answers."""
+        if self._process is not None:
+            os.kill(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._process is not None:
+            os.kill(self._process.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Kill the server by its PID (no graceful shutdown: the backend just vanishes)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free port for this test; killed (by PID) afterwards."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail(
+            "redis-server is not installed: the Redis tests need a real server "
+            "(apt-get install redis-server, or brew install redis)"
+        )
+    server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,4 +1,9 @@
-"""CacheService over gRPC: protos in, ``MemoryStore`` calls, protos out."""
+"""CacheService over gRPC: protos in, ``Store`` calls, protos out.
+
+The servicer does not care which backend it serves; a backend failure is the
+backend's ``Unavailable`` (reason CACHE_BACKEND_UNAVAILABLE), which the runtime's
+interceptor sends as UNAVAILABLE so the gateway falls back to running the tool.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,11 @@ from trellis.cache.v1 import cache_pb2, cache_pb2_grpc
 from trellis.runtime.convert import duration, seconds
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.runtime.metrics import CACHE_REQUESTS
-from trellis_cache.store import MemoryStore
+from trellis_cache.store import Store
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
-    def __init__(self, store: MemoryStore, default_ttl: float) -> None:
+    def __init__(self, store: Store, default_ttl: float) -> None:
         self._store = store
         self._default_ttl = default_ttl
 
@@ -20,7 +25,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self, request: cache_pb2.GetRequest, context: aio.ServicerContext
     ) -> cache_pb2.GetResponse:
         _require_key(request.key)
-        found = self._store.get(request.key)
+        found = await self._store.get(request.key)
         CACHE_REQUESTS.labels(result="hit" if found else "miss").inc()
         if found is None:
             return cache_pb2.GetResponse(found=False)
@@ -36,20 +41,19 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             raise InvalidArgument(
                 "ttl must not be negative", violations=[FieldViolation("ttl", "must be >= 0")]
             )
-        self._store.set(request.key, request.value, ttl, request.tags)
+        await self._store.set(request.key, request.value, ttl, list(request.tags))
         return cache_pb2.SetResponse()
 
     async def Invalidate(
         self, request: cache_pb2.InvalidateRequest, context: aio.ServicerContext
     ) -> cache_pb2.InvalidateResponse:
-        return cache_pb2.InvalidateResponse(
-            invalidated=self._store.invalidate(request.keys, request.tags)
-        )
+        invalidated = await self._store.invalidate(list(request.keys), list(request.tags))
+        return cache_pb2.InvalidateResponse(invalidated=invalidated)
 
     async def GetStats(
         self, request: cache_pb2.GetStatsRequest, context: aio.ServicerContext
     ) -> cache_pb2.GetStatsResponse:
-        s = self._store.stats()
+        s = await self._store.stats()
         return cache_pb2.GetStatsResponse(
             hits=s.hits,
             misses=s.misses,

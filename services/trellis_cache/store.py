@@ -1,8 +1,14 @@
-"""In-memory LRU + TTL store with tags: the cache's embedded backend.
+"""The cache's storage interface (``Store``) and its embedded backend (``MemoryStore``).
 
-Written by hand (about a page) because no well-kept library combines per-entry TTL,
-an entry *and* byte bound, and tag invalidation; cachetools' TLRUCache covers the
-first only. Single-threaded by design: the service runs on one asyncio loop.
+The servicer only knows ``Store``; ``TRELLIS_REDIS_URL`` picks ``RedisStore``
+(``trellis_cache.redis_store``) instead of the in-memory default. The interface is
+async because a networked backend is; a backend that fails raises
+``trellis.runtime.errors.Unavailable`` so callers (the gateway) can fail open.
+
+``MemoryStore`` is written by hand (about a page) because no well-kept library
+combines per-entry TTL, an entry *and* byte bound, and tag invalidation; cachetools'
+TLRUCache covers the first only. Single-threaded by design: the service runs on one
+asyncio loop and no method awaits, so each call is atomic.
 """
 
 from __future__ import annotations
@@ -11,13 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-
-
-@dataclass
-class Entry:
-    value: bytes
-    expires_at: float
-    tags: frozenset[str]
+from typing import Protocol
 
 
 @dataclass
@@ -27,6 +27,38 @@ class Stats:
     evictions: int = 0
     entries: int = 0
     bytes: int = 0
+
+
+class Store(Protocol):
+    """Key/value results with TTL and tags; what ``CacheServicer`` serves."""
+
+    #: Reported by GetStats ("memory", "redis").
+    backend: str
+
+    async def get(self, key: str) -> tuple[bytes, float] | None:
+        """The value and its remaining TTL in seconds, or None on a miss."""
+        ...
+
+    async def set(self, key: str, value: bytes, ttl: float, tags: Iterable[str] = ()) -> None:
+        """Store ``value`` for ``ttl`` seconds; an existing entry (and its tags) is replaced."""
+        ...
+
+    async def invalidate(self, keys: Iterable[str] = (), tags: Iterable[str] = ()) -> int:
+        """Remove entries by key and by tag; return how many were removed."""
+        ...
+
+    async def stats(self) -> Stats: ...
+
+    async def aclose(self) -> None:
+        """Release connections (the service calls it on shutdown)."""
+        ...
+
+
+@dataclass
+class Entry:
+    value: bytes
+    expires_at: float
+    tags: frozenset[str]
 
 
 class MemoryStore:
@@ -49,7 +81,7 @@ class MemoryStore:
         self._bytes = 0
         self._hits = self._misses = self._evictions = 0
 
-    def get(self, key: str) -> tuple[bytes, float] | None:
+    async def get(self, key: str) -> tuple[bytes, float] | None:
         """The value and its remaining TTL, or None on a miss (expired counts as a miss)."""
         entry = self._entries.get(key)
         now = self._clock()
@@ -62,7 +94,7 @@ class MemoryStore:
         self._hits += 1
         return entry.value, entry.expires_at - now
 
-    def set(self, key: str, value: bytes, ttl: float, tags: Iterable[str] = ()) -> None:
+    async def set(self, key: str, value: bytes, ttl: float, tags: Iterable[str] = ()) -> None:
         if key in self._entries:
             self._remove(key)
         if len(value) > self._max_bytes:
@@ -77,7 +109,7 @@ class MemoryStore:
             self._remove(oldest)
             self._evictions += 1
 
-    def invalidate(self, keys: Iterable[str] = (), tags: Iterable[str] = ()) -> int:
+    async def invalidate(self, keys: Iterable[str] = (), tags: Iterable[str] = ()) -> int:
         """Remove entries by key and by tag; return how many were removed."""
         doomed = {k for k in keys if k in self._entries}
         for tag in tags:
@@ -86,8 +118,11 @@ class MemoryStore:
             self._remove(key)
         return len(doomed)
 
-    def stats(self) -> Stats:
+    async def stats(self) -> Stats:
         return Stats(self._hits, self._misses, self._evictions, len(self._entries), self._bytes)
+
+    async def aclose(self) -> None:
+        return None
 
     def _remove(self, key: str) -> None:
         entry = self._entries.pop(key)

@@ -1,9 +1,14 @@
-"""Result-cache keys and tags for tool calls.
+"""Result-cache keys and tags, and idempotency keys, for tool calls.
 
-The key is a hash of everything that determines a result: the tenant (tenants never
-see each other's results), the tool and its version (a new version must not serve
-old outputs) and the arguments in canonical JSON (key order and spacing do not
-matter). Tags let an operator drop every result of one tool or one tenant at once.
+The cache key is a hash of everything that determines a result: the tenant (tenants
+never see each other's results), the tool and its version (a new version must not
+serve old outputs) and the arguments in canonical JSON (key order and spacing do not
+matter). A tool whose output is the same for everyone (``shared_cache: true``) drops
+the tenant: its slot holds JSON ``null``, which no tenant id (a string) can collide
+with. Tags let an operator drop every result of one tool or one tenant at once.
+
+Idempotency keys are the caller's key scoped the same way (tenant and tool), so one
+tenant can never replay, or block, another tenant's side effects.
 """
 
 from __future__ import annotations
@@ -13,15 +18,35 @@ import json
 
 from trellis_toolgateway.tools.base import Json
 
+#: Tag of results cached across tenants (``shared_cache``): not dropped with a tenant.
+SHARED_TAG = "tenant:*shared*"
+
 
 def canonical_json(value: Json) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def cache_key(tenant: str, tool: str, version: str, args: Json) -> str:
-    """sha256 hex of ``[tenant, tool, version, args]`` as canonical JSON."""
-    return hashlib.sha256(canonical_json([tenant, tool, version, args]).encode()).hexdigest()
+def _digest(value: Json) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
-def cache_tags(tool: str, tenant: str) -> list[str]:
-    return [f"tool:{tool}", f"tenant:{tenant}"]
+def cache_key(tenant: str, tool: str, version: str, args: Json, *, shared: bool = False) -> str:
+    """sha256 hex of ``[tenant, tool, version, args]`` as canonical JSON.
+
+    ``shared``: the result is the same for every tenant, so the tenant is left out.
+    """
+    return _digest([None if shared else tenant, tool, version, args])
+
+
+def cache_tags(tool: str, tenant: str, *, shared: bool = False) -> list[str]:
+    return [f"tool:{tool}", SHARED_TAG if shared else f"tenant:{tenant}"]
+
+
+def idempotency_scope(tenant: str, tool: str, key: str) -> str:
+    """The store key of a caller's idempotency ``key``: per tenant and tool."""
+    return "idem:" + _digest([tenant, tool, key])
+
+
+def args_fingerprint(args: Json) -> str:
+    """Identifies a call's arguments, to catch one idempotency key reused for another call."""
+    return _digest(args)

@@ -1,7 +1,14 @@
-"""Wires the gateway core and servicer into a server (standalone or embedded)."""
+"""Wires the gateway core and servicer into a server (standalone or embedded).
+
+The registry lives in a ``RegistryHolder`` that the tools-file watcher swaps on reload;
+the invoker and servicer read tools through it, so they never hold a stale registry.
+HTTP tools share one pooled ``httpx.AsyncClient`` owned here: created with the service,
+closed with it, never following redirects and ignoring proxy/netrc environment.
+"""
 
 from __future__ import annotations
 
+import httpx
 from grpc import aio
 
 from trellis.clients.cache import CacheClient
@@ -10,7 +17,8 @@ from trellis.runtime.server import Service
 from trellis.runtime.telemetry import Telemetry
 from trellis.toolgateway.v1 import toolgateway_pb2, toolgateway_pb2_grpc
 from trellis_toolgateway.invoker import Invoker
-from trellis_toolgateway.registry import builtin_registry
+from trellis_toolgateway.loader import LoadOptions
+from trellis_toolgateway.reload import ToolsFileWatcher
 from trellis_toolgateway.servicer import ToolGatewayServicer
 from trellis_toolgateway.settings import GatewaySettings
 
@@ -18,15 +26,40 @@ NAME = "toolgateway"
 SERVICE_NAME = toolgateway_pb2.DESCRIPTOR.services_by_name["ToolGatewayService"].full_name
 
 
+def http_client() -> httpx.AsyncClient:
+    """The one client every HTTP tool uses (connection pooling across tools and calls)."""
+    return httpx.AsyncClient(
+        follow_redirects=False,
+        trust_env=False,  # no proxies or .netrc credentials picked up from the environment
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        timeout=httpx.Timeout(10.0),
+    )
+
+
 async def build(settings: GatewaySettings, telemetry: Telemetry, channels: Channels) -> Service:
-    registry = builtin_registry(
+    client = http_client()
+    options = LoadOptions(
         command_timeout=settings.command_timeout_seconds,
         command_max_output_bytes=settings.command_max_output_bytes,
+        http_client=client,
+        channels=channels,
     )
+    watcher = ToolsFileWatcher(settings.tools_path, options, interval=settings.tools_reload_seconds)
+    try:
+        registry = await watcher.load()
+    except BaseException:
+        await client.aclose()
+        raise
+    watcher.start()
     cache = CacheClient(channels.get(settings.cache_target), timeout=settings.cache_timeout_seconds)
     servicer = ToolGatewayServicer(registry, Invoker(registry, cache, telemetry.tracer))
 
     def register(server: aio.Server) -> None:
         toolgateway_pb2_grpc.add_ToolGatewayServiceServicer_to_server(servicer, server)
 
-    return Service(NAME, [SERVICE_NAME], register)
+    async def aclose() -> None:
+        await watcher.aclose()
+        await registry.aclose()
+        await client.aclose()
+
+    return Service(NAME, [SERVICE_NAME], register, aclose)

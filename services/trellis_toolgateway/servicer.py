@@ -1,4 +1,8 @@
-"""ToolGatewayService over gRPC: protos in, ``Invoker`` calls, protos out."""
+"""ToolGatewayService over gRPC: protos in, ``Invoker`` calls, protos out.
+
+``registry`` is usually the service's ``RegistryHolder``: ListTools answers from the
+registry in force at that moment.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,11 @@ from grpc import aio
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.toolgateway.v1 import toolgateway_pb2, toolgateway_pb2_grpc
 from trellis_toolgateway.invoker import Call, Invoker
-from trellis_toolgateway.registry import ToolRegistry
+from trellis_toolgateway.registry import ToolLookup
 
 
 class ToolGatewayServicer(toolgateway_pb2_grpc.ToolGatewayServiceServicer):
-    def __init__(self, registry: ToolRegistry, invoker: Invoker) -> None:
+    def __init__(self, registry: ToolLookup, invoker: Invoker) -> None:
         self._registry = registry
         self._invoker = invoker
 

@@ -1,6 +1,14 @@
-"""Settings of the tool-gateway service (TRELLIS_* variables)."""
+"""Settings of the tool-gateway service (TRELLIS_* variables).
 
-from pydantic import Field
+The tools file is checked here, with the other settings, so a bad file stops the
+service at start-up with one line naming the file and the place inside it (exit 2),
+exactly like a bad variable. Later edits are checked by the reloader instead, which
+keeps the last good registry rather than stopping anything.
+"""
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
 
 from trellis.runtime.settings import ServiceSettings
 
@@ -8,12 +16,49 @@ from trellis.runtime.settings import ServiceSettings
 class GatewaySettings(ServiceSettings):
     port: int = Field(50053, ge=0, le=65535)
     metrics_port: int = Field(9103, ge=0, le=65535)
+    tools_file: Path | None = Field(
+        None,
+        validate_default=True,
+        description="YAML file declaring the tools; unset = the bundled tools.yaml (builtins).",
+    )
+    tools_reload_seconds: float = Field(
+        2.0, ge=0, description="How often the tools file is checked for changes; 0 = never."
+    )
     command_timeout_seconds: float = Field(
-        10.0, gt=0, le=300, description="run_command: a command still running after this is killed."
+        10.0,
+        gt=0,
+        le=300,
+        description="Command tools: a command still running after this is killed (default).",
     )
     command_max_output_bytes: int = Field(
-        64 * 1024, ge=1, le=16 * 1024 * 1024, description="run_command: stdout/stderr cut here."
+        64 * 1024,
+        ge=1,
+        le=16 * 1024 * 1024,
+        description="Command tools: stdout/stderr cut here (default).",
     )
     cache_timeout_seconds: float = Field(
         1.0, gt=0, description="Bound of one cache Get/Set; the cache is fail-open beyond it."
     )
+
+    @field_validator("tools_file")
+    @classmethod
+    def _tools_file_loads(cls, path: Path | None) -> Path | None:
+        # Imported here: the tool implementations are not needed to read other settings.
+        from trellis_toolgateway.loader import BUNDLED_TOOLS_FILE, ToolsFileError, check_tools_file
+
+        try:
+            check_tools_file(path or BUNDLED_TOOLS_FILE)
+        except ToolsFileError as error:
+            raise ValueError(str(error)) from None
+        return path
+
+    @property
+    def tools_path(self) -> Path:
+        """The tools file in use."""
+        return self.tools_file or self._bundled()
+
+    @staticmethod
+    def _bundled() -> Path:
+        from trellis_toolgateway.loader import BUNDLED_TOOLS_FILE
+
+        return BUNDLED_TOOLS_FILE

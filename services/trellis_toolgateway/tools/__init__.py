@@ -1,8 +1,11 @@
-"""Tools the gateway can run: the ``Tool`` abstraction (``base``) and the builtins.
+"""Tools the gateway can run: the ``Tool`` abstraction (``base``) and every backend.
 
-``arithmetic`` (safe expression evaluator), ``command`` (``run_command``, allow-listed
-system commands), ``basic`` (``sleep``, ``echo``). Later backends (YAML-registered
-shell/http/MCP/gRPC tools) implement the same ``Tool`` interface.
+``config`` is the typed model of the tools file. Builtins: ``arithmetic`` (safe
+expression evaluator), ``files`` (``read_file``/``list_dir`` inside the ``sandbox``),
+``sql`` (read-only ``sql_query`` over SQLite), ``basic`` (``sleep``, ``echo``). Declared
+backends: ``command`` (allow-listed command templates, e.g. ``run_command``), ``http``
+(declarative HTTP endpoints). Sources discovered at load: ``mcp_source``, ``grpc_source``.
+All implement the same ``Tool`` interface.
 """
 
 from trellis_toolgateway.tools.base import FunctionTool, Json, Spec, Tool, ToolError

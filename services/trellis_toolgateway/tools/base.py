@@ -118,5 +118,5 @@ class ToolSource(ABC):
     async def tools(self) -> list[Tool]:
         """Connect if needed and return the tools this source offers now."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing
         """Release connections and processes; the registry calls it when replaced."""

@@ -2,19 +2,45 @@
 
 One file declares every tool the gateway serves: builtins (with their contract
 overridable), command templates, HTTP tools, and the tool sources whose tools are
-discovered at load time (MCP servers, remote gRPC tool servers). Validation errors
-name the path inside the file, so a bad file is rejected with a clear message and the
-last good registry stays in force.
+discovered at load time (MCP servers, remote gRPC tool servers). Everything that can
+be checked without running anything is checked here (regexes compile, JSON Schemas are
+valid, placeholders are declared, builtins exist), so validation errors name the path
+inside the file (``tools[3].commands[0].params.path.pattern: ...``), a bad file is
+rejected with a clear message and the last good registry stays in force.
 """
 
 from __future__ import annotations
 
+import re
+import shlex
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from jsonschema import Draft202012Validator, SchemaError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 Json = Any
 _NAME = r"^[a-zA-Z][a-zA-Z0-9_.\-]{0,63}$"
+
+#: A whole word that is a placeholder: ``{path}``.
+PLACEHOLDER = re.compile(r"^\{([a-zA-Z_][a-zA-Z0-9_]*)\}$")
+#: Placeholders anywhere in a string (argv words such as ``--lines={n}``, URL templates).
+PLACEHOLDERS = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
+#: ``${VAR}`` references to environment variables (secrets) in HTTP header templates.
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: Characters a shell gives meaning to; a command template may not contain them, since
+#: a caller's command containing any of them is rejected before matching.
+SHELL_SYNTAX = frozenset(";&|$`<>()\\\n\r\x00")
+
+#: Implementations a ``kind: builtin`` entry may name.
+BuiltinName = Literal["arithmetic", "read_file", "list_dir", "sql_query", "sleep", "echo"]
 
 
 class _Strict(BaseModel):
@@ -22,7 +48,12 @@ class _Strict(BaseModel):
 
 
 class Policy(_Strict):
-    """Execution policy and contract knobs shared by every kind of tool."""
+    """Execution policy and contract knobs shared by every kind of tool.
+
+    For builtins and command tools only the fields the file sets override the
+    implementation's defaults (``model_fields_set``); a builtin's schemas and
+    description come from its code unless given here.
+    """
 
     description: str | None = None
     version: str = "1"
@@ -37,12 +68,27 @@ class Policy(_Strict):
     #: Extra attempts for retryable backend failures (exponential backoff with jitter).
     retries: int = Field(0, ge=0, le=10)
 
+    @field_validator("input_schema", "output_schema")
+    @classmethod
+    def _valid_json_schema(cls, schema: dict[str, Json] | None) -> dict[str, Json] | None:
+        if schema is not None:
+            try:
+                Draft202012Validator.check_schema(schema)
+            except SchemaError as error:
+                where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+                raise ValueError(f"not a valid JSON Schema at {where}: {error.message}") from None
+        return schema
+
 
 class BuiltinTool(Policy):
     kind: Literal["builtin"] = "builtin"
     name: str = Field(pattern=_NAME)
-    #: Which implementation: arithmetic, run_command, read_file, list_dir, sql_query, sleep, echo.
-    builtin: str
+    #: Which implementation: arithmetic, read_file, list_dir, sql_query, sleep, echo.
+    builtin: BuiltinName
+    #: read_file: bytes returned at most (the rest is cut and ``truncated`` set).
+    max_bytes: int = Field(1024 * 1024, ge=1, le=64 * 1024 * 1024)
+    #: list_dir: entries returned at most; sql_query: rows returned at most.
+    max_items: int = Field(1000, ge=1, le=100_000)
 
 
 class CommandParam(_Strict):
@@ -51,11 +97,30 @@ class CommandParam(_Strict):
     pattern: str = Field(description="Full-match regex the value must satisfy.")
     #: The value is a path that must resolve inside the sandbox root.
     path: bool = False
+    #: Values starting with ``-`` look like options and are refused unless this is set,
+    #: whatever the pattern says (``--output=x`` must never reach a program as an option).
+    allow_leading_dash: bool = False
     description: str = ""
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"invalid regular expression {pattern!r}: {error}") from None
+        return pattern
 
 
 class CommandTemplate(_Strict):
-    """An allow-listed command: argv with ``{placeholders}``, never a shell."""
+    """An allow-listed command: argv with ``{placeholders}``, never a shell.
+
+    ``command`` is what callers write and what the planner sees; a caller's text matches
+    when it splits (shlex) into as many words, the literal words are equal and each
+    placeholder word full-matches its parameter. ``argv`` is what runs, with the values
+    substituted (path values as the resolved path): it may differ from ``command``, e.g.
+    add ``--`` so that no value can ever be taken for an option.
+    """
 
     #: How callers write it, e.g. "df -h" or "git log -n {count}".
     command: str
@@ -65,12 +130,71 @@ class CommandTemplate(_Strict):
     #: Words a planner may match a goal against (shown in the tool description).
     keywords: list[str] = []
 
+    @field_validator("command")
+    @classmethod
+    def _plain_words(cls, command: str) -> str:
+        found = sorted({ch for ch in command if ch in SHELL_SYNTAX})
+        if found:
+            raise ValueError(f"shell syntax cannot be matched: {' '.join(map(repr, found))}")
+        try:
+            words = shlex.split(command)
+        except ValueError as error:
+            raise ValueError(f"cannot split {command!r}: {error}") from None
+        if not words:
+            raise ValueError("command is empty")
+        if PLACEHOLDER.match(words[0]):
+            raise ValueError("the program (first word) cannot be a placeholder")
+        for word in words:
+            if PLACEHOLDERS.search(word) and not PLACEHOLDER.match(word):
+                raise ValueError(f"a placeholder must be a whole word: {word!r}")
+        return command
+
+    @field_validator("keywords")
+    @classmethod
+    def _keywords_fit_the_description(cls, keywords: list[str]) -> list[str]:
+        for word in keywords:
+            if not word.strip() or any(ch in word for ch in ",`\n"):
+                raise ValueError(f"a keyword must be non-empty without , ` or newline: {word!r}")
+        return keywords
+
+    @property
+    def words(self) -> list[str]:
+        return shlex.split(self.command)
+
+    @model_validator(mode="after")
+    def _placeholders_declared(self) -> CommandTemplate:
+        in_command = {m.group(1) for w in self.words if (m := PLACEHOLDER.match(w))}
+        in_argv = {name for word in self.argv for name in PLACEHOLDERS.findall(word)}
+        if PLACEHOLDERS.search(self.argv[0]):
+            raise ValueError("argv[0] (the program) cannot contain a placeholder")
+        if in_argv != in_command:
+            raise ValueError(
+                f"argv and command must use the same placeholders: argv {sorted(in_argv)}, "
+                f"command {sorted(in_command)}"
+            )
+        if set(self.params) != in_command:
+            raise ValueError(
+                f"params must declare exactly the placeholders {sorted(in_command)}, "
+                f"got {sorted(self.params)}"
+            )
+        return self
+
 
 class CommandTool(Policy):
     kind: Literal["command"] = "command"
     name: str = Field(pattern=_NAME)
     commands: list[CommandTemplate] = Field(min_length=1)
     max_output_bytes: int = Field(64 * 1024, ge=1, le=16 * 1024 * 1024)
+
+    @model_validator(mode="after")
+    def _distinct_commands(self) -> CommandTool:
+        seen: set[tuple[str, ...]] = set()
+        for template in self.commands:
+            words = tuple("{}" if PLACEHOLDER.match(w) else w for w in template.words)
+            if words in seen:
+                raise ValueError(f"command {template.command!r} is declared twice")
+            seen.add(words)
+        return self
 
 
 class HttpTool(Policy):
@@ -86,8 +210,52 @@ class HttpTool(Policy):
     body_args: list[str] = []
     max_response_bytes: int = Field(1024 * 1024, ge=1)
 
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/?#]+", url, re.IGNORECASE):
+            raise ValueError(f"must be an absolute http:// or https:// URL, got {url!r}")
+        return url
 
-ToolDecl = Annotated[BuiltinTool | CommandTool | HttpTool, Field(discriminator="kind")]
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _lower_hosts(cls, hosts: list[str]) -> list[str]:
+        return [h.strip().lower() for h in hosts]
+
+    @field_validator("headers")
+    @classmethod
+    def _no_placeholders_in_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            rest = ENV_REFERENCE.sub("", value)
+            if "${" in rest or PLACEHOLDERS.search(rest):
+                raise ValueError(f"header {name!r}: only ${{ENV_VAR}} references are allowed")
+        return headers
+
+    @property
+    def url_params(self) -> list[str]:
+        return list(dict.fromkeys(PLACEHOLDERS.findall(self.url)))
+
+    @model_validator(mode="after")
+    def _args_are_distinct(self) -> HttpTool:
+        both = sorted(set(self.url_params) & set(self.body_args))
+        if both:
+            raise ValueError(f"arguments cannot be both in the URL and the body: {both}")
+        return self
+
+
+def _tool_kind(value: Json) -> str | None:
+    """A tool's ``kind``; an entry without one is a builtin (the common case)."""
+    if isinstance(value, dict):
+        return str(value.get("kind", "builtin"))
+    return getattr(value, "kind", None)
+
+
+ToolDecl = Annotated[
+    Annotated[BuiltinTool, Tag("builtin")]
+    | Annotated[CommandTool, Tag("command")]
+    | Annotated[HttpTool, Tag("http")],
+    Discriminator(_tool_kind),
+]
 
 
 class McpServer(Policy):
@@ -95,7 +263,7 @@ class McpServer(Policy):
 
     name: str = Field(pattern=_NAME)
     #: stdio transport: the command (argv) that starts the server.
-    command: list[str] | None = None
+    command: list[str] | None = Field(None, min_length=1)
     env: dict[str, str] = {}
     #: streamable-HTTP transport: the server's URL.
     url: str | None = None
@@ -132,4 +300,8 @@ class ToolsFile(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"tool names must be unique: {', '.join(dupes)}")
+        sources = [s.name for s in [*self.mcp_servers, *self.grpc_tool_servers]]
+        dupes = sorted({n for n in sources if sources.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tool source names must be unique: {', '.join(dupes)}")
         return self

@@ -318,7 +318,7 @@ async def test_output_breaking_its_schema_fails(tracer) -> None:
         },
     )
     outcome = await make(tracer, FunctionTool(spec, wrong)).invoke(Call("wrong", {}))
-    assert (outcome.status, outcome.error.code) == (FAILED, "OUTPUT_INVALID")
+    assert (outcome.status, outcome.error.code) == (FAILED, "OUTPUT_CONTRACT")
 
 
 async def test_one_span_per_call_with_genai_attributes(tracer, spans) -> None:
@@ -338,8 +338,11 @@ async def test_one_span_per_call_with_genai_attributes(tracer, spans) -> None:
         "trellis.node_id": "n7",
         "trellis.tenant_id": "acme",
         "trellis.cache_hit": False,
+        "trellis.tool.attempts": 1,
+        "trellis.breaker.state": "closed",
     }
     assert second.attributes["trellis.cache_hit"] is True
+    assert second.attributes["trellis.tool.attempts"] == 0
     assert first.status.status_code != StatusCode.ERROR
     assert failed.status.status_code == StatusCode.ERROR
     assert failed.attributes["error.type"] == "ARITHMETIC_ERROR"
@@ -356,3 +359,60 @@ async def test_metrics_count_calls_by_outcome_and_cache_use(tracer) -> None:
     assert sample("trellis_tool_calls_total", **labels, cache="miss") - misses == 1
     assert sample("trellis_tool_calls_total", **labels, cache="hit") - hits == 2
     assert sample("trellis_tool_duration_seconds_count", tool="arithmetic") - observed == 3
+
+
+def costly(*, cost: int, cache_ttl: float = 60, shared_cache: bool = False) -> Counted:
+    counted = Counted(cache_ttl=cache_ttl)
+    spec = counted.tool.spec
+    counted.tool = FunctionTool(
+        Spec(
+            spec.name,
+            spec.description,
+            spec.input_schema,
+            spec.output_schema,
+            cache_ttl=cache_ttl,
+            cost_nano_usd=cost,
+            shared_cache=shared_cache,
+        ),
+        counted.tool.fn,
+    )
+    return counted
+
+
+async def test_cost_is_charged_when_the_backend_runs_not_for_hits(tracer) -> None:
+    counted = costly(cost=2_500)
+    invoker = make(tracer, counted.tool, cache=FakeCache())
+    first = await invoker.invoke(Call("counted", {"q": 1}))
+    hit = await invoker.invoke(Call("counted", {"q": 1}))
+    bypass = await invoker.invoke(Call("counted", {"q": 1}), cache_mode=Mode.CACHE_MODE_BYPASS)
+    assert [(o.cost_nano_usd, o.attempts, o.cache_hit) for o in (first, hit, bypass)] == [
+        (2_500, 1, False),
+        (0, 0, True),
+        (2_500, 1, False),
+    ]
+
+
+async def test_shared_cache_tools_share_results_across_tenants(tracer) -> None:
+    shared, private, cache = costly(cost=0, shared_cache=True), Counted(), FakeCache()
+    hits = []
+    for counted in (shared, private):
+        invoker = make(tracer, counted.tool, cache=cache)
+        for tenant in ("acme", "globex"):
+            with context.request_scope(tenant_id=tenant):
+                hits.append((await invoker.invoke(Call("counted", {"q": 1}))).cache_hit)
+    assert hits == [False, True, False, False]
+    assert (shared.runs, private.runs) == (1, 2)
+    assert cache.sets[0][2] == ["tool:counted", "tenant:*shared*"]
+
+
+def test_cache_keys_are_tenant_scoped_unless_shared() -> None:
+    args = {"a": 1, "b": [1, 2]}
+    acme = cache_key("acme", "t", "1", args)
+    assert acme == cache_key("acme", "t", "1", {"b": [1, 2], "a": 1})  # canonical JSON
+    assert len(acme) == 64 and int(acme, 16) >= 0
+    assert acme != cache_key("globex", "t", "1", args)
+    assert acme != cache_key("acme", "t", "2", args)  # a new version never serves old results
+    assert acme != cache_key("acme", "u", "1", args)
+    shared = cache_key("acme", "t", "1", args, shared=True)
+    assert shared == cache_key("globex", "t", "1", args, shared=True)
+    assert shared not in {acme, cache_key("", "t", "1", args), cache_key("null", "t", "1", args)}

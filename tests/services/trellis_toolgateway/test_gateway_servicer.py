@@ -44,7 +44,9 @@ async def gateway(serve, channels, cache_server) -> ToolGatewayClient:
 
 async def test_list_tools_has_the_builtins_with_schemas(gateway: ToolGatewayClient) -> None:
     tools = {t.name: t for t in await gateway.list_tools()}
-    assert set(tools) == {"arithmetic", "run_command", "sleep", "echo"}
+    assert set(tools) == {
+        "arithmetic", "run_command", "read_file", "list_dir", "sql_query", "sleep", "echo"
+    }  # fmt: skip
     arithmetic = tools["arithmetic"]
     assert from_struct(arithmetic.input_schema)["required"] == ["expression"]
     assert from_struct(arithmetic.output_schema)["properties"] == {"result": {"type": "number"}}

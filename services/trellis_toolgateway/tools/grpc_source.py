@@ -1,0 +1,180 @@
+"""The tools of a remote ``trellis.tools.v1.ToolServerService``, served as gateway tools.
+
+A tool server (written in any language, see examples/node-tool-server) answers
+``ListTools`` with ``ToolSpec``s and runs ``CallTool``. ``GrpcSource`` lists them as
+``Tool``s named ``config.prefix + spec.name`` and calls them on the channel it is given,
+which comes from the gateway's ``Channels`` factory so tracing, deadline and tenant
+propagation apply to every call like to any other onward RPC.
+
+Contract and policy. The schemas and description are always the server's: it owns the
+tool. For the fields both sides can state, the tools file wins where it sets them
+explicitly (``model_fields_set``, so ``cache_ttl: 0`` can switch off caching a server
+advertises): ``version``, ``timeout``, ``cache_ttl``. Otherwise the server's value is used
+when it sets one, else the config default. ``side_effects`` is the OR of both: either side
+can declare a tool side-effecting, neither can make it cacheable by mistake. Concurrency,
+cost, shared cache and retries exist only in the config.
+
+Errors. A ``CallToolResponse.error`` is the tool's own failure (``ToolError`` with the
+server's code and retryability). gRPC UNAVAILABLE and DEADLINE_EXCEEDED are retryable
+``TOOL_SERVER_UNAVAILABLE`` / ``TOOL_TIMEOUT``; INVALID_ARGUMENT is the caller breaking the
+contract and is raised as ``InvalidArgument`` (an RPC error, never retried); other codes
+become ``TOOL_SERVER_<CODE>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+from grpc import aio
+
+from trellis.common.v1 import common_pb2
+from trellis.runtime import context
+from trellis.runtime.convert import from_struct, from_value, seconds, to_struct
+from trellis.runtime.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    from_rpc_error,
+    is_retryable_code,
+)
+from trellis.tools.v1 import tools_pb2, tools_pb2_grpc
+from trellis_toolgateway.tools.base import Json, Spec, Tool, ToolError, ToolSource
+from trellis_toolgateway.tools.config import GrpcToolServer
+
+#: Longest wait for ``ListTools`` (the registry loads sources at start-up and reload).
+LIST_TIMEOUT = 10.0
+
+UNAVAILABLE = "TOOL_SERVER_UNAVAILABLE"
+TIMEOUT = "TOOL_TIMEOUT"
+
+#: Used when a server sends no input schema: an object of any arguments.
+DEFAULT_INPUT_SCHEMA: dict[str, Json] = {"type": "object"}
+#: Used when a server sends no output schema: any JSON value.
+DEFAULT_OUTPUT_SCHEMA: dict[str, Json] = {}
+
+
+def rpc_tool_error(error: grpc.RpcError, server: str) -> Exception:
+    """The exception for a failed ``CallTool``/``ListTools`` RPC (see module docstring)."""
+    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+    details = {"server": server, "grpc_code": code.name}
+    message = f"tool server {server!r}: {error.details() or code.name}"  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return from_rpc_error(error)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ToolError(UNAVAILABLE, message, retryable=True, details=details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ToolError(TIMEOUT, message, retryable=True, details=details)
+    return ToolError(
+        f"TOOL_SERVER_{code.name}", message, retryable=is_retryable_code(code), details=details
+    )
+
+
+def _policy(config: GrpcToolServer, remote: common_pb2.ToolSpec) -> dict[str, object]:
+    explicit = config.model_fields_set
+
+    def pick(name: str, remote_value: object) -> object:
+        if name in explicit or not remote_value:
+            return getattr(config, name)
+        return remote_value
+
+    return {
+        "version": pick("version", remote.version),
+        "timeout": pick("timeout", seconds(remote.timeout)),
+        "cache_ttl": pick("cache_ttl", seconds(remote.cache_ttl)),
+        "side_effects": remote.side_effects or config.side_effects,
+        "max_concurrency": config.max_concurrency,
+        "cost_nano_usd": config.cost_nano_usd,
+        "shared_cache": config.shared_cache,
+        "retries": config.retries,
+    }
+
+
+def spec_of(config: GrpcToolServer, remote: common_pb2.ToolSpec) -> Spec:
+    """The gateway's ``Spec`` for one remote ``ToolSpec`` under ``config``."""
+    input_schema = from_struct(remote.input_schema) if remote.HasField("input_schema") else {}
+    output_schema = from_struct(remote.output_schema) if remote.HasField("output_schema") else {}
+    return Spec(
+        name=f"{config.prefix}{remote.name}",
+        description=remote.description or config.description or remote.name,
+        input_schema=input_schema or DEFAULT_INPUT_SCHEMA,
+        output_schema=output_schema or DEFAULT_OUTPUT_SCHEMA,
+        **_policy(config, remote),  # type: ignore[arg-type]
+    )
+
+
+class GrpcTool(Tool):
+    """One tool of a remote tool server; ``run`` is a ``CallTool`` RPC."""
+
+    def __init__(
+        self, spec: Spec, remote_name: str, stub: tools_pb2_grpc.ToolServerServiceStub, server: str
+    ) -> None:
+        self.spec = spec
+        self.remote_name = remote_name
+        self._stub = stub
+        self._server = server
+
+    async def run(self, args: dict[str, Json]) -> Json:
+        # TODO(idempotency): Tool.run only receives args; pass idempotency_key, run_id and
+        # node_id in the request once the invoker hands them to tools (e.g. a call context).
+        request = tools_pb2.CallToolRequest(tool=self.remote_name, args=to_struct(args))
+        try:
+            # The channel's interceptor shortens this to the incoming call's deadline.
+            response = await self._stub.CallTool(request, timeout=self.spec.timeout)
+        except grpc.RpcError as error:
+            raise rpc_tool_error(error, self._server) from error
+        except DeadlineExceeded as error:  # the deadline ran out before the call was made
+            raise ToolError(TIMEOUT, error.message, retryable=True) from error
+        if response.HasField("error"):
+            failure = response.error
+            raise ToolError(
+                failure.code or "TOOL_FAILED",
+                failure.message or f"{self.spec.name} failed",
+                retryable=failure.retryable,
+                details=_details(failure.details, self._server),
+            )
+        return from_value(response.output)
+
+
+def _details(details: Mapping[str, str], server: str) -> dict[str, str]:
+    return {"server": server, **details}
+
+
+class GrpcSource(ToolSource):
+    """The tools of the ``ToolServerService`` at ``config.target``, called over ``channel``.
+
+    ``tools()`` raises ``ToolError`` (``TOOL_SERVER_UNAVAILABLE``, retryable) when the
+    server cannot be reached. The channel belongs to the ``Channels`` factory, which
+    closes it; ``aclose()`` has nothing of its own to release.
+    """
+
+    def __init__(self, config: GrpcToolServer, channel: aio.Channel) -> None:
+        self.config = config
+        self._stub = tools_pb2_grpc.ToolServerServiceStub(channel)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    async def tools(self) -> list[Tool]:
+        try:
+            response = await self._stub.ListTools(
+                tools_pb2.ListToolsRequest(), timeout=context.call_timeout(LIST_TIMEOUT)
+            )
+        except grpc.RpcError as error:
+            failure = rpc_tool_error(error, self.name)
+            if isinstance(failure, InvalidArgument):  # not the caller's fault here
+                raise ToolError("TOOL_SERVER_INVALID_ARGUMENT", failure.message) from error
+            raise failure from error
+        except DeadlineExceeded as error:
+            raise ToolError(TIMEOUT, error.message, retryable=True) from error
+        tools: list[Tool] = []
+        for remote in response.tools:
+            if not remote.name:
+                raise ToolError(
+                    "TOOL_SERVER_BAD_SPEC", f"tool server {self.name!r} listed a tool with no name"
+                )
+            tools.append(GrpcTool(spec_of(self.config, remote), remote.name, self._stub, self.name))
+        return tools
+
+    async def aclose(self) -> None:
+        """Nothing to release: the channel is the ``Channels`` factory's."""

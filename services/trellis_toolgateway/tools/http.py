@@ -1,0 +1,234 @@
+"""Declarative HTTP tools: a method, a URL template and allowed hosts, from the tools file.
+
+Arguments fill the URL's ``{placeholders}`` (percent-encoded, so a value cannot add a
+path segment, a query or a userinfo part) and the rest of ``body_args`` go in the JSON
+body (POST/PUT/PATCH) or the query string (GET/DELETE). The final URL's host must be in
+``allowed_hosts``, and redirects are never followed, so a tool cannot be steered to
+another host. Header values may reference environment variables (``${API_TOKEN}``):
+they are resolved when the file loads, and their values are scrubbed from every output
+and error message (a server that echoes the request cannot leak them). All tools share
+the gateway's one pooled ``httpx.AsyncClient``.
+
+Errors: 5xx and transport failures are retryable (``HTTP_5XX``, ``HTTP_UNAVAILABLE``),
+4xx are not (``HTTP_4XX``); a redirect is ``HTTP_REDIRECT`` and a body over the cap is
+``HTTP_RESPONSE_TOO_LARGE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.parse
+from collections.abc import Mapping
+
+import httpx
+
+from trellis.runtime.errors import FieldViolation, InvalidArgument
+from trellis_toolgateway.tools import config
+from trellis_toolgateway.tools.base import Json, Spec, Tool, ToolError
+from trellis_toolgateway.tools.config import ENV_REFERENCE, PLACEHOLDERS
+
+#: Shorter secrets are not scrubbed (replacing every "a" in an output helps nobody).
+MIN_SCRUBBED_SECRET = 4
+REDACTED = "[redacted]"
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_SNIPPET = 200
+
+
+class MissingSecret(ValueError):
+    """A header references an environment variable that is not set."""
+
+    def __init__(self, header: str, variable: str) -> None:
+        super().__init__(f"environment variable {variable} is not set")
+        self.header = header
+        self.variable = variable
+
+
+def _as_text(value: Json) -> str:
+    """A JSON value as it goes in a URL or query string."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+def default_input_schema(decl: config.HttpTool) -> dict[str, Json]:
+    """URL placeholders are required scalars; body arguments are optional JSON values."""
+    scalar = {"type": ["string", "integer", "number", "boolean"]}
+    properties: dict[str, Json] = {name: dict(scalar) for name in decl.url_params}
+    properties.update({name: {} for name in decl.body_args})
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": decl.url_params,
+        "additionalProperties": False,
+    }
+
+
+class HttpTool(Tool):
+    """One HTTP endpoint as a tool (see the module docstring)."""
+
+    def __init__(
+        self,
+        decl: config.HttpTool,
+        client: httpx.AsyncClient | None,
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        environ = os.environ if environ is None else environ
+        self._decl = decl
+        self._client = client
+        self._headers: dict[str, str] = {}
+        secrets: set[str] = set()
+        for header, template in decl.headers.items():
+            for variable in ENV_REFERENCE.findall(template):
+                if variable not in environ:
+                    raise MissingSecret(header, variable)
+                secrets.add(environ[variable])
+            self._headers[header] = ENV_REFERENCE.sub(lambda m: environ[m.group(1)], template)
+        self._secrets = sorted(
+            (s for s in secrets if len(s) >= MIN_SCRUBBED_SECRET), key=len, reverse=True
+        )
+        self.spec = Spec(
+            name=decl.name,
+            description=decl.description or f"HTTP {decl.method} {decl.url}",
+            input_schema=decl.input_schema or default_input_schema(decl),
+            output_schema=decl.output_schema or {},
+            timeout=decl.timeout,
+        )
+
+    def scrub(self, value: Json) -> Json:
+        """``value`` with every secret replaced by ``[redacted]`` (strings, keys, nested)."""
+        if isinstance(value, str):
+            for secret in self._secrets:
+                value = value.replace(secret, REDACTED)
+            return value
+        if isinstance(value, list):
+            return [self.scrub(v) for v in value]
+        if isinstance(value, dict):
+            return {self.scrub(k): self.scrub(v) for k, v in value.items()}
+        return value
+
+    def _error(self, code: str, message: str, *, retryable: bool = False, **details: str):
+        return ToolError(
+            code,
+            self.scrub(message),
+            retryable=retryable,
+            details={"tool": self.spec.name, **details},
+        )
+
+    def _url(self, args: dict[str, Json]) -> httpx.URL:
+        missing = [name for name in self._decl.url_params if name not in args]
+        if missing:
+            raise InvalidArgument(
+                f"{self.spec.name} needs {', '.join(missing)} for its URL",
+                reason="ARGS_INVALID",
+                violations=[FieldViolation(f"args.{n}", "required by the URL") for n in missing],
+                metadata={"tool": self.spec.name},
+            )
+        text = PLACEHOLDERS.sub(
+            lambda m: urllib.parse.quote(_as_text(args[m.group(1)]), safe=""), self._decl.url
+        )
+        try:
+            url = httpx.URL(text)
+        except httpx.InvalidURL as error:
+            raise self._not_allowed(f"not a valid URL: {error}") from None
+        if url.scheme not in ("http", "https") or not self._host_allowed(url):
+            raise self._not_allowed(f"host {url.host!r} is not in allowed_hosts")
+        return url
+
+    def _host_allowed(self, url: httpx.URL) -> bool:
+        host = url.host.lower()
+        port = url.port or (443 if url.scheme == "https" else 80)
+        return host in self._decl.allowed_hosts or f"{host}:{port}" in self._decl.allowed_hosts
+
+    def _not_allowed(self, message: str) -> InvalidArgument:
+        return InvalidArgument(
+            message,
+            reason="HOST_NOT_ALLOWED",
+            violations=[FieldViolation("args", message)],
+            metadata={"tool": self.spec.name},
+        )
+
+    async def run(self, args: dict[str, Json]) -> Json:
+        if self._client is None:
+            raise self._error("HTTP_UNAVAILABLE", "the gateway has no HTTP client")
+        url = self._url(args)
+        extra = {name: args[name] for name in self._decl.body_args if name in args}
+        method = self._decl.method
+        request = self._client.build_request(
+            method,
+            url,
+            headers=self._headers,
+            params={k: _as_text(v) for k, v in extra.items()}
+            if method not in _BODY_METHODS
+            else None,
+            json=extra if method in _BODY_METHODS else None,
+            timeout=self.spec.timeout,
+        )
+        shown = f"{method} {url.copy_with(query=None)}"
+        try:
+            response = await self._client.send(request, stream=True, follow_redirects=False)
+        except httpx.TransportError as error:
+            raise self._error(
+                "HTTP_UNAVAILABLE",
+                f"{shown} failed: {type(error).__name__}: {error}",
+                retryable=True,
+            ) from None
+        try:
+            body = await self._read(response, shown)
+        finally:
+            await response.aclose()
+        return self._decode(response, body, shown)
+
+    async def _read(self, response: httpx.Response, shown: str) -> bytes:
+        status = response.status_code
+        if 300 <= status < 400:
+            raise self._error(
+                "HTTP_REDIRECT",
+                f"{shown} answered {status}; redirects are not followed",
+                status=str(status),
+            )
+        kept = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                kept += chunk
+                if len(kept) > self._decl.max_response_bytes:
+                    raise self._error(
+                        "HTTP_RESPONSE_TOO_LARGE",
+                        f"{shown} answered more than {self._decl.max_response_bytes} bytes",
+                    )
+        except httpx.TransportError as error:
+            raise self._error(
+                "HTTP_UNAVAILABLE", f"{shown} failed while reading: {error}", retryable=True
+            ) from None
+        if status >= 500:
+            raise self._error(
+                "HTTP_5XX",
+                f"{shown} answered {status}: {self._snippet(kept)}",
+                retryable=True,
+                status=str(status),
+            )
+        if status >= 400:
+            raise self._error(
+                "HTTP_4XX", f"{shown} answered {status}: {self._snippet(kept)}", status=str(status)
+            )
+        return bytes(kept)
+
+    @staticmethod
+    def _snippet(body: bytes) -> str:
+        return body[:_SNIPPET].decode("utf-8", errors="replace")
+
+    def _decode(self, response: httpx.Response, body: bytes, shown: str) -> Json:
+        text = body.decode(response.encoding or "utf-8", errors="replace")
+        if "json" in response.headers.get("content-type", "").lower():
+            try:
+                return self.scrub(json.loads(text))
+            except ValueError as error:
+                raise self._error(
+                    "HTTP_BAD_JSON", f"{shown} answered invalid JSON: {error}"
+                ) from None
+        return self.scrub(text)
