@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 BUF := npx --no-install buf
 
-.PHONY: help install run test proto lint up bench clean
+.PHONY: help system-deps install run test proto lint up bench clean
 
 help:
 	@echo "make run    - install, start the embedded stack, run an example goal"
@@ -15,6 +15,7 @@ help:
 	@echo "make proto  - regenerate the committed Python stubs from protos/"
 	@echo "make lint   - buf lint, buf format, buf breaking (vs main), ruff"
 	@echo "make up     - start the five services as processes on their default ports"
+	@echo "make bench  - cache and single-flight figures into bench/results/latest.json"
 
 $(INSTALLED): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +32,16 @@ examples/node-tool-server/node_modules/.installed: examples/node-tool-server/pac
 	npm install --prefix examples/node-tool-server --no-audit --no-fund --loglevel=error
 	@touch $@
 
-install: $(INSTALLED) node_modules/.installed examples/node-tool-server/node_modules/.installed
+# Tests start their own redis-server (never the machine's shared one); install it when
+# the machine lacks it and apt-get is there (root, Debian), else say what is missing.
+system-deps:
+	@command -v redis-server >/dev/null || { \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
+		else echo "redis-server is needed by the tests: install it (e.g. apt-get install redis-server)"; exit 1; fi; }
+	@command -v node >/dev/null || { echo "node (>= 18) is needed by the tests"; exit 1; }
+
+install: system-deps $(INSTALLED) node_modules/.installed examples/node-tool-server/node_modules/.installed
 
 run: $(INSTALLED)
 	$(VENV)/bin/trellis demo
