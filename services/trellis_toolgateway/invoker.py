@@ -10,13 +10,9 @@ take one of three paths:
   which reads the result cache, runs the tool on a miss and stores a success;
 - anything else: run it.
 
-"Run it" is the execution policy, per tool: the circuit breaker (fast ``CIRCUIT_OPEN``
-while the backend is known to be failing), the concurrency limit (wait in a bounded
-line, ``RESOURCE_EXHAUSTED``/``TOOL_BUSY`` when it is full), then attempts bounded by
-the tool's timeout and the caller's deadline, retried with backoff and full jitter
-for retryable failures while the deadline allows. The output is checked against the
-output schema. A tool that ran and failed is not an exception but a FAILED outcome
-with a stable error code, so a plan can carry on.
+"Run it" is the execution policy (``execution``: breaker, concurrency limit, attempts
+with retries, output contract); the input contract is ``contracts``; the cache is used
+fail-open through ``result_cache``.
 
 Outcome fields this module decides:
 
@@ -27,9 +23,6 @@ Outcome fields this module decides:
 - ``cache_hit``: served without running: from the cache, or a single-flight follower
   sharing a successful result (both cost nothing, which is what the run's
   ``cache_hits`` tells the user).
-
-The cache is fail-open: it exists to save time and money, so a cache that is down or
-slow costs a warning, a metric and a span event, never the call.
 """
 
 from __future__ import annotations
@@ -37,42 +30,35 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from google.protobuf import struct_pb2, timestamp_pb2
-from google.protobuf.message import DecodeError
-from jsonschema import ValidationError
+from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from trellis.common.v1 import common_pb2
 from trellis.runtime import context
-from trellis.runtime.convert import from_struct, timestamp, to_value
+from trellis.runtime.convert import from_struct, timestamp
 from trellis.runtime.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
-    TrellisError,
 )
 from trellis.runtime.logs import get_logger
-from trellis.runtime.metrics import CACHE_REQUESTS, TOOL_CALLS, TOOL_DURATION
+from trellis.runtime.metrics import TOOL_CALLS, TOOL_DURATION
 from trellis_toolgateway.cache_keys import (
     args_fingerprint,
     cache_key,
     cache_tags,
     idempotency_scope,
 )
+from trellis_toolgateway.contracts import validate_args
+from trellis_toolgateway.execution import PolicyRunner, failed_outcome
 from trellis_toolgateway.policy.breaker import (
     BreakerConfig,
-    Breakers,
-    BreakerState,
     CircuitBreaker,
-    Verdict,
 )
 from trellis_toolgateway.policy.clock import Clock, Sleep
-from trellis_toolgateway.policy.concurrency import Limiters
 from trellis_toolgateway.policy.idempotency import (
     DEFAULT_TTL,
     IdempotencyStore,
@@ -82,7 +68,8 @@ from trellis_toolgateway.policy.idempotency import (
 from trellis_toolgateway.policy.retry import Backoff
 from trellis_toolgateway.policy.singleflight import SingleFlight
 from trellis_toolgateway.registry import Entry, ToolLookup
-from trellis_toolgateway.tools.base import Json, Spec, ToolError
+from trellis_toolgateway.result_cache import FailOpenCache, ResultCache
+from trellis_toolgateway.tools.base import Json
 
 log = get_logger(__name__)
 
@@ -95,18 +82,9 @@ _READS = (CacheMode.CACHE_MODE_UNSPECIFIED, CacheMode.CACHE_MODE_USE)
 _WRITES = (*_READS, CacheMode.CACHE_MODE_REFRESH)
 
 #: Span attributes added by the policy (besides the GenAI ones).
-ATTR_BREAKER = "trellis.breaker.state"
 ATTR_ATTEMPTS = "trellis.tool.attempts"
 ATTR_SHARED = "trellis.single_flight.shared"
 ATTR_REPLAY = "trellis.idempotent_replay"
-
-
-class ResultCache(Protocol):
-    """What the invoker needs of a cache; ``trellis.clients.cache.CacheClient`` is one."""
-
-    async def get(self, key: str) -> bytes | None: ...
-
-    async def set(self, key: str, value: bytes, ttl: float, tags: Sequence[str] = ()) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -120,56 +98,6 @@ class Call:
     @classmethod
     def from_proto(cls, call: common_pb2.ToolCall) -> Call:
         return cls(tool=call.tool, args=from_struct(call.args), node_id=call.node_id)
-
-
-def _field(path: Sequence[str | int]) -> str:
-    """``["items", 2, "name"]`` -> ``args.items[2].name`` (google.rpc BadRequest style)."""
-    out = "args"
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out
-
-
-def _violations(errors: Sequence[ValidationError]) -> list[FieldViolation]:
-    """One violation per problem; a missing property is reported on the property itself."""
-    violations: list[FieldViolation] = []
-    seen: set[tuple[str, str]] = set()
-    for error in errors:
-        path = list(error.absolute_path)
-        items = [(_field(path), error.message)]
-        if error.validator == "required" and isinstance(error.instance, Mapping):
-            items = [
-                (_field([*path, name]), f"{name!r} is a required property")
-                for name in error.validator_value
-                if name not in error.instance
-            ]
-        for item in items:
-            if item not in seen:
-                seen.add(item)
-                violations.append(FieldViolation(*item))
-    return violations
-
-
-def validate_args(entry: Entry, args: dict[str, Json]) -> None:
-    """Raise ``InvalidArgument(ARGS_INVALID)`` unless ``args`` match the input schema."""
-    errors = sorted(
-        entry.args_validator.iter_errors(args), key=lambda e: [str(p) for p in e.absolute_path]
-    )
-    if errors:
-        name = entry.tool.spec.name
-        raise InvalidArgument(
-            f"arguments of {name!r} do not match its input schema: {errors[0].message}",
-            reason="ARGS_INVALID",
-            violations=_violations(errors),
-            metadata={"tool": name},
-        )
-
-
-def _failed(
-    code: str, message: str, *, retryable: bool = False, details: Mapping[str, str] | None = None
-) -> NodeOutcome:
-    error = common_pb2.Error(code=code, message=message, retryable=retryable, details=details)
-    return NodeOutcome(status=FAILED, error=error)
 
 
 def _stamp(outcome: NodeOutcome, node_id: str, started_at: timestamp_pb2.Timestamp) -> None:
@@ -204,20 +132,23 @@ class Invoker:
         rng: random.Random | None = None,
     ) -> None:
         self._registry = registry
-        self._cache = cache
+        self._cache = FailOpenCache(cache) if cache is not None else None
         self._tracer = tracer
-        self._breakers = Breakers(breaker, clock=clock, on_change=_breaker_changed)
-        self._backoff = backoff or Backoff()
-        self._limiters = Limiters(queue_per_slot=queue_per_slot)
+        self._policy = PolicyRunner(
+            breaker=breaker,
+            backoff=backoff,
+            queue_per_slot=queue_per_slot,
+            clock=clock,
+            sleep=sleep,
+            rng=rng,
+        )
         self._idempotency = idempotency or MemoryIdempotencyStore(clock=clock)
         self._idempotency_ttl = idempotency_ttl
         self._flights: SingleFlight[tuple[NodeOutcome, str, bool]] = SingleFlight()
-        self._sleep = sleep
-        self._rng = rng or random.Random()
 
     def breaker(self, tool: str) -> CircuitBreaker:
         """The breaker of ``tool`` (for status pages, metrics and tests)."""
-        return self._breakers.get(tool)
+        return self._policy.breakers.get(tool)
 
     async def invoke(
         self,
@@ -266,7 +197,7 @@ class Invoker:
                 if ttl > 0:
                     outcome, cache_use = await self._cached(entry, call, ttl, cache_mode, span)
                 else:
-                    outcome, cache_use = await self._execute(entry, call.args, span), "bypass"
+                    outcome, cache_use = await self._policy.run(entry, call.args, span), "bypass"
                 _stamp(outcome, call.node_id, started_at)
             self._observe(spec.name, outcome, cache_use, time.perf_counter() - clock, span)
             return outcome
@@ -309,7 +240,7 @@ class Invoker:
                 async with asyncio.timeout(context.remaining()):
                     stored = await self._idempotency.wait(key)
             except TimeoutError:
-                outcome = _failed(
+                outcome = failed_outcome(
                     "IDEMPOTENCY_PENDING",
                     f"an earlier call of {spec.name!r} with this idempotency key is still running",
                     retryable=True,
@@ -323,7 +254,7 @@ class Invoker:
                 return outcome
             # The first call ran nothing and let go of the key: try to own it.
         try:
-            outcome = await self._execute(entry, call.args, span)
+            outcome = await self._policy.run(entry, call.args, span)
         except BaseException:
             await self._idempotency.release(key)
             raise
@@ -359,7 +290,7 @@ class Invoker:
         async def fill(result: tuple[NodeOutcome, str, bool]) -> None:
             outcome, _, write = result
             if write:
-                await self._store(key, outcome.output, ttl, tags, span)
+                await self._cache.store(key, outcome.output, ttl, tags, span)
 
         (result, cache_use, _), shared = await self._flights.do((key, mode), flight, then=fill)
         outcome = NodeOutcome()
@@ -388,176 +319,14 @@ class Invoker:
         cache_use, cache_ok = "bypass", True
         if self._cache is not None and mode in _READS:
             cache_use = "miss"
-            cached, cache_ok = await self._lookup(key, span)
+            cached, cache_ok = await self._cache.lookup(key, span)
             if cached is not None:
                 return cached, "hit", False
-        outcome = await self._execute(entry, args, span)
+        outcome = await self._policy.run(entry, args, span)
         # After a failed read, a write would most likely fail too and cost a second
         # cache timeout; skip it.
         write = self._cache is not None and cache_ok and mode in _WRITES
         return outcome, cache_use, write and outcome.status == SUCCEEDED
-
-    # -- execution policy --------------------------------------------------------------
-
-    async def _execute(self, entry: Entry, args: dict[str, Json], span: trace.Span) -> NodeOutcome:
-        """Breaker, then a slot of the tool's concurrency, then attempts with retries."""
-        spec = entry.tool.spec
-        breaker = self._breakers.get(spec.name)
-        if not breaker.allows():  # fail fast, without even queueing for a slot
-            span.set_attribute(ATTR_BREAKER, breaker.state.value)
-            return _circuit_open(spec, breaker)
-        limiter = self._limiters.get(spec)
-        if limiter is None:
-            outcome = await self._attempts(entry, args, breaker, span)
-        else:
-            try:
-                async with asyncio.timeout(context.remaining()):
-                    await limiter.acquire()  # ResourceExhausted(TOOL_BUSY) when the line is full
-            except TimeoutError:
-                return _failed(
-                    "TOOL_TIMEOUT",
-                    f"{spec.name}: no free slot (max_concurrency {spec.max_concurrency}) "
-                    "before the call's deadline",
-                    retryable=True,
-                )
-            # The slot is held across retries: a failing backend gets no more than
-            # max_concurrency calls at once, and a retry does not jump the line.
-            try:
-                outcome = await self._attempts(entry, args, breaker, span)
-            finally:
-                limiter.release()
-        span.set_attribute(ATTR_BREAKER, breaker.state.value)
-        return outcome
-
-    async def _attempts(
-        self, entry: Entry, args: dict[str, Json], breaker: CircuitBreaker, span: trace.Span
-    ) -> NodeOutcome:
-        """Attempts until success, a non-retryable failure, ``spec.retries`` retries, the
-        breaker opening, or a backoff that would end past the deadline."""
-        spec = entry.tool.spec
-        attempts, outcome = 0, None
-        while True:
-            permit = breaker.acquire()
-            if permit is None:  # opened (or another probe runs): stop here
-                if outcome is None:
-                    outcome = _circuit_open(spec, breaker)
-                break
-            attempts += 1
-            try:
-                outcome, verdict = await self._attempt(entry, args, span)
-            except BaseException:  # contract violation or cancelled: says nothing of health
-                breaker.record(permit, Verdict.IGNORED)
-                raise
-            breaker.record(permit, verdict)
-            if outcome.status == SUCCEEDED or not outcome.error.retryable:
-                break
-            if attempts > spec.retries:
-                break
-            delay = self._backoff.delay(attempts, self._rng)
-            left = context.remaining()
-            if left is not None and delay >= left:
-                break  # the retry could not finish in time; the caller gets this failure
-            span.add_event(
-                "trellis.tool.retry",
-                {
-                    "trellis.attempt": attempts,
-                    "trellis.backoff_s": delay,
-                    "error.type": outcome.error.code,
-                },
-            )
-            await self._sleep(delay)
-        outcome.attempts = attempts
-        outcome.cost_nano_usd = attempts * spec.cost_nano_usd
-        return outcome
-
-    async def _attempt(
-        self, entry: Entry, args: dict[str, Json], span: trace.Span
-    ) -> tuple[NodeOutcome, Verdict]:
-        """One backend call and what it says about the backend's health."""
-        spec = entry.tool.spec
-        bound, by_deadline = spec.timeout, False
-        left = context.remaining()
-        if left is not None and left < bound:
-            bound, by_deadline = left, True
-        try:
-            async with asyncio.timeout(max(bound, 0.0)):
-                output = await entry.tool.run(args)
-        except InvalidArgument:
-            raise  # the call broke the tool's contract: an RPC error, not an outcome
-        except TimeoutError:
-            outcome = _failed(
-                "TOOL_TIMEOUT", f"{spec.name} did not finish within {bound:.3g}s", retryable=True
-            )
-            # Cut short by the caller's deadline: no verdict on the backend.
-            return outcome, Verdict.IGNORED if by_deadline else Verdict.FAILURE
-        except ToolError as error:
-            outcome = _failed(
-                error.code, error.message, retryable=error.retryable, details=error.details
-            )
-            # A deliberate, non-retryable answer (e.g. division by zero) means the
-            # backend is up; only retryable errors speak of its health.
-            return outcome, Verdict.FAILURE if error.retryable else Verdict.SUCCESS
-        except TrellisError as error:  # a remote backend's transport or server error
-            return _failed(error.reason, error.message, retryable=error.retryable), Verdict.FAILURE
-        except Exception as error:  # a broken tool is a FAILED node, not a crash
-            log.exception("tool raised", tool=spec.name)
-            span.record_exception(error)
-            outcome = _failed("TOOL_FAILED", f"{spec.name} failed: {type(error).__name__}: {error}")
-            return outcome, Verdict.FAILURE
-        # Output contract failures are the tool's contract, not the backend's health.
-        problems = list(entry.output_validator.iter_errors(output))
-        if problems:
-            return _failed(
-                "OUTPUT_CONTRACT",
-                f"{spec.name} returned output that breaks its schema: {problems[0].message}",
-            ), Verdict.IGNORED
-        try:
-            value = to_value(output)
-        except Exception as error:  # e.g. a non-JSON type from a tool
-            message = f"{spec.name} returned non-JSON output: {error}"
-            return _failed("OUTPUT_CONTRACT", message), Verdict.IGNORED
-        return NodeOutcome(status=SUCCEEDED, output=value), Verdict.SUCCESS
-
-    # -- cache -------------------------------------------------------------------------
-
-    async def _lookup(self, key: str, span: trace.Span) -> tuple[NodeOutcome | None, bool]:
-        """The cached outcome (None on a miss) and whether the cache answered at all."""
-        assert self._cache is not None
-        try:
-            stored = await self._cache.get(key)
-        except Exception as error:  # fail-open, see module docstring
-            self._cache_failed("get", error, span)
-            return None, False
-        if stored is None:
-            return None, True
-        try:
-            output = struct_pb2.Value.FromString(stored)
-        except DecodeError as error:  # a bad entry: overwrite it with a fresh result
-            self._cache_failed("decode", error, span)
-            return None, True
-        return NodeOutcome(status=SUCCEEDED, output=output, cache_hit=True), True
-
-    async def _store(
-        self, key: str, output: struct_pb2.Value, ttl: float, tags: list[str], span: trace.Span
-    ) -> None:
-        assert self._cache is not None
-        try:
-            await self._cache.set(key, output.SerializeToString(), ttl, tags)
-        except Exception as error:  # fail-open
-            self._cache_failed("set", error, span)
-
-    @staticmethod
-    def _cache_failed(operation: str, error: Exception, span: trace.Span) -> None:
-        kind = error.reason if isinstance(error, TrellisError) else type(error).__name__
-        log.warning(
-            "cache failed; running without it", operation=operation, error=kind, message=str(error)
-        )
-        CACHE_REQUESTS.labels(result="error").inc()
-        if span.is_recording():  # a write-behind may fail after the call's span ended
-            span.add_event(
-                "trellis.cache.error",
-                {"trellis.cache.operation": operation, "error.type": kind, "message": str(error)},
-            )
 
     @staticmethod
     def _observe(
@@ -577,21 +346,3 @@ class Invoker:
         if not succeeded:
             span.set_attribute("error.type", outcome.error.code)
             span.set_status(Status(StatusCode.ERROR, outcome.error.message))
-
-
-def _circuit_open(spec: Spec, breaker: CircuitBreaker) -> NodeOutcome:
-    wait = breaker.retry_after()
-    return _failed(
-        "CIRCUIT_OPEN",
-        f"{spec.name} is failing; its circuit is open, next try in {wait:.1f}s",
-        retryable=True,
-        details={"tool": spec.name, "retry_after_seconds": f"{wait:.3f}"},
-    )
-
-
-def _breaker_changed(tool: str, state: BreakerState) -> None:
-    """Breaker transitions are rare and worth a log line (and, later, a gauge)."""
-    if state is BreakerState.OPEN:
-        log.warning("circuit opened", tool=tool)
-    else:
-        log.info("circuit state changed", tool=tool, state=state.value)

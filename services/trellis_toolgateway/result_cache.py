@@ -1,0 +1,77 @@
+"""The gateway's use of the result cache, fail-open.
+
+The cache exists to save time and money, so a cache that is down, slow or holding a
+bad entry costs a warning, ``trellis_cache_requests_total{result="error"}`` and a span
+event, never the call: a failed read is a miss, a failed write is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
+from opentelemetry import trace
+
+from trellis.common.v1 import common_pb2
+from trellis.runtime.errors import TrellisError
+from trellis.runtime.logs import get_logger
+from trellis.runtime.metrics import CACHE_REQUESTS
+
+log = get_logger(__name__)
+
+NodeOutcome = common_pb2.NodeOutcome
+SUCCEEDED = common_pb2.NodeStatus.NODE_STATUS_SUCCEEDED
+
+
+class ResultCache(Protocol):
+    """What the invoker needs of a cache; ``trellis.clients.cache.CacheClient`` is one."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl: float, tags: Sequence[str] = ()) -> None: ...
+
+
+class FailOpenCache:
+    """Stored outputs of successful calls, read and written without ever failing a call."""
+
+    def __init__(self, cache: ResultCache) -> None:
+        self._cache = cache
+
+    async def lookup(self, key: str, span: trace.Span) -> tuple[NodeOutcome | None, bool]:
+        """The cached outcome (None on a miss) and whether the cache answered at all."""
+        try:
+            stored = await self._cache.get(key)
+        except Exception as error:  # fail-open, see module docstring
+            self._cache_failed("get", error, span)
+            return None, False
+        if stored is None:
+            return None, True
+        try:
+            output = struct_pb2.Value.FromString(stored)
+        except DecodeError as error:  # a bad entry: overwrite it with a fresh result
+            self._cache_failed("decode", error, span)
+            return None, True
+        return NodeOutcome(status=SUCCEEDED, output=output, cache_hit=True), True
+
+    async def store(
+        self, key: str, output: struct_pb2.Value, ttl: float, tags: list[str], span: trace.Span
+    ) -> None:
+        try:
+            await self._cache.set(key, output.SerializeToString(), ttl, tags)
+        except Exception as error:  # fail-open
+            self._cache_failed("set", error, span)
+
+    @staticmethod
+    def _cache_failed(operation: str, error: Exception, span: trace.Span) -> None:
+        kind = error.reason if isinstance(error, TrellisError) else type(error).__name__
+        log.warning(
+            "cache failed; running without it", operation=operation, error=kind, message=str(error)
+        )
+        CACHE_REQUESTS.labels(result="error").inc()
+        if span.is_recording():  # a write-behind may fail after the call's span ended
+            span.add_event(
+                "trellis.cache.error",
+                {"trellis.cache.operation": operation, "error.type": kind, "message": str(error)},
+            )
