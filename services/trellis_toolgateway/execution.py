@@ -21,6 +21,7 @@ from trellis.runtime import context
 from trellis.runtime.convert import to_value
 from trellis.runtime.errors import InvalidArgument, TrellisError
 from trellis.runtime.logs import get_logger
+from trellis.runtime.metrics import TOOL_BREAKER_STATE
 from trellis_toolgateway.policy.breaker import (
     BreakerConfig,
     Breakers,
@@ -204,8 +205,12 @@ def _circuit_open(spec: Spec, breaker: CircuitBreaker) -> NodeOutcome:
     )
 
 
+_GAUGE_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
 def _breaker_changed(tool: str, state: BreakerState) -> None:
-    """Breaker transitions are rare and worth a log line (and, later, a gauge)."""
+    """Breaker transitions are rare: a log line and ``trellis_tool_breaker_state``."""
+    TOOL_BREAKER_STATE.labels(tool=tool).set(_GAUGE_VALUE[state])
     if state is BreakerState.OPEN:
         log.warning("circuit opened", tool=tool)
     else:

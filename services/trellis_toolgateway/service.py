@@ -18,6 +18,7 @@ from trellis.runtime.telemetry import Telemetry
 from trellis.toolgateway.v1 import toolgateway_pb2, toolgateway_pb2_grpc
 from trellis_toolgateway.invoker import Invoker
 from trellis_toolgateway.loader import LoadOptions
+from trellis_toolgateway.policy.breaker import BreakerConfig
 from trellis_toolgateway.reload import ToolsFileWatcher
 from trellis_toolgateway.servicer import ToolGatewayServicer
 from trellis_toolgateway.settings import GatewaySettings
@@ -52,7 +53,18 @@ async def build(settings: GatewaySettings, telemetry: Telemetry, channels: Chann
         raise
     watcher.start()
     cache = CacheClient(channels.get(settings.cache_target), timeout=settings.cache_timeout_seconds)
-    servicer = ToolGatewayServicer(registry, Invoker(registry, cache, telemetry.tracer))
+    invoker = Invoker(
+        registry,
+        cache,
+        telemetry.tracer,
+        breaker=BreakerConfig(
+            consecutive_failures=settings.breaker_consecutive_failures,
+            failure_rate=settings.breaker_failure_rate,
+            cooldown=settings.breaker_cooldown_seconds,
+        ),
+        queue_per_slot=settings.tool_queue_per_slot,
+    )
+    servicer = ToolGatewayServicer(registry, invoker)
 
     def register(server: aio.Server) -> None:
         toolgateway_pb2_grpc.add_ToolGatewayServiceServicer_to_server(servicer, server)

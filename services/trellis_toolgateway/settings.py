@@ -39,6 +39,18 @@ class GatewaySettings(ServiceSettings):
     cache_timeout_seconds: float = Field(
         1.0, gt=0, description="Bound of one cache Get/Set; the cache is fail-open beyond it."
     )
+    breaker_consecutive_failures: int = Field(
+        5, ge=1, description="A tool's circuit opens after this many failures in a row."
+    )
+    breaker_failure_rate: float = Field(
+        0.5, gt=0, le=1, description="... or when this share of its last 20 calls failed."
+    )
+    breaker_cooldown_seconds: float = Field(
+        30.0, gt=0, description="An open circuit lets one probe call through after this."
+    )
+    tool_queue_per_slot: int = Field(
+        4, ge=0, description="Calls waiting per max_concurrency slot before TOOL_BUSY."
+    )
 
     @field_validator("tools_file")
     @classmethod

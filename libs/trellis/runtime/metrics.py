@@ -7,7 +7,7 @@ default registry on its own /metrics port.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 TOOL_CALLS = Counter(
     "trellis_tool_calls", "Tool calls by outcome and cache use.", ["tool", "outcome", "cache"]
@@ -25,6 +25,11 @@ CACHE_REQUESTS = Counter("trellis_cache_requests", "Cache lookups by result.", [
 TOKENS = Counter("trellis_tokens", "Model tokens recorded in the ledger.", ["model", "type"])
 COST_USD = Counter("trellis_cost_usd", "Spend recorded in the ledger, USD.", ["model", "kind"])
 
+TOOL_BREAKER_STATE = Gauge(
+    "trellis_tool_breaker_state",
+    "Circuit breaker of each tool: 0 closed, 1 half-open, 2 open.",
+    ["tool"],
+)
 UNKNOWN_MODEL_PRICES = Counter(
     "trellis_unknown_model_prices",
     "Usage events recorded at cost 0 because the model has no price.",

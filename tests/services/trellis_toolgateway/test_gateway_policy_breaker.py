@@ -10,6 +10,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NoOpTracer
+from prometheus_client import REGISTRY
 
 from trellis.common.v1 import common_pb2
 from trellis.runtime import context
@@ -205,6 +206,10 @@ class Backend:
         return self.output
 
 
+def gauge(tool: str) -> float | None:
+    return REGISTRY.get_sample_value("trellis_tool_breaker_state", {"tool": tool})
+
+
 def make(backend: Backend, clock: FakeClock, tracer=None, **config: float) -> Invoker:
     breaker = BreakerConfig(**{"consecutive_failures": 5, "cooldown": 30, **config})  # type: ignore[arg-type]
     return Invoker(
@@ -227,6 +232,7 @@ async def test_open_breaker_fails_fast_without_calling_the_backend() -> None:
     assert (outcome.node_id, outcome.attempts, outcome.cost_nano_usd) == ("n6", 0, 0)
     assert dict(outcome.error.details) == {"tool": "flaky", "retry_after_seconds": "30.000"}
     assert invoker.breaker("flaky").state is BreakerState.OPEN
+    assert gauge("flaky") == 2  # trellis_tool_breaker_state: 2 = open
 
 
 async def test_after_the_cooldown_a_probe_runs_and_success_closes_it() -> None:
@@ -241,6 +247,7 @@ async def test_after_the_cooldown_a_probe_runs_and_success_closes_it() -> None:
     probe = await invoker.invoke(Call("flaky", {}))
     assert (probe.status, probe.attempts, backend.calls) == (SUCCEEDED, 1, 3)
     assert invoker.breaker("flaky").state is BreakerState.CLOSED
+    assert gauge("flaky") == 0
     for _ in range(3):
         assert (await invoker.invoke(Call("flaky", {}))).status == SUCCEEDED
     assert backend.calls == 6
