@@ -44,7 +44,6 @@ from trellis.runtime.errors import (
     InvalidArgument,
     NotFound,
 )
-from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import TOOL_CALLS, TOOL_DURATION
 from trellis_toolgateway.cache_keys import (
     args_fingerprint,
@@ -71,10 +70,7 @@ from trellis_toolgateway.registry import Entry, ToolLookup
 from trellis_toolgateway.result_cache import FailOpenCache, ResultCache
 from trellis_toolgateway.tools.base import Json
 
-log = get_logger(__name__)
-
 SUCCEEDED = common_pb2.NodeStatus.NODE_STATUS_SUCCEEDED
-FAILED = common_pb2.NodeStatus.NODE_STATUS_FAILED
 CacheMode = common_pb2.CacheMode
 NodeOutcome = common_pb2.NodeOutcome
 
