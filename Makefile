@@ -15,7 +15,7 @@ help:
 	@echo "make proto  - regenerate the committed Python stubs from protos/"
 	@echo "make lint   - buf lint, buf format, buf breaking (vs main), ruff"
 	@echo "make up     - start the five services as processes on their default ports"
-	@echo "make bench  - cache and single-flight figures into bench/results/latest.json"
+	@echo "make bench  - cache, single-flight and executor figures into bench/results/latest.json"
 
 $(INSTALLED): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,7 +49,12 @@ run: $(INSTALLED)
 up: $(INSTALLED)
 	$(VENV)/bin/trellis up
 
-bench: $(INSTALLED)
+# The benchmark-only extra (langgraph for the baseline, matplotlib for the Gantt chart).
+$(VENV)/.bench-installed: $(INSTALLED) pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	@touch $@
+
+bench: $(INSTALLED) $(VENV)/.bench-installed
 	$(PY) -m bench
 
 test: install

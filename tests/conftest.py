@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -154,3 +155,37 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+#: Where the PostgreSQL tests create their databases (CI runs a server there).
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TRELLIS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh, uniquely named PostgreSQL database for this test; dropped afterwards.
+
+    Fails (does not skip) when no server answers: the PostgreSQL backend is a supported
+    configuration, so its tests must not silently vanish from a run.
+    """
+    import asyncpg
+
+    name = f"trellis_test_{uuid.uuid4().hex}"
+    try:
+        admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as error:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL} ({error}); the run-store "
+            "tests need a server (set TRELLIS_TEST_POSTGRES_URL to point at another one)"
+        )
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+        yield f"{base}/{name}"
+    finally:
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()

@@ -7,7 +7,7 @@ one-line message instead of surfacing as wrong costs later.
 from pydantic import Field, FilePath, field_validator
 
 from trellis.runtime.settings import ServiceSettings
-from trellis.runtime.sqlite import DEFAULT_DATABASE_URL, validate_database_url
+from trellis.runtime.sqlite import DEFAULT_DATABASE_URL, require_sqlite_url
 from trellis_costs.prices import load_prices_file
 
 
@@ -22,7 +22,7 @@ class CostsSettings(ServiceSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, url: str) -> str:
-        return validate_database_url(url)
+        return require_sqlite_url(url, "cost-accounting")
 
     @field_validator("prices_file")
     @classmethod

@@ -1,4 +1,8 @@
-"""The run's event stream: each event is persisted, then queued for the client."""
+"""The run's event stream: each event is persisted, then queued for every subscriber.
+
+Usually one subscriber (the client that started the run); a second Run with the same
+run_id subscribes too and sees the events from then on (RunRequest.run_id idempotency).
+"""
 
 from __future__ import annotations
 
@@ -18,12 +22,32 @@ class RunEvents(SchedulerEvents):
 
     def __init__(self, run_id: str, store: RunStore) -> None:
         self.run_id = run_id
-        self.queue: asyncio.Queue[executor_pb2.RunResponse | None] = asyncio.Queue()
+        self._subscribers: list[asyncio.Queue[executor_pb2.RunResponse | None]] = []
         self._store = store
         self._seq = 0
+        self._ended = False
+
+    def subscribe(self) -> asyncio.Queue[executor_pb2.RunResponse | None]:
+        """A queue of the events from now on, ending with ``END`` (at once if already ended)."""
+        queue: asyncio.Queue[executor_pb2.RunResponse | None] = asyncio.Queue()
+        if self._ended:
+            queue.put_nowait(END)
+        else:
+            self._subscribers.append(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[executor_pb2.RunResponse | None]) -> None:
+        if queue in self._subscribers:
+            self._subscribers.remove(queue)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
 
     def _send(self, **event: object) -> None:
-        self.queue.put_nowait(executor_pb2.RunResponse(run_id=self.run_id, **event))  # type: ignore[arg-type]
+        response = executor_pb2.RunResponse(run_id=self.run_id, **event)  # type: ignore[arg-type]
+        for queue in self._subscribers:
+            queue.put_nowait(response)
 
     async def planned(self, call: common_pb2.ToolCall) -> None:
         self._seq += 1
@@ -43,4 +67,6 @@ class RunEvents(SchedulerEvents):
     async def run_finished(self, finished: executor_pb2.RunFinished) -> None:
         await self._store.finish(self.run_id, finished)
         self._send(finished=finished)
-        self.queue.put_nowait(END)
+        self._ended = True
+        for queue in self._subscribers:
+            queue.put_nowait(END)

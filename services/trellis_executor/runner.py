@@ -20,8 +20,9 @@ from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.planner.v1 import planner_pb2
 from trellis.runtime import context
-from trellis.runtime.convert import duration, seconds
+from trellis.runtime.convert import duration, seconds, timestamp_seconds
 from trellis.runtime.errors import (
+    AlreadyExists,
     FailedPrecondition,
     NotFound,
     ResourceExhausted,
@@ -87,6 +88,16 @@ class RunContext:
     started: float
 
 
+@dataclass(frozen=True)
+class ActiveRun:
+    """A run executing in this process, as a second Run with its id finds it."""
+
+    task: asyncio.Task[None]
+    events: RunEvents
+    trace_id: str
+    tenant_id: str
+
+
 class Runner:
     def __init__(
         self,
@@ -105,7 +116,7 @@ class Runner:
         self._tracer = tracer
         self._settings = settings
         self._process_slots = asyncio.Semaphore(settings.max_parallel_process)
-        self._active: dict[str, asyncio.Task[None]] = {}
+        self._active: dict[str, ActiveRun] = {}
         self._tools: dict[str, tuple[float, list[common_pb2.ToolSpec]]] = {}
 
     # -- public API ---------------------------------------------------------------------
@@ -113,8 +124,17 @@ class Runner:
     async def run(
         self, request: executor_pb2.RunRequest
     ) -> AsyncIterator[executor_pb2.RunResponse]:
-        """Start a run and stream its events until ``finished``."""
+        """Start a run and stream its events until ``finished``.
+
+        A client-chosen ``run_id`` is idempotent: when that run already exists, the
+        caller follows it (from now on if it is running here, replayed if finished)
+        instead of starting it twice, so a client can safely retry a dropped Run.
+        """
         run_id = request.run_id or uuid.uuid4().hex
+        if request.run_id and (existing := await self._existing(run_id)) is not None:
+            async for event in existing:
+                yield event
+            return
         span = self._tracer.start_span(
             "trellis.run",
             attributes={
@@ -130,24 +150,78 @@ class Runner:
                 span.record_exception(error)
                 span.set_status(trace.StatusCode.ERROR, str(error))
                 span.end()
-                raise
-            task = asyncio.create_task(self._execute(run, span), name=f"run:{run_id}")
-        self._active[run_id] = task
+                if not (isinstance(error, AlreadyExists) and request.run_id):
+                    raise
+                run = None  # a concurrent Run with this id created it first: follow that one
+            if run is not None:
+                queue = run.events.subscribe()
+                task = asyncio.create_task(self._execute(run, span), name=f"run:{run_id}")
+        if run is None:
+            existing = await self._existing(run_id)
+            if existing is None:  # pragma: no cover - created and then gone: cannot happen
+                raise AlreadyExists(f"run {run_id} exists", reason="RUN_EXISTS")
+            async for event in existing:
+                yield event
+            return
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        active = ActiveRun(task, run.events, trace_id, context.tenant())
+        self._active[run_id] = active
+        task.add_done_callback(lambda _: self._active.pop(run_id, None))
         try:
-            trace_id = format(span.get_span_context().trace_id, "032x")
             yield executor_pb2.RunResponse(
                 run_id=run_id, started=executor_pb2.RunStarted(trace_id=trace_id)
             )
-            while (event := await run.events.queue.get()) is not None:
+            while (event := await queue.get()) is not None:
                 yield event
             await asyncio.wait([task])
             if not task.cancelled() and task.exception():
                 raise task.exception()  # type: ignore[misc]
         finally:
-            if not task.done():  # the client went away: cancel everything under the run
-                task.cancel()
-                await asyncio.wait([task])
-            self._active.pop(run_id, None)
+            await self._leave(active, queue)
+
+    async def _existing(self, run_id: str) -> AsyncIterator[executor_pb2.RunResponse] | None:
+        """Events of the run ``run_id`` if it exists (None if not): attached or replayed."""
+        active = self._active.get(run_id)
+        if active is None:
+            stored = await self._store.get(run_id)
+            if stored is None:
+                return None
+            active = self._active.get(run_id)  # it may have started here during the await
+            if active is None:
+                _check_same_tenant(run_id, stored.tenant_id)
+                if stored.status == RunStatus.RUN_STATUS_RUNNING:
+                    raise FailedPrecondition(
+                        f"run {run_id} is running, but not in this executor",
+                        reason="RUN_NOT_ACTIVE",
+                        metadata={"run_id": run_id},
+                    )
+                return _replay(stored)
+        _check_same_tenant(run_id, active.tenant_id)
+        # subscribe now, before any await, so no event falls between check and stream
+        return self._attach(active, active.events.subscribe())
+
+    async def _attach(
+        self, active: ActiveRun, queue: asyncio.Queue[executor_pb2.RunResponse | None]
+    ) -> AsyncIterator[executor_pb2.RunResponse]:
+        """A second caller of a running run: ``started``, then its events from now on."""
+        try:
+            yield executor_pb2.RunResponse(
+                run_id=active.events.run_id,
+                started=executor_pb2.RunStarted(trace_id=active.trace_id),
+            )
+            while (event := await queue.get()) is not None:
+                yield event
+        finally:
+            await self._leave(active, queue)
+
+    async def _leave(
+        self, active: ActiveRun, queue: asyncio.Queue[executor_pb2.RunResponse | None]
+    ) -> None:
+        """A follower is gone; when it was the last one, cancel everything under the run."""
+        active.events.unsubscribe(queue)
+        if active.events.subscribers == 0 and not active.task.done():
+            active.task.cancel()
+            await asyncio.wait([active.task])
 
     async def get(self, run_id: str) -> executor_pb2.Run:
         run = await self._store.get(run_id)
@@ -157,15 +231,15 @@ class Runner:
 
     async def cancel(self, run_id: str) -> executor_pb2.RunStatus.ValueType:
         run = await self.get(run_id)
-        task = self._active.get(run_id)
-        if task is None:
+        active = self._active.get(run_id)
+        if active is None:
             if run.status == RunStatus.RUN_STATUS_RUNNING:
                 raise FailedPrecondition(
                     f"run {run_id} is not running in this executor", reason="RUN_NOT_ACTIVE"
                 )
             return run.status
-        task.cancel()
-        await asyncio.wait([task])
+        active.task.cancel()
+        await asyncio.wait([active.task])
         return RunStatus.RUN_STATUS_CANCELLED
 
     # -- one run --------------------------------------------------------------------------
@@ -336,6 +410,36 @@ class Runner:
             cached = (now, await self._gateway.list_tools())
             self._tools[tenant] = cached
         return cached[1]
+
+
+def _check_same_tenant(run_id: str, tenant_id: str) -> None:
+    """Another tenant's run id is taken, but its run is not theirs to follow."""
+    if tenant_id != context.tenant():
+        raise AlreadyExists(f"run {run_id} exists", reason="RUN_EXISTS")
+
+
+async def _replay(run: executor_pb2.Run) -> AsyncIterator[executor_pb2.RunResponse]:
+    """A finished run's stream from the store: ``started``, each outcome, ``finished``."""
+    yield executor_pb2.RunResponse(
+        run_id=run.run_id, started=executor_pb2.RunStarted(trace_id=run.trace_id)
+    )
+    for outcome in run.outcomes:
+        yield executor_pb2.RunResponse(
+            run_id=run.run_id, node_finished=executor_pb2.NodeFinished(outcome=outcome)
+        )
+    finished = executor_pb2.RunFinished(
+        status=run.status,
+        answer=run.answer,
+        usage=run.usage,
+        cost_nano_usd=run.cost_nano_usd,
+        cache_hits=run.cache_hits,
+        duration=duration(
+            max(0.0, timestamp_seconds(run.finished_at) - timestamp_seconds(run.created_at))
+        ),
+    )
+    if run.HasField("error"):
+        finished.error.CopyFrom(run.error)
+    yield executor_pb2.RunResponse(run_id=run.run_id, finished=finished)
 
 
 def _failed(code: str, message: str) -> executor_pb2.RunFinished:

@@ -14,14 +14,14 @@ from trellis.runtime.telemetry import Telemetry
 from trellis_executor.runner import Runner
 from trellis_executor.servicer import ExecutorServicer
 from trellis_executor.settings import ExecutorSettings
-from trellis_executor.store import RunStore
+from trellis_executor.store import open_store
 
 NAME = "executor"
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 
 
 async def build(settings: ExecutorSettings, telemetry: Telemetry, channels: Channels) -> Service:
-    store = await RunStore.open(settings.database_url)
+    store = await open_store(settings.database_url)
     timeout = settings.call_timeout_seconds
     runner = Runner(
         planner=PlannerClient(

@@ -2,14 +2,17 @@
 
 from pydantic import Field, field_validator
 
+from trellis.runtime.database import validate_database_url
 from trellis.runtime.settings import ServiceSettings
-from trellis.runtime.sqlite import DEFAULT_DATABASE_URL, validate_database_url
+from trellis.runtime.sqlite import DEFAULT_DATABASE_URL
 
 
 class ExecutorSettings(ServiceSettings):
     port: int = Field(50051, ge=0, le=65535)
     metrics_port: int = Field(9101, ge=0, le=65535)
-    database_url: str = Field(DEFAULT_DATABASE_URL, description="Run store (sqlite:///path).")
+    database_url: str = Field(
+        DEFAULT_DATABASE_URL, description="Run store: sqlite:///path or postgresql://user@host/db."
+    )
     max_parallel: int = Field(
         16, ge=1, le=1024, description="Default tool calls in flight per run."
     )

@@ -52,6 +52,7 @@ class Stack:
 async def start_stack(
     *,
     database_url: str = DEFAULT_DATABASE_URL,
+    costs_database_url: str | None = None,
     model_base_url: str | None = None,
     model_delay_ms: int = 0,
     span_processors: Sequence[SpanProcessor] = (),
@@ -59,6 +60,8 @@ async def start_stack(
 ) -> Stack:
     """Start the offline model (unless ``model_base_url`` is given) and the five services.
 
+    ``costs_database_url`` (default: ``database_url``) lets the executor use PostgreSQL
+    while the ledger, SQLite-only in this build, keeps a file.
     ``overrides`` are extra settings applied to every service (e.g. ``max_parallel``);
     ``span_processors`` see every service's spans (tests pass an in-memory exporter's).
     """
@@ -78,7 +81,8 @@ async def start_stack(
 
     try:
         await start("cache", CacheSettings, build_cache)
-        await start("costs", CostsSettings, build_costs, database_url=database_url)
+        costs_url = costs_database_url or database_url
+        await start("costs", CostsSettings, build_costs, database_url=costs_url)
         await start(
             "toolgateway",
             GatewaySettings,

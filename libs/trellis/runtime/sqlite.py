@@ -1,7 +1,8 @@
 """SQLite, the embedded default for stateful services (ledger, run store).
 
 ``TRELLIS_DATABASE_URL`` picks the store: ``sqlite:///relative/path.db``,
-``sqlite:////absolute/path.db`` or ``sqlite:///:memory:``. The connection uses WAL
+``sqlite:////absolute/path.db`` or ``sqlite:///:memory:`` (the run store also takes
+``postgresql://``, see ``trellis.runtime.database``). The connection uses WAL
 and a busy timeout so several processes (``trellis up``) can share one file.
 """
 
@@ -15,18 +16,19 @@ SQLITE_PREFIX = "sqlite:///"
 DEFAULT_DATABASE_URL = "sqlite:///.trellis/trellis.db"
 
 
-def validate_database_url(url: str) -> str:
-    """For settings validators: accept what this build can open, with a clear message."""
+def require_sqlite_url(url: str, service: str = "this service") -> str:
+    """For settings validators of SQLite-only stores (the ledger): a one-line refusal.
+
+    PostgreSQL URLs are valid elsewhere (the run store, see ``trellis.runtime.database``),
+    so the message names the service that cannot take them.
+    """
     if not url.startswith(SQLITE_PREFIX):
-        raise ValueError(
-            "only sqlite:///path URLs are supported by this build "
-            "(PostgreSQL arrives with the durable run store)"
-        )
+        raise ValueError(f"{service} supports sqlite:/// only in this build")
     return url
 
 
 def sqlite_path(url: str) -> str:
-    return validate_database_url(url)[len(SQLITE_PREFIX) :] or ":memory:"
+    return require_sqlite_url(url)[len(SQLITE_PREFIX) :] or ":memory:"
 
 
 async def connect(url: str) -> aiosqlite.Connection:

@@ -1,8 +1,7 @@
-"""Run state in SQLite: the request, each planned node, each outcome as it completes.
+"""The SQLite run store: the embedded default.
 
-Every write is committed before the matching event goes to the client, so what a
-client has seen is always in the store. Messages are stored as serialized protobuf:
-the contract types are the schema, no second mapping to keep in step.
+One connection per process; the event loop serializes its writes, and WAL plus a
+busy timeout (``trellis.runtime.sqlite.connect``) let several processes share a file.
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ import aiosqlite
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import sqlite
-from trellis.runtime.convert import timestamp
-from trellis.runtime.errors import AlreadyExists
+from trellis_executor.store.base import add_nodes, build_run, run_exists
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -44,14 +42,14 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-class RunStore:
-    """Async SQLite run store; one connection, writes serialized by the event loop."""
+class SqliteRunStore:
+    """Async SQLite run store; each method commits before it returns."""
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
 
     @classmethod
-    async def open(cls, url: str) -> RunStore:
+    async def open(cls, url: str) -> SqliteRunStore:
         db = await sqlite.connect(url)
         await db.executescript(SCHEMA)
         await db.commit()
@@ -78,7 +76,7 @@ class RunStore:
                 ),
             )
         except aiosqlite.IntegrityError:
-            raise AlreadyExists(f"run {run_id} exists", reason="RUN_EXISTS") from None
+            raise run_exists(run_id) from None
         await self._db.commit()
 
     async def add_node(self, run_id: str, seq: int, call: common_pb2.ToolCall) -> None:
@@ -103,7 +101,6 @@ class RunStore:
         await self._db.commit()
 
     async def get(self, run_id: str) -> executor_pb2.Run | None:
-        """The stored run, or None when there is no such run."""
         async with self._db.execute(
             "SELECT tenant_id, goal, status, trace_id, created_at, finished, finished_at"
             " FROM runs WHERE run_id = ?",
@@ -113,28 +110,18 @@ class RunStore:
         if row is None:
             return None
         tenant_id, goal, status, trace_id, created_at, finished_blob, finished_at = row
-        run = executor_pb2.Run(
-            run_id=run_id,
-            tenant_id=tenant_id,
-            goal=goal,
-            status=status,
-            trace_id=trace_id,
-            created_at=timestamp(datetime.fromisoformat(created_at)),
+        run = build_run(
+            run_id,
+            tenant_id,
+            goal,
+            status,
+            trace_id,
+            datetime.fromisoformat(created_at),
+            finished_blob,
+            datetime.fromisoformat(finished_at) if finished_at else None,
         )
-        if finished_blob:
-            finished = executor_pb2.RunFinished.FromString(finished_blob)
-            run.answer = finished.answer
-            run.usage.CopyFrom(finished.usage)
-            run.cost_nano_usd = finished.cost_nano_usd
-            run.cache_hits = finished.cache_hits
-            if finished.HasField("error"):
-                run.error.CopyFrom(finished.error)
-            run.finished_at.CopyFrom(timestamp(datetime.fromisoformat(finished_at)))
         async with self._db.execute(
             "SELECT call, outcome FROM run_nodes WHERE run_id = ? ORDER BY seq", (run_id,)
         ) as cursor:
-            async for call_blob, outcome_blob in cursor:
-                run.plan.append(common_pb2.ToolCall.FromString(call_blob))
-                if outcome_blob:
-                    run.outcomes.append(common_pb2.NodeOutcome.FromString(outcome_blob))
-        return run
+            rows = [(call, outcome) async for call, outcome in cursor]
+        return add_nodes(run, rows)

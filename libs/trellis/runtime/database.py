@@ -1,0 +1,25 @@
+"""Which database a ``TRELLIS_DATABASE_URL`` names, checked once at start-up.
+
+Settings validators call these so a URL the service cannot open stops it with a
+one-line message instead of failing on the first write. The run store speaks SQLite
+and PostgreSQL; the ledger only SQLite, so each service states what it accepts.
+"""
+
+from __future__ import annotations
+
+from trellis.runtime.sqlite import SQLITE_PREFIX
+
+POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(POSTGRES_PREFIXES)
+
+
+def validate_database_url(url: str) -> str:
+    """For settings validators of services with a PostgreSQL backend (the run store)."""
+    if not (url.startswith(SQLITE_PREFIX) or is_postgres(url)):
+        raise ValueError(
+            "database URL must be sqlite:///path or postgresql://user@host[:port]/dbname"
+        )
+    return url
