@@ -1,4 +1,5 @@
-"""The run's event stream: each event is persisted, then queued for every subscriber.
+"""The run's event stream: each event is persisted, then queued for every subscriber;
+and a finished run's stream replayed from the store.
 
 Usually one subscriber (the client that started the run); a second Run with the same
 run_id subscribes too and sees the events from then on (RunRequest.run_id idempotency).
@@ -7,9 +8,11 @@ run_id subscribes too and sees the events from then on (RunRequest.run_id idempo
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
+from trellis.runtime.convert import duration, timestamp_seconds
 from trellis_executor.scheduler import SchedulerEvents
 from trellis_executor.store import RunStore
 
@@ -70,3 +73,27 @@ class RunEvents(SchedulerEvents):
         self._ended = True
         for queue in self._subscribers:
             queue.put_nowait(END)
+
+
+async def replay(run: executor_pb2.Run) -> AsyncIterator[executor_pb2.RunResponse]:
+    """A finished run's stream from the store: ``started``, each outcome, ``finished``."""
+    yield executor_pb2.RunResponse(
+        run_id=run.run_id, started=executor_pb2.RunStarted(trace_id=run.trace_id)
+    )
+    for outcome in run.outcomes:
+        yield executor_pb2.RunResponse(
+            run_id=run.run_id, node_finished=executor_pb2.NodeFinished(outcome=outcome)
+        )
+    finished = executor_pb2.RunFinished(
+        status=run.status,
+        answer=run.answer,
+        usage=run.usage,
+        cost_nano_usd=run.cost_nano_usd,
+        cache_hits=run.cache_hits,
+        duration=duration(
+            max(0.0, timestamp_seconds(run.finished_at) - timestamp_seconds(run.created_at))
+        ),
+    )
+    if run.HasField("error"):
+        finished.error.CopyFrom(run.error)
+    yield executor_pb2.RunResponse(run_id=run.run_id, finished=finished)

@@ -20,7 +20,7 @@ from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.planner.v1 import planner_pb2
 from trellis.runtime import context
-from trellis.runtime.convert import duration, seconds, timestamp_seconds
+from trellis.runtime.convert import duration
 from trellis.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -32,7 +32,8 @@ from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import RUN_DURATION
 from trellis.toolgateway.v1 import toolgateway_pb2
 from trellis_executor import ports
-from trellis_executor.events import RunEvents
+from trellis_executor.events import RunEvents, replay
+from trellis_executor.limits import Limits
 from trellis_executor.plan import NodeChecker, order_explicit_plan
 from trellis_executor.scheduler import DagScheduler, ended
 from trellis_executor.settings import ExecutorSettings
@@ -41,39 +42,6 @@ from trellis_executor.usage import UsageTotals
 
 log = get_logger(__name__)
 RunStatus = executor_pb2.RunStatus
-
-
-@dataclass(frozen=True)
-class Limits:
-    """RunOptions with server defaults filled in and ceilings applied."""
-
-    max_parallel: int
-    max_nodes: int
-    max_replans: int
-    timeout: float
-    cache_mode: int
-    model: str
-
-    @classmethod
-    def of(cls, options: executor_pb2.RunOptions, settings: ExecutorSettings) -> Limits:
-        def pick(value: int, default: int, ceiling: int) -> int:
-            return min(value, ceiling) if value > 0 else default
-
-        return cls(
-            max_parallel=pick(
-                options.max_parallel, settings.max_parallel, settings.max_parallel_process
-            ),
-            max_nodes=pick(options.max_nodes, settings.max_nodes, settings.max_nodes),
-            max_replans=min(options.max_replans, settings.max_replans)
-            if options.max_replans > 0
-            else settings.max_replans,
-            timeout=min(
-                seconds(options.timeout) or settings.run_timeout_seconds,
-                settings.run_timeout_seconds,
-            ),
-            cache_mode=options.cache_mode,
-            model=options.model,
-        )
 
 
 @dataclass
@@ -195,7 +163,7 @@ class Runner:
                         reason="RUN_NOT_ACTIVE",
                         metadata={"run_id": run_id},
                     )
-                return _replay(stored)
+                return replay(stored)
         _check_same_tenant(run_id, active.tenant_id)
         # subscribe now, before any await, so no event falls between check and stream
         return self._attach(active, active.events.subscribe())
@@ -416,30 +384,6 @@ def _check_same_tenant(run_id: str, tenant_id: str) -> None:
     """Another tenant's run id is taken, but its run is not theirs to follow."""
     if tenant_id != context.tenant():
         raise AlreadyExists(f"run {run_id} exists", reason="RUN_EXISTS")
-
-
-async def _replay(run: executor_pb2.Run) -> AsyncIterator[executor_pb2.RunResponse]:
-    """A finished run's stream from the store: ``started``, each outcome, ``finished``."""
-    yield executor_pb2.RunResponse(
-        run_id=run.run_id, started=executor_pb2.RunStarted(trace_id=run.trace_id)
-    )
-    for outcome in run.outcomes:
-        yield executor_pb2.RunResponse(
-            run_id=run.run_id, node_finished=executor_pb2.NodeFinished(outcome=outcome)
-        )
-    finished = executor_pb2.RunFinished(
-        status=run.status,
-        answer=run.answer,
-        usage=run.usage,
-        cost_nano_usd=run.cost_nano_usd,
-        cache_hits=run.cache_hits,
-        duration=duration(
-            max(0.0, timestamp_seconds(run.finished_at) - timestamp_seconds(run.created_at))
-        ),
-    )
-    if run.HasField("error"):
-        finished.error.CopyFrom(run.error)
-    yield executor_pb2.RunResponse(run_id=run.run_id, finished=finished)
 
 
 def _failed(code: str, message: str) -> executor_pb2.RunFinished:
