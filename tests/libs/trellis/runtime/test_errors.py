@@ -1,5 +1,7 @@
 """Error mapping both ways: domain exception -> status with details -> same exception."""
 
+from types import SimpleNamespace
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -49,13 +51,13 @@ def test_status_carries_standard_google_rpc_details() -> None:
 
 
 def test_plain_grpc_error_maps_by_code() -> None:
-    plain = FakeRpcError(grpc.Status())
-    plain._status = type(
-        "S", (), {"code": grpc.StatusCode.UNAVAILABLE, "details": "down", "trailing_metadata": ()}
-    )()
+    # A status without rich details (e.g. from a non-Trellis server) maps by its code alone.
+    plain = FakeRpcError(
+        SimpleNamespace(code=grpc.StatusCode.UNAVAILABLE, details="down", trailing_metadata=())
+    )
     error = errors.from_rpc_error(plain)
     assert isinstance(error, errors.Unavailable)
-    assert error.reason == "UNAVAILABLE" and error.retryable
+    assert (error.reason, error.message, error.retryable) == ("UNAVAILABLE", "down", True)
 
 
 def test_translated_rpc_errors_raises_domain_exception() -> None:
