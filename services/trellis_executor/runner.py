@@ -4,6 +4,12 @@ The public entry is ``Runner.run``, an async iterator of RunResponse events. The
 run's work happens in its own task (so a client that goes away, or CancelRun,
 cancels everything under it) inside a ``trellis.run`` span and a request scope
 whose deadline bounds every onward call.
+
+Durability: a run is owned through a lease in the store (``leases.py``). A replica
+resumes runs whose owner died, and its own runs after a restart, from the stored
+plan, outcomes and progress: completed nodes are not run again, the others run
+with the same idempotency key. Run (same run_id) and ResumeRun attach to a run
+executing here, resume it if nobody holds it, or follow it in the store.
 """
 
 from __future__ import annotations
@@ -12,36 +18,45 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.planner.v1 import planner_pb2
 from trellis.runtime import context
-from trellis.runtime.convert import duration
+from trellis.runtime.convert import duration, timestamp_seconds
 from trellis.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     ResourceExhausted,
     TrellisError,
+    Unavailable,
 )
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import RUN_DURATION
 from trellis.toolgateway.v1 import toolgateway_pb2
 from trellis_executor import ports
-from trellis_executor.events import RunEvents, replay
+from trellis_executor.events import Queue, RunEvents
+from trellis_executor.follow import StoredEvents, follow_stored
+from trellis_executor.leases import LeaseKeeper
 from trellis_executor.limits import Limits
 from trellis_executor.plan import NodeChecker, order_explicit_plan
 from trellis_executor.scheduler import DagScheduler, ended
 from trellis_executor.settings import ExecutorSettings
-from trellis_executor.store import RunStore
+from trellis_executor.store import Progress, RunStore
 from trellis_executor.usage import UsageTotals
 
 log = get_logger(__name__)
 RunStatus = executor_pb2.RunStatus
+
+#: How often a follower of a run executing on another replica reads the store.
+FOLLOW_POLL_SECONDS = 0.2
 
 
 @dataclass
@@ -54,6 +69,10 @@ class RunContext:
     tools: list[common_pb2.ToolSpec]
     events: RunEvents
     started: float
+    progress: Progress = field(default_factory=Progress)
+    #: The stored run this replica resumes (None for a run started here).
+    restored: executor_pb2.Run | None = None
+    resumes: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,8 @@ class ActiveRun:
     events: RunEvents
     trace_id: str
     tenant_id: str
+    #: Resumed here with no client of its own: followers leaving do not cancel it.
+    detached: bool = False
 
 
 class Runner:
@@ -85,7 +106,41 @@ class Runner:
         self._settings = settings
         self._process_slots = asyncio.Semaphore(settings.max_parallel_process)
         self._active: dict[str, ActiveRun] = {}
+        #: Runs being created or resumed here: not in ``_active`` yet, not claimable.
+        self._starting: set[str] = set()
         self._tools: dict[str, tuple[float, list[common_pb2.ToolSpec]]] = {}
+        self._leases = LeaseKeeper(
+            store,
+            interval=settings.lease_seconds / 3,
+            held=self._active.keys,
+            lost=self._lose,
+            resume=self._resume,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume this replica's unfinished runs; keep leases from now on."""
+        await self._leases.start()
+
+    async def drain(self, grace: float) -> None:
+        """The server stops: runs get ``grace`` seconds to finish, the rest go to peers.
+
+        A handed-over run is not marked CANCELLED: its lease is released so another
+        replica resumes it at once, and its clients are told to follow it there.
+        """
+        tasks = [active.task for active in self._active.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        await self._leases.stop()
+        left = [active for active in self._active.values() if not active.task.done()]
+        for active in left:
+            active.events.lose()
+            active.task.cancel()
+        if left:
+            await asyncio.wait([active.task for active in left])
+            await self._store.release([active.events.run_id for active in left])
+            log.info("runs handed over", runs=len(left))
 
     # -- public API ---------------------------------------------------------------------
 
@@ -95,8 +150,9 @@ class Runner:
         """Start a run and stream its events until ``finished``.
 
         A client-chosen ``run_id`` is idempotent: when that run already exists, the
-        caller follows it (from now on if it is running here, replayed if finished)
-        instead of starting it twice, so a client can safely retry a dropped Run.
+        caller follows it (attached if it runs here, from the store if elsewhere,
+        replayed if finished) instead of starting it twice, so a client can safely
+        retry a dropped Run.
         """
         run_id = request.run_id or uuid.uuid4().hex
         if request.run_id and (existing := await self._existing(run_id)) is not None:
@@ -111,90 +167,47 @@ class Runner:
                 "gen_ai.operation.name": "invoke_agent",
             },
         )
-        with trace.use_span(span, end_on_exit=False, record_exception=False):
-            try:
-                run = await self._prepare(run_id, request, span)
-            except BaseException as error:
-                span.record_exception(error)
-                span.set_status(trace.StatusCode.ERROR, str(error))
-                span.end()
-                if not (isinstance(error, AlreadyExists) and request.run_id):
-                    raise
-                run = None  # a concurrent Run with this id created it first: follow that one
-            if run is not None:
-                queue = run.events.subscribe()
-                task = asyncio.create_task(self._execute(run, span), name=f"run:{run_id}")
-        if run is None:
+        active = None
+        self._starting.add(run_id)
+        try:
+            with trace.use_span(span, end_on_exit=False, record_exception=False):
+                try:
+                    run = await self._prepare(run_id, request, span)
+                except BaseException as error:
+                    span.record_exception(error)
+                    span.set_status(trace.StatusCode.ERROR, str(error))
+                    span.end()
+                    if not (isinstance(error, AlreadyExists) and request.run_id):
+                        raise
+                else:
+                    active = self._launch(run, span)
+        finally:
+            self._starting.discard(run_id)
+        if active is None:  # a concurrent Run with this id created it first: follow that one
             existing = await self._existing(run_id)
             if existing is None:  # pragma: no cover - created and then gone: cannot happen
                 raise AlreadyExists(f"run {run_id} exists", reason="RUN_EXISTS")
             async for event in existing:
                 yield event
             return
-        trace_id = format(span.get_span_context().trace_id, "032x")
-        active = ActiveRun(task, run.events, trace_id, context.tenant())
-        self._active[run_id] = active
-        task.add_done_callback(lambda _: self._active.pop(run_id, None))
-        try:
-            yield executor_pb2.RunResponse(
-                run_id=run_id, started=executor_pb2.RunStarted(trace_id=trace_id)
-            )
-            while (event := await queue.get()) is not None:
-                yield event
-            await asyncio.wait([task])
-            if not task.cancelled() and task.exception():
-                raise task.exception()  # type: ignore[misc]
-        finally:
-            await self._leave(active, queue)
+        async for event in self._stream(active, active.events.subscribe()):
+            yield event
 
-    async def _existing(self, run_id: str) -> AsyncIterator[executor_pb2.RunResponse] | None:
-        """Events of the run ``run_id`` if it exists (None if not): attached or replayed."""
-        active = self._active.get(run_id)
-        if active is None:
-            stored = await self._store.get(run_id)
-            if stored is None:
-                return None
-            active = self._active.get(run_id)  # it may have started here during the await
-            if active is None:
-                _check_same_tenant(run_id, stored.tenant_id)
-                if stored.status == RunStatus.RUN_STATUS_RUNNING:
-                    raise FailedPrecondition(
-                        f"run {run_id} is running, but not in this executor",
-                        reason="RUN_NOT_ACTIVE",
-                        metadata={"run_id": run_id},
-                    )
-                return replay(stored)
-        _check_same_tenant(run_id, active.tenant_id)
-        # subscribe now, before any await, so no event falls between check and stream
-        return self._attach(active, active.events.subscribe())
-
-    async def _attach(
-        self, active: ActiveRun, queue: asyncio.Queue[executor_pb2.RunResponse | None]
-    ) -> AsyncIterator[executor_pb2.RunResponse]:
-        """A second caller of a running run: ``started``, then its events from now on."""
-        try:
-            yield executor_pb2.RunResponse(
-                run_id=active.events.run_id,
-                started=executor_pb2.RunStarted(trace_id=active.trace_id),
-            )
-            while (event := await queue.get()) is not None:
-                yield event
-        finally:
-            await self._leave(active, queue)
-
-    async def _leave(
-        self, active: ActiveRun, queue: asyncio.Queue[executor_pb2.RunResponse | None]
-    ) -> None:
-        """A follower is gone; when it was the last one, cancel everything under the run."""
-        active.events.unsubscribe(queue)
-        if active.events.subscribers == 0 and not active.task.done():
-            active.task.cancel()
-            await asyncio.wait([active.task])
+    async def resume(self, run_id: str) -> AsyncIterator[executor_pb2.RunResponse]:
+        """ResumeRun: the run's events, continuing it here if no live replica owns it."""
+        stored = await self._store.get(run_id)
+        if stored is None or stored.tenant_id != context.tenant():
+            raise _not_found(run_id)
+        existing = await self._existing(run_id)
+        if existing is None:  # pragma: no cover - stored runs are never deleted
+            raise _not_found(run_id)
+        async for event in existing:
+            yield event
 
     async def get(self, run_id: str) -> executor_pb2.Run:
         run = await self._store.get(run_id)
         if run is None or run.tenant_id != context.tenant():
-            raise NotFound(f"no run {run_id}", reason="RUN_NOT_FOUND", metadata={"run_id": run_id})
+            raise _not_found(run_id)
         return run
 
     async def cancel(self, run_id: str) -> executor_pb2.RunStatus.ValueType:
@@ -209,6 +222,133 @@ class Runner:
         active.task.cancel()
         await asyncio.wait([active.task])
         return RunStatus.RUN_STATUS_CANCELLED
+
+    # -- following a run ----------------------------------------------------------------
+
+    async def _existing(self, run_id: str) -> AsyncIterator[executor_pb2.RunResponse] | None:
+        """Events of the run ``run_id`` if it exists (None if not): attached to it here,
+        resumed here when no live replica holds its lease, else followed in the store."""
+        active = self._active.get(run_id)
+        if active is None:
+            stored = await self._store.get(run_id)
+            if stored is None:
+                return None
+            _check_same_tenant(run_id, stored.tenant_id)
+            if (
+                stored.status == RunStatus.RUN_STATUS_RUNNING
+                and run_id not in self._active
+                and run_id not in self._starting
+                and await self._store.claim(limit=1, run_id=run_id, own=True)
+            ):
+                await self._resume(run_id)
+            active = self._active.get(run_id)
+            if active is None:
+                return follow_stored(self._store, stored, poll_seconds=FOLLOW_POLL_SECONDS)
+        _check_same_tenant(run_id, active.tenant_id)
+        # subscribe now, before any await, so no event falls between check and stream
+        return self._stream(active, active.events.subscribe())
+
+    async def _stream(
+        self, active: ActiveRun, queue: Queue
+    ) -> AsyncIterator[executor_pb2.RunResponse]:
+        """``started``, the run's events so far and as they come, then how it ended."""
+        try:
+            yield executor_pb2.RunResponse(
+                run_id=active.events.run_id,
+                started=executor_pb2.RunStarted(trace_id=active.trace_id),
+            )
+            while (event := await queue.get()) is not None:
+                yield event
+            if active.events.lost:
+                raise Unavailable(
+                    f"run {active.events.run_id} continues on another executor;"
+                    " ResumeRun follows it there",
+                    reason="RUN_MOVED",
+                    metadata={"run_id": active.events.run_id},
+                )
+            if active.events.rejection is not None:
+                raise active.events.rejection
+            await asyncio.wait([active.task])
+            if not active.task.cancelled() and active.task.exception():
+                raise active.task.exception()  # type: ignore[misc]
+        finally:
+            await self._leave(active, queue)
+
+    async def _leave(self, active: ActiveRun, queue: Queue) -> None:
+        """A follower is gone; when it was the last one, cancel everything under the run."""
+        active.events.unsubscribe(queue)
+        if active.events.subscribers == 0 and not active.detached and not active.task.done():
+            active.task.cancel()
+            await asyncio.wait([active.task])
+
+    # -- starting, resuming and losing runs ---------------------------------------------
+
+    def _launch(self, run: RunContext, span: trace.Span, *, detached: bool = False) -> ActiveRun:
+        task = asyncio.create_task(self._execute(run, span), name=f"run:{run.run_id}")
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        active = ActiveRun(task, run.events, trace_id, context.tenant(), detached)
+        self._active[run.run_id] = active
+
+        def gone(_: object) -> None:
+            if self._active.get(run.run_id) is active:
+                del self._active[run.run_id]
+
+        task.add_done_callback(gone)
+        return active
+
+    async def _resume(self, run_id: str) -> None:
+        """Continue a run this replica has just claimed, in the background."""
+        if run_id in self._active or run_id in self._starting:
+            return  # already ours and running (the claim only renewed its lease)
+        self._starting.add(run_id)
+        try:
+            stored = await self._store.get(run_id)
+            saved = await self._store.load(run_id)
+            if stored is None or saved is None or stored.status != RunStatus.RUN_STATUS_RUNNING:
+                return
+            with context.request_scope(tenant_id=stored.tenant_id):
+                span = self._tracer.start_span(
+                    "trellis.run",
+                    context=_run_trace(stored.trace_id, saved.span_id),
+                    attributes={
+                        "trellis.run_id": run_id,
+                        "trellis.tenant_id": stored.tenant_id,
+                        "trellis.resumes": saved.resumes,
+                        "gen_ai.operation.name": "invoke_agent",
+                    },
+                )
+                limits = Limits.of(saved.request.options, self._settings)
+                elapsed = max(0.0, time.time() - timestamp_seconds(stored.created_at))
+                done = {outcome.node_id for outcome in stored.outcomes}
+                events = RunEvents(
+                    run_id,
+                    self._store,
+                    history=StoredEvents().new(stored),
+                    retried=[c.node_id for c in stored.plan if c.node_id not in done],
+                )
+                run = RunContext(
+                    run_id,
+                    saved.request,
+                    replace(limits, timeout=max(limits.timeout - elapsed, 0.001)),
+                    await self._catalog(),
+                    events,
+                    time.monotonic() - elapsed,
+                    saved.progress,
+                    stored,
+                    saved.resumes,
+                )
+                self._launch(run, span, detached=True)
+        finally:
+            self._starting.discard(run_id)
+
+    def _lose(self, run_id: str) -> None:
+        """Another replica took the run over: stop it here without writing anything."""
+        active = self._active.get(run_id)
+        if active is None or active.events.ended:
+            return
+        log.warning("run taken over by another executor", run_id=run_id)
+        active.events.lose()
+        active.task.cancel()
 
     # -- one run --------------------------------------------------------------------------
 
@@ -227,36 +367,60 @@ class Runner:
                 reason="BUDGET_EXCEEDED",
                 metadata={"limit_nano_usd": str(budget.daily_limit_nano_usd)},
             )
-        trace_id = format(span.get_span_context().trace_id, "032x")
-        await self._store.create(run_id, context.tenant(), request, trace_id)
+        span_context = span.get_span_context()
+        await self._store.create(
+            run_id,
+            context.tenant(),
+            request,
+            format(span_context.trace_id, "032x"),
+            format(span_context.span_id, "016x"),
+        )
         return RunContext(
             run_id, request, limits, tools, RunEvents(run_id, self._store), time.monotonic()
         )
 
     async def _execute(self, run: RunContext, span: trace.Span) -> None:
-        """The run's task: always ends with a persisted ``finished`` event."""
+        """The run's task: ends with a persisted ``finished`` event, unless the run moved
+        to another replica (then nothing more is written from here)."""
         with trace.use_span(span, end_on_exit=True, record_exception=False):
             try:
-                with context.request_scope(timeout=run.limits.timeout):
-                    async with asyncio.timeout(run.limits.timeout):
-                        finished = await self._plan_dispatch_join(run)
-            except TimeoutError:
-                finished = _failed(
+                try:
+                    finished = await self._outcome(run)
+                except asyncio.CancelledError:
+                    if not run.events.lost:
+                        cancelled = executor_pb2.RunFinished(
+                            status=RunStatus.RUN_STATUS_CANCELLED,
+                            error=common_pb2.Error(code="CANCELLED", message="run cancelled"),
+                        )
+                        await asyncio.shield(self._finish(run, cancelled, span))
+                    raise
+                if finished is None:
+                    span.set_attribute("trellis.run_status", "moved")
+                else:
+                    await self._finish(run, finished, span)
+            finally:
+                run.events.close()
+
+    async def _outcome(self, run: RunContext) -> executor_pb2.RunFinished | None:
+        """How the run ended (None: it moved to another replica)."""
+        try:
+            with context.request_scope(timeout=run.limits.timeout):
+                async with asyncio.timeout(run.limits.timeout):
+                    return await self._plan_dispatch_join(run)
+        except Exception as raised:
+            if run.events.lost:
+                return None
+            error = _primary(raised)
+            if isinstance(error, TimeoutError):
+                return _failed(
                     "DEADLINE_EXCEEDED", f"run exceeded its deadline of {run.limits.timeout:g}s"
                 )
-            except TrellisError as error:
-                finished = _failed(error.reason, error.message)
-            except asyncio.CancelledError:
-                finished = executor_pb2.RunFinished(
-                    status=RunStatus.RUN_STATUS_CANCELLED,
-                    error=common_pb2.Error(code="CANCELLED", message="run cancelled"),
-                )
-                await asyncio.shield(self._finish(run, finished, span))
-                raise
-            except Exception as error:
-                log.exception("run failed", run_id=run.run_id)
-                finished = _failed("INTERNAL", f"internal error ({type(error).__name__})")
-            await self._finish(run, finished, span)
+            if isinstance(error, TrellisError):
+                if isinstance(error, InvalidArgument):
+                    run.events.rejection = error  # the caller gets it as the call's status
+                return _failed(error.reason, error.message)
+            log.exception("run failed", run_id=run.run_id)
+            return _failed("INTERNAL", f"internal error ({type(error).__name__})")
 
     async def _finish(
         self, run: RunContext, finished: executor_pb2.RunFinished, span: trace.Span
@@ -272,26 +436,39 @@ class Runner:
 
     async def _plan_dispatch_join(self, run: RunContext) -> executor_pb2.RunFinished:
         usage = UsageTotals(run.limits.model)
+        usage.add(run.progress.usage)
         scheduler = DagScheduler(
             lambda call: self._invoke(run, call),
             run.events,
             max_parallel=run.limits.max_parallel,
             process_slots=self._process_slots,
         )
+        if run.restored is not None:
+            await scheduler.resume(run.restored.plan, run.restored.outcomes)
         tool_names = [t.name for t in run.tools]
         if run.request.plan:  # explicit plan: no planner, no join
             ordered = [call for _, call in order_explicit_plan(run.request.plan)]
-            await scheduler.run(_aiter(ordered), NodeChecker(tool_names, run.limits.max_nodes))
-            return self._succeeded(scheduler, usage, answer="")
-        answer, reason = "", ""
-        for round_ in range(run.limits.max_replans + 1):
+            rest = [call for call in ordered if call.node_id not in scheduler.calls]
             checker = NodeChecker(tool_names, run.limits.max_nodes, seen=scheduler.calls)
-            await scheduler.run(self._plan(run, scheduler, usage, round_, reason), checker)
+            await scheduler.run(_aiter(rest), checker)
+            return self._succeeded(scheduler, usage, answer="")
+        progress = run.progress
+        while True:
+            round_ = progress.round
+            # A resumed round whose plan had begun streaming keeps the nodes it stored
+            # as its plan; the join sees their outcomes and may ask for another round.
+            if not progress.joining and len(scheduler.calls) == progress.round_start:
+                checker = NodeChecker(tool_names, run.limits.max_nodes, seen=scheduler.calls)
+                plan = self._plan(run, scheduler, usage, round_, progress.replan_reason)
+                await scheduler.run(plan, checker)
+            progress = replace(progress, joining=True, usage=usage.total())
+            await run.events.progress(progress)
             decision, answer, reason = await self._join(run, scheduler, usage, round_)
-            if decision != planner_pb2.JOIN_DECISION_REPLAN:
-                break
+            if decision != planner_pb2.JOIN_DECISION_REPLAN or round_ >= run.limits.max_replans:
+                return self._succeeded(scheduler, usage, answer)
             log.info("replanning", run_id=run.run_id, round=round_ + 1, reason=reason)
-        return self._succeeded(scheduler, usage, answer)
+            progress = Progress(round_ + 1, False, len(scheduler.calls), reason, usage.total())
+            await run.events.progress(progress)
 
     async def _plan(
         self,
@@ -311,6 +488,7 @@ class Runner:
             previous_plan=list(scheduler.calls.values()),
             previous_outcomes=list(scheduler.outcomes.values()),
             replan_reason=replan_reason,
+            attempt=run.resumes,
         )
         async for response in self._planner.plan(request):
             if response.HasField("node"):
@@ -329,6 +507,7 @@ class Runner:
             model=run.limits.model,
             round=round_,
             allow_replan=round_ < run.limits.max_replans,
+            attempt=run.resumes,
         )
         parts: list[str] = []
         decision, reason = planner_pb2.JOIN_DECISION_FINISH, ""
@@ -378,6 +557,32 @@ class Runner:
             cached = (now, await self._gateway.list_tools())
             self._tools[tenant] = cached
         return cached[1]
+
+
+def _not_found(run_id: str) -> NotFound:
+    return NotFound(f"no run {run_id}", reason="RUN_NOT_FOUND", metadata={"run_id": run_id})
+
+
+def _primary(error: BaseException) -> BaseException:
+    """The error that ended a run: the Trellis error inside a task group's, if any."""
+    while isinstance(error, BaseExceptionGroup):
+        trellis = error.subgroup(TrellisError)
+        error = (trellis or error).exceptions[0]
+    return error
+
+
+def _run_trace(trace_id: str, span_id: str) -> Context | None:
+    """Context whose parent is the run's original root span: a resumed run stays in
+    the run's one trace (None, a new trace, when the store has no span id)."""
+    if not trace_id or not span_id:
+        return None
+    parent = SpanContext(
+        int(trace_id, 16),
+        int(span_id, 16),
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+    return trace.set_span_in_context(NonRecordingSpan(parent))
 
 
 def _check_same_tenant(run_id: str, tenant_id: str) -> None:

@@ -9,7 +9,7 @@ bounded per run (and per process through a shared semaphore).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from trellis.common.v1 import common_pb2
@@ -76,9 +76,28 @@ class DagScheduler:
                 await self._admit(call)
         self._group = None
 
-    async def _admit(self, call: common_pb2.ToolCall) -> None:
+    async def resume(
+        self, plan: Iterable[common_pb2.ToolCall], outcomes: Iterable[common_pb2.NodeOutcome]
+    ) -> None:
+        """Continue a stored run: nodes with an outcome are done and are not run again;
+        the others (in flight when the run stopped, or not started) run now, and this
+        returns when every one of them has an outcome. ``plan`` is in planning order."""
+        done = {outcome.node_id: outcome for outcome in outcomes}
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            for call in plan:
+                outcome = done.get(call.node_id)
+                if outcome is None:
+                    await self._admit(call, announce=False)
+                else:
+                    self.calls[call.node_id] = call
+                    self._remember(outcome)
+        self._group = None
+
+    async def _admit(self, call: common_pb2.ToolCall, *, announce: bool = True) -> None:
         self.calls[call.node_id] = call
-        await self._events.planned(call)
+        if announce:
+            await self._events.planned(call)
         pending = {d for d in call.depends_on if d not in self.outcomes}
         failed = [d for d in call.depends_on if self._failed(d)]
         for dep in pending:
@@ -127,10 +146,13 @@ class DagScheduler:
                     raise
         await self._complete(outcome)
 
-    async def _record(self, outcome: common_pb2.NodeOutcome) -> None:
+    def _remember(self, outcome: common_pb2.NodeOutcome) -> None:
         self.outcomes[outcome.node_id] = outcome
         if outcome.status == Status.NODE_STATUS_SUCCEEDED:
             self._outputs[outcome.node_id] = from_value(outcome.output)
+
+    async def _record(self, outcome: common_pb2.NodeOutcome) -> None:
+        self._remember(outcome)
         await self._events.finished(outcome)
 
     async def _complete(self, outcome: common_pb2.NodeOutcome) -> None:

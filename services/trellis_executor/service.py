@@ -21,7 +21,9 @@ SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_
 
 
 async def build(settings: ExecutorSettings, telemetry: Telemetry, channels: Channels) -> Service:
-    store = await open_store(settings.database_url)
+    store = await open_store(
+        settings.database_url, owner=settings.owner, lease_seconds=settings.lease_seconds
+    )
     timeout = settings.call_timeout_seconds
     runner = Runner(
         planner=PlannerClient(
@@ -33,9 +35,10 @@ async def build(settings: ExecutorSettings, telemetry: Telemetry, channels: Chan
         tracer=telemetry.tracer,
         settings=settings,
     )
+    await runner.start()
     servicer = ExecutorServicer(runner)
 
     def register(server: aio.Server) -> None:
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(servicer, server)
 
-    return Service(NAME, [SERVICE_NAME], register, aclose=store.close)
+    return Service(NAME, [SERVICE_NAME], register, drain=runner.drain, aclose=store.close)

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from grpc import aio
 
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
-from trellis.runtime.errors import FieldViolation, InvalidArgument, Unimplemented
+from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis_executor.runner import Runner
 
 
@@ -41,7 +41,11 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def ResumeRun(
         self, request: executor_pb2.ResumeRunRequest, context: aio.ServicerContext
     ) -> AsyncIterator[executor_pb2.RunResponse]:
-        raise Unimplemented(
-            "ResumeRun arrives with the durable executor", reason="RESUME_NOT_AVAILABLE"
-        )
-        yield  # pragma: no cover - makes this an async generator like Run
+        if not request.run_id:
+            raise InvalidArgument(
+                "ResumeRun needs the run_id of the run to continue",
+                reason="RUN_ID_REQUIRED",
+                violations=[FieldViolation("run_id", "required")],
+            )
+        async for event in self._runner.resume(request.run_id):
+            yield event

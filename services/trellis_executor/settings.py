@@ -1,5 +1,7 @@
 """Settings of the executor (TRELLIS_* variables)."""
 
+import socket
+
 from pydantic import Field, field_validator
 
 from trellis.runtime.database import validate_database_url
@@ -21,6 +23,21 @@ class ExecutorSettings(ServiceSettings):
     max_replans: int = Field(1, ge=0, le=10, description="Default replanning rounds.")
     run_timeout_seconds: float = Field(300.0, gt=0, description="Default bound of a whole run.")
     tools_cache_seconds: float = Field(30.0, ge=0, description="How long ListTools is reused.")
+    instance_id: str = Field(
+        "",
+        description="Owner name of this replica's runs (empty = host name); replicas sharing"
+        " a database need distinct ones, and a restart with the same one resumes its runs.",
+    )
+    lease_seconds: float = Field(
+        15.0,
+        ge=0.5,
+        description="A run whose owner has not renewed its lease for this long is taken"
+        " over by another replica; leases are renewed every third of it.",
+    )
+
+    @property
+    def owner(self) -> str:
+        return self.instance_id or socket.gethostname()
 
     @field_validator("database_url")
     @classmethod

@@ -91,9 +91,9 @@ class Planner:
                     ) from error
         except Exception:
             if call.opened:
-                await self._record(call, request.run_id, PLAN, request.round)
+                await self._record(call, request, PLAN)
             raise
-        yield PlanEnd(await self._record(call, request.run_id, PLAN, request.round))
+        yield PlanEnd(await self._record(call, request, PLAN))
 
     async def join(self, request: planner_pb2.JoinRequest) -> AsyncIterator[str | JoinEnd]:
         _require_goal(request.goal)
@@ -113,13 +113,13 @@ class Planner:
                     yield piece
         except Exception:
             if call.opened:
-                await self._record(call, request.run_id, JOIN, request.round)
+                await self._record(call, request, JOIN)
             raise
-        usage = await self._record(call, request.run_id, JOIN, request.round)
+        usage = await self._record(call, request, JOIN)
         yield JoinEnd(gate.replan, gate.reason, usage)
 
     async def _record(
-        self, call: ChatCall, run_id: str, step: str, round_: int
+        self, call: ChatCall, request: planner_pb2.PlanRequest | planner_pb2.JoinRequest, step: str
     ) -> common_pb2.Usage:
         result = call.result
         usage = common_pb2.Usage(
@@ -130,8 +130,8 @@ class Planner:
         )
         usage.cost_nano_usd = await usage_mod.record(
             self._recorder,
-            usage_id=usage_mod.usage_id(run_id, step, round_),
-            run_id=run_id,
+            usage_id=usage_mod.usage_id(request.run_id, step, request.round, request.attempt),
+            run_id=request.run_id,
             usage=usage,
             estimated=result.estimated,
         )

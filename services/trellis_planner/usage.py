@@ -28,9 +28,12 @@ class UsageRecorder(Protocol):
     ) -> costs_pb2.RecordUsageResponse: ...
 
 
-def usage_id(run_id: str, step: str, round_: int) -> str:
-    """``{run_id}/{step}/{round}``; a fresh uuid for calls outside a run."""
-    return f"{run_id}/{step}/{round_}" if run_id else str(uuid.uuid4())
+def usage_id(run_id: str, step: str, round_: int, attempt: int = 0) -> str:
+    """``{run_id}/{step}/{round}`` (``/{attempt}`` on a resumed run); a fresh uuid for
+    calls outside a run."""
+    if not run_id:
+        return str(uuid.uuid4())
+    return f"{run_id}/{step}/{round_}" + (f"/{attempt}" if attempt else "")
 
 
 async def record(

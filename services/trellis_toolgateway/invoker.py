@@ -44,6 +44,7 @@ from trellis.runtime.errors import (
     InvalidArgument,
     NotFound,
 )
+from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import TOOL_CALLS, TOOL_DURATION
 from trellis_toolgateway.cache_keys import (
     args_fingerprint,
@@ -69,6 +70,8 @@ from trellis_toolgateway.policy.singleflight import SingleFlight
 from trellis_toolgateway.registry import Entry, ToolLookup
 from trellis_toolgateway.result_cache import FailOpenCache, ResultCache
 from trellis_toolgateway.tools.base import Json
+
+log = get_logger(__name__)
 
 SUCCEEDED = common_pb2.NodeStatus.NODE_STATUS_SUCCEEDED
 CacheMode = common_pb2.CacheMode
@@ -100,6 +103,12 @@ def _stamp(outcome: NodeOutcome, node_id: str, started_at: timestamp_pb2.Timesta
     outcome.node_id = node_id
     outcome.started_at.CopyFrom(started_at)
     outcome.finished_at.CopyFrom(timestamp())
+
+
+def _log_orphan_failure(run: asyncio.Task[NodeOutcome]) -> None:
+    """Done callback of a run whose caller left: nobody else will see its error."""
+    if not run.cancelled() and (error := run.exception()) is not None:
+        log.error("idempotent tool run failed after its caller left", exc_info=error)
 
 
 class Invoker:
@@ -141,6 +150,8 @@ class Invoker:
         self._idempotency = idempotency or MemoryIdempotencyStore(clock=clock)
         self._idempotency_ttl = idempotency_ttl
         self._flights: SingleFlight[tuple[NodeOutcome, str, bool]] = SingleFlight()
+        # Idempotent runs outliving their cancelled caller; held so they are not GC'd.
+        self._background: set[asyncio.Task[NodeOutcome]] = set()
 
     def breaker(self, tool: str) -> CircuitBreaker:
         """The breaker of ``tool`` (for status pages, metrics and tests)."""
@@ -212,8 +223,16 @@ class Invoker:
 
         Only an outcome of a call that reached the backend is kept (even a FAILED one:
         the side effect may have happened, so at-most-once wins over a retry). When the
-        first call ran nothing (circuit open, busy, cancelled, bad arguments) the key is
-        released and the next call with it runs.
+        first call ran nothing (circuit open, busy, bad arguments) the key is released
+        and the next call with it runs.
+
+        Once the key is claimed, the run is a task of its own, shielded from the caller:
+        a caller that goes away (the executor killed, its stream reset) gets
+        ``CancelledError`` at once, but the run - possibly mid side effect - goes on,
+        bounded by the tool's timeout and the request's deadline (the task inherits the
+        context), and its outcome is stored under the key as if the caller had waited.
+        The executor's retry with the key then gets that outcome instead of running the
+        tool a second time.
         """
         spec = entry.tool.spec
         key = idempotency_scope(context.tenant(), spec.name, idempotency_key)
@@ -249,16 +268,35 @@ class Invoker:
                 span.set_attribute(ATTR_REPLAY, True)
                 return outcome
             # The first call ran nothing and let go of the key: try to own it.
+        run = asyncio.create_task(self._run_claimed(entry, call, key, started_at, span))
+        self._background.add(run)
+        run.add_done_callback(self._background.discard)
+        try:
+            return await asyncio.shield(run)
+        except asyncio.CancelledError:
+            run.add_done_callback(_log_orphan_failure)  # the caller left, the run goes on
+            raise
+
+    async def _run_claimed(
+        self,
+        entry: Entry,
+        call: Call,
+        key: str,
+        started_at: timestamp_pb2.Timestamp,
+        span: trace.Span,
+    ) -> NodeOutcome:
+        """Run the tool for the claimed ``key``; complete the key with the outcome if it
+        reached the backend, release it otherwise (also when anything raises)."""
         try:
             outcome = await self._policy.run(entry, call.args, span)
+            _stamp(outcome, call.node_id, started_at)
+            if outcome.attempts > 0:
+                await self._idempotency.complete(key, outcome.SerializeToString())
+            else:
+                await self._idempotency.release(key)
         except BaseException:
             await self._idempotency.release(key)
             raise
-        _stamp(outcome, call.node_id, started_at)
-        if outcome.attempts > 0:
-            await self._idempotency.complete(key, outcome.SerializeToString())
-        else:
-            await self._idempotency.release(key)
         return outcome
 
     async def _cached(

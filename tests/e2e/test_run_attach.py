@@ -1,4 +1,5 @@
-"""RunRequest.run_id is idempotent: a second Run with the same id follows the first run."""
+"""RunRequest.run_id is idempotent: a second Run with the same id follows the first run
+(its events so far, then the rest), or replays it from the store once finished."""
 
 from __future__ import annotations
 
@@ -55,10 +56,14 @@ async def test_second_run_with_active_id_attaches_and_sees_the_rest(executor) ->
     assert all(e.run_id == "attach-me" for e in second)
     assert second[-1].finished == first[-1].finished
     assert second[-1].finished.status == SUCCEEDED
-    # from then on: "slow" was planned before the attach, "after" completes within it
-    planned = [e.node_planned.call.node_id for e in second if e.HasField("node_planned")]
-    assert "slow" not in planned
+    # the history first: "slow" was planned and started before the attach
+    assert kinds(second)[:3] == ["started", "node_planned", "node_started"]
+    assert [e.node_started.node_id for e in second if e.HasField("node_started")] == [
+        "slow",
+        "after",
+    ]
     assert finished_ids(second) == ["slow", "after"]
+    assert second[1:] == first[1:]  # the same events, each once
     # every node ran once: the owner's stream saw each finish exactly once, as did the store
     assert finished_ids(first) == ["slow", "after"]
     stored = await executor.get_run("attach-me")
@@ -74,10 +79,11 @@ async def test_second_run_with_finished_id_replays_the_stored_run(executor) -> N
 
     replay = await collect(executor, request)
 
-    assert kinds(replay) == ["started", "node_finished", "node_finished", "finished"]
+    assert kinds(replay) == ["started", *["node_planned"] * 2, *["node_finished"] * 2, "finished"]
     assert replay[0].started.trace_id == first[0].started.trace_id
     original = [e.node_finished.outcome for e in first if e.HasField("node_finished")]
-    assert [e.node_finished.outcome for e in replay[1:3]] == original
+    assert [e.node_finished.outcome for e in replay[3:5]] == original
+    assert [e.node_planned.call for e in replay[1:3]] == plan
     ended, was = replay[-1].finished, first[-1].finished
     assert (ended.status, ended.answer, ended.cost_nano_usd, ended.cache_hits) == (
         was.status,

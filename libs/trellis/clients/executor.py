@@ -19,6 +19,13 @@ class ExecutorClient:
     def run(self, request: executor_pb2.RunRequest) -> AsyncIterator[executor_pb2.RunResponse]:
         return stream(self._stub.Run(request, timeout=self._timeout))
 
+    def resume_run(self, run_id: str) -> AsyncIterator[executor_pb2.RunResponse]:
+        return stream(
+            self._stub.ResumeRun(
+                executor_pb2.ResumeRunRequest(run_id=run_id), timeout=self._timeout
+            )
+        )
+
     async def get_run(self, run_id: str) -> executor_pb2.Run:
         with translated_rpc_errors():
             response = await self._stub.GetRun(

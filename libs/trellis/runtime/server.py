@@ -34,6 +34,10 @@ async def _nothing() -> None:
     return None
 
 
+async def _no_drain(grace: float) -> None:
+    return None
+
+
 @dataclass
 class Service:
     """What one service contributes to a server."""
@@ -43,6 +47,9 @@ class Service:
     service_names: Sequence[str]
     register: Callable[[aio.Server], None]
     aclose: Callable[[], Awaitable[None]] = _nothing
+    #: Called when the server stops, before in-flight RPCs are ended, with the grace
+    #: period: a service whose RPCs outlive it (the executor's runs) hands them over.
+    drain: Callable[[float], Awaitable[None]] = _no_drain
 
 
 #: Builds a service from its settings and runtime handles (used by __main__ and the
@@ -84,8 +91,10 @@ class RunningServer:
         if self._stopped:
             return
         self._stopped = True
+        grace = self.grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.grace if grace is None else grace)
+        await self.service.drain(grace)
+        await self.server.stop(grace)
         await self.service.aclose()
         await self.channels.close()
         self.telemetry.shutdown()

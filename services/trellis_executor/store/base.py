@@ -5,31 +5,102 @@ every write is committed before the method returns, because the runner persists 
 change before it sends the matching event, so what a client has seen is in the
 store; ``create`` raises AlreadyExists(reason="RUN_EXISTS") on a duplicate run id.
 Messages are stored as serialized protobuf: the contract types are the schema.
+
+Ownership: a store is opened for one ``owner`` (the executor replica's instance id).
+A RUNNING run belongs to the replica whose lease on it has not expired; the owner
+renews its leases, and another replica may ``claim`` a run once its lease expires.
+Every write of a run's state is fenced on ownership: a replica that lost a run (it
+stalled past its lease and another took over) gets ``LeaseLost`` instead of
+overwriting the new owner's state.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Protocol
+
+from google.protobuf import json_format
 
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.convert import timestamp
-from trellis.runtime.errors import AlreadyExists
+from trellis.runtime.errors import AlreadyExists, FailedPrecondition
+
+DEFAULT_OWNER = "local"
+DEFAULT_LEASE_SECONDS = 15.0
+
+
+class LeaseLost(FailedPrecondition):
+    """This replica no longer owns the run: another one took it over."""
+
+    default_reason = "LEASE_LOST"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run's planning stands, saved at each step of a round for a resume."""
+
+    #: The planning round under way (0 for the first plan).
+    round: int = 0
+    #: The round's plan is complete: what remains is running its nodes and the join.
+    joining: bool = False
+    #: How many nodes were stored before this round's plan began.
+    round_start: int = 0
+    #: Why the join asked for this round (empty for round 0).
+    replan_reason: str = ""
+    #: Model usage of the run so far.
+    usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+
+    def to_json(self) -> str:
+        fields = {k: v for k, v in asdict(self).items() if k != "usage"}
+        return json.dumps({**fields, "usage": json_format.MessageToDict(self.usage)})
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Progress:
+        if not text:
+            return cls()
+        fields = json.loads(text)
+        usage = json_format.ParseDict(fields.pop("usage", {}), common_pb2.Usage())
+        return cls(**fields, usage=usage)
+
+
+@dataclass(frozen=True)
+class Resumable:
+    """What a replica needs to continue a run it has claimed."""
+
+    request: executor_pb2.RunRequest
+    progress: Progress
+    #: How many times the run was claimed after its creation.
+    resumes: int
+    #: The run's root span (hex), so the resumed work joins the run's trace.
+    span_id: str
 
 
 class RunStore(Protocol):
+    owner: str
+
     async def close(self) -> None: ...
 
     async def create(
-        self, run_id: str, tenant_id: str, request: executor_pb2.RunRequest, trace_id: str
+        self,
+        run_id: str,
+        tenant_id: str,
+        request: executor_pb2.RunRequest,
+        trace_id: str,
+        span_id: str = "",
     ) -> None:
-        """Record a new RUNNING run; AlreadyExists(reason="RUN_EXISTS") if the id is taken."""
+        """Record a new RUNNING run owned (leased) by this store's owner;
+        AlreadyExists(reason="RUN_EXISTS") if the id is taken."""
         ...
 
     async def add_node(self, run_id: str, seq: int, call: common_pb2.ToolCall) -> None: ...
 
     async def set_outcome(self, run_id: str, outcome: common_pb2.NodeOutcome) -> None: ...
+
+    async def save_progress(self, run_id: str, progress: Progress) -> None: ...
 
     async def finish(self, run_id: str, finished: executor_pb2.RunFinished) -> None: ...
 
@@ -37,9 +108,36 @@ class RunStore(Protocol):
         """The stored run (plan in planning order), or None when there is no such run."""
         ...
 
+    async def load(self, run_id: str) -> Resumable | None: ...
+
+    async def renew(self, run_ids: Collection[str]) -> set[str]:
+        """Extend the leases of ``run_ids``; returns those this owner still holds."""
+        ...
+
+    async def release(self, run_ids: Collection[str]) -> None:
+        """End this owner's leases of ``run_ids`` now, for a peer to take them over."""
+        ...
+
+    async def claim(self, *, limit: int, run_id: str | None = None, own: bool = False) -> list[str]:
+        """Take over RUNNING runs whose lease expired (and, with ``own``, runs already
+        owned by this owner, as after a restart); only ``run_id`` when given.
+        Returns the run ids now owned (their resume count incremented)."""
+        ...
+
 
 def run_exists(run_id: str) -> AlreadyExists:
     return AlreadyExists(f"run {run_id} exists", reason="RUN_EXISTS")
+
+
+def lease_lost(run_id: str) -> LeaseLost:
+    return LeaseLost(f"run {run_id} is owned by another executor now", metadata={"run_id": run_id})
+
+
+def resumable(request: bytes, progress: str | None, resumes: int, span_id: str) -> Resumable:
+    """One row of ``runs`` as what a resume needs; both backends share it."""
+    return Resumable(
+        executor_pb2.RunRequest.FromString(request), Progress.from_json(progress), resumes, span_id
+    )
 
 
 def build_run(

@@ -1,18 +1,33 @@
 """The PostgreSQL run store: what several executor replicas share.
 
-asyncpg with a connection pool; every statement runs in autocommit (or in an explicit
-transaction that ends inside the method), so a write is durable when the method
-returns, the same promise the SQLite store makes. Timestamps are TIMESTAMPTZ and
-protobuf blobs BYTEA; otherwise the schema is the SQLite one.
+asyncpg with a connection pool; every statement runs in autocommit, so a write is
+durable when the method returns, the same promise the SQLite store makes.
+Timestamps are TIMESTAMPTZ and protobuf blobs BYTEA; otherwise the schema is the
+SQLite one. Leases are timed by the database's clock (``now()``), so replicas with
+skewed clocks still agree on when a lease has expired.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import asyncpg
 
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
-from trellis_executor.store.base import add_nodes, build_run, run_exists
+from trellis_executor.store.base import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_OWNER,
+    Progress,
+    Resumable,
+    add_nodes,
+    build_run,
+    lease_lost,
+    resumable,
+    run_exists,
+)
+
+RUNNING = executor_pb2.RUN_STATUS_RUNNING
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -34,21 +49,46 @@ CREATE TABLE IF NOT EXISTS run_nodes (
     outcome BYTEA,
     PRIMARY KEY (run_id, node_id)
 );
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS owner TEXT NOT NULL DEFAULT '';
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS lease_until TIMESTAMPTZ NOT NULL DEFAULT now();
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS progress TEXT;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS span_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS resumes INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS runs_running_lease ON runs (lease_until) WHERE status = 1;
 """
 
 #: Serializes schema creation: two replicas starting together would otherwise race
 #: on CREATE TABLE IF NOT EXISTS (it is not atomic in PostgreSQL).
 _SCHEMA_LOCK = 0x7472656C6C6973  # "trellis"
 
+#: "this owner holds the run": the fence on every write of a run's state.
+_OWNED = "EXISTS (SELECT 1 FROM runs r WHERE r.run_id = $1 AND r.owner = $2)"
+_LEASE = "now() + make_interval(secs => $2)"
+
+
+def _count(status: str) -> int:
+    """Rows touched, from asyncpg's command tag ("UPDATE 1", "INSERT 0 1")."""
+    return int(status.rsplit(" ", 1)[-1])
+
 
 class PostgresRunStore:
-    """Async PostgreSQL run store over an asyncpg pool."""
+    """Async PostgreSQL run store over an asyncpg pool, for one owner."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, owner: str, lease_seconds: float) -> None:
         self._pool = pool
+        self.owner = owner
+        self._lease = lease_seconds
 
     @classmethod
-    async def open(cls, url: str, *, min_size: int = 1, max_size: int = 10) -> PostgresRunStore:
+    async def open(
+        cls,
+        url: str,
+        *,
+        owner: str = DEFAULT_OWNER,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        min_size: int = 1,
+        max_size: int = 10,
+    ) -> PostgresRunStore:
         pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
         try:
             async with pool.acquire() as conn, conn.transaction():
@@ -57,51 +97,73 @@ class PostgresRunStore:
         except BaseException:
             await pool.close()
             raise
-        return cls(pool)
+        return cls(pool, owner, lease_seconds)
 
     async def close(self) -> None:
         await self._pool.close()
 
     async def create(
-        self, run_id: str, tenant_id: str, request: executor_pb2.RunRequest, trace_id: str
+        self,
+        run_id: str,
+        tenant_id: str,
+        request: executor_pb2.RunRequest,
+        trace_id: str,
+        span_id: str = "",
     ) -> None:
         try:
             await self._pool.execute(
-                "INSERT INTO runs (run_id, tenant_id, goal, status, request, trace_id)"
-                " VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO runs (run_id, owner, lease_until, tenant_id, goal, status,"
+                f" request, trace_id, span_id) VALUES ($1, $3, {_LEASE}, $4, $5, $6, $7, $8, $9)",
                 run_id,
+                self._lease,
+                self.owner,
                 tenant_id,
                 request.goal,
-                executor_pb2.RUN_STATUS_RUNNING,
+                RUNNING,
                 request.SerializeToString(),
                 trace_id,
+                span_id,
             )
         except asyncpg.UniqueViolationError:
             raise run_exists(run_id) from None
 
+    async def _fenced(self, run_id: str, sql: str, *args: object) -> None:
+        """Run a write of ``run_id``'s state that only its owner may make."""
+        if _count(await self._pool.execute(sql, run_id, self.owner, *args)) == 0:
+            raise lease_lost(run_id)
+
     async def add_node(self, run_id: str, seq: int, call: common_pb2.ToolCall) -> None:
-        await self._pool.execute(
-            "INSERT INTO run_nodes (run_id, node_id, seq, call) VALUES ($1, $2, $3, $4)",
+        await self._fenced(
             run_id,
+            "INSERT INTO run_nodes (run_id, node_id, seq, call)"
+            f" SELECT $1::text, $3::text, $4::int, $5::bytea WHERE {_OWNED}",
             call.node_id,
             seq,
             call.SerializeToString(),
         )
 
     async def set_outcome(self, run_id: str, outcome: common_pb2.NodeOutcome) -> None:
-        await self._pool.execute(
-            "UPDATE run_nodes SET outcome = $1 WHERE run_id = $2 AND node_id = $3",
-            outcome.SerializeToString(),
+        await self._fenced(
             run_id,
+            f"UPDATE run_nodes SET outcome = $4 WHERE run_id = $1 AND node_id = $3 AND {_OWNED}",
             outcome.node_id,
+            outcome.SerializeToString(),
+        )
+
+    async def save_progress(self, run_id: str, progress: Progress) -> None:
+        await self._fenced(
+            run_id,
+            "UPDATE runs SET progress = $3 WHERE run_id = $1 AND owner = $2",
+            progress.to_json(),
         )
 
     async def finish(self, run_id: str, finished: executor_pb2.RunFinished) -> None:
-        await self._pool.execute(
-            "UPDATE runs SET status = $1, finished = $2, finished_at = now() WHERE run_id = $3",
+        await self._fenced(
+            run_id,
+            "UPDATE runs SET status = $3, finished = $4, finished_at = now()"
+            " WHERE run_id = $1 AND owner = $2",
             finished.status,
             finished.SerializeToString(),
-            run_id,
         )
 
     async def get(self, run_id: str) -> executor_pb2.Run | None:
@@ -127,3 +189,49 @@ class PostgresRunStore:
             row["finished_at"],
         )
         return add_nodes(run, [(n["call"], n["outcome"]) for n in nodes])
+
+    async def load(self, run_id: str) -> Resumable | None:
+        row = await self._pool.fetchrow(
+            "SELECT request, progress, resumes, span_id FROM runs WHERE run_id = $1", run_id
+        )
+        return None if row is None else resumable(*row)
+
+    async def renew(self, run_ids: Collection[str]) -> set[str]:
+        if not run_ids:
+            return set()
+        rows = await self._pool.fetch(
+            f"UPDATE runs SET lease_until = {_LEASE}"
+            " WHERE run_id = ANY($3::text[]) AND owner = $1 AND status = $4 RETURNING run_id",
+            self.owner,
+            self._lease,
+            list(run_ids),
+            RUNNING,
+        )
+        return {row["run_id"] for row in rows}
+
+    async def release(self, run_ids: Collection[str]) -> None:
+        await self._pool.execute(
+            "UPDATE runs SET lease_until = now() - interval '1 second'"
+            " WHERE run_id = ANY($2::text[]) AND owner = $1 AND status = $3",
+            self.owner,
+            list(run_ids),
+            RUNNING,
+        )
+
+    async def claim(self, *, limit: int, run_id: str | None = None, own: bool = False) -> list[str]:
+        # SKIP LOCKED: two replicas claiming at once each take different runs.
+        rows = await self._pool.fetch(
+            f"UPDATE runs SET owner = $1, lease_until = {_LEASE}, resumes = resumes + 1"
+            " WHERE run_id IN (SELECT run_id FROM runs WHERE status = $3"
+            " AND (lease_until < now() OR ($4 AND owner = $1))"
+            " AND ($5::text IS NULL OR run_id = $5)"
+            " ORDER BY created_at LIMIT $6 FOR UPDATE SKIP LOCKED)"
+            " RETURNING run_id",
+            self.owner,
+            self._lease,
+            RUNNING,
+            own,
+            run_id,
+            limit,
+        )
+        return [row["run_id"] for row in rows]

@@ -18,7 +18,7 @@ JOIN_DECISION_FINISH: JoinDecision
 JOIN_DECISION_REPLAN: JoinDecision
 
 class PlanRequest(_message.Message):
-    __slots__ = ("run_id", "goal", "tools", "max_nodes", "model", "round", "previous_plan", "previous_outcomes", "replan_reason")
+    __slots__ = ("run_id", "goal", "tools", "max_nodes", "model", "round", "previous_plan", "previous_outcomes", "replan_reason", "attempt")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     GOAL_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class PlanRequest(_message.Message):
     PREVIOUS_PLAN_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     REPLAN_REASON_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     goal: str
     tools: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolSpec]
@@ -37,7 +38,8 @@ class PlanRequest(_message.Message):
     previous_plan: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]
     previous_outcomes: _containers.RepeatedCompositeFieldContainer[_common_pb2.NodeOutcome]
     replan_reason: str
-    def __init__(self, run_id: _Optional[str] = ..., goal: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolSpec, _Mapping]]] = ..., max_nodes: _Optional[int] = ..., model: _Optional[str] = ..., round: _Optional[int] = ..., previous_plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., previous_outcomes: _Optional[_Iterable[_Union[_common_pb2.NodeOutcome, _Mapping]]] = ..., replan_reason: _Optional[str] = ...) -> None: ...
+    attempt: int
+    def __init__(self, run_id: _Optional[str] = ..., goal: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolSpec, _Mapping]]] = ..., max_nodes: _Optional[int] = ..., model: _Optional[str] = ..., round: _Optional[int] = ..., previous_plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., previous_outcomes: _Optional[_Iterable[_Union[_common_pb2.NodeOutcome, _Mapping]]] = ..., replan_reason: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class PlanDone(_message.Message):
     __slots__ = ("usage",)
@@ -54,7 +56,7 @@ class PlanResponse(_message.Message):
     def __init__(self, node: _Optional[_Union[_common_pb2.ToolCall, _Mapping]] = ..., done: _Optional[_Union[PlanDone, _Mapping]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("run_id", "goal", "plan", "outcomes", "model", "round", "allow_replan")
+    __slots__ = ("run_id", "goal", "plan", "outcomes", "model", "round", "allow_replan", "attempt")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     GOAL_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +64,7 @@ class JoinRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ALLOW_REPLAN_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     goal: str
     plan: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]
@@ -69,7 +72,8 @@ class JoinRequest(_message.Message):
     model: str
     round: int
     allow_replan: bool
-    def __init__(self, run_id: _Optional[str] = ..., goal: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., outcomes: _Optional[_Iterable[_Union[_common_pb2.NodeOutcome, _Mapping]]] = ..., model: _Optional[str] = ..., round: _Optional[int] = ..., allow_replan: _Optional[bool] = ...) -> None: ...
+    attempt: int
+    def __init__(self, run_id: _Optional[str] = ..., goal: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., outcomes: _Optional[_Iterable[_Union[_common_pb2.NodeOutcome, _Mapping]]] = ..., model: _Optional[str] = ..., round: _Optional[int] = ..., allow_replan: _Optional[bool] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class JoinDone(_message.Message):
     __slots__ = ("decision", "reason", "usage")
