@@ -111,7 +111,8 @@ class RunStore(Protocol):
     async def load(self, run_id: str) -> Resumable | None: ...
 
     async def renew(self, run_ids: Collection[str]) -> set[str]:
-        """Extend the leases of ``run_ids``; returns those this owner still holds."""
+        """Extend the leases of ``run_ids``; returns those this owner still holds
+        (finished ones included: a run that ends meanwhile is not a lost one)."""
         ...
 
     async def release(self, run_ids: Collection[str]) -> None:

@@ -201,11 +201,10 @@ class PostgresRunStore:
             return set()
         rows = await self._pool.fetch(
             f"UPDATE runs SET lease_until = {_LEASE}"
-            " WHERE run_id = ANY($3::text[]) AND owner = $1 AND status = $4 RETURNING run_id",
+            " WHERE run_id = ANY($3::text[]) AND owner = $1 RETURNING run_id",
             self.owner,
             self._lease,
             list(run_ids),
-            RUNNING,
         )
         return {row["run_id"] for row in rows}
 

@@ -83,8 +83,7 @@ class SqliteRunStore:
     ) -> SqliteRunStore:
         db = await sqlite.connect(url)
         await db.executescript(SCHEMA)
-        async with db.execute("PRAGMA table_info(runs)") as cursor:
-            present = {row[1] async for row in cursor}
+        present = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(runs)")}
         for name, declaration in LEASE_COLUMNS.items():
             if name not in present:
                 await db.execute(f"ALTER TABLE runs ADD COLUMN {name} {declaration}")
@@ -129,8 +128,10 @@ class SqliteRunStore:
     async def _fenced(self, run_id: str, sql: str, **values: object) -> None:
         """Run a write of ``run_id``'s state that only its owner may make."""
         cursor = await self._db.execute(sql, {"run_id": run_id, "owner": self.owner, **values})
+        written = cursor.rowcount
+        await cursor.close()
         await self._db.commit()
-        if cursor.rowcount == 0:
+        if written == 0:
             raise lease_lost(run_id)
 
     async def add_node(self, run_id: str, seq: int, call: common_pb2.ToolCall) -> None:
@@ -170,15 +171,14 @@ class SqliteRunStore:
         )
 
     async def get(self, run_id: str) -> executor_pb2.Run | None:
-        async with self._db.execute(
+        rows = await self._db.execute_fetchall(
             "SELECT tenant_id, goal, status, trace_id, created_at, finished, finished_at"
             " FROM runs WHERE run_id = ?",
             (run_id,),
-        ) as cursor:
-            row = await cursor.fetchone()
-        if row is None:
+        )
+        if not rows:
             return None
-        tenant_id, goal, status, trace_id, created_at, finished_blob, finished_at = row
+        tenant_id, goal, status, trace_id, created_at, finished_blob, finished_at = next(iter(rows))
         run = build_run(
             run_id,
             tenant_id,
@@ -189,32 +189,31 @@ class SqliteRunStore:
             finished_blob,
             datetime.fromisoformat(finished_at) if finished_at else None,
         )
-        async with self._db.execute(
+        nodes = await self._db.execute_fetchall(
             "SELECT call, outcome FROM run_nodes WHERE run_id = ? ORDER BY seq", (run_id,)
-        ) as cursor:
-            rows = [(call, outcome) async for call, outcome in cursor]
-        return add_nodes(run, rows)
+        )
+        return add_nodes(run, [(call, outcome) for call, outcome in nodes])
 
     async def load(self, run_id: str) -> Resumable | None:
-        async with self._db.execute(
+        rows = await self._db.execute_fetchall(
             "SELECT request, progress, resumes, span_id FROM runs WHERE run_id = ?", (run_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else resumable(*row)
+        )
+        return next((resumable(*row) for row in rows), None)
 
     async def renew(self, run_ids: Collection[str]) -> set[str]:
         if not run_ids:
             return set()
         ids = list(run_ids)
         marks = ",".join("?" * len(ids))
-        async with self._db.execute(
+        # execute_fetchall: the RETURNING statement is done before anything else runs
+        # on the shared connection (a commit meanwhile would fail).
+        rows = await self._db.execute_fetchall(
             f"UPDATE runs SET lease_until = ? WHERE run_id IN ({marks}) AND owner = ?"
-            " AND status = ? RETURNING run_id",
-            (self._lease_until(), *ids, self.owner, RUNNING),
-        ) as cursor:
-            held = {row[0] async for row in cursor}
+            " RETURNING run_id",
+            (self._lease_until(), *ids, self.owner),
+        )
         await self._db.commit()
-        return held
+        return {row[0] for row in rows}
 
     async def release(self, run_ids: Collection[str]) -> None:
         ids = list(run_ids)
@@ -227,7 +226,7 @@ class SqliteRunStore:
         await self._db.commit()
 
     async def claim(self, *, limit: int, run_id: str | None = None, own: bool = False) -> list[str]:
-        async with self._db.execute(
+        rows = await self._db.execute_fetchall(
             "UPDATE runs SET owner = :owner, lease_until = :until, resumes = resumes + 1"
             " WHERE run_id IN (SELECT run_id FROM runs WHERE status = :running"
             " AND (lease_until < :now OR (:own AND owner = :owner))"
@@ -242,7 +241,6 @@ class SqliteRunStore:
                 "run_id": run_id,
                 "limit": limit,
             },
-        ) as cursor:
-            claimed = [row[0] async for row in cursor]
+        )
         await self._db.commit()
-        return claimed
+        return [row[0] for row in rows]

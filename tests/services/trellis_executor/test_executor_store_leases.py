@@ -124,3 +124,33 @@ async def test_load_returns_request_progress_resumes_and_root_span(replicas) -> 
     saved = await b.load("r1")
     assert saved is not None and saved.progress == progress and saved.resumes == 1
     assert await a.load("nope") is None
+
+
+async def test_lease_upkeep_interleaves_with_many_runs_writes(replicas) -> None:
+    """Renewals and claims run beside every run's writes on one shared connection."""
+    a, _ = replicas
+    ids = [f"r{i}" for i in range(30)]
+
+    async def one_run(run_id: str) -> None:
+        await a.create(run_id, "t", REQUEST, "t")
+        await a.add_node(run_id, 1, common_pb2.ToolCall(node_id="n1", tool="echo"))
+        await a.set_outcome(run_id, outcome("n1"))
+        await a.get(run_id)
+        await a.finish(run_id, executor_pb2.RunFinished(status=executor_pb2.RUN_STATUS_SUCCEEDED))
+
+    async def upkeep() -> None:
+        for _ in range(20):
+            await a.renew(ids)
+            await a.claim(limit=8)
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(one_run(run_id) for run_id in ids), upkeep())
+    runs = [await a.get(run_id) for run_id in ids]
+    assert all(r is not None and r.status == executor_pb2.RUN_STATUS_SUCCEEDED for r in runs)
+
+
+async def test_a_run_finished_meanwhile_still_counts_as_held(replicas) -> None:
+    a, _ = replicas
+    await a.create("r1", "t", REQUEST, "t")
+    await a.finish("r1", executor_pb2.RunFinished(status=executor_pb2.RUN_STATUS_SUCCEEDED))
+    assert await a.renew(["r1"]) == {"r1"}  # finished by its owner, not taken over
