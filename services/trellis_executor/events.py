@@ -100,10 +100,11 @@ class RunEvents(SchedulerEvents):
             queue.put_nowait(END)
         self._subscribers.clear()
 
-    async def planned(self, call: common_pb2.ToolCall) -> None:
-        self._seq += 1
-        if await self._write(self._store.add_node(self.run_id, self._seq, call)):
-            self._send(node_planned=executor_pb2.NodePlanned(call=call))
+    async def planned(self, *calls: common_pb2.ToolCall) -> None:
+        if await self._write(self._store.add_nodes(self.run_id, self._seq + 1, calls)):
+            self._seq += len(calls)
+            for call in calls:
+                self._send(node_planned=executor_pb2.NodePlanned(call=call))
 
     async def started(self, node_id: str) -> None:
         if not self.lost:

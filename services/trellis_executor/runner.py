@@ -448,9 +448,8 @@ class Runner:
         tool_names = [t.name for t in run.tools]
         if run.request.plan:  # explicit plan: no planner, no join
             ordered = [call for _, call in order_explicit_plan(run.request.plan)]
-            rest = [call for call in ordered if call.node_id not in scheduler.calls]
-            checker = NodeChecker(tool_names, run.limits.max_nodes, seen=scheduler.calls)
-            await scheduler.run(_aiter(rest), checker)
+            # checked in _prepare; on a resume, the nodes not stored before the crash
+            await scheduler.run_plan([c for c in ordered if c.node_id not in scheduler.calls])
             return self._succeeded(scheduler, usage, answer="")
         progress = run.progress
         while True:
@@ -604,8 +603,3 @@ def _check_explicit_plan(
     checker = NodeChecker([t.name for t in tools], max_nodes)
     for index, call in order_explicit_plan(plan):
         checker.check(call, f"plan[{index}]")
-
-
-async def _aiter(calls: Sequence[common_pb2.ToolCall]) -> AsyncIterator[common_pb2.ToolCall]:
-    for call in calls:
-        yield call

@@ -9,7 +9,7 @@ bounded per run (and per process through a shared semaphore).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from trellis.common.v1 import common_pb2
@@ -26,7 +26,7 @@ RunNode = Callable[[common_pb2.ToolCall], Awaitable[common_pb2.NodeOutcome]]
 class SchedulerEvents:
     """What the scheduler reports; the runner persists each before the client sees it."""
 
-    async def planned(self, call: common_pb2.ToolCall) -> None: ...
+    async def planned(self, *calls: common_pb2.ToolCall) -> None: ...
     async def started(self, node_id: str) -> None: ...
     async def finished(self, outcome: common_pb2.NodeOutcome) -> None: ...
 
@@ -74,6 +74,18 @@ class DagScheduler:
                 checker.check(call, f"plan[{index}]")
                 index += 1
                 await self._admit(call)
+        self._group = None
+
+    async def run_plan(self, calls: Sequence[common_pb2.ToolCall]) -> None:
+        """Run a whole plan known up front (an explicit one, already checked and in
+        dependency order): its nodes are stored in one write, then start as ready."""
+        if not calls:
+            return
+        await self._events.planned(*calls)
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            for call in calls:
+                await self._admit(call, announce=False)
         self._group = None
 
     async def resume(

@@ -56,8 +56,8 @@ async def test_second_run_with_active_id_attaches_and_sees_the_rest(executor) ->
     assert all(e.run_id == "attach-me" for e in second)
     assert second[-1].finished == first[-1].finished
     assert second[-1].finished.status == SUCCEEDED
-    # the history first: "slow" was planned and started before the attach
-    assert kinds(second)[:3] == ["started", "node_planned", "node_started"]
+    # the history first: the plan was stored and "slow" started before the attach
+    assert kinds(second)[:4] == ["started", "node_planned", "node_planned", "node_started"]
     assert [e.node_started.node_id for e in second if e.HasField("node_started")] == [
         "slow",
         "after",

@@ -68,7 +68,7 @@ async def crashed_run(
     try:
         await dead.create(request.run_id, "default", request, "ab" * 16, "cd" * 8)
         for seq, call in enumerate(plan, 1):
-            await dead.add_node(request.run_id, seq, call)
+            await dead.add_nodes(request.run_id, seq, [call])
         for node_id, output in done.items():
             outcome = common_pb2.NodeOutcome(node_id=node_id, status=DONE, attempts=1)
             outcome.output.CopyFrom(to_value(output))

@@ -17,7 +17,7 @@ overwriting the new owner's state.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -96,7 +96,11 @@ class RunStore(Protocol):
         AlreadyExists(reason="RUN_EXISTS") if the id is taken."""
         ...
 
-    async def add_node(self, run_id: str, seq: int, call: common_pb2.ToolCall) -> None: ...
+    async def add_nodes(
+        self, run_id: str, first_seq: int, calls: Sequence[common_pb2.ToolCall]
+    ) -> None:
+        """Store planned nodes ``first_seq``, ``first_seq + 1``, ... in one write."""
+        ...
 
     async def set_outcome(self, run_id: str, outcome: common_pb2.NodeOutcome) -> None: ...
 

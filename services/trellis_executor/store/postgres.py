@@ -9,7 +9,7 @@ skewed clocks still agree on when a lease has expired.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import asyncpg
 
@@ -132,14 +132,17 @@ class PostgresRunStore:
         if _count(await self._pool.execute(sql, run_id, self.owner, *args)) == 0:
             raise lease_lost(run_id)
 
-    async def add_node(self, run_id: str, seq: int, call: common_pb2.ToolCall) -> None:
+    async def add_nodes(
+        self, run_id: str, first_seq: int, calls: Sequence[common_pb2.ToolCall]
+    ) -> None:
         await self._fenced(
             run_id,
-            "INSERT INTO run_nodes (run_id, node_id, seq, call)"
-            f" SELECT $1::text, $3::text, $4::int, $5::bytea WHERE {_OWNED}",
-            call.node_id,
-            seq,
-            call.SerializeToString(),
+            "INSERT INTO run_nodes (run_id, node_id, seq, call) SELECT $1::text, node_id,"
+            " seq, call FROM unnest($3::text[], $4::int[], $5::bytea[]) AS n(node_id, seq, call)"
+            f" WHERE {_OWNED}",
+            [call.node_id for call in calls],
+            list(range(first_seq, first_seq + len(calls))),
+            [call.SerializeToString() for call in calls],
         )
 
     async def set_outcome(self, run_id: str, outcome: common_pb2.NodeOutcome) -> None:

@@ -8,7 +8,7 @@ Leases are in Unix seconds of the host clock: processes sharing a file share a h
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 
 import aiosqlite
@@ -134,14 +134,22 @@ class SqliteRunStore:
         if written == 0:
             raise lease_lost(run_id)
 
-    async def add_node(self, run_id: str, seq: int, call: common_pb2.ToolCall) -> None:
+    async def add_nodes(
+        self, run_id: str, first_seq: int, calls: Sequence[common_pb2.ToolCall]
+    ) -> None:
+        values = ",".join(f"(:node_id_{i}, :seq_{i}, :call_{i})" for i in range(len(calls)))
+        params: dict[str, object] = {}
+        for i, call in enumerate(calls):
+            params |= {
+                f"node_id_{i}": call.node_id,
+                f"seq_{i}": first_seq + i,
+                f"call_{i}": call.SerializeToString(),
+            }
         await self._fenced(
             run_id,
-            "INSERT INTO run_nodes (run_id, node_id, seq, call)"
-            f" SELECT :run_id, :node_id, :seq, :call WHERE {_OWNED}",
-            node_id=call.node_id,
-            seq=seq,
-            call=call.SerializeToString(),
+            "INSERT INTO run_nodes (run_id, node_id, seq, call) SELECT :run_id, column1,"
+            f" column2, column3 FROM (VALUES {values}) WHERE {_OWNED}",
+            **params,
         )
 
     async def set_outcome(self, run_id: str, outcome: common_pb2.NodeOutcome) -> None:

@@ -79,8 +79,8 @@ async def test_duplicate_run_id_is_already_exists(store: RunStore) -> None:
 async def test_nodes_outcomes_and_finish_are_reflected_by_get(store: RunStore) -> None:
     await store.create("r1", "tenant-a", REQUEST, "t")
     # planned out of node-id order: get returns planning order (seq), not key order
-    await store.add_node("r1", 1, call("z"))
-    await store.add_node("r1", 2, call("a", ("z",)))
+    await store.add_nodes("r1", 1, [call("z")])
+    await store.add_nodes("r1", 2, [call("a", ("z",))])
     await store.set_outcome("r1", outcome("z"))
     run = await store.get("r1")
     assert run is not None
@@ -121,7 +121,7 @@ async def test_writes_are_visible_to_a_second_replica(store: RunStore, store_url
     other = await open_store(store_url)  # also re-runs the schema on an existing database
     try:
         await store.create("r1", "tenant-a", REQUEST, "t")
-        await store.add_node("r1", 1, call("n1"))
+        await store.add_nodes("r1", 1, [call("n1")])
         await store.set_outcome("r1", outcome("n1"))
         seen = await other.get("r1")
         assert seen is not None and [o.node_id for o in seen.outcomes] == ["n1"]
@@ -132,3 +132,12 @@ async def test_writes_are_visible_to_a_second_replica(store: RunStore, store_url
         assert run is not None and (run.status, run.answer) == (SUCCEEDED, "ok")
     finally:
         await other.close()
+
+
+async def test_a_batch_of_nodes_is_stored_in_order_after_earlier_ones(store: RunStore) -> None:
+    await store.create("r1", "tenant-a", REQUEST, "t")
+    await store.add_nodes("r1", 1, [call("first")])
+    await store.add_nodes("r1", 2, [call(f"b{i}") for i in range(40)])
+    run = await store.get("r1")
+    assert run is not None
+    assert [c.node_id for c in run.plan] == ["first", *[f"b{i}" for i in range(40)]]

@@ -53,13 +53,13 @@ async def test_a_live_lease_cannot_be_claimed(replicas) -> None:
 async def test_an_expired_lease_is_taken_over_and_the_old_owner_is_fenced(replicas) -> None:
     a, b = replicas
     await a.create("r1", "t", REQUEST, "ab" * 16, "cd" * 8)
-    await a.add_node("r1", 1, common_pb2.ToolCall(node_id="n1", tool="echo"))
+    await a.add_nodes("r1", 1, [common_pb2.ToolCall(node_id="n1", tool="echo")])
     await asyncio.sleep(LEASE + 0.1)
     assert await b.claim(limit=10) == ["r1"]
     assert await a.claim(limit=10) == []  # b's lease is fresh now
     # a stalled past its lease: every write it tries is refused, nothing changes
     for write in (
-        a.add_node("r1", 2, common_pb2.ToolCall(node_id="n2", tool="echo")),
+        a.add_nodes("r1", 2, [common_pb2.ToolCall(node_id="n2", tool="echo")]),
         a.set_outcome("r1", outcome("n1")),
         a.save_progress("r1", Progress(round=1)),
         a.finish("r1", executor_pb2.RunFinished(status=executor_pb2.RUN_STATUS_SUCCEEDED)),
@@ -133,7 +133,7 @@ async def test_lease_upkeep_interleaves_with_many_runs_writes(replicas) -> None:
 
     async def one_run(run_id: str) -> None:
         await a.create(run_id, "t", REQUEST, "t")
-        await a.add_node(run_id, 1, common_pb2.ToolCall(node_id="n1", tool="echo"))
+        await a.add_nodes(run_id, 1, [common_pb2.ToolCall(node_id="n1", tool="echo")])
         await a.set_outcome(run_id, outcome("n1"))
         await a.get(run_id)
         await a.finish(run_id, executor_pb2.RunFinished(status=executor_pb2.RUN_STATUS_SUCCEEDED))
