@@ -128,10 +128,8 @@ class SqliteRunStore:
     async def _fenced(self, run_id: str, sql: str, **values: object) -> None:
         """Run a write of ``run_id``'s state that only its owner may make."""
         cursor = await self._db.execute(sql, {"run_id": run_id, "owner": self.owner, **values})
-        written = cursor.rowcount
-        await cursor.close()
-        await self._db.commit()
-        if written == 0:
+        await self._db.commit()  # a plain write is complete once executed: no close needed
+        if cursor.rowcount == 0:
             raise lease_lost(run_id)
 
     async def add_nodes(
