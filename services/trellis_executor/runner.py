@@ -1,9 +1,8 @@
-"""One run, from budget check to answer: plan → dispatch-as-ready → join.
+"""The executor's runs: starting, following, cancelling, resuming them.
 
-The public entry is ``Runner.run``, an async iterator of RunResponse events. The
-run's work happens in its own task (so a client that goes away, or CancelRun,
-cancels everything under it) inside a ``trellis.run`` span and a request scope
-whose deadline bounds every onward call.
+The public entry is ``Runner.run``, an async iterator of RunResponse events. Each
+run's work (``execution.py``) happens in its own task, so a client that goes away,
+or CancelRun, cancels everything under it.
 
 Durability: a run is owned through a lease in the store (``leases.py``). A replica
 resumes runs whose owner died, and its own runs after a restart, from the stored
@@ -18,7 +17,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -26,53 +25,31 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
-from trellis.planner.v1 import planner_pb2
 from trellis.runtime import context
-from trellis.runtime.convert import duration, timestamp_seconds
+from trellis.runtime.convert import timestamp_seconds
 from trellis.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
-    InvalidArgument,
     NotFound,
     ResourceExhausted,
-    TrellisError,
     Unavailable,
 )
 from trellis.runtime.logs import get_logger
-from trellis.runtime.metrics import RUN_DURATION
-from trellis.toolgateway.v1 import toolgateway_pb2
 from trellis_executor import ports
 from trellis_executor.events import Queue, RunEvents
+from trellis_executor.execution import RunContext, RunExecution
 from trellis_executor.follow import StoredEvents, follow_stored
 from trellis_executor.leases import LeaseKeeper
 from trellis_executor.limits import Limits
 from trellis_executor.plan import NodeChecker, order_explicit_plan
-from trellis_executor.scheduler import DagScheduler, ended
 from trellis_executor.settings import ExecutorSettings
-from trellis_executor.store import Progress, RunStore
-from trellis_executor.usage import UsageTotals
+from trellis_executor.store import RunStore
 
 log = get_logger(__name__)
 RunStatus = executor_pb2.RunStatus
 
 #: How often a follower of a run executing on another replica reads the store.
 FOLLOW_POLL_SECONDS = 0.2
-
-
-@dataclass
-class RunContext:
-    """What one run's task needs to know."""
-
-    run_id: str
-    request: executor_pb2.RunRequest
-    limits: Limits
-    tools: list[common_pb2.ToolSpec]
-    events: RunEvents
-    started: float
-    progress: Progress = field(default_factory=Progress)
-    #: The stored run this replica resumes (None for a run started here).
-    restored: executor_pb2.Run | None = None
-    resumes: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,13 +75,16 @@ class Runner:
         tracer: trace.Tracer,
         settings: ExecutorSettings,
     ) -> None:
-        self._planner = planner
         self._gateway = gateway
         self._budget = budget
         self._store = store
         self._tracer = tracer
         self._settings = settings
-        self._process_slots = asyncio.Semaphore(settings.max_parallel_process)
+        self._execution = RunExecution(
+            planner=planner,
+            gateway=gateway,
+            process_slots=asyncio.Semaphore(settings.max_parallel_process),
+        )
         self._active: dict[str, ActiveRun] = {}
         #: Runs being created or resumed here: not in ``_active`` yet, not claimable.
         self._starting: set[str] = set()
@@ -284,7 +264,7 @@ class Runner:
     # -- starting, resuming and losing runs ---------------------------------------------
 
     def _launch(self, run: RunContext, span: trace.Span, *, detached: bool = False) -> ActiveRun:
-        task = asyncio.create_task(self._execute(run, span), name=f"run:{run.run_id}")
+        task = asyncio.create_task(self._execution.execute(run, span), name=f"run:{run.run_id}")
         trace_id = format(span.get_span_context().trace_id, "032x")
         active = ActiveRun(task, run.events, trace_id, context.tenant(), detached)
         self._active[run.run_id] = active
@@ -379,175 +359,6 @@ class Runner:
             run_id, request, limits, tools, RunEvents(run_id, self._store), time.monotonic()
         )
 
-    async def _execute(self, run: RunContext, span: trace.Span) -> None:
-        """The run's task: ends with a persisted ``finished`` event, unless the run moved
-        to another replica (then nothing more is written from here)."""
-        with trace.use_span(span, end_on_exit=True, record_exception=False):
-            try:
-                try:
-                    finished = await self._outcome(run)
-                except asyncio.CancelledError:
-                    if not run.events.lost:
-                        cancelled = executor_pb2.RunFinished(
-                            status=RunStatus.RUN_STATUS_CANCELLED,
-                            error=common_pb2.Error(code="CANCELLED", message="run cancelled"),
-                        )
-                        await asyncio.shield(self._finish(run, cancelled, span))
-                    raise
-                if finished is None:
-                    span.set_attribute("trellis.run_status", "moved")
-                else:
-                    await self._finish(run, finished, span)
-            finally:
-                run.events.close()
-
-    async def _outcome(self, run: RunContext) -> executor_pb2.RunFinished | None:
-        """How the run ended (None: it moved to another replica)."""
-        try:
-            with context.request_scope(timeout=run.limits.timeout):
-                async with asyncio.timeout(run.limits.timeout):
-                    return await self._plan_dispatch_join(run)
-        except Exception as raised:
-            if run.events.lost:
-                return None
-            error = _primary(raised)
-            if isinstance(error, TimeoutError):
-                return _failed(
-                    "DEADLINE_EXCEEDED", f"run exceeded its deadline of {run.limits.timeout:g}s"
-                )
-            if isinstance(error, TrellisError):
-                if isinstance(error, InvalidArgument):
-                    run.events.rejection = error  # the caller gets it as the call's status
-                return _failed(error.reason, error.message)
-            log.exception("run failed", run_id=run.run_id)
-            return _failed("INTERNAL", f"internal error ({type(error).__name__})")
-
-    async def _finish(
-        self, run: RunContext, finished: executor_pb2.RunFinished, span: trace.Span
-    ) -> None:
-        elapsed = time.monotonic() - run.started
-        finished.duration.CopyFrom(duration(elapsed))
-        status = RunStatus.Name(finished.status).removeprefix("RUN_STATUS_").lower()
-        RUN_DURATION.labels(status=status).observe(elapsed)
-        span.set_attribute("trellis.run_status", status)
-        if finished.status != RunStatus.RUN_STATUS_SUCCEEDED:
-            span.set_status(trace.StatusCode.ERROR, finished.error.message)
-        await run.events.run_finished(finished)
-
-    async def _plan_dispatch_join(self, run: RunContext) -> executor_pb2.RunFinished:
-        usage = UsageTotals(run.limits.model)
-        usage.add(run.progress.usage)
-        scheduler = DagScheduler(
-            lambda call: self._invoke(run, call),
-            run.events,
-            max_parallel=run.limits.max_parallel,
-            process_slots=self._process_slots,
-        )
-        if run.restored is not None:
-            await scheduler.resume(run.restored.plan, run.restored.outcomes)
-        tool_names = [t.name for t in run.tools]
-        if run.request.plan:  # explicit plan: no planner, no join
-            ordered = [call for _, call in order_explicit_plan(run.request.plan)]
-            # checked in _prepare; on a resume, the nodes not stored before the crash
-            await scheduler.run_plan([c for c in ordered if c.node_id not in scheduler.calls])
-            return self._succeeded(scheduler, usage, answer="")
-        progress = run.progress
-        while True:
-            round_ = progress.round
-            # A resumed round whose plan had begun streaming keeps the nodes it stored
-            # as its plan; the join sees their outcomes and may ask for another round.
-            if not progress.joining and len(scheduler.calls) == progress.round_start:
-                checker = NodeChecker(tool_names, run.limits.max_nodes, seen=scheduler.calls)
-                plan = self._plan(run, scheduler, usage, round_, progress.replan_reason)
-                await scheduler.run(plan, checker)
-            progress = replace(progress, joining=True, usage=usage.total())
-            await run.events.progress(progress)
-            decision, answer, reason = await self._join(run, scheduler, usage, round_)
-            if decision != planner_pb2.JOIN_DECISION_REPLAN or round_ >= run.limits.max_replans:
-                return self._succeeded(scheduler, usage, answer)
-            log.info("replanning", run_id=run.run_id, round=round_ + 1, reason=reason)
-            progress = Progress(round_ + 1, False, len(scheduler.calls), reason, usage.total())
-            await run.events.progress(progress)
-
-    async def _plan(
-        self,
-        run: RunContext,
-        scheduler: DagScheduler,
-        usage: UsageTotals,
-        round_: int,
-        replan_reason: str,
-    ) -> AsyncIterator[common_pb2.ToolCall]:
-        request = planner_pb2.PlanRequest(
-            run_id=run.run_id,
-            goal=run.request.goal,
-            tools=run.tools,
-            max_nodes=run.limits.max_nodes,
-            model=run.limits.model,
-            round=round_,
-            previous_plan=list(scheduler.calls.values()),
-            previous_outcomes=list(scheduler.outcomes.values()),
-            replan_reason=replan_reason,
-            attempt=run.resumes,
-        )
-        async for response in self._planner.plan(request):
-            if response.HasField("node"):
-                yield response.node
-            else:
-                usage.add(response.done.usage)
-
-    async def _join(
-        self, run: RunContext, scheduler: DagScheduler, usage: UsageTotals, round_: int
-    ) -> tuple[int, str, str]:
-        request = planner_pb2.JoinRequest(
-            run_id=run.run_id,
-            goal=run.request.goal,
-            plan=list(scheduler.calls.values()),
-            outcomes=list(scheduler.outcomes.values()),
-            model=run.limits.model,
-            round=round_,
-            allow_replan=round_ < run.limits.max_replans,
-            attempt=run.resumes,
-        )
-        parts: list[str] = []
-        decision, reason = planner_pb2.JOIN_DECISION_FINISH, ""
-        async for response in self._planner.join(request):
-            if response.HasField("done"):
-                usage.add(response.done.usage)
-                decision, reason = response.done.decision, response.done.reason
-            else:
-                parts.append(response.answer_delta)
-                run.events.answer(response.answer_delta)
-        return decision, "".join(parts), reason
-
-    async def _invoke(self, run: RunContext, call: common_pb2.ToolCall) -> common_pb2.NodeOutcome:
-        request = toolgateway_pb2.InvokeToolRequest(
-            call=call,
-            run_id=run.run_id,
-            idempotency_key=f"{run.run_id}/{call.node_id}",
-            cache_mode=run.limits.cache_mode,  # type: ignore[arg-type]
-        )
-        try:
-            return await self._gateway.invoke(request)
-        except TrellisError as error:
-            outcome = ended(
-                call.node_id, common_pb2.NODE_STATUS_FAILED, error.reason, error.message
-            )
-            outcome.error.retryable = error.retryable
-            outcome.attempts = 1
-            return outcome
-
-    def _succeeded(
-        self, scheduler: DagScheduler, usage: UsageTotals, answer: str
-    ) -> executor_pb2.RunFinished:
-        outcomes = scheduler.outcomes.values()
-        return executor_pb2.RunFinished(
-            status=RunStatus.RUN_STATUS_SUCCEEDED,
-            answer=answer,
-            usage=usage.total(),
-            cost_nano_usd=usage.cost_nano_usd + sum(o.cost_nano_usd for o in outcomes),
-            cache_hits=sum(1 for o in outcomes if o.cache_hit),
-        )
-
     async def _catalog(self) -> list[common_pb2.ToolSpec]:
         """The gateway's tools, reused for ``tools_cache_seconds`` per tenant."""
         tenant, now = context.tenant(), time.monotonic()
@@ -560,14 +371,6 @@ class Runner:
 
 def _not_found(run_id: str) -> NotFound:
     return NotFound(f"no run {run_id}", reason="RUN_NOT_FOUND", metadata={"run_id": run_id})
-
-
-def _primary(error: BaseException) -> BaseException:
-    """The error that ended a run: the Trellis error inside a task group's, if any."""
-    while isinstance(error, BaseExceptionGroup):
-        trellis = error.subgroup(TrellisError)
-        error = (trellis or error).exceptions[0]
-    return error
 
 
 def _run_trace(trace_id: str, span_id: str) -> Context | None:
@@ -588,12 +391,6 @@ def _check_same_tenant(run_id: str, tenant_id: str) -> None:
     """Another tenant's run id is taken, but its run is not theirs to follow."""
     if tenant_id != context.tenant():
         raise AlreadyExists(f"run {run_id} exists", reason="RUN_EXISTS")
-
-
-def _failed(code: str, message: str) -> executor_pb2.RunFinished:
-    return executor_pb2.RunFinished(
-        status=RunStatus.RUN_STATUS_FAILED, error=common_pb2.Error(code=code, message=message)
-    )
 
 
 def _check_explicit_plan(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -15,13 +14,6 @@ from trellis_executor.store import PostgresRunStore, RunStore, SqliteRunStore, o
 
 RUNNING = executor_pb2.RUN_STATUS_RUNNING
 SUCCEEDED = executor_pb2.RUN_STATUS_SUCCEEDED
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/runs.db"
-    return request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture

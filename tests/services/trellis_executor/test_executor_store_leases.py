@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -15,13 +14,6 @@ from trellis_executor.store import LeaseLost, Progress, RunStore, open_store
 RUNNING = executor_pb2.RUN_STATUS_RUNNING
 REQUEST = executor_pb2.RunRequest(goal="check the disk", run_id="r1")
 LEASE = 0.4
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/runs.db"
-    return request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture
