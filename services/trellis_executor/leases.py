@@ -1,10 +1,11 @@
 """Lease upkeep: keep this replica's runs, take over runs whose owner died.
 
 Every ``interval`` seconds (a third of the lease) one task renews the leases of the
-runs executing here (a run whose lease could not be renewed has been taken over: it
-is dropped here), then claims RUNNING runs whose lease expired and hands them to
-the runner to resume. Its first pass, at start-up, also claims the runs this
-replica owned before a restart, without waiting for their leases to expire.
+runs executing here: a run whose lease could not be renewed has been taken over and
+is dropped here, and a run that CancelRun flagged on another replica is cancelled.
+It then claims RUNNING runs whose lease expired and hands them to the runner to
+resume. Its first pass, at start-up, also claims the runs this replica owned before
+a restart, without waiting for their leases to expire.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ class LeaseKeeper:
         interval: float,
         held: Callable[[], Collection[str]],
         lost: Callable[[str], None],
+        cancel: Callable[[str], Awaitable[object]],
         resume: Callable[[str], Awaitable[object]],
     ) -> None:
         self._store = store
         self._interval = interval
         self._held = held
         self._lost = lost
+        self._cancel = cancel
         self._resume = resume
         self._task: asyncio.Task[None] | None = None
 
@@ -64,11 +67,15 @@ class LeaseKeeper:
                 log.warning("lease upkeep failed", exc_info=True)
 
     async def tick(self, *, own: bool = False) -> list[str]:
-        """One pass: renew, drop lost runs, claim and resume; returns the claimed ids."""
+        """One pass: renew, drop lost runs, cancel flagged ones, claim and resume;
+        returns the claimed ids."""
         held = set(self._held())
         kept = await self._store.renew(held)
         for run_id in held - kept:
             self._lost(run_id)
+        if kept:
+            for run_id in await self._store.cancel_requested(kept):
+                await self._cancel(run_id)
         claimed = await self._store.claim(limit=CLAIM_BATCH, own=own)
         for run_id in claimed:
             log.info("resuming run", run_id=run_id, owner=self._store.owner)

@@ -29,7 +29,6 @@ from trellis.runtime import context
 from trellis.runtime.convert import timestamp_seconds
 from trellis.runtime.errors import (
     AlreadyExists,
-    FailedPrecondition,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -94,6 +93,7 @@ class Runner:
             interval=settings.lease_seconds / 3,
             held=self._active.keys,
             lost=self._lose,
+            cancel=self._cancel_here,
             resume=self._resume,
         )
 
@@ -191,17 +191,20 @@ class Runner:
         return run
 
     async def cancel(self, run_id: str) -> executor_pb2.RunStatus.ValueType:
+        """Cancel a run here, or flag it for the replica that owns it and wait (up to a
+        lease period) for that replica to end it; RUNNING if it has not yet."""
         run = await self.get(run_id)
-        active = self._active.get(run_id)
-        if active is None:
-            if run.status == RunStatus.RUN_STATUS_RUNNING:
-                raise FailedPrecondition(
-                    f"run {run_id} is not running in this executor", reason="RUN_NOT_ACTIVE"
-                )
+        if run_id in self._active:
+            await self._cancel_here(run_id)
+            return RunStatus.RUN_STATUS_CANCELLED
+        if run.status != RunStatus.RUN_STATUS_RUNNING:
             return run.status
-        active.task.cancel()
-        await asyncio.wait([active.task])
-        return RunStatus.RUN_STATUS_CANCELLED
+        await self._store.request_cancel(run_id)
+        deadline = time.monotonic() + self._settings.lease_seconds
+        while run.status == RunStatus.RUN_STATUS_RUNNING and time.monotonic() < deadline:
+            await asyncio.sleep(FOLLOW_POLL_SECONDS)
+            run = await self.get(run_id)
+        return run.status
 
     # -- following a run ----------------------------------------------------------------
 
@@ -320,6 +323,12 @@ class Runner:
                 self._launch(run, span, detached=True)
         finally:
             self._starting.discard(run_id)
+
+    async def _cancel_here(self, run_id: str) -> None:
+        active = self._active.get(run_id)
+        if active is not None and not active.task.done():
+            active.task.cancel()
+            await asyncio.wait([active.task])
 
     def _lose(self, run_id: str) -> None:
         """Another replica took the run over: stop it here without writing anything."""

@@ -260,3 +260,27 @@ async def test_invalid_streamed_node_ends_the_call_with_invalid_argument(
     assert planned == ["n1"]  # the valid node before it ran; the invalid one never did
     assert events[-1].finished.status == executor_pb2.RUN_STATUS_FAILED
     assert (stored.status, stored.error.code) == (executor_pb2.RUN_STATUS_FAILED, "INVALID_PLAN")
+
+
+async def test_cancel_run_on_another_replica_reaches_the_owner(
+    db_url, stack_on, serve, channels
+) -> None:
+    a = ExecutorClient(channels.get(stack_on.executor_target))
+    b = await second_executor(serve, stack_on, db_url, "exec-b", lease_seconds=0.6)
+    request = executor_pb2.RunRequest(run_id="cancel-me", plan=[node("long", "sleep", ms=10_000)])
+    events: list[executor_pb2.RunResponse] = []
+    started = asyncio.Event()
+
+    async def follow() -> None:
+        async for event in a.run(request):
+            events.append(event)
+            if event.HasField("node_started"):
+                started.set()
+
+    owner = asyncio.create_task(follow())
+    await asyncio.wait_for(started.wait(), 10)
+    response = await asyncio.wait_for(b.cancel_run("cancel-me"), 5)
+    await asyncio.wait_for(owner, 5)
+    assert response.status == executor_pb2.RUN_STATUS_CANCELLED
+    assert events[-1].finished.status == executor_pb2.RUN_STATUS_CANCELLED
+    assert outcomes(events)["long"].status == common_pb2.NODE_STATUS_CANCELLED

@@ -119,6 +119,14 @@ class RunStore(Protocol):
         (finished ones included: a run that ends meanwhile is not a lost one)."""
         ...
 
+    async def request_cancel(self, run_id: str) -> None:
+        """Flag a RUNNING run for its owner (on whichever replica) to cancel."""
+        ...
+
+    async def cancel_requested(self, run_ids: Collection[str]) -> set[str]:
+        """Those of ``run_ids`` that CancelRun flagged."""
+        ...
+
     async def release(self, run_ids: Collection[str]) -> None:
         """End this owner's leases of ``run_ids`` now, for a peer to take them over."""
         ...

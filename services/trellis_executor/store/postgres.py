@@ -53,6 +53,7 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS owner TEXT NOT NULL DEFAULT '';
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS lease_until TIMESTAMPTZ NOT NULL DEFAULT now();
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS progress TEXT;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS span_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS cancel_requested BOOLEAN NOT NULL DEFAULT false;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS resumes INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS runs_running_lease ON runs (lease_until) WHERE status = 1;
 """
@@ -207,6 +208,20 @@ class PostgresRunStore:
             " WHERE run_id = ANY($3::text[]) AND owner = $1 RETURNING run_id",
             self.owner,
             self._lease,
+            list(run_ids),
+        )
+        return {row["run_id"] for row in rows}
+
+    async def request_cancel(self, run_id: str) -> None:
+        await self._pool.execute(
+            "UPDATE runs SET cancel_requested = true WHERE run_id = $1 AND status = $2",
+            run_id,
+            RUNNING,
+        )
+
+    async def cancel_requested(self, run_ids: Collection[str]) -> set[str]:
+        rows = await self._pool.fetch(
+            "SELECT run_id FROM runs WHERE run_id = ANY($1::text[]) AND cancel_requested",
             list(run_ids),
         )
         return {row["run_id"] for row in rows}

@@ -58,6 +58,7 @@ LEASE_COLUMNS = {
     "lease_until": "REAL NOT NULL DEFAULT 0",
     "progress": "TEXT",
     "span_id": "TEXT NOT NULL DEFAULT ''",
+    "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
     "resumes": "INTEGER NOT NULL DEFAULT 0",
 }
 
@@ -219,6 +220,21 @@ class SqliteRunStore:
             (self._lease_until(), *ids, self.owner),
         )
         await self._db.commit()
+        return {row[0] for row in rows}
+
+    async def request_cancel(self, run_id: str) -> None:
+        await self._db.execute(
+            "UPDATE runs SET cancel_requested = 1 WHERE run_id = ? AND status = ?",
+            (run_id, RUNNING),
+        )
+        await self._db.commit()
+
+    async def cancel_requested(self, run_ids: Collection[str]) -> set[str]:
+        ids = list(run_ids)
+        marks = ",".join("?" * len(ids))
+        rows = await self._db.execute_fetchall(
+            f"SELECT run_id FROM runs WHERE run_id IN ({marks}) AND cancel_requested", ids
+        )
         return {row[0] for row in rows}
 
     async def release(self, run_ids: Collection[str]) -> None:

@@ -146,3 +146,12 @@ async def test_a_run_finished_meanwhile_still_counts_as_held(replicas) -> None:
     await a.create("r1", "t", REQUEST, "t")
     await a.finish("r1", executor_pb2.RunFinished(status=executor_pb2.RUN_STATUS_SUCCEEDED))
     assert await a.renew(["r1"]) == {"r1"}  # finished by its owner, not taken over
+
+
+async def test_cancel_requests_are_seen_by_the_owner(replicas) -> None:
+    a, b = replicas
+    await a.create("r1", "t", REQUEST, "t")
+    await a.create("r2", "t", REQUEST, "t")
+    assert await a.cancel_requested(["r1", "r2"]) == set()
+    await b.request_cancel("r1")  # any replica may ask
+    assert await a.cancel_requested(["r1", "r2"]) == {"r1"}
