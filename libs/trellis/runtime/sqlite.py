@@ -31,12 +31,17 @@ def sqlite_path(url: str) -> str:
     return require_sqlite_url(url)[len(SQLITE_PREFIX) :] or ":memory:"
 
 
-async def connect(url: str) -> aiosqlite.Connection:
-    """Open the database at ``url``, creating its directory, in WAL mode."""
+async def connect(url: str, *, autocommit: bool = False) -> aiosqlite.Connection:
+    """Open the database at ``url``, creating its directory, in WAL mode.
+
+    ``autocommit``: each statement commits itself, one thread hop per write instead of
+    two (execute, then commit), for stores whose every write is a single statement.
+    """
     path = sqlite_path(url)
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = await aiosqlite.connect(path)
+    options = {"isolation_level": None} if autocommit else {}
+    db = await aiosqlite.connect(path, **options)
     await db.execute("PRAGMA journal_mode=WAL")
     await db.execute("PRAGMA busy_timeout=5000")
     await db.execute("PRAGMA synchronous=NORMAL")

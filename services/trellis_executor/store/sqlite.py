@@ -1,8 +1,9 @@
 """The SQLite run store: the embedded default.
 
-One connection per process; the event loop serializes its writes, and WAL plus a
-busy timeout (``trellis.runtime.sqlite.connect``) let several processes share a file.
-Leases are in Unix seconds of the host clock: processes sharing a file share a host.
+One connection per process in autocommit mode: every write is one statement, so it
+is durable when its ``execute`` returns. WAL plus a busy timeout
+(``trellis.runtime.sqlite.connect``) let several processes share a file. Leases are
+in Unix seconds of the host clock: processes sharing a file share a host.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def _now() -> str:
 
 
 class SqliteRunStore:
-    """Async SQLite run store for one owner; each method commits before it returns."""
+    """Async SQLite run store for one owner; each write is committed when it returns."""
 
     def __init__(self, db: aiosqlite.Connection, owner: str, lease_seconds: float) -> None:
         self._db = db
@@ -82,13 +83,12 @@ class SqliteRunStore:
     async def open(
         cls, url: str, *, owner: str = DEFAULT_OWNER, lease_seconds: float = DEFAULT_LEASE_SECONDS
     ) -> SqliteRunStore:
-        db = await sqlite.connect(url)
+        db = await sqlite.connect(url, autocommit=True)
         await db.executescript(SCHEMA)
         present = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(runs)")}
         for name, declaration in LEASE_COLUMNS.items():
             if name not in present:
                 await db.execute(f"ALTER TABLE runs ADD COLUMN {name} {declaration}")
-        await db.commit()
         return cls(db, owner, lease_seconds)
 
     async def close(self) -> None:
@@ -124,12 +124,10 @@ class SqliteRunStore:
             )
         except aiosqlite.IntegrityError:
             raise run_exists(run_id) from None
-        await self._db.commit()
 
     async def _fenced(self, run_id: str, sql: str, **values: object) -> None:
         """Run a write of ``run_id``'s state that only its owner may make."""
         cursor = await self._db.execute(sql, {"run_id": run_id, "owner": self.owner, **values})
-        await self._db.commit()  # a plain write is complete once executed: no close needed
         if cursor.rowcount == 0:
             raise lease_lost(run_id)
 
@@ -212,14 +210,13 @@ class SqliteRunStore:
             return set()
         ids = list(run_ids)
         marks = ",".join("?" * len(ids))
-        # execute_fetchall: the RETURNING statement is done before anything else runs
-        # on the shared connection (a commit meanwhile would fail).
+        # execute_fetchall: the RETURNING statement completes in one step on the
+        # shared connection, before any other statement runs on it.
         rows = await self._db.execute_fetchall(
             f"UPDATE runs SET lease_until = ? WHERE run_id IN ({marks}) AND owner = ?"
             " RETURNING run_id",
             (self._lease_until(), *ids, self.owner),
         )
-        await self._db.commit()
         return {row[0] for row in rows}
 
     async def request_cancel(self, run_id: str) -> None:
@@ -227,7 +224,6 @@ class SqliteRunStore:
             "UPDATE runs SET cancel_requested = 1 WHERE run_id = ? AND status = ?",
             (run_id, RUNNING),
         )
-        await self._db.commit()
 
     async def cancel_requested(self, run_ids: Collection[str]) -> set[str]:
         ids = list(run_ids)
@@ -245,7 +241,6 @@ class SqliteRunStore:
             " AND status = ?",
             (*ids, self.owner, RUNNING),
         )
-        await self._db.commit()
 
     async def claim(self, *, limit: int, run_id: str | None = None, own: bool = False) -> list[str]:
         rows = await self._db.execute_fetchall(
@@ -264,5 +259,4 @@ class SqliteRunStore:
                 "limit": limit,
             },
         )
-        await self._db.commit()
         return [row[0] for row in rows]
