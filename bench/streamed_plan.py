@@ -1,21 +1,19 @@
 """``streamed_plan``: the model writes one plan line every 200 ms; how soon does it start?
 
-The offline model paces its stream per *piece* (``delay_ms`` before each piece) and cuts
-text into word-sized pieces (``tokens.pieces``), so the script API alone cannot pace per
-line. The benchmark therefore swaps the model server's ``pieces`` for one that cuts the
-scripted plan into whole lines (other texts, e.g. the join's answer, keep their usual
-pieces) and sets ``state.delay_ms`` to the line interval while the plan streams, back to 0
-once the last line is out. Nothing in ``services/`` changes.
-
-The emit time of a line is taken *in the model server*, the moment ``response.write`` of
-its SSE chunk has returned (the piece generator is resumed right after each send). Client
-and servers share one process, so ``time.perf_counter`` is one clock for both:
+The offline model paces plans per line: with ``state.line_delay_ms`` each line of a plan
+(the answer to a planning prompt; the join's answer is not paced) takes that long to
+stream, token by token, and ``state.on_plan_line`` is called with each plan line once its
+last piece has been written to the SSE stream. The benchmark scripts the plan (the skewed
+DAG as JSONL), sets both for the duration of its runs, and takes a line's emit time in
+that hook. Client and servers share one process, so ``time.perf_counter`` is one clock
+for both:
 
 - ``emit_to_start_*``: model emitted the node's line → ``node_started`` event at the client
   (planner parse + validation, Plan stream hop, executor admit + store writes, Run hop).
 - ``emit_to_executor_p50_ms``: same emit → the node reaching the executor's scheduler
   (model SSE → openai client → planner parse/validate → Plan stream hop); the rest of
   ``emit_to_start`` is the executor (store write of ``node_planned``, dispatch) + Run hop.
+  The arrival is timed by wrapping ``DagScheduler._admit`` (no event carries that moment).
 - ``emit_to_tool_start_*``: same emit → the tool's ``NodeOutcome.started_at`` in the gateway
   (wall clock on both sides).
 
@@ -30,10 +28,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import trellis_offline_model.server as model_server
 from bench.dag_common import SKEWED_CRITICAL_MS, median, percentile_ms, r, skewed_nodes, timed_run
 from trellis.cli.stack import Stack
 from trellis.clients.executor import ExecutorClient
@@ -54,11 +50,11 @@ class PacedPlan:
         self.emitted_perf: dict[str, float] = {}
         self.emitted_wall: dict[str, float] = {}
         self.admitted: dict[str, float] = {}
-        self._original = model_server.pieces
         self._original_admit = DagScheduler._admit
 
     def __enter__(self) -> PacedPlan:
-        model_server.pieces = self._pieces  # type: ignore[assignment]
+        self.state.line_delay_ms = LINE_INTERVAL_MS
+        self.state.on_plan_line = self._emitted
         original_admit, admitted = self._original_admit, self.admitted
 
         async def admit(scheduler: DagScheduler, call: Any) -> None:
@@ -69,29 +65,23 @@ class PacedPlan:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        model_server.pieces = self._original
         DagScheduler._admit = self._original_admit  # type: ignore[method-assign]
-        self.state.delay_ms = 0
+        self.state.line_delay_ms = 0
+        self.state.on_plan_line = None
 
     def arm(self) -> None:
         self.emitted_perf.clear()
         self.emitted_wall.clear()
         self.admitted.clear()
-        self.state.delay_ms = LINE_INTERVAL_MS
         self.state.script.reply(self.text)
 
-    def _pieces(self, text: str) -> list[str] | Iterator[str]:
-        if text != self.text:
-            return self._original(text)
-        return self._lines()
-
-    def _lines(self) -> Iterator[str]:
-        for node, line in zip(self.nodes, self.text.splitlines(keepends=True), strict=True):
-            yield line
-            # resumed by the server's loop right after ``send`` of this line returned
-            self.emitted_perf[node["node_id"]] = time.perf_counter()
-            self.emitted_wall[node["node_id"]] = time.time()
-        self.state.delay_ms = 0  # the join's answer streams unpaced
+    def _emitted(self, line: str) -> None:
+        """The model server's hook: ``line`` has just been written to the stream."""
+        if not line.strip():
+            return
+        node_id = json.loads(line)["node_id"]
+        self.emitted_perf[node_id] = time.perf_counter()
+        self.emitted_wall[node_id] = time.time()
 
 
 async def measure(stack: Stack, client: ExecutorClient, samples: int) -> dict[str, Any]:

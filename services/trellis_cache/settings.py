@@ -2,9 +2,7 @@
 
 from pydantic import Field, field_validator
 
-from trellis.runtime.settings import ServiceSettings
-
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+from trellis.runtime.settings import ServiceSettings, validate_redis_url
 
 
 class CacheSettings(ServiceSettings):
@@ -30,7 +28,4 @@ class CacheSettings(ServiceSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
-        value = value.strip()
-        if value and not value.startswith(REDIS_SCHEMES):
-            raise ValueError(f"must start with {', '.join(REDIS_SCHEMES)} (or be empty)")
-        return value
+        return validate_redis_url(value)

@@ -22,7 +22,9 @@ def main() -> None:
     setup_logging("info", service="offline-model")
 
     async def serve() -> None:
-        running = await start_offline_model(settings.host, settings.port, settings.delay_ms)
+        running = await start_offline_model(
+            settings.host, settings.port, settings.delay_ms, settings.line_delay_ms
+        )
         log.info("ready", base_url=running.base_url)
         await wait_for_signal()
         await running.stop()

@@ -13,6 +13,9 @@ The rules read the catalog the way an LLM would read it, but literally:
 
 Commands come first, then the other calls in the order the goal mentions them. Calls are
 independent unless chained. A goal no rule matches gets an empty plan.
+
+A repair round (the planner rejected some lines and lists the nodes it accepted) gets
+``remaining``: the goal's plan minus the nodes already accepted.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ _SLEEP = re.compile(
     re.IGNORECASE,
 )
 _ECHO_LITERAL = re.compile(r"\becho\s+(?:\"([^\"]*)\"|'([^']*)'|`([^`]*)`|“([^”]*)”)", re.I)
+_REFERENCE = re.compile(r"\$(\{?)([A-Za-z0-9_\-]+)")
 _ECHO_PREVIOUS = re.compile(r"\becho\s+(?:the\s+result|the\s+output|it|that)\b", re.I)
 
 Node = dict[str, Any]
@@ -125,3 +129,41 @@ def plan(goal: str, catalog: Iterable[Mapping[str, Any]], *, first_id: int = 1) 
             continue
         add(tool, args, [])
     return nodes
+
+
+def _renamed(value: Any, names: Mapping[str, str]) -> Any:
+    """``value`` with references (``$n1``, ``${n1.x}``) to renamed nodes renamed."""
+    if isinstance(value, str):
+        return _REFERENCE.sub(lambda m: f"${m.group(1)}{names.get(m.group(2), m.group(2))}", value)
+    if isinstance(value, Mapping):
+        return {k: _renamed(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed(v, names) for v in value]
+    return value
+
+
+def remaining(
+    nodes: Iterable[Node], accepted: Iterable[Mapping[str, Any]], *, first_id: int
+) -> list[Node]:
+    """The nodes of ``nodes`` (the goal's plan) that ``accepted`` (a repair round's
+    accepted nodes) lacks.
+
+    A node with the tool and args of an accepted node is that node: it is dropped and
+    references to it point to the accepted one. The rest keep their order and are
+    numbered ``n{first_id}``, ``n{first_id + 1}``, ...
+    """
+    done = [(a.get("tool"), a.get("args") or {}, str(a.get("node_id"))) for a in accepted]
+    names: dict[str, str] = {}
+    rest: list[Node] = []
+    for node in nodes:
+        args = _renamed(node["args"], names)
+        depends_on = [names.get(d, d) for d in node["depends_on"]]
+        same = next((nid for tool, a, nid in done if tool == node["tool"] and a == args), None)
+        if same is not None:
+            names[node["node_id"]] = same
+            continue
+        names[node["node_id"]] = node_id = f"n{first_id + len(rest)}"
+        rest.append(
+            {"node_id": node_id, "tool": node["tool"], "args": args, "depends_on": depends_on}
+        )
+    return rest

@@ -3,7 +3,8 @@
 The planner and this model agree on a few section headings (and nothing else): the
 planning system prompt lists the catalog under ``## Tools`` as one JSON object per line
 (name, description, input_schema); the join prompt gives ``## Goal`` and, under
-``## Outcomes``, one JSON object per line per node; a replan adds ``## Previous plan``.
+``## Outcomes``, one JSON object per line per node; a replan adds ``## Previous plan``;
+a repair round (after an invalid plan) adds ``## Accepted nodes``, one ToolCall per line.
 An LLM reads the same text as prose.
 """
 
@@ -19,6 +20,8 @@ GOAL = "Goal"
 OUTCOMES = "Outcomes"
 #: On a replan, the plan that ran before (its node ids are not reused).
 PREVIOUS_PLAN = "Previous plan"
+#: On a repair round, the nodes of the plan that were accepted (the rest is asked for).
+ACCEPTED = "Accepted nodes"
 
 _HEADING = re.compile(r"^##\s+(.+?)\s*$")
 

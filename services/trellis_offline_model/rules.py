@@ -8,7 +8,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trellis_offline_model import answering, planning
-from trellis_offline_model.prompt import OUTCOMES, PREVIOUS_PLAN, TOOLS, Prompt, json_lines
+from trellis_offline_model.prompt import (
+    ACCEPTED,
+    OUTCOMES,
+    PREVIOUS_PLAN,
+    TOOLS,
+    Prompt,
+    json_lines,
+)
 
 MODEL_ID = "trellis-offline-rules-v1"
 
@@ -18,8 +25,17 @@ FALLBACK = (
 )
 
 
+def is_plan_prompt(messages: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether ``messages`` ask for a plan (a tool catalog, no outcomes to join)."""
+    sections = Prompt(messages).sections
+    return TOOLS in sections and OUTCOMES not in sections
+
+
 def respond(messages: Sequence[Mapping[str, Any]]) -> str:
-    """The completion for ``messages``: a JSONL plan, an answer, or a fixed notice."""
+    """The completion for ``messages``: a JSONL plan, an answer, or a fixed notice.
+
+    On a repair round (``## Accepted nodes``) the plan is the rest the accepted nodes lack.
+    """
     prompt = Prompt(messages)
     if OUTCOMES in prompt.sections:
         return answering.answer(prompt.goal(), json_lines(prompt.sections[OUTCOMES]))
@@ -28,6 +44,9 @@ def respond(messages: Sequence[Mapping[str, Any]]) -> str:
         nodes = planning.plan(
             prompt.goal(), json_lines(prompt.sections[TOOLS]), first_id=_next_id(previous)
         )
+        if ACCEPTED in prompt.sections:
+            accepted = json_lines(prompt.sections[ACCEPTED])
+            nodes = planning.remaining(nodes, accepted, first_id=_next_id([*previous, *accepted]))
         return "".join(json.dumps(node) + "\n" for node in nodes)
     return FALLBACK
 

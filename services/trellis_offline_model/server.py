@@ -5,6 +5,13 @@ Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}`` and ``POST /v1/chat/compl
 usage chunk with empty ``choices`` when ``stream_options.include_usage``; false: one
 ``chat.completion``). Whatever model a request names, the answer comes from the rules and
 says so in ``model``. ``start_offline_model`` embeds it in any asyncio program.
+
+Pacing (``ModelState``, changeable while serving): ``delay_ms`` before every streamed
+piece (a slow model); ``line_delay_ms``: each line of a *plan* (the answer to a planning
+prompt, scripted or not) takes that long to stream, its pieces spread evenly over it, so
+a plan's nodes arrive one per ``line_delay_ms``, token by token, as from a model that
+writes a node at a steady pace; ``on_plan_line`` is called with each plan line right
+after its last piece was written, for benchmarks that time what happens downstream.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +30,9 @@ from aiohttp import web
 
 from trellis.runtime.logs import get_logger
 from trellis_offline_model.prompt import message_text
-from trellis_offline_model.rules import MODEL_ID, respond
+from trellis_offline_model.rules import MODEL_ID, is_plan_prompt, respond
 from trellis_offline_model.script import Behaviour, Script
-from trellis_offline_model.tokens import count_tokens, pieces
+from trellis_offline_model.tokens import count_tokens, lines, pieces
 
 log = get_logger(__name__)
 
@@ -57,7 +64,12 @@ RECORDED_REQUESTS = 100
 class ModelState:
     """Per-server state: stream pacing, the test script, the requests seen."""
 
+    #: Pause before each streamed piece.
     delay_ms: float = 0.0
+    #: How long each line of a plan (JSONL: one node per line) takes to stream.
+    line_delay_ms: float = 0.0
+    #: Called with each plan line once it has been written to the stream.
+    on_plan_line: Callable[[str], None] | None = None
     script: Script = field(default_factory=Script)
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECORDED_REQUESTS))
 
@@ -149,7 +161,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         )
     options = body.get("stream_options") or {}
     include_usage = isinstance(options, Mapping) and bool(options.get("include_usage"))
-    return await _stream(request, state, head, text, usage if include_usage else None)
+    plan = is_plan_prompt(messages)
+    return await _stream(request, state, head, text, usage if include_usage else None, plan=plan)
 
 
 async def _stream(
@@ -158,6 +171,8 @@ async def _stream(
     head: dict[str, Any],
     text: str,
     usage: dict[str, int] | None,
+    *,
+    plan: bool,
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -176,10 +191,21 @@ async def _stream(
 
     try:
         await send(chunk({"role": "assistant", "content": ""}))
-        for piece in pieces(text):
-            if state.delay_ms:
-                await asyncio.sleep(state.delay_ms / 1000)
-            await send(chunk({"content": piece}))
+        loop = asyncio.get_running_loop()
+        for line in lines(text):
+            line_pieces = pieces(line)
+            # a paced plan line takes line_delay_ms, its pieces spread evenly over it
+            # (on a schedule, so the sleeps' overshoot does not add up)
+            step = state.line_delay_ms / 1000 / len(line_pieces) if plan and line_pieces else 0
+            started = loop.time()
+            for i, piece in enumerate(line_pieces, 1):
+                if state.delay_ms:
+                    await asyncio.sleep(state.delay_ms / 1000)
+                if step:
+                    await asyncio.sleep(max(0.0, started + i * step - loop.time()))
+                await send(chunk({"content": piece}))
+            if plan and state.on_plan_line is not None:
+                state.on_plan_line(line)
         await send(chunk({}, "stop"))
         if usage is not None:
             await send({**base, "choices": [], "usage": usage})
@@ -230,10 +256,13 @@ class RunningModel:
 
 
 async def start_offline_model(
-    host: str = "127.0.0.1", port: int = 0, delay_ms: float = 0
+    host: str = "127.0.0.1", port: int = 0, delay_ms: float = 0, line_delay_ms: float = 0
 ) -> RunningModel:
-    """Serve the rule model on ``host:port`` (0 picks a free port) in the running loop."""
-    state = ModelState(delay_ms=delay_ms)
+    """Serve the rule model on ``host:port`` (0 picks a free port) in the running loop.
+
+    ``delay_ms`` paces every streamed piece, ``line_delay_ms`` every line of a plan.
+    """
+    state = ModelState(delay_ms=delay_ms, line_delay_ms=line_delay_ms)
     runner = web.AppRunner(create_app(state), access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     sock = socket.create_server((host, port), reuse_port=False)

@@ -18,3 +18,9 @@ class OfflineModelSettings(BaseSettings):
     delay_ms: float = Field(
         0, ge=0, le=60_000, description="Pause before each streamed piece, to mimic a real model."
     )
+    line_delay_ms: float = Field(
+        0,
+        ge=0,
+        le=60_000,
+        description="Time each line of a plan takes to stream (one node per line).",
+    )

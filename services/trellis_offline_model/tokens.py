@@ -11,6 +11,7 @@ import re
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 # Pieces keep their leading whitespace so that joining them gives the text back exactly.
 _PIECE = re.compile(r"\s*(?:\w+|[^\w\s]+)|\s+")
+_LINE = re.compile(r"[^\n]*\n|[^\n]+")
 
 
 def count_tokens(text: str) -> int:
@@ -20,3 +21,8 @@ def count_tokens(text: str) -> int:
 def pieces(text: str) -> list[str]:
     """``text`` cut into word-ish stream pieces; ``"".join(pieces(t)) == t``."""
     return _PIECE.findall(text)
+
+
+def lines(text: str) -> list[str]:
+    """``text`` cut after each newline (kept); ``"".join(lines(t)) == t``."""
+    return _LINE.findall(text)

@@ -1,34 +1,64 @@
 """The planner's domain core: plan a goal, join outcomes. No gRPC in here.
 
 ``plan`` streams each validated ToolCall as soon as the model has written its line,
-then a ``PlanEnd`` with the call's usage and cost; ``join`` streams answer text, then
-a ``JoinEnd`` with FINISH or REPLAN. Every model call is recorded with cost accounting,
-also when the call's output turned out to be invalid (the tokens were spent).
+then a ``PlanEnd`` with the usage and cost of its model calls; ``join`` streams answer
+text, then a ``JoinEnd`` with FINISH or REPLAN.
+
+Repair: a node is never retracted once streamed, so the first call's valid lines go out
+as they come, while its rejected lines (not JSON, not a ToolCall, unknown tool, args
+against the input schema, dangling or forward references, duplicate ids) are collected.
+If there are any, one repair call sends them back, each with its reasons, together with
+the nodes already accepted, and asks for the rest of the plan; the same validator checks
+the answer, so it continues the same plan (ids, references). A line that repeats an
+accepted node unchanged is skipped. Still invalid after the repair, or over
+``max_nodes`` (no repair can add to a full plan): ``InvalidArgument(INVALID_PLAN)``.
+
+Every model call is recorded with cost accounting: valid or not, finished or failed,
+and also when the client goes away mid-stream (tokens estimated from the text so far,
+marked estimated); the ledger write is shielded from that cancellation.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
 
 from trellis.common.v1 import common_pb2
 from trellis.planner.v1 import planner_pb2
 from trellis.runtime.errors import FieldViolation, InvalidArgument
+from trellis.runtime.logs import get_logger
 from trellis_planner import usage as usage_mod
-from trellis_planner.jsonl import JsonLinesError, JsonLinesParser
+from trellis_planner.jsonl import JsonLine, JsonLinesParser
 from trellis_planner.model import ChatCall, ChatModel
-from trellis_planner.prompts import join_messages, plan_messages
+from trellis_planner.prompts import (
+    Message,
+    RejectedLine,
+    join_messages,
+    plan_messages,
+    repair_messages,
+)
 from trellis_planner.replan import ReplanGate
 from trellis_planner.usage import UsageRecorder
 from trellis_planner.validation import PlanValidator, invalid_plan
 
+log = get_logger(__name__)
+
+#: Steps of the model calls, as they appear in usage ids and on spans.
 PLAN = "plan"
+PLAN_REPAIR = "plan-repair"
 JOIN = "join"
+#: The first call stops being read after this many rejected lines: it is off track, and
+#: the repair round has enough to go on.
+MAX_REJECTED_LINES = 10
+
+_NODE_INDEX = re.compile(r"^plan\[\d+\]\.?")
 
 
 @dataclass(frozen=True)
 class PlanEnd:
-    """The plan is complete."""
+    """The plan is complete; ``usage`` sums its model calls (plan, and repair if any)."""
 
     usage: common_pb2.Usage
 
@@ -47,6 +77,77 @@ def _require_goal(goal: str) -> None:
         raise InvalidArgument(
             "goal is required", reason="GOAL_REQUIRED", violations=[FieldViolation("goal", "empty")]
         )
+
+
+def _still_invalid(error: InvalidArgument) -> InvalidArgument:
+    return invalid_plan(
+        f"the model's plan is still invalid after one repair round: {error.message}",
+        error.violations,
+    )
+
+
+def _problem(violation: FieldViolation) -> str:
+    """A violation as the model should read it: relative to its line (``args.ms: ...``)."""
+    field = _NODE_INDEX.sub("", violation.field)
+    return f"{field}: {violation.description}" if field else violation.description
+
+
+def _line_error(line: JsonLine) -> InvalidArgument:
+    problem = str(line.error)
+    return invalid_plan(
+        f"the model's plan is not JSON Lines: {problem}", [FieldViolation("plan", problem)]
+    )
+
+
+def _total(a: common_pb2.Usage, b: common_pb2.Usage) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        model=b.model or a.model,
+        input_tokens=a.input_tokens + b.input_tokens,
+        output_tokens=a.output_tokens + b.output_tokens,
+        cached_input_tokens=a.cached_input_tokens + b.cached_input_tokens,
+        cost_nano_usd=a.cost_nano_usd + b.cost_nano_usd,
+    )
+
+
+@dataclass
+class _Round:
+    """One model call of a plan: the lines it got wrong, its output and usage.
+
+    In the first round a rejected line is noted for the repair; in the repair round (or
+    once the plan is full) it ends the plan at once.
+    """
+
+    validator: PlanValidator
+    repair: bool
+    rejected: list[RejectedLine] = field(default_factory=list)
+    errors: list[InvalidArgument] = field(default_factory=list)
+    output: str = ""
+    usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+
+    @property
+    def enough(self) -> bool:
+        return len(self.rejected) >= MAX_REJECTED_LINES
+
+    def take(self, line: JsonLine) -> common_pb2.ToolCall | None:
+        """The line's node if it is valid, else None (rejection noted) or raise."""
+        if line.error is not None:
+            self._reject(line, [line.error.problem], _line_error(line))
+            return None
+        if self.repair and self.validator.is_repeat(line.value):
+            return None
+        try:
+            return self.validator.check(line.value, line.number)
+        except InvalidArgument as error:
+            if self.validator.full:  # over max_nodes: accepted nodes stay, nothing fits
+                raise
+            self._reject(line, [_problem(v) for v in error.violations], error)
+            return None
+
+    def _reject(self, line: JsonLine, problems: list[str], error: InvalidArgument) -> None:
+        if self.repair:
+            raise _still_invalid(error)
+        self.rejected.append(RejectedLine(line.number, line.text, problems))
+        self.errors.append(error)
 
 
 class Planner:
@@ -68,55 +169,97 @@ class Planner:
     ) -> AsyncIterator[common_pb2.ToolCall | PlanEnd]:
         _require_goal(request.goal)
         max_nodes = request.max_nodes if request.max_nodes > 0 else self._max_nodes
-        validator = PlanValidator([tool.name for tool in request.tools], max_nodes)
-        parser = JsonLinesParser()
-        call = self._model.chat(
-            plan_messages(request, max_nodes),
-            model=request.model or self._default_model,
-            run_id=request.run_id,
-            step=PLAN,
-        )
+        previous = [call.node_id for call in request.previous_plan]
+        validator = PlanValidator(request.tools, max_nodes, previous=previous)
+        messages = plan_messages(request, max_nodes)
+        first = _Round(validator, repair=False)
+        async with aclosing(self._round(first, messages, request, PLAN)) as nodes:
+            async for node in nodes:
+                yield node
+        usage = first.usage
+        if first.rejected:
+            if validator.full:  # the rejected lines can no longer be added
+                raise first.errors[0]
+            log.info(
+                "repairing plan",
+                run_id=request.run_id,
+                round=request.round,
+                rejected_lines=[r.line for r in first.rejected],
+                accepted=validator.count,
+            )
+            repair = _Round(validator, repair=True)
+            messages = repair_messages(
+                messages,
+                first.output,
+                first.rejected,
+                validator.accepted,
+                max_nodes - validator.count,
+            )
+            async with aclosing(self._round(repair, messages, request, PLAN_REPAIR)) as nodes:
+                async for node in nodes:
+                    yield node
+            usage = _total(usage, repair.usage)
+        yield PlanEnd(usage)
+
+    async def _round(
+        self,
+        round_: _Round,
+        messages: Sequence[Message],
+        request: planner_pb2.PlanRequest,
+        step: str,
+    ) -> AsyncIterator[common_pb2.ToolCall]:
+        """Stream the valid nodes of one model call; record its usage however it ends."""
+        parser = JsonLinesParser(strict=False)
+        call = self._chat(messages, request, step)
         try:
-            async with call:
-                try:
-                    async for text in call.deltas():
-                        for line in parser.feed(text):
-                            yield validator.check(line.value, line.number)
+            async with call, aclosing(call.deltas()) as deltas:
+                async for text in deltas:
+                    for line in parser.feed(text):
+                        if (node := round_.take(line)) is not None:
+                            yield node
+                    if round_.enough:
+                        break
+                else:
                     for line in parser.close():
-                        yield validator.check(line.value, line.number)
-                except JsonLinesError as error:
-                    raise invalid_plan(
-                        f"the model's plan is not JSON Lines: {error}",
-                        [FieldViolation("plan", str(error))],
-                    ) from error
-        except Exception:
+                        if (node := round_.take(line)) is not None:
+                            yield node
+        except BaseException:  # also cancellation: the tokens were spent all the same
             if call.opened:
-                await self._record(call, request, PLAN)
+                round_.usage = await self._record(call, request, step)
             raise
-        yield PlanEnd(await self._record(call, request, PLAN))
+        round_.output = call.result.text
+        round_.usage = await self._record(call, request, step)
 
     async def join(self, request: planner_pb2.JoinRequest) -> AsyncIterator[str | JoinEnd]:
         _require_goal(request.goal)
         gate = ReplanGate(request.allow_replan)
-        call = self._model.chat(
-            join_messages(request),
-            model=request.model or self._default_model,
-            run_id=request.run_id,
-            step=JOIN,
-        )
+        call = self._chat(join_messages(request), request, JOIN)
         try:
-            async with call:
-                async for text in call.deltas():
+            async with call, aclosing(call.deltas()) as deltas:
+                async for text in deltas:
                     for piece in gate.feed(text):
                         yield piece
                 for piece in gate.close():
                     yield piece
-        except Exception:
+        except BaseException:  # also cancellation: the tokens were spent all the same
             if call.opened:
                 await self._record(call, request, JOIN)
             raise
         usage = await self._record(call, request, JOIN)
         yield JoinEnd(gate.replan, gate.reason, usage)
+
+    def _chat(
+        self,
+        messages: Sequence[Message],
+        request: planner_pb2.PlanRequest | planner_pb2.JoinRequest,
+        step: str,
+    ) -> ChatCall:
+        return self._model.chat(
+            messages,
+            model=request.model or self._default_model,
+            run_id=request.run_id,
+            step=step,
+        )
 
     async def _record(
         self, call: ChatCall, request: planner_pb2.PlanRequest | planner_pb2.JoinRequest, step: str

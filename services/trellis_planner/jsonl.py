@@ -4,6 +4,10 @@ The planner streams the plan to the executor node by node, so it cannot wait for
 whole model output. Models wrap output in Markdown fences and leave blank lines; both
 are skipped. Anything else that is not JSON is an error naming its line, because the
 repair round (and the person reading the log) needs to know exactly what was wrong.
+
+By default a bad line raises ``JsonLinesError``. With ``strict=False`` it comes back as a
+``JsonLine`` whose ``error`` is set, and parsing goes on with the next line, so the
+planner can keep streaming the good lines and list every bad one in the repair round.
 """
 
 from __future__ import annotations
@@ -26,16 +30,22 @@ class JsonLinesError(ValueError):
 
 @dataclass(frozen=True)
 class JsonLine:
-    """One parsed line and its 1-based number in the whole output."""
+    """One parsed line, its 1-based number in the whole output and its text (stripped).
+
+    ``error`` is set (and ``value`` is None) for a line that is not JSON, in non-strict mode.
+    """
 
     number: int
     value: Any
+    text: str = ""
+    error: JsonLinesError | None = None
 
 
 class JsonLinesParser:
     """Feed text in chunks cut anywhere; get back the lines each chunk completed."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, strict: bool = True) -> None:
+        self._strict = strict
         self._pending = ""
         self._line_number = 0
 
@@ -56,7 +66,10 @@ class JsonLinesParser:
         if not line or line.startswith("```"):
             return None
         try:
-            return JsonLine(self._line_number, json.loads(line))
+            return JsonLine(self._line_number, json.loads(line), line)
         except json.JSONDecodeError as error:
             problem = f"not valid JSON ({error.msg} at column {error.colno})"
-            raise JsonLinesError(self._line_number, line, problem) from None
+            bad = JsonLinesError(self._line_number, line, problem)
+        if self._strict:
+            raise bad
+        return JsonLine(self._line_number, None, line, bad)

@@ -1,11 +1,27 @@
 """One model call: streamed through the ``openai`` client, traced, bounded, mapped.
 
-Every call is a ``chat {model}`` CLIENT span with the GenAI semantic-convention
-attributes (and time to first token), is bounded by the service's model timeout and by
+Before anything is sent, the tenant's budget is checked (``budget.py``: over budget →
+BUDGET_EXCEEDED, no call made). Then each attempt, the requested model first and then
+each fallback model, takes its place under the model's rate limits (``ratelimit.py``:
+it may wait within the request's deadline, or the model timeout when there is none,
+else MODEL_RATE_LIMITED with RetryInfo) and sends the request. The ``openai`` client
+itself retries 429, 5xx and connection errors (``TRELLIS_MODEL_MAX_RETRIES``) honouring
+Retry-After; when an attempt still fails with a retryable error (MODEL_RATE_LIMITED,
+MODEL_UNAVAILABLE, MODEL_TIMEOUT) the next fallback model is tried, if the request has
+time left.
+
+Fallback happens only while no response stream is open. An opened stream may already
+be billed and its text may already be with the caller, and a call has one ledger row
+for one model: so once a stream is open its failure is final, even before its first token.
+
+Every attempt is a ``chat {model}`` CLIENT span with the GenAI semantic-convention
+attributes (and time to first chunk), is bounded by the service's model timeout and by
 the incoming request's deadline, and turns the client's exceptions into Trellis errors
-with stable reasons (MODEL_TIMEOUT, MODEL_RATE_LIMITED, MODEL_UNAVAILABLE, ...). Usage
-comes from the stream's final usage chunk; when the endpoint sends none, or the call
-stops early, it is estimated and marked so.
+with stable reasons (MODEL_TIMEOUT, MODEL_RATE_LIMITED, MODEL_UNAVAILABLE, ...). Each
+attempt that sent a request is observed in ``gen_ai_client_operation_duration_seconds``
+and one that answered in ``gen_ai_client_token_usage``. Usage comes from the stream's
+final usage chunk; when the endpoint sends none, or the call stops early, it is
+estimated and marked so.
 """
 
 from __future__ import annotations
@@ -32,13 +48,42 @@ from trellis.runtime.errors import (
     TrellisError,
     Unavailable,
 )
+from trellis.runtime.logs import get_logger
+from trellis.runtime.metrics import GEN_AI_OPERATION_DURATION, GEN_AI_TOKEN_USAGE, MODEL_FALLBACKS
+from trellis_planner.budget import BudgetChecker, require_budget
+from trellis_planner.ratelimit import RateLimits
+
+log = get_logger(__name__)
 
 PROVIDER = "openai"
+OPERATION = "chat"
+#: Failures after which the next fallback model is tried.
+FALLBACK_REASONS = frozenset({"MODEL_RATE_LIMITED", "MODEL_UNAVAILABLE", "MODEL_TIMEOUT"})
 
 
 def estimate_tokens(text: str) -> int:
     """About four characters per token: the usual rule of thumb for BPE vocabularies."""
     return math.ceil(len(text) / 4)
+
+
+def estimate_input_tokens(messages: Sequence[dict[str, str]]) -> int:
+    return sum(estimate_tokens(m.get("content", "")) for m in messages)
+
+
+def retry_after(error: openai.APIStatusError) -> float | None:
+    """The endpoint's Retry-After (``retry-after-ms`` or ``retry-after`` seconds), if any."""
+    headers = error.response.headers
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            delay = float(value) / scale
+        except ValueError:
+            continue
+        if math.isfinite(delay) and delay >= 0:
+            return delay
+    return None
 
 
 def model_error(error: BaseException, model: str) -> TrellisError | None:
@@ -53,7 +98,10 @@ def model_error(error: BaseException, model: str) -> TrellisError | None:
         return DeadlineExceeded(f"model {model} timed out", reason="MODEL_TIMEOUT", metadata=meta)
     if isinstance(error, openai.RateLimitError):
         return ResourceExhausted(
-            f"model {model} is rate limited", reason="MODEL_RATE_LIMITED", metadata=meta
+            f"model {model} is rate limited",
+            reason="MODEL_RATE_LIMITED",
+            metadata=meta,
+            retry_delay=retry_after(error),
         )
     if isinstance(error, openai.APIConnectionError):
         return Unavailable(
@@ -84,6 +132,7 @@ def model_error(error: BaseException, model: str) -> TrellisError | None:
 class ChatResult:
     """What one call produced; complete once its ``async with`` block has exited."""
 
+    #: The model asked for by the attempt that answered (a fallback, if one was used).
     request_model: str
     model: str = ""
     text: str = ""
@@ -94,6 +143,8 @@ class ChatResult:
     estimated: bool = False
     time_to_first_token: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
+    #: Models tried before ``request_model`` that failed (empty: the first one answered).
+    failed_models: list[str] = field(default_factory=list)
 
 
 class ChatCall:
@@ -104,35 +155,82 @@ class ChatCall:
         model: ChatModel,
         messages: Sequence[dict[str, str]],
         *,
-        request_model: str,
+        models: Sequence[str],
         attributes: dict[str, Any],
     ) -> None:
         self._model = model
         self._messages = list(messages)
+        self._models = list(models)
         self._attributes = attributes
-        self.result = ChatResult(request_model=request_model, model=request_model)
+        self.result = ChatResult(request_model=self._models[0], model=self._models[0])
         #: Whether the endpoint answered (tokens may have been spent).
         self.opened = False
         self._stream: Any = None
         self._span: trace.Span | None = None
         self._deadline = 0.0
-        self._started = 0.0
+        #: When the current attempt's request was sent (None: not sent).
+        self._started: float | None = None
         self._usage_seen = False
         self._finished = False
-        self._error: Exception | None = None
+        self._error: BaseException | None = None
 
     async def __aenter__(self) -> ChatCall:
-        name = self.result.request_model
-        self._span = self._model.tracer.start_span(
-            f"chat {name}", kind=SpanKind.CLIENT, attributes=self._attributes
+        model = self._model
+        if model.budget is not None:
+            await require_budget(model.budget, self._models[0])
+        input_tokens = estimate_input_tokens(self._messages)
+        failure: TrellisError | None = None
+        for name in self._models:
+            if failure is not None:
+                left = context.remaining()
+                if left is not None and left <= 0:
+                    break
+                previous = self.result.request_model
+                self.result.failed_models.append(previous)
+                MODEL_FALLBACKS.labels(previous, name).inc()
+                log.warning(
+                    "model failed; trying the next fallback model",
+                    model=previous,
+                    fallback=name,
+                    reason=failure.reason,
+                )
+            try:
+                await self._attempt(name, input_tokens)
+            except TrellisError as error:
+                if error.reason not in FALLBACK_REASONS:
+                    raise
+                failure = error
+            else:
+                return self
+        assert failure is not None
+        raise failure
+
+    async def _attempt(self, name: str, input_tokens: int) -> None:
+        """One model: rate limits, then the request; raises the mapped error."""
+        model = self._model
+        result = self.result
+        result.request_model = result.model = name
+        attributes = {**self._attributes, "gen_ai.request.model": name}
+        if result.failed_models:
+            attributes["trellis.fallback_from"] = result.failed_models[-1]
+        self._span = model.tracer.start_span(
+            f"{OPERATION} {name}", kind=SpanKind.CLIENT, attributes=attributes
         )
-        self._started = time.monotonic()
-        budget = self._model.timeout
-        left = context.remaining()
-        if left is not None:
-            budget = min(budget, left)
-        self._deadline = self._started + budget
+        self._started, self._error = None, None
         try:
+            if model.rate_limits is not None:
+                left = context.remaining()
+                waited = await model.rate_limits.admit(
+                    name, input_tokens, max_wait=model.timeout if left is None else left
+                )
+                if waited:
+                    self._span.set_attribute("trellis.rate_limit.wait_s", waited)
+            self._started = time.monotonic()
+            budget = model.timeout
+            left = context.remaining()
+            if left is not None:
+                budget = min(budget, left)
+            self._deadline = self._started + budget
             if budget <= 0:
                 raise DeadlineExceeded(
                     "no time left for the model call",
@@ -140,23 +238,25 @@ class ChatCall:
                     metadata={"model": name},
                 )
             async with asyncio.timeout_at(self._loop_deadline()):
-                self._stream = await self._model.client.chat.completions.create(
+                self._stream = await model.client.chat.completions.create(
                     model=name,
                     messages=self._messages,  # type: ignore[arg-type]
                     stream=True,
                     stream_options={"include_usage": True},
                     timeout=budget,
                 )
-        except Exception as error:
-            raise self._fail(error, end=True) from error
+        except BaseException as error:
+            mapped = self._fail(error, end=True)
+            if mapped is error:
+                raise
+            raise mapped from error
         self.opened = True
-        return self
 
     def _loop_deadline(self) -> float:
         loop = asyncio.get_running_loop()
         return loop.time() + (self._deadline - time.monotonic())
 
-    def _fail(self, error: Exception, *, end: bool = False) -> Exception:
+    def _fail(self, error: BaseException, *, end: bool = False) -> BaseException:
         """Note the failure for the span; return what to raise (mapped, or ``error`` itself)."""
         self._error = model_error(error, self.result.request_model) or error
         if end:
@@ -197,7 +297,7 @@ class ChatCall:
             if choice.finish_reason:
                 result.finish_reasons.append(choice.finish_reason)
         if text:
-            if result.time_to_first_token is None:
+            if result.time_to_first_token is None and self._started is not None:
                 result.time_to_first_token = time.monotonic() - self._started
             result.text += text
         return text
@@ -216,41 +316,65 @@ class ChatCall:
         result = self.result
         if not (self._finished and self._usage_seen):
             result.estimated = True
-            result.input_tokens = result.input_tokens or sum(
-                estimate_tokens(m.get("content", "")) for m in self._messages
-            )
+            result.input_tokens = result.input_tokens or estimate_input_tokens(self._messages)
             result.output_tokens = max(result.output_tokens, estimate_tokens(result.text))
         self._end_span()
 
     def _end_span(self) -> None:
+        """End the current attempt's span and observe its metrics."""
         span, self._span = self._span, None
         if span is None:
             return
         result = self.result
-        span.set_attribute("gen_ai.response.model", result.model)
-        span.set_attribute("gen_ai.usage.input_tokens", result.input_tokens)
-        span.set_attribute("gen_ai.usage.output_tokens", result.output_tokens)
-        span.set_attribute("trellis.usage.estimated", result.estimated)
+        error = self._error
+        error_type = ""
+        if error is not None:
+            error_type = error.reason if isinstance(error, TrellisError) else type(error).__name__
+        labels = (OPERATION, PROVIDER, result.request_model, result.model or result.request_model)
+        if self._started is not None:
+            GEN_AI_OPERATION_DURATION.labels(*labels, error_type).observe(
+                time.monotonic() - self._started
+            )
+        if self.opened:
+            GEN_AI_TOKEN_USAGE.labels(*labels, "input").observe(result.input_tokens)
+            GEN_AI_TOKEN_USAGE.labels(*labels, "output").observe(result.output_tokens)
+            span.set_attribute("gen_ai.response.model", result.model)
+            span.set_attribute("gen_ai.usage.input_tokens", result.input_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", result.output_tokens)
+            span.set_attribute("trellis.usage.estimated", result.estimated)
         if result.finish_reasons:
             span.set_attribute("gen_ai.response.finish_reasons", result.finish_reasons)
         if result.time_to_first_token is not None:
+            span.set_attribute("gen_ai.response.time_to_first_chunk", result.time_to_first_token)
             span.set_attribute("trellis.time_to_first_token_s", result.time_to_first_token)
-        error = self._error
         if error is not None:
-            reason = error.reason if isinstance(error, TrellisError) else type(error).__name__
-            span.set_attribute("error.type", reason)
+            span.set_attribute("error.type", error_type)
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, str(error)))
         span.end()
 
 
 class ChatModel:
-    """The planner's one ``AsyncOpenAI`` client, shared by all calls of the service."""
+    """The planner's one ``AsyncOpenAI`` client (one connection pool per process), shared
+    by all calls of the service, with the fallback models, rate limits and budget check
+    every call goes through (each optional: None/empty skips it)."""
 
-    def __init__(self, client: AsyncOpenAI, tracer: trace.Tracer, *, timeout: float) -> None:
+    def __init__(
+        self,
+        client: AsyncOpenAI,
+        tracer: trace.Tracer,
+        *,
+        timeout: float,
+        fallback_models: Sequence[str] = (),
+        rate_limits: RateLimits | None = None,
+        budget: BudgetChecker | None = None,
+    ) -> None:
         self.client = client
         self.tracer = tracer
         self.timeout = timeout
+        self.fallback_models = list(fallback_models)
+        self.rate_limits = rate_limits
+        self.budget = budget
         url = urlsplit(str(client.base_url))
         self._server = {"server.address": url.hostname or ""}
         if url.port:
@@ -265,7 +389,7 @@ class ChatModel:
         step: str = "",
     ) -> ChatCall:
         attributes: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
+            "gen_ai.operation.name": OPERATION,
             "gen_ai.provider.name": PROVIDER,
             "gen_ai.request.model": model,
             **self._server,
@@ -273,7 +397,10 @@ class ChatModel:
         }
         if step:
             attributes["trellis.planner.step"] = step
-        return ChatCall(self, messages, request_model=model, attributes=attributes)
+        models = [model, *(m for m in self.fallback_models if m != model)]
+        return ChatCall(self, messages, models=models, attributes=attributes)
 
     async def aclose(self) -> None:
         await self.client.close()
+        if self.rate_limits is not None:
+            await self.rate_limits.aclose()

@@ -2,14 +2,21 @@
 
 Prose for an LLM, with a few fixed ``## `` sections that the offline rules model reads
 literally (``## Tools``: one JSON object per tool; ``## Goal`` and ``## Outcomes``: one
-JSON object per node), so one prompt serves both. Changing a heading here means changing
-``trellis_offline_model.prompt`` too.
+JSON object per node; on a repair round ``## Accepted nodes``: one ToolCall per line), so
+one prompt serves both. Changing a heading here means changing
+``trellis_offline_model.prompt`` too. The few-shot examples use made-up tools and sit
+before ``## Tools`` so that section holds the catalog only.
+
+A repair round continues the planning conversation: the model's own output as the
+assistant turn, then a user turn with every rejected line and why, and the nodes that
+were accepted (and have already started), asking for the rest of the plan only.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from trellis.common.v1 import common_pb2
@@ -39,6 +46,22 @@ dependencies run at the same time, so add a dependency only when a call needs an
 List every node you reference in depends_on.
 - At most {max_nodes} lines. If no tool helps with the goal, write nothing.
 
+## Examples
+These examples use made-up tools; plan only with the tools listed in the Tools section.
+
+Goal: Compare today's weather in Paris and in Oslo.
+{{"node_id": "n1", "tool": "get_weather", "args": {{"city": "Paris"}}, "depends_on": []}}
+{{"node_id": "n2", "tool": "get_weather", "args": {{"city": "Oslo"}}, "depends_on": []}}
+
+Goal: How many people live in the largest city of Norway, times two?
+{{"node_id": "n1", "tool": "search", "args": {{"query": "largest city, Norway"}}, "depends_on": []}}
+{{"node_id": "n2", "tool": "population", "args": {{"city": "${{n1.city}}"}}, "depends_on": ["n1"]}}
+{{"node_id": "n3", "tool": "calculate", "args": {{"expression": "${{n2.count}} * 2"}}, \
+"depends_on": ["n2"]}}
+
+Goal: Write a haiku about autumn.
+(no tool helps: the plan is empty, write nothing)
+
 ## Tools
 One JSON object per line: name, description, input_schema.
 {tools}
@@ -56,6 +79,26 @@ REPLAN_CONTEXT = """\
 
 Write a new plan for what the goal still needs. Use node_ids not used above.\
 """
+
+REPAIR_REQUEST = """\
+## Rejected lines
+Your plan was not valid. These lines were rejected:
+{errors}
+
+## Accepted nodes
+These nodes were accepted and have already started; they stay in the plan as they are:
+{accepted}
+
+Write only the rest of the plan: a corrected line for each rejected line that is still \
+needed, then any lines that should follow. Same format: JSON Lines, one tool call per line, \
+nothing else. Do not write the accepted nodes again; a new line must not reuse their \
+node_ids (a corrected line may keep its own), and may depend on them. At most {remaining} \
+more lines.\
+"""
+#: Longest part of the model's invalid output echoed back in a repair round.
+MAX_REPAIR_ECHO_CHARS = 8000
+#: Longest rejected line quoted in a repair round.
+MAX_QUOTED_LINE_CHARS = 500
 
 JOIN_SYSTEM = """\
 You are the joiner of Trellis. The tool calls planned for the user's goal have run. Write \
@@ -149,6 +192,53 @@ def plan_messages(request: planner_pb2.PlanRequest, max_nodes: int) -> list[Mess
         )
         messages.append({"role": "user", "content": context})
     return messages
+
+
+@dataclass(frozen=True)
+class RejectedLine:
+    """A line of the model's plan that was rejected, and every reason why."""
+
+    line: int
+    text: str
+    problems: list[str]
+
+
+def _quote(text: str) -> str:
+    if len(text) <= MAX_QUOTED_LINE_CHARS:
+        return text
+    return text[:MAX_QUOTED_LINE_CHARS] + "...[truncated]"
+
+
+def rejected_lines(rejected: Iterable[RejectedLine]) -> str:
+    """``line 3: <the line>`` then one ``  - problem`` per reason."""
+    parts = []
+    for item in rejected:
+        parts.append(f"line {item.line}: {_quote(item.text)}")
+        parts.extend(f"  - {problem}" for problem in item.problems)
+    return "\n".join(parts)
+
+
+def repair_messages(
+    plan: Sequence[Message],
+    output: str,
+    rejected: Iterable[RejectedLine],
+    accepted: Iterable[common_pb2.ToolCall],
+    remaining: int,
+) -> list[Message]:
+    """The planning conversation, the model's invalid ``output``, then the repair request."""
+    echo = output
+    if len(echo) > MAX_REPAIR_ECHO_CHARS:
+        echo = echo[:MAX_REPAIR_ECHO_CHARS] + "\n...[truncated]"
+    request = REPAIR_REQUEST.format(
+        errors=rejected_lines(rejected),
+        accepted="\n".join(call_line(call) for call in accepted) or "(none)",
+        remaining=remaining,
+    )
+    return [
+        *plan,
+        {"role": "assistant", "content": echo},
+        {"role": "user", "content": request},
+    ]
 
 
 def join_messages(request: planner_pb2.JoinRequest) -> list[Message]:

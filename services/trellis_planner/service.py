@@ -1,4 +1,10 @@
-"""Wires the planner core and servicer into a server (standalone or embedded)."""
+"""Wires the planner core and servicer into a server (standalone or embedded).
+
+One ``AsyncOpenAI`` client (one HTTP connection pool) per planner, retrying 429, 5xx
+and connection errors ``TRELLIS_MODEL_MAX_RETRIES`` times as Retry-After says; the
+model rate limits in Redis when ``TRELLIS_REDIS_URL`` is set (shared by all replicas),
+else in this process; the budget checked with cost accounting before every model call.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +14,84 @@ from openai import AsyncOpenAI
 from trellis.clients.costs import CostsClient
 from trellis.planner.v1 import planner_pb2, planner_pb2_grpc
 from trellis.runtime.channels import Channels
+from trellis.runtime.logs import get_logger
 from trellis.runtime.server import Service
-from trellis.runtime.telemetry import Telemetry
+from trellis.runtime.telemetry import Telemetry, instrument_redis
 from trellis_planner.core import Planner
 from trellis_planner.model import ChatModel
+from trellis_planner.ratelimit import (
+    InProcessRateLimiter,
+    Limit,
+    RateLimiter,
+    RateLimits,
+    RedisRateLimiter,
+)
 from trellis_planner.servicer import PlannerServicer
 from trellis_planner.settings import PlannerSettings
 
 NAME = "planner"
 SERVICE_NAME = planner_pb2.DESCRIPTOR.services_by_name["PlannerService"].full_name
-#: Client-side retries of one model call (429, 5xx, connection errors), with backoff.
-MODEL_MAX_RETRIES = 2
+
+log = get_logger(__name__)
 
 
-async def build(settings: PlannerSettings, telemetry: Telemetry, channels: Channels) -> Service:
-    client = AsyncOpenAI(
+def make_client(settings: PlannerSettings) -> AsyncOpenAI:
+    """The process's one client: its timeout bounds each attempt, the call's deadline all."""
+    return AsyncOpenAI(
         base_url=settings.openai_base_url,
         api_key=settings.openai_api_key.get_secret_value(),
         timeout=settings.model_timeout_seconds,
-        max_retries=MODEL_MAX_RETRIES,
+        max_retries=settings.model_max_retries,
     )
-    model = ChatModel(client, telemetry.tracer, timeout=settings.model_timeout_seconds)
+
+
+def make_rate_limits(settings: PlannerSettings, telemetry: Telemetry | None = None) -> RateLimits:
+    """The limits ``settings`` give, in Redis (commands traced) or in this process."""
+    limiter: RateLimiter
+    if settings.redis_url:
+        redis_limiter = RedisRateLimiter.from_url(settings.redis_url)
+        if telemetry is not None:
+            instrument_redis(telemetry, redis_limiter.client)
+        limiter = redis_limiter
+    else:
+        limiter = InProcessRateLimiter()
+    default = Limit(requests=settings.model_rpm, tokens=settings.model_tpm)
+    per_model = {
+        name: Limit(
+            requests=default.requests if override.rpm is None else override.rpm,
+            tokens=default.tokens if override.tpm is None else override.tpm,
+        )
+        for name, override in settings.model_rate_limits.items()
+    }
+    return RateLimits(
+        limiter,
+        default=default,
+        per_model=per_model,
+        expected_output_tokens=settings.model_expected_output_tokens,
+    )
+
+
+async def build(settings: PlannerSettings, telemetry: Telemetry, channels: Channels) -> Service:
+    costs = CostsClient(channels.get(settings.costs_target))
+    rate_limits = make_rate_limits(settings, telemetry)
+    log.info(
+        "model access",
+        model=settings.model,
+        fallback_models=settings.fallback_models,
+        rate_limits=rate_limits.limiter.backend,
+        max_retries=settings.model_max_retries,
+    )
+    model = ChatModel(
+        make_client(settings),
+        telemetry.tracer,
+        timeout=settings.model_timeout_seconds,
+        fallback_models=settings.fallback_models,
+        rate_limits=rate_limits,
+        budget=costs,
+    )
     planner = Planner(
         model,
-        CostsClient(channels.get(settings.costs_target)),
+        costs,
         default_model=settings.model,
         max_nodes=settings.max_nodes,
     )

@@ -3,17 +3,35 @@
 ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` keep their standard, unprefixed names so any
 OpenAI-compatible endpoint is configured the way its docs say. The defaults reach the
 offline rules model on its default port, so a fresh checkout plans with no network.
+
+Model access: ``TRELLIS_FALLBACK_MODELS`` is a comma-separated list (or a JSON list);
+``TRELLIS_MODEL_RPM``/``TRELLIS_MODEL_TPM`` limit every model (0 = unlimited) and
+``TRELLIS_MODEL_RATE_LIMITS`` overrides them per model as JSON, e.g.
+``{"gpt-4o": {"rpm": 500, "tpm": 30000}}`` (a missing key keeps the default).
+``TRELLIS_REDIS_URL`` shares the limits between replicas; empty keeps them per process.
 """
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import SettingsConfigDict
+import json
+from typing import Annotated
 
-from trellis.runtime.settings import ServiceSettings
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from trellis.runtime.settings import ServiceSettings, validate_redis_url
 
 OFFLINE_MODEL = "trellis-offline-rules-v1"
 OFFLINE_BASE_URL = "http://127.0.0.1:8400/v1"
+
+
+class ModelRateLimit(BaseModel):
+    """One model's limits; None keeps TRELLIS_MODEL_RPM / TRELLIS_MODEL_TPM."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rpm: int | None = Field(None, ge=0, description="Requests per minute; 0 = unlimited.")
+    tpm: int | None = Field(None, ge=0, description="Tokens per minute; 0 = unlimited.")
 
 
 class PlannerSettings(ServiceSettings):
@@ -35,6 +53,39 @@ class PlannerSettings(ServiceSettings):
     )
     model_timeout_seconds: float = Field(60.0, gt=0, description="Upper bound of one model call.")
     max_nodes: int = Field(50, ge=1, le=1000, description="Plan size when a request gives none.")
+    model_max_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Retries of one model call on 429, 5xx and connection errors "
+        "(Retry-After honoured), within its timeout.",
+    )
+    fallback_models: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Models tried in order when the model is still rate limited, "
+        "unavailable or timing out before it answered (comma-separated or JSON list).",
+    )
+    model_rpm: int = Field(0, ge=0, description="Requests per minute per model; 0 = unlimited.")
+    model_tpm: int = Field(
+        0,
+        ge=0,
+        description="Tokens per minute per model (estimated input + expected output); "
+        "0 = unlimited.",
+    )
+    model_rate_limits: dict[str, ModelRateLimit] = Field(
+        {},
+        description='Per-model overrides, JSON: {"gpt-4o": {"rpm": 500, "tpm": 30000}}.',
+    )
+    model_expected_output_tokens: int = Field(
+        256,
+        ge=0,
+        description="Output tokens a call is charged against TRELLIS_MODEL_TPM before it runs.",
+    )
+    redis_url: str = Field(
+        "",
+        description="Redis sharing the model rate limits between planner replicas "
+        "(redis://, rediss://, unix://); empty: per process.",
+    )
 
     @field_validator("openai_base_url")
     @classmethod
@@ -42,3 +93,28 @@ class PlannerSettings(ServiceSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
+
+    @field_validator("fallback_models", mode="before")
+    @classmethod
+    def _model_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return []
+            if text.startswith("["):
+                return json.loads(text)
+            return text.split(",")
+        return value
+
+    @field_validator("fallback_models")
+    @classmethod
+    def _model_names(cls, value: list[str]) -> list[str]:
+        names = [name.strip() for name in value]
+        if any(not name for name in names):
+            raise ValueError("model names must not be empty")
+        return list(dict.fromkeys(names))
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        return validate_redis_url(value)

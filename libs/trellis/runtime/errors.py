@@ -2,7 +2,8 @@
 
 Core code raises a ``TrellisError`` subclass with a stable ``reason`` (UPPER_SNAKE_CASE);
 the server interceptor turns it into a gRPC status carrying ``google.rpc.ErrorInfo``
-(and ``BadRequest`` field violations for contract failures). Clients turn an
+(and ``BadRequest`` field violations for contract failures, ``RetryInfo`` when the
+error says how long to wait before trying again). Clients turn an
 ``AioRpcError`` back into the same exception with ``from_rpc_error``. This module is the
 only place that knows about both sides.
 """
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -44,12 +45,15 @@ class TrellisError(Exception):
         reason: str | None = None,
         violations: Sequence[FieldViolation] = (),
         metadata: Mapping[str, str] | None = None,
+        retry_delay: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.violations = tuple(violations)
         self.metadata = dict(metadata or {})
+        #: Seconds the caller should wait before retrying (``google.rpc.RetryInfo``).
+        self.retry_delay = retry_delay
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.reason}: {self.message})"
@@ -162,6 +166,10 @@ def to_status(error: TrellisError) -> grpc.Status:
                 )
             )
         )
+    if error.retry_delay is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(0, round(error.retry_delay * 1e9)))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
     return rpc_status.to_status(status)
 
@@ -180,6 +188,7 @@ def from_rpc_error(error: grpc.RpcError) -> TrellisError:
     code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
     message: str = error.details() or code.name  # type: ignore[attr-defined]
     reason, metadata, violations = code.name, {}, []
+    retry_delay: float | None = None
     status = rich_status(error)
     for detail in status.details if status else ():
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
@@ -190,8 +199,14 @@ def from_rpc_error(error: grpc.RpcError) -> TrellisError:
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            retry_delay = info.retry_delay.ToNanoseconds() / 1e9
     cls = _BY_CODE.get(code, Internal)
-    return cls(message, reason=reason, violations=violations, metadata=metadata)
+    return cls(
+        message, reason=reason, violations=violations, metadata=metadata, retry_delay=retry_delay
+    )
 
 
 def is_retryable_code(code: grpc.StatusCode) -> bool:

@@ -1,8 +1,15 @@
-"""Prometheus metrics: every trellis_* metric is defined here, once.
+"""Prometheus metrics: every trellis_* (and gen_ai_*) metric is defined here, once.
 
 Names carry units and counters end in ``_total`` (prometheus_client appends it);
 labels are bounded (model, tool, outcome, ...). Each service process serves the
 default registry on its own /metrics port.
+
+The two OpenTelemetry GenAI client metrics are Prometheus histograms under the names
+the OpenTelemetry Prometheus exporter gives them: ``gen_ai.client.token.usage`` (unit
+``{token}``, which has no Prometheus suffix) is ``gen_ai_client_token_usage`` and
+``gen_ai.client.operation.duration`` (unit ``s``) is
+``gen_ai_client_operation_duration_seconds``; attribute names have their dots made
+underscores. Buckets are the ones the semantic conventions advise.
 """
 
 from __future__ import annotations
@@ -43,3 +50,34 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> int | None:
         return None
     server, _thread = start_http_server(port, addr=host)
     return int(server.server_port)
+
+
+#: Attributes of both GenAI client metrics (``gen_ai.*`` with ``.`` -> ``_``).
+GEN_AI_LABELS = (
+    "gen_ai_operation_name",
+    "gen_ai_provider_name",
+    "gen_ai_request_model",
+    "gen_ai_response_model",
+)
+GEN_AI_TOKEN_USAGE = Histogram(
+    "gen_ai_client_token_usage",
+    "Tokens per model call ({token}), by gen_ai_token_type input or output.",
+    [*GEN_AI_LABELS, "gen_ai_token_type"],
+    buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304),
+)
+GEN_AI_OPERATION_DURATION = Histogram(
+    "gen_ai_client_operation_duration_seconds",
+    "Duration of one model call, request to end of stream; error_type is empty on success.",
+    [*GEN_AI_LABELS, "error_type"],
+    buckets=tuple(0.01 * 2**i for i in range(14)),  # 0.01 s .. 81.92 s
+)
+MODEL_RATE_LIMITED = Counter(
+    "trellis_model_rate_limited",
+    "Model calls the planner's rate limits delayed (waited) or refused (rejected).",
+    ["model", "outcome"],
+)
+MODEL_FALLBACKS = Counter(
+    "trellis_model_fallbacks",
+    "Model calls sent to a fallback model after the previous one failed.",
+    ["model", "fallback"],
+)

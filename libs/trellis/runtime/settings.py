@@ -45,6 +45,17 @@ class ServiceSettings(BaseSettings):
 S = TypeVar("S", bound=BaseSettings)
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def validate_redis_url(value: str) -> str:
+    """For ``redis_url`` settings (cache, planner): a Redis URL, or empty for none."""
+    value = value.strip()
+    if value and not value.startswith(REDIS_SCHEMES):
+        raise ValueError(f"must start with {', '.join(REDIS_SCHEMES)} (or be empty)")
+    return value
+
+
 def env_name(cls: type[BaseSettings], field: str) -> str:
     """The environment variable a settings field is read from."""
     alias = cls.model_fields[field].validation_alias

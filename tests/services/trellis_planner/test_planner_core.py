@@ -105,9 +105,10 @@ async def test_empty_goal_is_invalid(planner, tools):
 async def test_unknown_tool_is_an_invalid_plan_and_usage_is_still_recorded(
     planner, tools, model, recorder
 ):
-    model.script.reply(
+    model.script.reply(  # the repair call gets the same (still invalid) output
         '{"node_id": "n1", "tool": "echo", "args": {"value": 1}, "depends_on": []}\n'
-        '{"node_id": "n2", "tool": "rm_rf", "args": {}, "depends_on": []}\n'
+        '{"node_id": "n2", "tool": "rm_rf", "args": {}, "depends_on": []}\n',
+        times=2,
     )
     seen = []
     with pytest.raises(InvalidArgument) as raised:
@@ -116,12 +117,16 @@ async def test_unknown_tool_is_an_invalid_plan_and_usage_is_still_recorded(
     assert [n.node_id for n in seen] == ["n1"]  # the valid first node went out at once
     assert raised.value.reason == "INVALID_PLAN"
     assert [v.field for v in raised.value.violations] == ["plan[1].tool"]
-    [recorded] = recorder.requests
-    assert recorded.usage_id == "run-1/plan/0" and recorded.usage.output_tokens > 0
+    assert "after one repair round" in raised.value.message
+    assert [r.usage_id for r in recorder.requests] == ["run-1/plan/0", "run-1/plan-repair/0"]
+    assert all(r.usage.output_tokens > 0 for r in recorder.requests)
 
 
 async def test_prose_instead_of_json_names_the_line(planner, tools, model):
-    model.script.reply('```json\n{"node_id": "n1", "tool": "echo", "args": {}}\nSure! Done.\n')
+    model.script.reply(
+        '```json\n{"node_id": "n1", "tool": "echo", "args": {"value": 1}}\nSure! Done.\n',
+        times=2,
+    )
     with pytest.raises(InvalidArgument) as raised:
         await collect(planner.plan(plan_request("anything", tools)))
     assert raised.value.reason == "INVALID_PLAN"

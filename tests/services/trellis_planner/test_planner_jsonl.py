@@ -60,3 +60,17 @@ def test_truncated_last_line_is_an_error_on_close() -> None:
     parser.feed('{"a": 1}\n{"b": ')
     with pytest.raises(JsonLinesError, match="line 2"):
         parser.close()
+
+
+def test_lenient_parser_returns_bad_lines_and_goes_on() -> None:
+    parser = JsonLinesParser(strict=False)
+    lines = parser.feed('{"a": 1}\nHere is the plan:\n{"b": 2}\n') + parser.feed("{oops")
+    lines += parser.close()
+    assert [(x.number, x.value, x.error is None) for x in lines] == [
+        (1, {"a": 1}, True),
+        (2, None, False),
+        (3, {"b": 2}, True),
+        (4, None, False),
+    ]
+    assert lines[1].text == "Here is the plan:" and lines[1].error.line_number == 2
+    assert "not valid JSON" in lines[3].error.problem

@@ -130,7 +130,8 @@ async def test_scripted_replan(planner, model):
 
 
 async def test_scripted_unknown_tool_is_invalid_plan(planner, tools, model):
-    model.script.reply('{"node_id": "n1", "tool": "format_disk", "args": {}, "depends_on": []}\n')
+    bad = '{"node_id": "n1", "tool": "format_disk", "args": {}, "depends_on": []}\n'
+    model.script.reply(bad, times=2)  # the plan, then the repair
     with pytest.raises(InvalidArgument) as raised:
         await responses(planner.plan(planner_pb2.PlanRequest(run_id="r5", goal="x", tools=tools)))
     assert raised.value.reason == "INVALID_PLAN"
