@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -189,3 +192,109 @@ async def postgres_url() -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+@dataclass
+class ServiceProcess:
+    """A Trellis service as its own OS process (``python -m <module>``) on a free port.
+
+    For tests that need a real crash (SIGKILL) or real separate processes sharing a
+    backend; its stdout and stderr go to ``log``, shown when it fails to start.
+    """
+
+    name: str
+    service: str
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
+
+    def kill(self) -> None:
+        """SIGKILL by PID: a crash, no graceful stop."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """SIGTERM (graceful stop), SIGKILL if it takes more than 10 s."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    async def wait_serving(self, within: float = 30.0) -> None:
+        """Return once the process answers grpc.health.v1 SERVING for its service."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + within
+        request = health_pb2.HealthCheckRequest(service=self.service)
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if self.process.poll() is not None:
+                    pytest.fail(
+                        f"{self.name} exited with {self.process.returncode} during start-up:\n"
+                        f"{self.output()}"
+                    )
+                try:
+                    reply = await health.Check(request, timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{self.name} not SERVING after {within:g}s:\n{self.output()}")
+                await asyncio.sleep(0.05)
+
+
+StartProcess = Callable[[str, str, str, dict[str, str]], ServiceProcess]
+
+
+@pytest.fixture
+def service_process(tmp_path: Path) -> Iterator[StartProcess]:
+    """``start(module, name, grpc_service, env)`` runs ``python -m module`` on a free port.
+
+    The environment is this one without TRELLIS_*/OTEL_* variables, plus ``env``; each
+    process is SIGKILLed by PID after the test.
+    """
+    started: list[ServiceProcess] = []
+
+    def start(module: str, name: str, service: str, env_vars: dict[str, str]) -> ServiceProcess:
+        port = _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TRELLIS_", "OTEL_"))}
+        env.update(
+            PYTHONUNBUFFERED="1",
+            OTEL_TRACES_EXPORTER="none",
+            TRELLIS_HOST="127.0.0.1",
+            TRELLIS_PORT=str(port),
+            TRELLIS_METRICS_PORT="0",
+            **env_vars,
+        )
+        log = tmp_path / f"{name}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", module],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        started.append(ServiceProcess(name, service, port, log, process))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()

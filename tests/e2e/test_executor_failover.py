@@ -11,16 +11,15 @@ when it arrives and answers ~0.8 s later, so a node can be caught in flight.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the fixture's types (tests/conftest.py)
+    from conftest import ServiceProcess, StartProcess
+
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ import grpc
 import pytest
 import yaml
 from aiohttp import web
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
@@ -134,106 +132,25 @@ def write_tools_file(path: Path, effects: EffectServer) -> Path:
 # -- executor processes -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class ExecutorProcess:
-    instance_id: str
-    port: int
-    log: Path
-    process: subprocess.Popen[bytes]
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def kill(self) -> None:
-        """SIGKILL by PID (a crash: no graceful stop, no lease release)."""
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
-
-
 def start_executor(
-    instance_id: str, workdir: Path, database_url: str, peers: dict[str, str]
-) -> ExecutorProcess:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRELLIS_")}
-    env.update(
-        PYTHONUNBUFFERED="1",
-        TRELLIS_HOST="127.0.0.1",
-        TRELLIS_PORT=str(port),
-        TRELLIS_METRICS_PORT="0",
-        TRELLIS_DATABASE_URL=database_url,
-        TRELLIS_INSTANCE_ID=instance_id,
-        TRELLIS_LEASE_SECONDS=str(LEASE_SECONDS),
-        TRELLIS_TOOLGATEWAY_TARGET=peers["toolgateway"],
-        TRELLIS_PLANNER_TARGET=peers["planner"],
-        TRELLIS_COSTS_TARGET=peers["costs"],
-        TRELLIS_CACHE_TARGET=peers["cache"],
-    )
-    log = workdir / f"{instance_id}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "trellis_executor"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return ExecutorProcess(instance_id, port, log, process)
+    start: StartProcess, instance_id: str, database_url: str, peers: dict[str, str]
+) -> ServiceProcess:
+    env = {
+        "TRELLIS_DATABASE_URL": database_url,
+        "TRELLIS_INSTANCE_ID": instance_id,
+        "TRELLIS_LEASE_SECONDS": str(LEASE_SECONDS),
+        "TRELLIS_TOOLGATEWAY_TARGET": peers["toolgateway"],
+        "TRELLIS_PLANNER_TARGET": peers["planner"],
+        "TRELLIS_COSTS_TARGET": peers["costs"],
+        "TRELLIS_CACHE_TARGET": peers["cache"],
+    }
+    return start("trellis_executor", instance_id, EXECUTOR_SERVICE, env)
 
 
-async def wait_serving(executor: ExecutorProcess) -> None:
-    """Return once the process answers grpc.health.v1 SERVING for the executor service."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    request = health_pb2.HealthCheckRequest(service=EXECUTOR_SERVICE)
-    async with grpc.aio.insecure_channel(executor.target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if executor.process.poll() is not None:
-                pytest.fail(
-                    f"executor {executor.instance_id} exited with {executor.process.returncode} "
-                    f"during start-up:\n{executor.output()}"
-                )
-            try:
-                reply = await health.Check(request, timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"executor {executor.instance_id} not SERVING after {STARTUP_TIMEOUT:g}s:\n"
-                    f"{executor.output()}"
-                )
-            await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def executors() -> Iterator[list[ExecutorProcess]]:
-    """The test's executor processes; each is SIGKILLed by PID afterwards."""
-    started: list[ExecutorProcess] = []
-    yield started
-    for executor in started:
-        executor.kill()
-
-
-def print_logs(executors: list[ExecutorProcess], effects: EffectServer) -> None:
+def print_logs(executors: list[ServiceProcess], effects: EffectServer) -> None:
     print(f"effect endpoint received (in order): {effects.calls}")
     for executor in executors:
-        print(f"----- executor {executor.instance_id} (pid {executor.pid}) -----")
+        print(f"----- executor {executor.name} (pid {executor.pid}) -----")
         print(executor.output())
 
 
@@ -251,7 +168,7 @@ def kinds(events: list[executor_pb2.RunResponse]) -> list[str]:
 
 
 async def test_survivor_finishes_a_killed_owners_run_with_one_execution_per_node(
-    postgres_url: str, tmp_path: Path, serve, model, channels, effects, executors
+    postgres_url: str, tmp_path: Path, serve, model, channels, effects, service_process
 ) -> None:
     # -- the shared services, in this process ------------------------------------------
     common: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
@@ -285,12 +202,13 @@ async def test_survivor_finishes_a_killed_owners_run_with_one_execution_per_node
     }
 
     # -- two executor replicas on one PostgreSQL database ---------------------------------
-    owner = start_executor("exec-a", tmp_path, postgres_url, peers)
-    executors.append(owner)
-    survivor = start_executor("exec-b", tmp_path, postgres_url, peers)
-    executors.append(survivor)
+    owner = start_executor(service_process, "exec-a", postgres_url, peers)
+    survivor = start_executor(service_process, "exec-b", postgres_url, peers)
+    executors = [owner, survivor]
     try:
-        await asyncio.gather(wait_serving(owner), wait_serving(survivor))
+        await asyncio.gather(
+            owner.wait_serving(STARTUP_TIMEOUT), survivor.wait_serving(STARTUP_TIMEOUT)
+        )
         on_owner = executor_pb2_grpc.ExecutorServiceStub(channels.get(owner.target))
         on_survivor = executor_pb2_grpc.ExecutorServiceStub(channels.get(survivor.target))
 
@@ -310,10 +228,10 @@ async def test_survivor_finishes_a_killed_owners_run_with_one_execution_per_node
             while True:
                 event = await call.read()
                 if event is grpc.aio.EOF:
-                    pytest.fail(f"Run on {owner.instance_id} ended early: {kinds(on_a)}")
+                    pytest.fail(f"Run on {owner} ended early: {kinds(on_a)}")
                 on_a.append(event)
                 if event.HasField("finished"):
-                    pytest.fail(f"run finished on {owner.instance_id} before the kill: {event}")
+                    pytest.fail(f"run finished on {owner} before the kill: {event}")
                 if event.HasField("node_started") and event.node_started.node_id == "n2":
                     return
 
@@ -343,8 +261,8 @@ async def test_survivor_finishes_a_killed_owners_run_with_one_execution_per_node
                     break
         except grpc.aio.AioRpcError as error:
             pytest.fail(
-                f"ResumeRun({run_id!r}) on {survivor.instance_id} failed after the owner "
-                f"{owner.instance_id} was SIGKILLed: {error.code().name}: {error.details()} "
+                f"ResumeRun({run_id!r}) on {survivor} failed after the owner "
+                f"{owner} was SIGKILLed: {error.code().name}: {error.details()} "
                 f"(events so far: {kinds(resumed)}). Expected the survivor to take the run "
                 f"over once its {LEASE_SECONDS:g}s lease expired and stream it to `finished`."
             )

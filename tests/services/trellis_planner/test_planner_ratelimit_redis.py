@@ -6,21 +6,16 @@ checks that together they send the model no more than the limit allows."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the fixture's types (tests/conftest.py)
+    from conftest import ServiceProcess
+
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.testing import capture_logs
 
 from trellis.clients.planner import PlannerClient
@@ -132,87 +127,8 @@ def test_redis_url_selects_the_shared_limiter(redis_server) -> None:
 # --- two planner processes over one Redis -----------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class PlannerProcess:
-    port: int
-    log: Path
-    process: subprocess.Popen[bytes]
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
-
-
-@pytest.fixture
-def planners() -> Iterator[list[PlannerProcess]]:
-    started: list[PlannerProcess] = []
-    yield started
-    for planner in started:
-        planner.stop()
-
-
-def start_planner(workdir: Path, name: str, env_vars: dict[str, str]) -> PlannerProcess:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRELLIS_", "OTEL_"))}
-    env.update(
-        PYTHONUNBUFFERED="1",
-        OTEL_TRACES_EXPORTER="none",
-        TRELLIS_HOST="127.0.0.1",
-        TRELLIS_PORT=str(port),
-        TRELLIS_METRICS_PORT="0",
-        **env_vars,
-    )
-    log = workdir / f"{name}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "trellis_planner"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return PlannerProcess(port, log, process)
-
-
-async def wait_serving(planner: PlannerProcess) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-    async with grpc.aio.insecure_channel(planner.target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if planner.process.poll() is not None:
-                pytest.fail(f"planner exited during start-up:\n{planner.output()}")
-            try:
-                reply = await health.Check(request, timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"planner not SERVING after {STARTUP_TIMEOUT:g}s:\n{planner.output()}")
-            await asyncio.sleep(0.05)
-
-
 async def test_two_planner_processes_share_the_limit_through_redis(
-    redis_server, model, serve, channels, tools, planners, tmp_path
+    redis_server, model, serve, channels, tools, service_process, tmp_path
 ):
     rpm = 3
     costs = await serve(
@@ -226,10 +142,12 @@ async def test_two_planner_processes_share_the_limit_through_redis(
         "TRELLIS_MODEL_RPM": str(rpm),
         "TRELLIS_COSTS_TARGET": costs.target,
     }
-    planners.extend(start_planner(tmp_path, f"planner-{i}", env) for i in range(2))
-    await asyncio.gather(*(wait_serving(p) for p in planners))
+    planners = [
+        service_process("trellis_planner", f"planner-{i}", SERVICE_NAME, env) for i in range(2)
+    ]
+    await asyncio.gather(*(p.wait_serving(STARTUP_TIMEOUT) for p in planners))
 
-    async def plan(planner: PlannerProcess, i: int):
+    async def plan(planner: ServiceProcess, i: int):
         client = PlannerClient(channels.get(planner.target), timeout=3)
         request = planner_pb2.PlanRequest(run_id=f"run-{i}", goal=DEMO, tools=tools)
         return [event async for event in client.plan(request)]
