@@ -41,12 +41,11 @@ from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from trellis.runtime.errors import Unavailable
 from trellis.runtime.logs import get_logger
+from trellis.runtime.redis_client import fail_fast_redis
 from trellis_cache.store import Stats
 
 log = get_logger(__name__)
@@ -120,24 +119,6 @@ return removed
 """
 
 
-def connect(url: str, *, timeout: float) -> redis.Redis:
-    """A client for ``url`` whose every call fails within about ``2 * timeout``.
-
-    redis-py's defaults (5 s socket timeouts, 10 retries with backoff) would hold a cache
-    call for many seconds when Redis is down; the cache must fail fast so the gateway
-    runs the tool instead. One retry stays: it replaces a pooled connection that Redis
-    closed (restart, idle timeout) without the caller seeing an error.
-    """
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
-        decode_responses=False,
-        client_name="trellis-cache",
-    )
-
-
 def redacted(url: str) -> str:
     """``url`` without its credentials, for logs."""
     parts = urlsplit(url)
@@ -167,7 +148,9 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX, timeout: float) -> RedisStore:
-        return cls(connect(url, timeout=timeout), prefix=prefix)
+        return cls(
+            fail_fast_redis(url, timeout=timeout, client_name="trellis-cache"), prefix=prefix
+        )
 
     def _entry(self, key: str) -> str:
         return f"{self._prefix}entry:{key}"

@@ -27,7 +27,6 @@ estimated and marked so.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,6 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-import openai
 from openai import AsyncOpenAI
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -43,14 +41,12 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from trellis.runtime import context
 from trellis.runtime.errors import (
     DeadlineExceeded,
-    FailedPrecondition,
-    ResourceExhausted,
     TrellisError,
-    Unavailable,
 )
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import GEN_AI_OPERATION_DURATION, GEN_AI_TOKEN_USAGE, MODEL_FALLBACKS
 from trellis_planner.budget import BudgetChecker, require_budget
+from trellis_planner.model_errors import estimate_input_tokens, estimate_tokens, model_error
 from trellis_planner.ratelimit import RateLimits
 
 log = get_logger(__name__)
@@ -59,73 +55,6 @@ PROVIDER = "openai"
 OPERATION = "chat"
 #: Failures after which the next fallback model is tried.
 FALLBACK_REASONS = frozenset({"MODEL_RATE_LIMITED", "MODEL_UNAVAILABLE", "MODEL_TIMEOUT"})
-
-
-def estimate_tokens(text: str) -> int:
-    """About four characters per token: the usual rule of thumb for BPE vocabularies."""
-    return math.ceil(len(text) / 4)
-
-
-def estimate_input_tokens(messages: Sequence[dict[str, str]]) -> int:
-    return sum(estimate_tokens(m.get("content", "")) for m in messages)
-
-
-def retry_after(error: openai.APIStatusError) -> float | None:
-    """The endpoint's Retry-After (``retry-after-ms`` or ``retry-after`` seconds), if any."""
-    headers = error.response.headers
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            delay = float(value) / scale
-        except ValueError:
-            continue
-        if math.isfinite(delay) and delay >= 0:
-            return delay
-    return None
-
-
-def model_error(error: BaseException, model: str) -> TrellisError | None:
-    """The Trellis error for an exception of the openai client (or of the deadline).
-
-    None for anything else: a bug is not a model failure and must surface as itself.
-    """
-    meta = {"model": model}
-    if isinstance(error, TrellisError):
-        return error
-    if isinstance(error, openai.APITimeoutError | TimeoutError):
-        return DeadlineExceeded(f"model {model} timed out", reason="MODEL_TIMEOUT", metadata=meta)
-    if isinstance(error, openai.RateLimitError):
-        return ResourceExhausted(
-            f"model {model} is rate limited",
-            reason="MODEL_RATE_LIMITED",
-            metadata=meta,
-            retry_delay=retry_after(error),
-        )
-    if isinstance(error, openai.APIConnectionError):
-        return Unavailable(
-            f"model endpoint unreachable: {error}", reason="MODEL_UNAVAILABLE", metadata=meta
-        )
-    if isinstance(error, openai.APIStatusError):
-        status = {**meta, "http_status": str(error.status_code)}
-        if error.status_code >= 500:
-            return Unavailable(
-                f"model {model} failed with HTTP {error.status_code}",
-                reason="MODEL_UNAVAILABLE",
-                metadata=status,
-            )
-        reason = "MODEL_AUTH_FAILED" if error.status_code in (401, 403) else "MODEL_REJECTED"
-        return FailedPrecondition(
-            f"model {model} rejected the request (HTTP {error.status_code}): {error.message}",
-            reason=reason,
-            metadata=status,
-        )
-    if isinstance(error, openai.OpenAIError):
-        return Unavailable(
-            f"model {model} failed: {error}", reason="MODEL_UNAVAILABLE", metadata=meta
-        )
-    return None
 
 
 @dataclass
@@ -346,7 +275,6 @@ class ChatCall:
             span.set_attribute("gen_ai.response.finish_reasons", result.finish_reasons)
         if result.time_to_first_token is not None:
             span.set_attribute("gen_ai.response.time_to_first_chunk", result.time_to_first_token)
-            span.set_attribute("trellis.time_to_first_token_s", result.time_to_first_token)
         if error is not None:
             span.set_attribute("error.type", error_type)
             span.record_exception(error)

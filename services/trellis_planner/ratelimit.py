@@ -45,13 +45,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from trellis.runtime.errors import ResourceExhausted
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import MODEL_RATE_LIMITED
+from trellis.runtime.redis_client import fail_fast_redis
 
 log = get_logger(__name__)
 
@@ -172,18 +171,6 @@ return {1, string.format('%.6f', wait)}
 """
 
 
-def connect(url: str, *, timeout: float = REDIS_TIMEOUT_SECONDS) -> redis.Redis:
-    """A client whose every call fails within about ``2 * timeout`` when Redis is gone
-    (one quick retry replaces a pooled connection Redis closed)."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
-        client_name="trellis-planner-ratelimit",
-    )
-
-
 class RedisRateLimiter:
     """Buckets in Redis, shared by every planner replica; in-process while Redis is down."""
 
@@ -207,7 +194,12 @@ class RedisRateLimiter:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> RedisRateLimiter:
-        return cls(connect(url), **kwargs)  # type: ignore[arg-type]
+        return cls(
+            fail_fast_redis(
+                url, timeout=REDIS_TIMEOUT_SECONDS, client_name="trellis-planner-ratelimit"
+            ),
+            **kwargs,
+        )  # type: ignore[arg-type]
 
     def key(self, model: str, kind: str) -> str:
         return f"{self._prefix}{{{model}}}:{kind}"

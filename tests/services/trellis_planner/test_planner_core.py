@@ -162,7 +162,7 @@ async def test_model_span_has_genai_attributes(planner, tools, spans):
     assert attrs["gen_ai.request.model"] == attrs["gen_ai.response.model"] == MODEL
     assert attrs["gen_ai.usage.input_tokens"] > 0 and attrs["gen_ai.usage.output_tokens"] > 0
     assert attrs["trellis.run_id"] == "run-9"
-    assert 0 < attrs["trellis.time_to_first_token_s"] < 5
+    assert 0 < attrs["gen_ai.response.time_to_first_chunk"] < 5
     assert span.status.status_code != StatusCode.ERROR
 
 

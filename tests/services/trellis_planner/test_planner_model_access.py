@@ -323,5 +323,5 @@ async def test_span_has_time_to_first_chunk(kit, model):
     await complete(kit.chat(), unique())
     [span] = kit.spans.get_finished_spans()
     ttfc = span.attributes["gen_ai.response.time_to_first_chunk"]
-    assert 0 < ttfc < 5 and span.attributes["trellis.time_to_first_token_s"] == ttfc
+    assert 0 < ttfc < 5
     assert span.attributes["gen_ai.usage.input_tokens"] > 0

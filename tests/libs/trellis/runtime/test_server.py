@@ -83,9 +83,10 @@ async def test_deadline_and_tenant_propagate_across_two_hops(serve, channels) ->
     last = await serve("last", probe(), settings())
     first = await serve("first", probe(last.target), settings())
     with context.request_scope(tenant_id="acme"):
-        seen = await call(channels, first.target, deadline=2.0)
+        # generous: a loaded CI host once took > 2 s for the two cold hops
+        seen = await call(channels, first.target, deadline=10.0)
     assert seen["tenant"] == "acme"
-    assert 0 < seen["remaining"] <= 2.0
+    assert 0 < seen["remaining"] <= 10.0  # the caller's deadline, carried two hops
 
 
 async def test_expired_deadline_fails_before_calling(serve, channels) -> None:

@@ -1,0 +1,89 @@
+"""The ``openai`` client's failures as Trellis errors, and token estimates.
+
+One place decides which model failures are retryable (and so may fall back to the
+next model) and what a caller sees: MODEL_TIMEOUT, MODEL_RATE_LIMITED (with the
+endpoint's Retry-After as RetryInfo), MODEL_UNAVAILABLE, MODEL_AUTH_FAILED,
+MODEL_REJECTED.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import openai
+
+from trellis.runtime.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    ResourceExhausted,
+    TrellisError,
+    Unavailable,
+)
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters per token: the usual rule of thumb for BPE vocabularies."""
+    return math.ceil(len(text) / 4)
+
+
+def estimate_input_tokens(messages: Sequence[dict[str, str]]) -> int:
+    return sum(estimate_tokens(m.get("content", "")) for m in messages)
+
+
+def retry_after(error: openai.APIStatusError) -> float | None:
+    """The endpoint's Retry-After (``retry-after-ms`` or ``retry-after`` seconds), if any."""
+    headers = error.response.headers
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            delay = float(value) / scale
+        except ValueError:
+            continue
+        if math.isfinite(delay) and delay >= 0:
+            return delay
+    return None
+
+
+def model_error(error: BaseException, model: str) -> TrellisError | None:
+    """The Trellis error for an exception of the openai client (or of the deadline).
+
+    None for anything else: a bug is not a model failure and must surface as itself.
+    """
+    meta = {"model": model}
+    if isinstance(error, TrellisError):
+        return error
+    if isinstance(error, openai.APITimeoutError | TimeoutError):
+        return DeadlineExceeded(f"model {model} timed out", reason="MODEL_TIMEOUT", metadata=meta)
+    if isinstance(error, openai.RateLimitError):
+        return ResourceExhausted(
+            f"model {model} is rate limited",
+            reason="MODEL_RATE_LIMITED",
+            metadata=meta,
+            retry_delay=retry_after(error),
+        )
+    if isinstance(error, openai.APIConnectionError):
+        return Unavailable(
+            f"model endpoint unreachable: {error}", reason="MODEL_UNAVAILABLE", metadata=meta
+        )
+    if isinstance(error, openai.APIStatusError):
+        status = {**meta, "http_status": str(error.status_code)}
+        if error.status_code >= 500:
+            return Unavailable(
+                f"model {model} failed with HTTP {error.status_code}",
+                reason="MODEL_UNAVAILABLE",
+                metadata=status,
+            )
+        reason = "MODEL_AUTH_FAILED" if error.status_code in (401, 403) else "MODEL_REJECTED"
+        return FailedPrecondition(
+            f"model {model} rejected the request (HTTP {error.status_code}): {error.message}",
+            reason=reason,
+            metadata=status,
+        )
+    if isinstance(error, openai.OpenAIError):
+        return Unavailable(
+            f"model {model} failed: {error}", reason="MODEL_UNAVAILABLE", metadata=meta
+        )
+    return None
