@@ -51,22 +51,34 @@ class RecordUsageResponse(_message.Message):
     def __init__(self, cost_nano_usd: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class CheckBudgetRequest(_message.Message):
-    __slots__ = ("estimated_cost_nano_usd",)
+    __slots__ = ("estimated_cost_nano_usd", "estimated_usage", "reservation_id")
     ESTIMATED_COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_USAGE_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     estimated_cost_nano_usd: int
-    def __init__(self, estimated_cost_nano_usd: _Optional[int] = ...) -> None: ...
+    estimated_usage: _common_pb2.Usage
+    reservation_id: str
+    def __init__(self, estimated_cost_nano_usd: _Optional[int] = ..., estimated_usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., reservation_id: _Optional[str] = ...) -> None: ...
 
 class CheckBudgetResponse(_message.Message):
-    __slots__ = ("allowed", "daily_limit_nano_usd", "spent_today_nano_usd", "remaining_nano_usd")
+    __slots__ = ("allowed", "daily_limit_nano_usd", "spent_today_nano_usd", "remaining_nano_usd", "monthly_limit_nano_usd", "spent_this_month_nano_usd", "reserved_nano_usd", "estimated_cost_nano_usd")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     DAILY_LIMIT_NANO_USD_FIELD_NUMBER: _ClassVar[int]
     SPENT_TODAY_NANO_USD_FIELD_NUMBER: _ClassVar[int]
     REMAINING_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    MONTHLY_LIMIT_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    SPENT_THIS_MONTH_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     daily_limit_nano_usd: int
     spent_today_nano_usd: int
     remaining_nano_usd: int
-    def __init__(self, allowed: _Optional[bool] = ..., daily_limit_nano_usd: _Optional[int] = ..., spent_today_nano_usd: _Optional[int] = ..., remaining_nano_usd: _Optional[int] = ...) -> None: ...
+    monthly_limit_nano_usd: int
+    spent_this_month_nano_usd: int
+    reserved_nano_usd: int
+    estimated_cost_nano_usd: int
+    def __init__(self, allowed: _Optional[bool] = ..., daily_limit_nano_usd: _Optional[int] = ..., spent_today_nano_usd: _Optional[int] = ..., remaining_nano_usd: _Optional[int] = ..., monthly_limit_nano_usd: _Optional[int] = ..., spent_this_month_nano_usd: _Optional[int] = ..., reserved_nano_usd: _Optional[int] = ..., estimated_cost_nano_usd: _Optional[int] = ...) -> None: ...
 
 class SetBudgetRequest(_message.Message):
     __slots__ = ("tenant_id", "daily_limit_nano_usd", "monthly_limit_nano_usd")
@@ -93,7 +105,7 @@ class GetUsageRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., start_day: _Optional[str] = ..., end_day: _Optional[str] = ...) -> None: ...
 
 class UsageRow(_message.Message):
-    __slots__ = ("tenant_id", "day", "model", "input_tokens", "output_tokens", "cached_input_tokens", "cost_nano_usd", "events")
+    __slots__ = ("tenant_id", "day", "model", "input_tokens", "output_tokens", "cached_input_tokens", "cost_nano_usd", "events", "kind", "tool")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     DAY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +114,8 @@ class UsageRow(_message.Message):
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     day: str
     model: str
@@ -110,7 +124,9 @@ class UsageRow(_message.Message):
     cached_input_tokens: int
     cost_nano_usd: int
     events: int
-    def __init__(self, tenant_id: _Optional[str] = ..., day: _Optional[str] = ..., model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., cost_nano_usd: _Optional[int] = ..., events: _Optional[int] = ...) -> None: ...
+    kind: UsageKind
+    tool: str
+    def __init__(self, tenant_id: _Optional[str] = ..., day: _Optional[str] = ..., model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., cost_nano_usd: _Optional[int] = ..., events: _Optional[int] = ..., kind: _Optional[_Union[UsageKind, str]] = ..., tool: _Optional[str] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
     __slots__ = ("rows", "total_cost_nano_usd")
