@@ -12,8 +12,9 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -260,31 +261,37 @@ class ServiceProcess:
                 await asyncio.sleep(0.05)
 
 
-StartProcess = Callable[[str, str, str, dict[str, str]], ServiceProcess]
+class StartProcess(Protocol):
+    def __call__(
+        self, module: str, name: str, service: str, env_vars: dict[str, str], port: int = 0
+    ) -> ServiceProcess: ...
 
 
 @pytest.fixture
 def service_process(tmp_path: Path) -> Iterator[StartProcess]:
-    """``start(module, name, grpc_service, env)`` runs ``python -m module`` on a free port.
+    """``start(module, name, grpc_service, env, port=0)`` runs ``python -m module`` on
+    ``port`` (0 = a free one; pass a stopped process's port to restart it in place).
 
     The environment is this one without TRELLIS_*/OTEL_* variables, plus ``env``; each
     process is SIGKILLed by PID after the test.
     """
     started: list[ServiceProcess] = []
 
-    def start(module: str, name: str, service: str, env_vars: dict[str, str]) -> ServiceProcess:
-        port = _free_port()
+    def start(
+        module: str, name: str, service: str, env_vars: dict[str, str], port: int = 0
+    ) -> ServiceProcess:
+        port = port or _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TRELLIS_", "OTEL_"))}
         env.update(
             PYTHONUNBUFFERED="1",
             OTEL_TRACES_EXPORTER="none",
             TRELLIS_HOST="127.0.0.1",
-            TRELLIS_PORT=str(port),
             TRELLIS_METRICS_PORT="0",
-            **env_vars,
         )
+        env.update(env_vars)
+        env["TRELLIS_PORT"] = str(port)
         log = tmp_path / f"{name}.log"
-        with log.open("wb") as out:
+        with log.open("ab") as out:  # a restarted process appends to its log
             process = subprocess.Popen(
                 [sys.executable, "-m", module],
                 env=env,
@@ -298,3 +305,79 @@ def service_process(tmp_path: Path) -> Iterator[StartProcess]:
     yield start
     for process in started:
         process.kill()
+
+
+#: (name, module, gRPC service) of the five services, started in this order (callees first).
+STACK_SERVICES = (
+    ("cache", "trellis_cache", "trellis.cache.v1.CacheService"),
+    ("costs", "trellis_costs", "trellis.costs.v1.CostAccountingService"),
+    ("toolgateway", "trellis_toolgateway", "trellis.toolgateway.v1.ToolGatewayService"),
+    ("planner", "trellis_planner", "trellis.planner.v1.PlannerService"),
+    ("executor", "trellis_executor", "trellis.executor.v1.ExecutorService"),
+)
+
+
+@dataclass
+class ProcessStack:
+    """The five services as separate processes, wired to each other and to ``model``.
+
+    Each service gets its own free gRPC port and metrics port (``metrics_ports``), its
+    own SQLite files in the test's tmp dir unless ``env`` says otherwise, and the
+    targets of the others. ``restart(name)`` starts a stopped/killed one on its port.
+    """
+
+    start: StartProcess
+    env: dict[str, dict[str, str]]
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def executor_target(self) -> str:
+        return self.processes["executor"].target
+
+    def target(self, name: str) -> str:
+        return self.processes[name].target
+
+    async def restart(self, name: str) -> ServiceProcess:
+        old = self.processes[name]
+        old.stop()
+        module = dict((n, m) for n, m, _ in STACK_SERVICES)[name]
+        self.processes[name] = self.start(module, name, old.service, self.env[name], old.port)
+        await self.processes[name].wait_serving()
+        return self.processes[name]
+
+
+StartStack = Callable[..., Awaitable[ProcessStack]]
+
+
+@pytest.fixture
+def process_stack(service_process: StartProcess, model: RunningModel, tmp_path: Path) -> StartStack:
+    """``await start(env={...}, per_service={"costs": {...}})`` runs the five services as
+    processes (each SIGKILLed after the test). ``env`` goes to all, ``per_service`` to one.
+    """
+
+    async def start(
+        env: dict[str, str] | None = None, per_service: dict[str, dict[str, str]] | None = None
+    ) -> ProcessStack:
+        ports = {name: _free_port() for name, _, _ in STACK_SERVICES}
+        common = {f"TRELLIS_{name.upper()}_TARGET": f"127.0.0.1:{p}" for name, p in ports.items()}
+        common["OPENAI_BASE_URL"] = model.base_url
+        common["OPENAI_API_KEY"] = "offline"
+        stack = ProcessStack(service_process, {})
+        for name, module, service in STACK_SERVICES:
+            stack.metrics_ports[name] = _free_port()
+            stack.env[name] = {
+                **common,
+                "TRELLIS_DATABASE_URL": f"sqlite:///{tmp_path}/{name}.db",
+                "TRELLIS_METRICS_PORT": str(stack.metrics_ports[name]),
+                **(env or {}),
+                **(per_service or {}).get(name, {}),
+            }
+            stack.processes[name] = service_process(
+                module, name, service, stack.env[name], ports[name]
+            )
+        for process in stack.processes.values():
+            await process.wait_serving()
+        return stack
+
+    return start
