@@ -81,3 +81,18 @@ MODEL_FALLBACKS = Counter(
     "Model calls sent to a fallback model after the previous one failed.",
     ["model", "fallback"],
 )
+BUDGET_REMAINING_USD = Gauge(
+    "trellis_budget_remaining_usd",
+    "Headroom left under a tenant's tightest budget limit, USD (tenants with a budget only).",
+    ["tenant"],
+)
+USAGE_OUTBOX_PENDING = Gauge(
+    "trellis_usage_outbox_pending",
+    "Usage events waiting in this process's durable outbox for cost accounting.",
+)
+USAGE_DELIVERIES = Counter(
+    "trellis_usage_deliveries",
+    "Usage events sent to cost accounting: delivered, queued (kept in the outbox for a"
+    " later try), redelivered (from the outbox) or rejected (refused for good; logged).",
+    ["outcome"],
+)
