@@ -32,13 +32,21 @@ examples/node-tool-server/node_modules/.installed: examples/node-tool-server/pac
 	npm install --prefix examples/node-tool-server --no-audit --no-fund --loglevel=error
 	@touch $@
 
-# Tests start their own redis-server (never the machine's shared one); install it when
-# the machine lacks it and apt-get is there (root, Debian), else say what is missing.
+# Tests start their own redis-server and prometheus (never the machine's shared ones);
+# install them when the machine lacks them and apt-get is there (root, Debian), else say
+# what is missing. Debian's `prometheus` package also ships `promtool` (asset checks).
+# Its postinst may start a daemon on :9090 where an init system allows it; the tests
+# never use it (they start their own on a free port) and leave it alone.
 system-deps:
 	@command -v redis-server >/dev/null || { \
 		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 			apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
 		else echo "redis-server is needed by the tests: install it (e.g. apt-get install redis-server)"; exit 1; fi; }
+	@{ command -v prometheus && command -v promtool; } >/dev/null || { \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+				--no-install-recommends prometheus >/dev/null; \
+		else echo "prometheus and promtool are needed by the tests: install them (e.g. apt-get install prometheus)"; exit 1; fi; }
 	@command -v node >/dev/null || { echo "node (>= 18) is needed by the tests"; exit 1; }
 
 install: system-deps $(INSTALLED) node_modules/.installed examples/node-tool-server/node_modules/.installed

@@ -369,6 +369,7 @@ def process_stack(service_process: StartProcess, model: RunningModel, tmp_path: 
             stack.env[name] = {
                 **common,
                 "TRELLIS_DATABASE_URL": f"sqlite:///{tmp_path}/{name}.db",
+                "TRELLIS_OUTBOX_PATH": str(tmp_path / f"{name}-outbox.db"),
                 "TRELLIS_METRICS_PORT": str(stack.metrics_ports[name]),
                 **(env or {}),
                 **(per_service or {}).get(name, {}),
@@ -381,3 +382,170 @@ def process_stack(service_process: StartProcess, model: RunningModel, tmp_path: 
         return stack
 
     return start
+
+
+class PrometheusServer:
+    """A real ``prometheus`` the test owns, scraping the test's targets every second.
+
+    Started on a free loopback port with a generated config, its own TSDB in the test's
+    tmp dir, and its log there too (shown when it fails). ``query(expr)`` runs an
+    instant query through the HTTP API and fails the test unless Prometheus accepts it;
+    ``wait_for(expr, predicate)`` polls until the result satisfies ``predicate``.
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        workdir: Path,
+        targets: dict[str, list[str]],
+        rule_files: list[Path] | tuple[Path, ...] = (),
+    ) -> None:
+        import httpx
+        import yaml
+
+        self.port = _free_port()
+        self.workdir = workdir
+        self.log = workdir / "prometheus.log"
+        self.config = workdir / "prometheus.yml"
+        scrape_configs = [
+            {"job_name": job, "static_configs": [{"targets": list(addresses)}]}
+            for job, addresses in targets.items()
+        ]
+        self.config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(Path(path).resolve()) for path in rule_files],
+                    "scrape_configs": scrape_configs,
+                },
+                sort_keys=False,
+            )
+        )
+        argv = [
+            binary,
+            f"--config.file={self.config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
+        with self.log.open("ab") as out:
+            self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=10.0)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
+
+    async def wait_ready(self, within: float = 30.0) -> None:
+        """Return once ``/-/ready`` answers 200."""
+        import httpx
+
+        deadline = time.monotonic() + within
+        while True:
+            if self._process is None or self._process.poll() is not None:
+                code = self._process.returncode if self._process else None
+                pytest.fail(f"prometheus exited with {code} during start-up:\n{self.output()}")
+            try:
+                if (await self.http.get("/-/ready")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"prometheus not ready after {within:g}s:\n{self.output()}")
+            await asyncio.sleep(0.1)
+
+    async def api(self, expr: str) -> dict:
+        """The whole JSON answer of ``/api/v1/query`` for ``expr`` (status and all)."""
+        response = await self.http.get("/api/v1/query", params={"query": expr})
+        return response.json()
+
+    async def query(self, expr: str) -> list[dict]:
+        """The result vector of an instant query; fails the test if Prometheus refuses it."""
+        body = await self.api(expr)
+        if body.get("status") != "success":
+            error = f"{body.get('errorType')}: {body.get('error')}"
+            pytest.fail(f"prometheus refused {expr!r}: {error}")
+        return body["data"]["result"]
+
+    async def value(self, expr: str) -> float | None:
+        """The single sample value of ``expr`` (None when the result is empty)."""
+        result = await self.query(expr)
+        if not result:
+            return None
+        assert len(result) == 1, f"{expr!r} returned {len(result)} series: {result}"
+        return float(result[0]["value"][1])
+
+    async def wait_for(
+        self,
+        expr: str,
+        predicate: Callable[[list[dict]], bool] = bool,
+        within: float = 30.0,
+    ) -> list[dict]:
+        """Poll ``expr`` until ``predicate(result)`` holds; fail with the last result if not."""
+        deadline = time.monotonic() + within
+        while True:
+            result = await self.query(expr)
+            if predicate(result):
+                return result
+            if time.monotonic() > deadline:
+                pytest.fail(f"{expr!r} did not reach the expected result in {within:g}s: {result}")
+            await asyncio.sleep(0.25)
+
+    async def stop(self) -> None:
+        """SIGTERM by PID (it flushes its TSDB head), SIGKILL after 10 s."""
+        await self.http.aclose()
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+class StartPrometheus(Protocol):
+    def __call__(
+        self, targets: dict[str, list[str]], rule_files: list[Path] | tuple[Path, ...] = ()
+    ) -> Awaitable[PrometheusServer]: ...
+
+
+@pytest.fixture
+async def prometheus_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[StartPrometheus]:
+    """``prom = await prometheus_server({"job": ["127.0.0.1:port", ...]}, rule_files=[...])``
+    starts a real Prometheus (Debian's ``prometheus`` package) on a free port scraping
+    those targets and evaluating those rule files every second, and returns once it is
+    ready; stopped by PID after the test.
+    """
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail(
+            "prometheus is not installed: the metrics tests need a real server "
+            "(`make system-deps`, or apt-get install prometheus)"
+        )
+    started: list[PrometheusServer] = []
+
+    async def start(
+        targets: dict[str, list[str]], rule_files: list[Path] | tuple[Path, ...] = ()
+    ) -> PrometheusServer:
+        workdir = tmp_path_factory.mktemp("prometheus")
+        server = PrometheusServer(binary, workdir, targets, rule_files)
+        started.append(server)
+        await server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        await server.stop()

@@ -24,6 +24,7 @@ def test_make_targets_in_readme_exist() -> None:
 
 def test_trellis_commands_in_readme_exist() -> None:
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    commands |= {group.name for group in app.registered_groups}
     mentioned = set(re.findall(r"trellis (demo|run|up|[a-z]+)\b", README)) - {"is", "runs"}
     assert mentioned <= commands, mentioned - commands
 

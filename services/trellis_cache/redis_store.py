@@ -193,6 +193,14 @@ class RedisStore:
         with self._failures("ping"):
             await self.client.ping()
 
+    async def load_scripts(self) -> None:
+        """SCRIPT LOAD the Lua scripts now, at start-up, so the first Get or Set runs
+        EVALSHA once instead of failing with NOSCRIPT, loading and retrying (an error
+        span in the first request's trace). Raises ``Unavailable`` like any operation."""
+        with self._failures("load_scripts"):
+            for script in (self._get, self._set, self._invalidate):
+                await self.client.script_load(script.script)
+
     async def aclose(self) -> None:
         await self.client.aclose()
 

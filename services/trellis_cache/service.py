@@ -42,6 +42,7 @@ async def make_store(settings: CacheSettings, telemetry: Telemetry) -> Store:
     url = redacted(settings.redis_url)
     try:  # before instrumenting: a start-up probe is not part of any request's trace
         await store.ping()
+        await store.load_scripts()
         log.info("cache backend", backend="redis", url=url, prefix=settings.cache_redis_prefix)
     except Unavailable as error:
         log.warning("cache backend not reachable yet", backend="redis", url=url, error=str(error))

@@ -3,17 +3,22 @@
 The servicer does not care which backend it serves; a backend failure is the
 backend's ``Unavailable`` (reason CACHE_BACKEND_UNAVAILABLE), which the runtime's
 interceptor sends as UNAVAILABLE so the gateway falls back to running the tool.
+A Get marks its RPC's server span with ``trellis.cache_hit``.
 """
 
 from __future__ import annotations
 
 from grpc import aio
+from opentelemetry import trace
 
 from trellis.cache.v1 import cache_pb2, cache_pb2_grpc
 from trellis.runtime.convert import duration, seconds
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.runtime.metrics import CACHE_REQUESTS
 from trellis_cache.store import Store
+
+#: Span attribute on a Get's server span (the name the gateway's execute_tool uses too).
+ATTR_CACHE_HIT = "trellis.cache_hit"
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
@@ -27,6 +32,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         _require_key(request.key)
         found = await self._store.get(request.key)
         CACHE_REQUESTS.labels(result="hit" if found else "miss").inc()
+        trace.get_current_span().set_attribute(ATTR_CACHE_HIT, found is not None)
         if found is None:
             return cache_pb2.GetResponse(found=False)
         value, ttl_left = found

@@ -1,5 +1,6 @@
 """costs: prices, usage ledger, budgets, reports (``trellis.costs.v1.CostAccountingService``).
 
-``prices`` and ``ledger`` are the gRPC-free core; ``servicer`` translates protos to
-them; ``service`` wires both into a server.
+``prices``, ``ledger`` (SQLite or PostgreSQL) and ``budgets`` (the in-memory budget
+view with reservations) are the gRPC-free core; ``servicer`` translates protos to
+them; ``service`` wires them into a server.
 """

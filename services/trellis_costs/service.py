@@ -1,4 +1,5 @@
-"""Wires the prices, the ledger and the servicer into a server (standalone or embedded)."""
+"""Wires the prices, the ledger, the budgets and the servicer into a server
+(standalone or embedded)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from trellis.costs.v1 import costs_pb2, costs_pb2_grpc
 from trellis.runtime.channels import Channels
 from trellis.runtime.server import Service
 from trellis.runtime.telemetry import Telemetry
-from trellis_costs.ledger import Ledger
+from trellis_costs.budgets import Budgets
+from trellis_costs.ledger import open_ledger
 from trellis_costs.prices import PriceTable
 from trellis_costs.servicer import CostAccountingServicer
 from trellis_costs.settings import CostsSettings
@@ -19,10 +21,21 @@ SERVICE_NAME = costs_pb2.DESCRIPTOR.services_by_name["CostAccountingService"].fu
 
 async def build(settings: CostsSettings, telemetry: Telemetry, channels: Channels) -> Service:
     prices = PriceTable.load(settings.prices_file)
-    ledger = await Ledger.open(settings.database_url, prices)
-    servicer = CostAccountingServicer(ledger)
+    ledger = await open_ledger(settings.database_url, prices)
+    budgets = Budgets(
+        ledger,
+        reservation_seconds=settings.budget_reservation_seconds,
+        refresh_seconds=settings.budget_refresh_seconds,
+    )
+    servicer = CostAccountingServicer(
+        ledger,
+        budgets,
+        prices,
+        tenant_label=settings.metrics_tenant_label,
+        tracer=telemetry.tracer,
+    )
 
     def register(server: aio.Server) -> None:
         costs_pb2_grpc.add_CostAccountingServiceServicer_to_server(servicer, server)
 
-    return Service(NAME, [SERVICE_NAME], register, aclose=ledger.aclose)
+    return Service(NAME, [SERVICE_NAME], register, aclose=ledger.close)

@@ -1,8 +1,12 @@
-"""CostAccountingService over gRPC: protos in, ``Ledger`` calls, protos out.
+"""CostAccountingService over gRPC: protos in, ``Budgets``/``Ledger`` calls, protos out.
 
-Contract checks live here because they name proto fields; the tenant comes from the
-request scope (``x-tenant-id``). Prometheus cost and token counters move only when a
-new ledger row is written, so retries and resumes never inflate them.
+Contract checks live here because they name proto fields: a bad field is
+INVALID_ARGUMENT with a stable reason and BadRequest violations naming every bad field
+(INVALID_USAGE, USAGE_ID_REQUIRED, INVALID_ESTIMATE, INVALID_BUDGET, INVALID_DAY). The
+tenant comes from the request scope (``x-tenant-id``). Rows are written through
+``Budgets`` so its in-memory view counts each one. Prometheus cost and token counters
+move only when a new ledger row is written, so retries and resumes never inflate them;
+``trellis_budget_remaining_usd{tenant}`` follows tenants that have a budget.
 """
 
 from __future__ import annotations
@@ -10,13 +14,16 @@ from __future__ import annotations
 from datetime import UTC
 
 from grpc import aio
+from opentelemetry import trace
 
 from trellis.costs.v1 import costs_pb2, costs_pb2_grpc
 from trellis.runtime.context import tenant as current_tenant
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.runtime.logs import get_logger
-from trellis.runtime.metrics import COST_USD, TOKENS, UNKNOWN_MODEL_PRICES
+from trellis.runtime.metrics import BUDGET_REMAINING_USD, COST_USD, TOKENS, UNKNOWN_MODEL_PRICES
+from trellis_costs.budgets import Budgets
 from trellis_costs.ledger import Budget, Ledger, UsageEvent, UsageKind, UsageRow, parse_day
+from trellis_costs.prices import PriceTable
 
 log = get_logger(__name__)
 
@@ -26,20 +33,47 @@ _MAX_WARNED_MODELS = 1024
 
 
 class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        budgets: Budgets,
+        prices: PriceTable,
+        *,
+        tenant_label: bool = False,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
         self._ledger = ledger
+        self._tracer = tracer or trace.NoOpTracer()
+        self._budgets = budgets
+        self._prices = prices
+        self._tenant_label = tenant_label
         self._warned_models: set[str] = set()
 
     async def RecordUsage(
         self, request: costs_pb2.RecordUsageRequest, context: aio.ServicerContext
     ) -> costs_pb2.RecordUsageResponse:
+        """Record one event once (idempotent on usage_id); it settles the CheckBudget
+        hold whose reservation_id is this usage_id. A usage_id another tenant used is
+        ALREADY_EXISTS, reason USAGE_ID_TAKEN."""
         event = _usage_event(request, current_tenant())
-        recorded = await self._ledger.record(event)
+        with self._tracer.start_as_current_span(
+            "trellis.ledger.record",
+            attributes={
+                "trellis.usage_id": event.usage_id,
+                "trellis.usage.kind": event.kind.value,
+                "trellis.tenant_id": event.tenant_id,
+                "trellis.run_id": event.run_id,
+            },
+        ) as span:
+            recorded = await self._budgets.record(event)
+            span.set_attribute("trellis.usage.duplicate", recorded.duplicate)
+            span.set_attribute("trellis.cost_nano_usd", recorded.cost_nano_usd)
         if not recorded.duplicate:
-            _count(event, recorded.cost_nano_usd)
+            _count(event, recorded.cost_nano_usd, event.tenant_id if self._tenant_label else "")
             if not recorded.price_known:
                 UNKNOWN_MODEL_PRICES.labels(model=event.model).inc()
                 self._warn_unknown_model(event)
+        await self._publish_headroom(event.tenant_id)
         return costs_pb2.RecordUsageResponse(
             cost_nano_usd=recorded.cost_nano_usd, duplicate=recorded.duplicate
         )
@@ -47,19 +81,29 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
     async def CheckBudget(
         self, request: costs_pb2.CheckBudgetRequest, context: aio.ServicerContext
     ) -> costs_pb2.CheckBudgetResponse:
-        if request.estimated_cost_nano_usd < 0:
-            raise _invalid("estimated_cost_nano_usd", "must be >= 0")
-        check = await self._ledger.check_budget(current_tenant(), request.estimated_cost_nano_usd)
+        """Whether the tenant may spend the estimate (estimated_cost_nano_usd plus the
+        priced estimated_usage) under its daily and monthly limits, after the estimates
+        held for other calls; allowed with a reservation_id, the estimate is held."""
+        tenant_id = current_tenant()
+        estimate = _estimate(request, self._prices)
+        check = await self._budgets.check(tenant_id, estimate, request.reservation_id)
+        await self._publish_headroom(tenant_id)
         return costs_pb2.CheckBudgetResponse(
             allowed=check.allowed,
             daily_limit_nano_usd=check.daily_limit_nano_usd,
             spent_today_nano_usd=check.spent_today_nano_usd,
             remaining_nano_usd=check.remaining_nano_usd,
+            monthly_limit_nano_usd=check.monthly_limit_nano_usd,
+            spent_this_month_nano_usd=check.spent_this_month_nano_usd,
+            reserved_nano_usd=check.reserved_nano_usd,
+            estimated_cost_nano_usd=check.estimated_cost_nano_usd,
         )
 
     async def SetBudget(
         self, request: costs_pb2.SetBudgetRequest, context: aio.ServicerContext
     ) -> costs_pb2.SetBudgetResponse:
+        """Set the limits of ``tenant_id`` (empty: the caller's tenant); 0 means no
+        limit of that kind, and both 0 remove the budget."""
         violations = [
             FieldViolation(name, "must be >= 0 (0 = no limit)")
             for name in ("daily_limit_nano_usd", "monthly_limit_nano_usd")
@@ -69,24 +113,31 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
             raise InvalidArgument(
                 "budget limits must not be negative", reason="INVALID_BUDGET", violations=violations
             )
-        await self._ledger.set_budget(
-            Budget(
-                request.tenant_id or current_tenant(),
-                request.daily_limit_nano_usd,
-                request.monthly_limit_nano_usd,
-            )
+        tenant_id = request.tenant_id or current_tenant()
+        await self._budgets.set_budget(
+            Budget(tenant_id, request.daily_limit_nano_usd, request.monthly_limit_nano_usd)
         )
+        await self._publish_headroom(tenant_id)
         return costs_pb2.SetBudgetResponse()
 
     async def GetUsage(
         self, request: costs_pb2.GetUsageRequest, context: aio.ServicerContext
     ) -> costs_pb2.GetUsageResponse:
-        start_day, end_day = _window(request, self._ledger.today())
+        """Totals of ``tenant_id`` (empty: the caller's) by UTC day, kind and model or
+        tool over the inclusive window of days (empty: today)."""
+        start_day, end_day = _window(request, self._budgets.today())
         report = await self._ledger.usage(request.tenant_id or current_tenant(), start_day, end_day)
         return costs_pb2.GetUsageResponse(
             rows=[_usage_row(row) for row in report.rows],
             total_cost_nano_usd=report.total_cost_nano_usd,
         )
+
+    async def _publish_headroom(self, tenant_id: str) -> None:
+        headroom = await self._budgets.headroom(tenant_id)
+        if headroom is None:
+            BUDGET_REMAINING_USD.remove(tenant_id)
+        else:
+            BUDGET_REMAINING_USD.labels(tenant=tenant_id).set(headroom / 1e9)
 
     def _warn_unknown_model(self, event: UsageEvent) -> None:
         if event.model in self._warned_models:
@@ -153,12 +204,46 @@ def _usage_event(request: costs_pb2.RecordUsageRequest, tenant_id: str) -> Usage
     )
 
 
-def _count(event: UsageEvent, cost_nano_usd: int) -> None:
-    COST_USD.labels(model=event.name, kind=event.kind.value).inc(cost_nano_usd / 1e9)
+def _count(event: UsageEvent, cost_nano_usd: int, tenant: str) -> None:
+    COST_USD.labels(model=event.name, kind=event.kind.value, tenant=tenant).inc(cost_nano_usd / 1e9)
     if event.kind is UsageKind.MODEL:
-        TOKENS.labels(model=event.model, type="input").inc(event.input_tokens)
-        TOKENS.labels(model=event.model, type="output").inc(event.output_tokens)
-        TOKENS.labels(model=event.model, type="cached_input").inc(event.cached_input_tokens)
+        for kind, tokens in (
+            ("input", event.input_tokens),
+            ("output", event.output_tokens),
+            ("cached_input", event.cached_input_tokens),
+        ):
+            TOKENS.labels(model=event.model, type=kind, tenant=tenant).inc(tokens)
+
+
+def _estimate(request: costs_pb2.CheckBudgetRequest, prices: PriceTable) -> int:
+    """estimated_cost_nano_usd plus estimated_usage priced (an unknown model adds 0),
+    or InvalidArgument listing every bad field."""
+    usage = request.estimated_usage
+    violations = [
+        FieldViolation(name, "must be >= 0")
+        for name, value in (
+            ("estimated_cost_nano_usd", request.estimated_cost_nano_usd),
+            ("estimated_usage.input_tokens", usage.input_tokens),
+            ("estimated_usage.output_tokens", usage.output_tokens),
+            ("estimated_usage.cached_input_tokens", usage.cached_input_tokens),
+        )
+        if value < 0
+    ]
+    if usage.cached_input_tokens > max(usage.input_tokens, 0):
+        violations.append(
+            FieldViolation(
+                "estimated_usage.cached_input_tokens",
+                "must not exceed estimated_usage.input_tokens",
+            )
+        )
+    if violations:
+        raise InvalidArgument(
+            "budget estimate breaks its contract", reason="INVALID_ESTIMATE", violations=violations
+        )
+    priced, _known = prices.cost_nano_usd(
+        usage.model, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens
+    )
+    return request.estimated_cost_nano_usd + priced
 
 
 def _window(request: costs_pb2.GetUsageRequest, today: str) -> tuple[str, str]:
@@ -177,12 +262,13 @@ def _window(request: costs_pb2.GetUsageRequest, today: str) -> tuple[str, str]:
 
 
 def _usage_row(row: UsageRow) -> costs_pb2.UsageRow:
-    # UsageRow has no kind field: tools are told apart from models by a prefix.
-    name = f"tool:{row.name}" if row.kind is UsageKind.TOOL else row.name
+    tool = row.kind is UsageKind.TOOL
     return costs_pb2.UsageRow(
         tenant_id=row.tenant_id,
         day=row.day,
-        model=name,
+        kind=costs_pb2.USAGE_KIND_TOOL if tool else costs_pb2.USAGE_KIND_MODEL,
+        model="" if tool else row.name,
+        tool=row.name if tool else "",
         input_tokens=row.input_tokens,
         output_tokens=row.output_tokens,
         cached_input_tokens=row.cached_input_tokens,

@@ -15,7 +15,10 @@ accepted node unchanged is skipped. Still invalid after the repair, or over
 
 Every model call is recorded with cost accounting: valid or not, finished or failed,
 and also when the client goes away mid-stream (tokens estimated from the text so far,
-marked estimated); the ledger write is shielded from that cancellation.
+marked estimated); the ledger write is shielded from that cancellation, and kept in the
+durable usage outbox when cost accounting is out of reach (``usage.py``). A call's
+usage_id is decided before it is made, so its budget reservation and its ledger row
+carry the same id.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from trellis_planner.prompts import (
     repair_messages,
 )
 from trellis_planner.replan import ReplanGate
-from trellis_planner.usage import UsageRecorder
+from trellis_planner.usage import UsageSender
 from trellis_planner.validation import PlanValidator, invalid_plan
 
 log = get_logger(__name__)
@@ -154,13 +157,13 @@ class Planner:
     def __init__(
         self,
         model: ChatModel,
-        recorder: UsageRecorder,
+        usage: UsageSender,
         *,
         default_model: str,
         max_nodes: int,
     ) -> None:
         self._model = model
-        self._recorder = recorder
+        self._usage = usage
         self._default_model = default_model
         self._max_nodes = max_nodes
 
@@ -225,10 +228,10 @@ class Planner:
                             yield node
         except BaseException:  # also cancellation: the tokens were spent all the same
             if call.opened:
-                round_.usage = await self._record(call, request, step)
+                round_.usage = await self._record(call, request)
             raise
         round_.output = call.result.text
-        round_.usage = await self._record(call, request, step)
+        round_.usage = await self._record(call, request)
 
     async def join(self, request: planner_pb2.JoinRequest) -> AsyncIterator[str | JoinEnd]:
         _require_goal(request.goal)
@@ -243,9 +246,9 @@ class Planner:
                     yield piece
         except BaseException:  # also cancellation: the tokens were spent all the same
             if call.opened:
-                await self._record(call, request, JOIN)
+                await self._record(call, request)
             raise
-        usage = await self._record(call, request, JOIN)
+        usage = await self._record(call, request)
         yield JoinEnd(gate.replan, gate.reason, usage)
 
     def _chat(
@@ -259,10 +262,11 @@ class Planner:
             model=request.model or self._default_model,
             run_id=request.run_id,
             step=step,
+            usage_id=usage_mod.usage_id(request.run_id, step, request.round, request.attempt),
         )
 
     async def _record(
-        self, call: ChatCall, request: planner_pb2.PlanRequest | planner_pb2.JoinRequest, step: str
+        self, call: ChatCall, request: planner_pb2.PlanRequest | planner_pb2.JoinRequest
     ) -> common_pb2.Usage:
         result = call.result
         usage = common_pb2.Usage(
@@ -272,8 +276,8 @@ class Planner:
             cached_input_tokens=result.cached_input_tokens,
         )
         usage.cost_nano_usd = await usage_mod.record(
-            self._recorder,
-            usage_id=usage_mod.usage_id(request.run_id, step, request.round, request.attempt),
+            self._usage,
+            usage_id=call.usage_id,
             run_id=request.run_id,
             usage=usage,
             estimated=result.estimated,

@@ -1,18 +1,23 @@
 """One model call: streamed through the ``openai`` client, traced, bounded, mapped.
 
 Before anything is sent, the tenant's budget is checked (``budget.py``: over budget →
-BUDGET_EXCEEDED, no call made). Then each attempt, the requested model first and then
-each fallback model, takes its place under the model's rate limits (``ratelimit.py``:
-it may wait within the request's deadline, or the model timeout when there is none,
-else MODEL_RATE_LIMITED with RetryInfo) and sends the request. The ``openai`` client
-itself retries 429, 5xx and connection errors (``TRELLIS_MODEL_MAX_RETRIES``) honouring
-Retry-After; when an attempt still fails with a retryable error (MODEL_RATE_LIMITED,
-MODEL_UNAVAILABLE, MODEL_TIMEOUT) the next fallback model is tried, if the request has
-time left.
+BUDGET_EXCEEDED, no call made) with the call's estimated tokens (input estimated from
+the messages, output the expected output tokens) and the call's ``usage_id`` as the
+reservation, so the estimate is held until the call's usage is recorded under that id.
+Then each attempt, the requested model first and then each fallback model, takes its
+place under the model's rate limits (``ratelimit.py``: it may wait within the request's
+deadline, or the model timeout when there is none, else MODEL_RATE_LIMITED with
+RetryInfo) and sends the request. The ``openai`` client itself retries 429, 5xx and
+connection errors (``TRELLIS_MODEL_MAX_RETRIES``) honouring Retry-After; when an
+attempt still fails with a retryable error (MODEL_RATE_LIMITED, MODEL_UNAVAILABLE,
+MODEL_TIMEOUT) the next fallback model is tried, if the request has time left.
 
 Fallback happens only while no response stream is open. An opened stream may already
 be billed and its text may already be with the caller, and a call has one ledger row
 for one model: so once a stream is open its failure is final, even before its first token.
+One call is one budget check and (once a stream opened) one ledger row, both under its
+``usage_id``, whichever of its models answered; a call that never opened a stream
+records nothing and its reservation lapses in cost accounting.
 
 Every attempt is a ``chat {model}`` CLIENT span with the GenAI semantic-convention
 attributes (and time to first chunk), is bounded by the service's model timeout and by
@@ -86,8 +91,11 @@ class ChatCall:
         *,
         models: Sequence[str],
         attributes: dict[str, Any],
+        usage_id: str = "",
     ) -> None:
         self._model = model
+        #: The ledger row (and budget reservation) of this call; "" for none.
+        self.usage_id = usage_id
         self._messages = list(messages)
         self._models = list(models)
         self._attributes = attributes
@@ -105,9 +113,15 @@ class ChatCall:
 
     async def __aenter__(self) -> ChatCall:
         model = self._model
-        if model.budget is not None:
-            await require_budget(model.budget, self._models[0])
         input_tokens = estimate_input_tokens(self._messages)
+        if model.budget is not None:
+            await require_budget(
+                model.budget,
+                self._models[0],
+                input_tokens=input_tokens,
+                output_tokens=model.expected_output_tokens,
+                reservation_id=self.usage_id,
+            )
         failure: TrellisError | None = None
         for name in self._models:
             if failure is not None:
@@ -285,7 +299,8 @@ class ChatCall:
 class ChatModel:
     """The planner's one ``AsyncOpenAI`` client (one connection pool per process), shared
     by all calls of the service, with the fallback models, rate limits and budget check
-    every call goes through (each optional: None/empty skips it)."""
+    every call goes through (each optional: None/empty skips it).
+    ``expected_output_tokens`` is the output a call is estimated at for the budget."""
 
     def __init__(
         self,
@@ -296,6 +311,7 @@ class ChatModel:
         fallback_models: Sequence[str] = (),
         rate_limits: RateLimits | None = None,
         budget: BudgetChecker | None = None,
+        expected_output_tokens: int = 0,
     ) -> None:
         self.client = client
         self.tracer = tracer
@@ -303,6 +319,7 @@ class ChatModel:
         self.fallback_models = list(fallback_models)
         self.rate_limits = rate_limits
         self.budget = budget
+        self.expected_output_tokens = expected_output_tokens
         url = urlsplit(str(client.base_url))
         self._server = {"server.address": url.hostname or ""}
         if url.port:
@@ -315,18 +332,21 @@ class ChatModel:
         model: str,
         run_id: str = "",
         step: str = "",
+        usage_id: str = "",
     ) -> ChatCall:
+        """One call; ``usage_id`` names its ledger row and its budget reservation."""
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": OPERATION,
             "gen_ai.provider.name": PROVIDER,
             "gen_ai.request.model": model,
             **self._server,
             "trellis.run_id": run_id,
+            "trellis.tenant_id": context.tenant(),
         }
         if step:
             attributes["trellis.planner.step"] = step
         models = [model, *(m for m in self.fallback_models if m != model)]
-        return ChatCall(self, messages, models=models, attributes=attributes)
+        return ChatCall(self, messages, models=models, attributes=attributes, usage_id=usage_id)
 
     async def aclose(self) -> None:
         await self.client.close()

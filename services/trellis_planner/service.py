@@ -3,7 +3,9 @@
 One ``AsyncOpenAI`` client (one HTTP connection pool) per planner, retrying 429, 5xx
 and connection errors ``TRELLIS_MODEL_MAX_RETRIES`` times as Retry-After says; the
 model rate limits in Redis when ``TRELLIS_REDIS_URL`` is set (shared by all replicas),
-else in this process; the budget checked with cost accounting before every model call.
+else in this process; the budget checked with cost accounting before every model call;
+usage delivered through the durable outbox at ``TRELLIS_OUTBOX_PATH``, whose
+redelivery loop runs with the service and is flushed when it stops.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from grpc import aio
 from openai import AsyncOpenAI
 
 from trellis.clients.costs import CostsClient
+from trellis.outbox import UsageOutbox
 from trellis.planner.v1 import planner_pb2, planner_pb2_grpc
 from trellis.runtime.channels import Channels
 from trellis.runtime.logs import get_logger
@@ -88,10 +91,16 @@ async def build(settings: PlannerSettings, telemetry: Telemetry, channels: Chann
         fallback_models=settings.fallback_models,
         rate_limits=rate_limits,
         budget=costs,
+        expected_output_tokens=settings.model_expected_output_tokens,
     )
+    try:
+        outbox = await UsageOutbox.open(settings.outbox_path, costs.record_usage)
+    except BaseException:
+        await model.aclose()
+        raise
     planner = Planner(
         model,
-        costs,
+        outbox,
         default_model=settings.model,
         max_nodes=settings.max_nodes,
     )
@@ -100,4 +109,9 @@ async def build(settings: PlannerSettings, telemetry: Telemetry, channels: Chann
     def register(server: aio.Server) -> None:
         planner_pb2_grpc.add_PlannerServiceServicer_to_server(servicer, server)
 
-    return Service(NAME, [SERVICE_NAME], register, aclose=model.aclose)
+    async def aclose() -> None:
+        await outbox.aclose()  # before the channels close: in-flight usage is flushed
+        await model.aclose()
+
+    outbox.start()
+    return Service(NAME, [SERVICE_NAME], register, aclose=aclose)

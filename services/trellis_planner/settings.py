@@ -9,16 +9,20 @@ Model access: ``TRELLIS_FALLBACK_MODELS`` is a comma-separated list (or a JSON l
 ``TRELLIS_MODEL_RATE_LIMITS`` overrides them per model as JSON, e.g.
 ``{"gpt-4o": {"rpm": 500, "tpm": 30000}}`` (a missing key keeps the default).
 ``TRELLIS_REDIS_URL`` shares the limits between replicas; empty keeps them per process.
+``TRELLIS_OUTBOX_PATH`` is the SQLite file keeping usage events cost accounting could
+not take yet (``trellis.outbox``); one per process, on a volume that outlives it.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from trellis.outbox import default_outbox_path, validate_outbox_path
 from trellis.runtime.settings import ServiceSettings, validate_redis_url
 
 OFFLINE_MODEL = "trellis-offline-rules-v1"
@@ -87,6 +91,12 @@ class PlannerSettings(ServiceSettings):
         "(redis://, rediss://, unix://); empty: per process.",
     )
 
+    outbox_path: Path = Field(
+        default_outbox_path("planner"),
+        description="SQLite file keeping model usage until cost accounting takes it "
+        "(one per planner process).",
+    )
+
     @field_validator("openai_base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -118,3 +128,8 @@ class PlannerSettings(ServiceSettings):
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
         return validate_redis_url(value)
+
+    @field_validator("outbox_path")
+    @classmethod
+    def _outbox_file(cls, value: Path) -> Path:
+        return validate_outbox_path(value)

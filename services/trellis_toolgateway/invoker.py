@@ -23,6 +23,11 @@ Outcome fields this module decides:
 - ``cache_hit``: served without running: from the cache, or a single-flight follower
   sharing a successful result (both cost nothing, which is what the run's
   ``cache_hits`` tells the user).
+
+Every execution that reached the backend (``attempts > 0``) is reported once to the
+``usage`` sink, with the run and node it ran for (the single-flight leader's, the
+first idempotent caller's, also when that caller left), as the call's outcome is final;
+nothing else is (cache hits, shared results and replays ran nothing).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
@@ -86,6 +92,13 @@ ATTR_SHARED = "trellis.single_flight.shared"
 ATTR_REPLAY = "trellis.idempotent_replay"
 
 
+class UsageSink(Protocol):
+    """Where executions are reported for costing (``trellis_toolgateway.usage.ToolUsage``);
+    it must not block the call."""
+
+    def executed(self, *, tool: str, run_id: str, node_id: str, outcome: NodeOutcome) -> None: ...
+
+
 @dataclass(frozen=True)
 class Call:
     """One tool call as the core sees it (``ToolCall`` without the wire types)."""
@@ -118,7 +131,8 @@ class Invoker:
     ``breaker`` thresholds and cool-down, retry ``backoff``, ``queue_per_slot`` (the
     waiting line of a tool is this many times its ``max_concurrency``), the
     ``idempotency`` store and ``idempotency_ttl``. ``clock``, ``sleep`` and ``rng``
-    make time and jitter deterministic in tests.
+    make time and jitter deterministic in tests. ``usage`` (None: not recorded) is told
+    of every execution that reached a backend.
     """
 
     def __init__(
@@ -135,8 +149,10 @@ class Invoker:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        usage: UsageSink | None = None,
     ) -> None:
         self._registry = registry
+        self._usage = usage
         self._cache = FailOpenCache(cache) if cache is not None else None
         self._tracer = tracer
         self._policy = PolicyRunner(
@@ -193,7 +209,9 @@ class Invoker:
             validate_args(entry, call.args)
             clock, started_at = time.perf_counter(), timestamp()
             if spec.side_effects and idempotency_key:
-                outcome = await self._run_once(entry, call, idempotency_key, started_at, span)
+                outcome = await self._run_once(
+                    entry, call, run_id, idempotency_key, started_at, span
+                )
                 cache_use = "bypass"
             else:
                 ttl = (
@@ -202,12 +220,26 @@ class Invoker:
                     else 0
                 )
                 if ttl > 0:
-                    outcome, cache_use = await self._cached(entry, call, ttl, cache_mode, span)
+                    outcome, cache_use = await self._cached(
+                        entry, call, run_id, ttl, cache_mode, span
+                    )
                 else:
-                    outcome, cache_use = await self._policy.run(entry, call.args, span), "bypass"
+                    outcome = await self._execute(entry, call, run_id, span)
+                    cache_use = "bypass"
                 _stamp(outcome, call.node_id, started_at)
             self._observe(spec.name, outcome, cache_use, time.perf_counter() - clock, span)
             return outcome
+
+    async def _execute(
+        self, entry: Entry, call: Call, run_id: str, span: trace.Span
+    ) -> NodeOutcome:
+        """Run the tool under its policy; report the execution if it reached the backend."""
+        outcome = await self._policy.run(entry, call.args, span)
+        if self._usage is not None and outcome.attempts > 0:
+            self._usage.executed(
+                tool=entry.tool.spec.name, run_id=run_id, node_id=call.node_id, outcome=outcome
+            )
+        return outcome
 
     # -- the three paths ---------------------------------------------------------------
 
@@ -215,6 +247,7 @@ class Invoker:
         self,
         entry: Entry,
         call: Call,
+        run_id: str,
         idempotency_key: str,
         started_at: timestamp_pb2.Timestamp,
         span: trace.Span,
@@ -268,7 +301,7 @@ class Invoker:
                 span.set_attribute(ATTR_REPLAY, True)
                 return outcome
             # The first call ran nothing and let go of the key: try to own it.
-        run = asyncio.create_task(self._run_claimed(entry, call, key, started_at, span))
+        run = asyncio.create_task(self._run_claimed(entry, call, run_id, key, started_at, span))
         self._background.add(run)
         run.add_done_callback(self._background.discard)
         try:
@@ -281,6 +314,7 @@ class Invoker:
         self,
         entry: Entry,
         call: Call,
+        run_id: str,
         key: str,
         started_at: timestamp_pb2.Timestamp,
         span: trace.Span,
@@ -288,7 +322,7 @@ class Invoker:
         """Run the tool for the claimed ``key``; complete the key with the outcome if it
         reached the backend, release it otherwise (also when anything raises)."""
         try:
-            outcome = await self._policy.run(entry, call.args, span)
+            outcome = await self._execute(entry, call, run_id, span)
             _stamp(outcome, call.node_id, started_at)
             if outcome.attempts > 0:
                 await self._idempotency.complete(key, outcome.SerializeToString())
@@ -303,6 +337,7 @@ class Invoker:
         self,
         entry: Entry,
         call: Call,
+        run_id: str,
         ttl: float,
         cache_mode: common_pb2.CacheMode.ValueType,
         span: trace.Span,
@@ -319,7 +354,7 @@ class Invoker:
         mode = CacheMode.CACHE_MODE_USE if cache_mode in _READS else cache_mode
 
         async def flight() -> tuple[NodeOutcome, str, bool]:
-            return await self._lookup_or_run(entry, call.args, key, mode, span)
+            return await self._lookup_or_run(entry, call, run_id, key, mode, span)
 
         async def fill(result: tuple[NodeOutcome, str, bool]) -> None:
             outcome, _, write = result
@@ -340,7 +375,8 @@ class Invoker:
     async def _lookup_or_run(
         self,
         entry: Entry,
-        args: dict[str, Json],
+        call: Call,
+        run_id: str,
         key: str,
         mode: common_pb2.CacheMode.ValueType,
         span: trace.Span,
@@ -356,7 +392,7 @@ class Invoker:
             cached, cache_ok = await self._cache.lookup(key, span)
             if cached is not None:
                 return cached, "hit", False
-        outcome = await self._policy.run(entry, args, span)
+        outcome = await self._execute(entry, call, run_id, span)
         # After a failed read, a write would most likely fail too and cost a second
         # cache timeout; skip it.
         write = self._cache is not None and cache_ok and mode in _WRITES

@@ -4,6 +4,9 @@ The registry lives in a ``RegistryHolder`` that the tools-file watcher swaps on 
 the invoker and servicer read tools through it, so they never hold a stale registry.
 HTTP tools share one pooled ``httpx.AsyncClient`` owned here: created with the service,
 closed with it, never following redirects and ignoring proxy/netrc environment.
+Each tool execution is recorded with cost accounting (``costs_target``) through the
+durable usage outbox at ``TRELLIS_OUTBOX_PATH``, in the background; the outbox is
+flushed (or written to its file) when the service stops.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import httpx
 from grpc import aio
 
 from trellis.clients.cache import CacheClient
+from trellis.clients.costs import CostsClient
+from trellis.outbox import UsageOutbox
 from trellis.runtime.channels import Channels
 from trellis.runtime.server import Service
 from trellis.runtime.telemetry import Telemetry
@@ -22,6 +27,7 @@ from trellis_toolgateway.policy.breaker import BreakerConfig
 from trellis_toolgateway.reload import ToolsFileWatcher
 from trellis_toolgateway.servicer import ToolGatewayServicer
 from trellis_toolgateway.settings import GatewaySettings
+from trellis_toolgateway.usage import ToolUsage
 
 NAME = "toolgateway"
 SERVICE_NAME = toolgateway_pb2.DESCRIPTOR.services_by_name["ToolGatewayService"].full_name
@@ -46,12 +52,20 @@ async def build(settings: GatewaySettings, telemetry: Telemetry, channels: Chann
         channels=channels,
     )
     watcher = ToolsFileWatcher(settings.tools_path, options, interval=settings.tools_reload_seconds)
+    costs = CostsClient(channels.get(settings.costs_target))
     try:
-        registry = await watcher.load()
+        outbox = await UsageOutbox.open(settings.outbox_path, costs.record_usage)
     except BaseException:
         await client.aclose()
         raise
+    try:
+        registry = await watcher.load()
+    except BaseException:
+        await outbox.aclose()
+        await client.aclose()
+        raise
     watcher.start()
+    outbox.start()
     cache = CacheClient(channels.get(settings.cache_target), timeout=settings.cache_timeout_seconds)
     invoker = Invoker(
         registry,
@@ -63,6 +77,7 @@ async def build(settings: GatewaySettings, telemetry: Telemetry, channels: Chann
             cooldown=settings.breaker_cooldown_seconds,
         ),
         queue_per_slot=settings.tool_queue_per_slot,
+        usage=ToolUsage(outbox),
     )
     servicer = ToolGatewayServicer(registry, invoker)
 
@@ -73,5 +88,6 @@ async def build(settings: GatewaySettings, telemetry: Telemetry, channels: Chann
         await watcher.aclose()
         await registry.aclose()
         await client.aclose()
+        await outbox.aclose()  # last: executions ending during the stop still reach it
 
     return Service(NAME, [SERVICE_NAME], register, aclose)

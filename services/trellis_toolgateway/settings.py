@@ -4,12 +4,16 @@ The tools file is checked here, with the other settings, so a bad file stops the
 service at start-up with one line naming the file and the place inside it (exit 2),
 exactly like a bad variable. Later edits are checked by the reloader instead, which
 keeps the last good registry rather than stopping anything.
+
+``TRELLIS_OUTBOX_PATH`` is the SQLite file keeping tool usage cost accounting could not
+take yet (``trellis.outbox``); one per process, on a volume that outlives it.
 """
 
 from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from trellis.outbox import default_outbox_path, validate_outbox_path
 from trellis.runtime.settings import ServiceSettings
 
 
@@ -51,6 +55,17 @@ class GatewaySettings(ServiceSettings):
     tool_queue_per_slot: int = Field(
         4, ge=0, description="Calls waiting per max_concurrency slot before TOOL_BUSY."
     )
+
+    outbox_path: Path = Field(
+        default_outbox_path("toolgateway"),
+        description="SQLite file keeping tool usage until cost accounting takes it "
+        "(one per gateway process).",
+    )
+
+    @field_validator("outbox_path")
+    @classmethod
+    def _outbox_file(cls, value: Path) -> Path:
+        return validate_outbox_path(value)
 
     @field_validator("tools_file")
     @classmethod

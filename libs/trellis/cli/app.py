@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from trellis.cli import costs as costs_module
 from trellis.cli import up as up_module
 from trellis.cli.runs import show_run
 from trellis.clients.executor import ExecutorClient
@@ -106,6 +107,10 @@ def run(
 def up() -> None:
     """Start the five services as separate processes on their default ports."""
     raise typer.Exit(asyncio.run(up_module.up(echo=console.print)))
+
+
+app.command()(costs_module.costs)
+app.add_typer(costs_module.budget_app, name="budget")
 
 
 def _run_async(coro: object) -> None:

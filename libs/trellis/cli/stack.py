@@ -2,19 +2,22 @@
 
 Still real gRPC between them (each service has its own server, channels and
 tracer), plus the offline rule-based model server, so ``trellis demo`` and the
-end-to-end tests exercise exactly the paths a deployment uses.
+end-to-end tests exercise exactly the paths a deployment uses. The planner and the
+gateway each keep their usage outbox beside the stack's SQLite file, so stacks in
+different directories (tests' tmp dirs) never share one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from opentelemetry.sdk.trace import SpanProcessor
 
 from trellis.runtime.server import Builder, RunningServer, start_service
 from trellis.runtime.settings import ServiceSettings
-from trellis.runtime.sqlite import DEFAULT_DATABASE_URL
+from trellis.runtime.sqlite import DEFAULT_DATABASE_URL, SQLITE_PREFIX
 from trellis_cache.service import build as build_cache
 from trellis_cache.settings import CacheSettings
 from trellis_costs.service import build as build_costs
@@ -49,6 +52,20 @@ class Stack:
             await self.model.stop()
 
 
+def outbox_paths(*database_urls: str) -> dict[str, Path]:
+    """The planner's and gateway's outbox files beside the first SQLite file among
+    ``database_urls`` (``{stem}-planner-outbox.db``...); none: the settings' defaults."""
+    for url in database_urls:
+        path = url[len(SQLITE_PREFIX) :] if url.startswith(SQLITE_PREFIX) else ""
+        if path and path != ":memory:":
+            db = Path(path)
+            return {
+                name: db.with_name(f"{db.stem}-{name}-outbox.db")
+                for name in ("planner", "toolgateway")
+            }
+    return {}
+
+
 async def start_stack(
     *,
     database_url: str = DEFAULT_DATABASE_URL,
@@ -61,7 +78,8 @@ async def start_stack(
     """Start the offline model (unless ``model_base_url`` is given) and the five services.
 
     ``costs_database_url`` (default: ``database_url``) lets the executor use PostgreSQL
-    while the ledger, SQLite-only in this build, keeps a file.
+    while the ledger, SQLite-only in this build, keeps a file. The usage outboxes go
+    beside the ledger's file (or the executor's; see ``outbox_paths``).
     ``overrides`` are extra settings applied to every service (e.g. ``max_parallel``);
     ``span_processors`` see every service's spans (tests pass an in-memory exporter's).
     """
@@ -79,9 +97,12 @@ async def start_stack(
             settings, name, builder, span_processors=span_processors
         )
 
+    costs_url = costs_database_url or database_url
+    outboxes = {
+        name: {"outbox_path": path} for name, path in outbox_paths(costs_url, database_url).items()
+    }
     try:
         await start("cache", CacheSettings, build_cache)
-        costs_url = costs_database_url or database_url
         await start("costs", CostsSettings, build_costs, database_url=costs_url)
         await start(
             "toolgateway",
@@ -89,6 +110,7 @@ async def start_stack(
             build_toolgateway,
             cache_target=stack.target("cache"),
             costs_target=stack.target("costs"),
+            **outboxes.get("toolgateway", {}),
         )
         await start(
             "planner",
@@ -96,6 +118,7 @@ async def start_stack(
             build_planner,
             costs_target=stack.target("costs"),
             openai_base_url=model_base_url,
+            **outboxes.get("planner", {}),
         )
         await start(
             "executor",

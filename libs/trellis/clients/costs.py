@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from grpc import aio
 
+from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2, costs_pb2_grpc
 from trellis.runtime.errors import translated_rpc_errors
 
@@ -20,8 +21,21 @@ class CostsClient:
         with translated_rpc_errors():
             return await self._stub.RecordUsage(request, timeout=self._timeout)
 
-    async def check_budget(self, estimated_cost_nano_usd: int = 0) -> costs_pb2.CheckBudgetResponse:
-        request = costs_pb2.CheckBudgetRequest(estimated_cost_nano_usd=estimated_cost_nano_usd)
+    async def check_budget(
+        self,
+        estimated_cost_nano_usd: int = 0,
+        *,
+        estimated_usage: common_pb2.Usage | None = None,
+        reservation_id: str = "",
+    ) -> costs_pb2.CheckBudgetResponse:
+        """May the tenant spend ``estimated_cost_nano_usd`` plus ``estimated_usage``
+        (priced by cost accounting)? With ``reservation_id`` (the usage_id the call will
+        be recorded under), an allowed estimate is held until that RecordUsage."""
+        request = costs_pb2.CheckBudgetRequest(
+            estimated_cost_nano_usd=estimated_cost_nano_usd,
+            estimated_usage=estimated_usage,
+            reservation_id=reservation_id,
+        )
         with translated_rpc_errors():
             return await self._stub.CheckBudget(request, timeout=self._timeout)
 

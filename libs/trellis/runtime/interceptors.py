@@ -1,7 +1,8 @@
 """Interceptors that apply the runtime's rules to every RPC.
 
-Server side: each handler runs inside a request scope (incoming deadline and tenant)
-and ``TrellisError`` becomes a rich gRPC status; anything unexpected becomes INTERNAL
+Server side: each handler runs inside a request scope (incoming deadline and tenant),
+the tenant is set on the RPC's server span (``trellis.tenant_id``), and
+``TrellisError`` becomes a rich gRPC status; anything unexpected becomes INTERNAL
 without leaking internals. Client side: every call's timeout is shortened to the
 incoming deadline and the tenant is forwarded as metadata.
 """
@@ -14,12 +15,15 @@ from typing import Any
 
 import grpc
 from grpc import aio
+from opentelemetry import trace
 
 from trellis.runtime import context
 from trellis.runtime.errors import DeadlineExceeded, Internal, TrellisError, to_status
 
 log = logging.getLogger(__name__)
 
+#: Span attribute of the tenant a request acts for (the same name on every span).
+ATTR_TENANT = "trellis.tenant_id"
 
 #: A handler's own error is an answer, not a lost request: tell the client's retry
 #: policy (which retries UNAVAILABLE for connection failures) not to repeat the call.
@@ -42,10 +46,10 @@ def _metadata_value(ctx: aio.ServicerContext, key: str) -> str | None:
 
 
 def _scope(ctx: aio.ServicerContext):
-    return context.request_scope(
-        timeout=ctx.time_remaining(),
-        tenant_id=_metadata_value(ctx, context.TENANT_METADATA_KEY),
-    )
+    tenant_id = _metadata_value(ctx, context.TENANT_METADATA_KEY)
+    # The tracing interceptor runs first, so the current span is this RPC's server span.
+    trace.get_current_span().set_attribute(ATTR_TENANT, tenant_id or context.tenant())
+    return context.request_scope(timeout=ctx.time_remaining(), tenant_id=tenant_id)
 
 
 async def _fail(ctx: aio.ServicerContext, method: str, exc: Exception) -> None:

@@ -29,8 +29,18 @@ RUN_DURATION = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 CACHE_REQUESTS = Counter("trellis_cache_requests", "Cache lookups by result.", ["result"])
-TOKENS = Counter("trellis_tokens", "Model tokens recorded in the ledger.", ["model", "type"])
-COST_USD = Counter("trellis_cost_usd", "Spend recorded in the ledger, USD.", ["model", "kind"])
+#: ``tenant`` is empty (absent, to Prometheus) unless cost accounting runs with
+#: TRELLIS_METRICS_TENANT_LABEL=true: tenants are unbounded, so the label is opt-in.
+TOKENS = Counter(
+    "trellis_tokens",
+    "Model tokens recorded in the ledger (tenant: only where configured).",
+    ["model", "type", "tenant"],
+)
+COST_USD = Counter(
+    "trellis_cost_usd",
+    "Spend recorded in the ledger, USD (tenant: only where configured).",
+    ["model", "kind", "tenant"],
+)
 
 TOOL_BREAKER_STATE = Gauge(
     "trellis_tool_breaker_state",
@@ -83,7 +93,8 @@ MODEL_FALLBACKS = Counter(
 )
 BUDGET_REMAINING_USD = Gauge(
     "trellis_budget_remaining_usd",
-    "Headroom left under a tenant's tightest budget limit, USD (tenants with a budget only).",
+    "Headroom left under a tenant's tightest budget limit after held estimates, USD"
+    " (tenants with a budget only).",
     ["tenant"],
 )
 USAGE_OUTBOX_PENDING = Gauge(

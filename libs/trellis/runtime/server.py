@@ -87,17 +87,23 @@ class RunningServer:
         return f"127.0.0.1:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, then stop accepting and let in-flight RPCs finish."""
+        """NOT_SERVING, then stop accepting and let in-flight RPCs finish.
+
+        Tracing is shut down last, whatever failed before, so the spans of the RPCs
+        that just ended are exported too (in a thread: the flush blocks).
+        """
         if self._stopped:
             return
         self._stopped = True
         grace = self.grace if grace is None else grace
-        await self.health.enter_graceful_shutdown()
-        await self.service.drain(grace)
-        await self.server.stop(grace)
-        await self.service.aclose()
-        await self.channels.close()
-        self.telemetry.shutdown()
+        try:
+            await self.health.enter_graceful_shutdown()
+            await self.service.drain(grace)
+            await self.server.stop(grace)
+            await self.service.aclose()
+            await self.channels.close()
+        finally:
+            await asyncio.to_thread(self.telemetry.shutdown)
 
 
 async def start_server(

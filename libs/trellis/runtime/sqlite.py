@@ -1,8 +1,8 @@
 """SQLite, the embedded default for stateful services (ledger, run store).
 
 ``TRELLIS_DATABASE_URL`` picks the store: ``sqlite:///relative/path.db``,
-``sqlite:////absolute/path.db`` or ``sqlite:///:memory:`` (the run store also takes
-``postgresql://``, see ``trellis.runtime.database``). The connection uses WAL
+``sqlite:////absolute/path.db`` or ``sqlite:///:memory:`` (the run store and the ledger
+also take ``postgresql://``, see ``trellis.runtime.database``). The connection uses WAL
 and a busy timeout so several processes (``trellis up``) can share one file.
 """
 
@@ -16,19 +16,11 @@ SQLITE_PREFIX = "sqlite:///"
 DEFAULT_DATABASE_URL = "sqlite:///.trellis/trellis.db"
 
 
-def require_sqlite_url(url: str, service: str = "this service") -> str:
-    """For settings validators of SQLite-only stores (the ledger): a one-line refusal.
-
-    PostgreSQL URLs are valid elsewhere (the run store, see ``trellis.runtime.database``),
-    so the message names the service that cannot take them.
-    """
-    if not url.startswith(SQLITE_PREFIX):
-        raise ValueError(f"{service} supports sqlite:/// only in this build")
-    return url
-
-
 def sqlite_path(url: str) -> str:
-    return require_sqlite_url(url)[len(SQLITE_PREFIX) :] or ":memory:"
+    """The file of a ``sqlite:///`` URL (``:memory:`` when empty)."""
+    if not url.startswith(SQLITE_PREFIX):
+        raise ValueError(f"not a SQLite URL (sqlite:///path): {url!r}")
+    return url[len(SQLITE_PREFIX) :] or ":memory:"
 
 
 async def connect(url: str, *, autocommit: bool = False) -> aiosqlite.Connection:

@@ -5,18 +5,24 @@ so even the embedded stack, five services in one process, shows five services in
 Jaeger. Spans are exported over OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
 ``OTEL_TRACES_EXPORTER``) says so; without it spans are still made, so every run has
 a trace id. gRPC client and server spans come from opentelemetry-instrumentation-grpc
-interceptors, health checks excluded.
+interceptors, health checks excluded; its unary client interceptors are patched to end
+their span (and cancel the RPC) when the caller is cancelled. ``Telemetry.shutdown``
+flushes every batched span: the server's stop path calls it, so a SIGTERM loses none.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from grpc import aio
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import _aio_client, aio_server_interceptor
+from opentelemetry.instrumentation.grpc.version import __version__ as _grpc_instrumentation
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -62,6 +68,55 @@ def not_health_check(details: object) -> bool:
     return not method.startswith(_HEALTH_PREFIX)
 
 
+class _EndSpanOnCancel:
+    """A unary-response client span that ends, and an RPC that is cancelled, with its caller.
+
+    The instrumentation's interceptor awaits the call's status before it hooks the
+    span's end to the call, and catches only ``AioRpcError``: a caller cancelled in
+    between (a run's deadline, CancelRun, a client gone) left the span open forever,
+    lost from the trace with its server-side children orphaned, and the RPC running on
+    the server, since only awaiting the call itself cancels it
+    (opentelemetry-python-contrib#3271). Here the RPC is cancelled and the span ends
+    with CANCELLED, an error for a client span.
+    """
+
+    async def _wrap_unary_response(
+        self, continuation: Callable[[], Awaitable[aio.Call]], span: trace.Span
+    ) -> aio.Call:
+        call: aio.Call | None = None
+
+        async def started() -> aio.Call:
+            nonlocal call
+            call = await continuation()
+            return call
+
+        try:
+            return await super()._wrap_unary_response(started, span)  # type: ignore[misc]
+        except asyncio.CancelledError:
+            if call is not None:
+                call.cancel()
+            span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
+            span.set_status(trace.StatusCode.ERROR, "CANCELLED: the caller was cancelled")
+            span.end()
+            raise
+
+
+class _UnaryUnary(_EndSpanOnCancel, _aio_client.UnaryUnaryAioClientInterceptor):
+    pass
+
+
+class _StreamUnary(_EndSpanOnCancel, _aio_client.StreamUnaryAioClientInterceptor):
+    pass
+
+
+_CLIENT_INTERCEPTORS = (
+    _UnaryUnary,
+    _aio_client.UnaryStreamAioClientInterceptor,  # a cancelled stream read cancels its RPC
+    _StreamUnary,
+    _aio_client.StreamStreamAioClientInterceptor,
+)
+
+
 @dataclass
 class Telemetry:
     """Tracing handles of one service."""
@@ -78,9 +133,17 @@ class Telemetry:
         return [aio_server_interceptor(self.tracer_provider, filter_=not_health_check)]
 
     def client_interceptors(self) -> list[aio.ClientInterceptor]:
-        return aio_client_interceptors(self.tracer_provider, filter_=not_health_check)
+        """What ``aio_client_interceptors`` gives, with the cancellation fix above."""
+        tracer = self.tracer_provider.get_tracer(
+            "opentelemetry.instrumentation.grpc",
+            _grpc_instrumentation,
+            schema_url="https://opentelemetry.io/schemas/1.11.0",
+        )
+        return [cls(tracer, filter_=not_health_check) for cls in _CLIENT_INTERCEPTORS]
 
     def shutdown(self) -> None:
+        """End tracing: export every span still batched (blocks up to the exporter's
+        timeout), then refuse new ones. Idempotent."""
         self.tracer_provider.shutdown()
 
 

@@ -3,6 +3,7 @@ Redis dies, back to caching when it returns, and tenants that never share result
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -143,3 +144,34 @@ async def test_redis_spans_hang_under_the_cache_rpc_of_the_tool_call(traced_stac
     redis_spans = [s for s in spans if s.attributes and s.attributes.get("db.system") == "redis"]
     assert any(_parent_of(s, cache_server) for s in redis_spans)
     assert {s.context.trace_id for s in redis_spans} == {invoke_span.context.trace_id}
+
+
+async def _spans_until(exporter: InMemorySpanExporter, name_suffix: str) -> list[ReadableSpan]:
+    """The finished spans once one named ``...name_suffix`` is among them (the gateway
+    writes the cache after answering, so a Set may end after the call returned)."""
+    deadline = time.monotonic() + 5
+    while not any(s.name.endswith(name_suffix) for s in exporter.get_finished_spans()):
+        assert time.monotonic() < deadline, f"no {name_suffix} span within 5s"
+        await asyncio.sleep(0.01)
+    return list(exporter.get_finished_spans())
+
+
+async def test_cache_spans_say_hit_or_miss_and_the_first_request_has_no_redis_error(
+    traced_stack,
+) -> None:
+    """The Get's server span carries ``trellis.cache_hit``, and the Lua scripts were
+    loaded at start-up, so the very first Get and Set run EVALSHA once each instead of
+    a NOSCRIPT error span, SCRIPT LOAD and a retry."""
+    gateway, exporter = traced_stack
+    await invoke(gateway, "3 * 3")
+    first = await _spans_until(exporter, "CacheService/Set")
+    exporter.clear()
+    await invoke(gateway, "3 * 3")
+    second = list(exporter.get_finished_spans())
+    gets = [
+        _one(spans, CACHE_NAME, SpanKind.SERVER, "CacheService/Get") for spans in (first, second)
+    ]
+    assert [s.attributes["trellis.cache_hit"] for s in gets] == [False, True]
+    redis_spans = [s for s in first if s.attributes and s.attributes.get("db.system") == "redis"]
+    assert [s.name for s in redis_spans] == ["EVALSHA", "EVALSHA"]  # Get, then Set
+    assert all(s.status.is_ok for s in redis_spans)

@@ -1,5 +1,6 @@
 """CostAccountingService over real gRPC: idempotent recording, reports, budgets,
-tenants from metadata, contract errors and metrics.
+tenants from metadata, contract errors and metrics (budget reservations under load are
+in test_costs_reservations.py).
 
 (Named test_costs_servicer.py: pytest's default import mode needs unique basenames.)
 """
@@ -16,7 +17,7 @@ from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
 from trellis.runtime.context import request_scope
 from trellis.runtime.convert import timestamp
-from trellis.runtime.errors import InvalidArgument
+from trellis.runtime.errors import AlreadyExists, InvalidArgument
 from trellis_costs.service import NAME, build
 from trellis_costs.settings import CostsSettings
 
@@ -92,12 +93,13 @@ async def test_get_usage_totals_models_and_tools_over_a_window(costs: CostsClien
     cached = 600 * 150 + 400 * 75 + 100 * 600
     gpt4o = 1_000 * 2_500 + 100 * 10_000
     assert [
-        (r.tenant_id, r.day, r.model, r.cached_input_tokens, r.cost_nano_usd) for r in report.rows
+        (r.tenant_id, r.day, r.kind, r.model, r.tool, r.cached_input_tokens, r.cost_nano_usd)
+        for r in report.rows
     ] == [
-        ("default", "2025-03-01", "gpt-4o-mini", 0, MINI_1000_100),
-        ("default", "2025-03-02", "gpt-4o", 0, gpt4o),
-        ("default", "2025-03-02", "gpt-4o-mini", 400, cached),
-        ("default", "2025-03-02", "tool:web_search", 0, 3_000),
+        ("default", "2025-03-01", MODEL, "gpt-4o-mini", "", 0, MINI_1000_100),
+        ("default", "2025-03-02", MODEL, "gpt-4o", "", 0, gpt4o),
+        ("default", "2025-03-02", MODEL, "gpt-4o-mini", "", 400, cached),
+        ("default", "2025-03-02", TOOL, "", "web_search", 0, 3_000),
     ]
     assert report.total_cost_nano_usd == MINI_1000_100 + gpt4o + cached + 3_000
 
@@ -120,11 +122,23 @@ async def test_budget_round_trip_per_tenant(costs: CostsClient) -> None:
     assert (unlimited.allowed, unlimited.daily_limit_nano_usd) == (True, 0)
 
     with request_scope(tenant_id="acme"):
-        await costs.set_budget(costs_pb2.SetBudgetRequest(daily_limit_nano_usd=MINI_1000_100 + 10))
+        await costs.set_budget(
+            costs_pb2.SetBudgetRequest(
+                daily_limit_nano_usd=MINI_1000_100 + 10, monthly_limit_nano_usd=10**9
+            )
+        )
         await costs.record_usage(model_usage("u1"))
         check = await costs.check_budget(10)
-        assert (check.allowed, check.daily_limit_nano_usd) == (True, MINI_1000_100 + 10)
-        assert (check.spent_today_nano_usd, check.remaining_nano_usd) == (MINI_1000_100, 10)
+        assert (check.allowed, check.daily_limit_nano_usd, check.monthly_limit_nano_usd) == (
+            True,
+            MINI_1000_100 + 10,
+            10**9,
+        )
+        assert (check.spent_today_nano_usd, check.spent_this_month_nano_usd) == (
+            MINI_1000_100,
+            MINI_1000_100,
+        )
+        assert (check.remaining_nano_usd, check.estimated_cost_nano_usd) == (10, 10)
         assert not (await costs.check_budget(11)).allowed
     assert (await costs.check_budget(10**12)).allowed  # another tenant is not limited
 
@@ -132,6 +146,55 @@ async def test_budget_round_trip_per_tenant(costs: CostsClient) -> None:
     await costs.set_budget(costs_pb2.SetBudgetRequest(tenant_id="acme", daily_limit_nano_usd=0))
     with request_scope(tenant_id="acme"):
         assert (await costs.check_budget(10**12)).allowed
+
+
+async def test_estimated_usage_is_priced_and_added_to_the_estimate(costs: CostsClient) -> None:
+    with request_scope(tenant_id="estimator"):
+        await costs.set_budget(costs_pb2.SetBudgetRequest(daily_limit_nano_usd=MINI_1000_100 + 5))
+        usage = common_pb2.Usage(model="gpt-4o-mini", input_tokens=1_000, output_tokens=100)
+        fits = await costs.check_budget(5, estimated_usage=usage)
+        assert (fits.allowed, fits.estimated_cost_nano_usd) == (True, MINI_1000_100 + 5)
+        too_much = await costs.check_budget(6, estimated_usage=usage, reservation_id="r1")
+        assert (too_much.allowed, too_much.estimated_cost_nano_usd) == (False, MINI_1000_100 + 6)
+        # An unknown model prices at 0: only the explicit part counts.
+        unknown = common_pb2.Usage(model="mystery-7b", input_tokens=10**6)
+        assert (await costs.check_budget(7, estimated_usage=unknown)).estimated_cost_nano_usd == 7
+
+
+async def test_a_reservation_is_held_until_its_usage_is_recorded(costs: CostsClient) -> None:
+    with request_scope(tenant_id="holder"):
+        await costs.set_budget(costs_pb2.SetBudgetRequest(daily_limit_nano_usd=10_000))
+        held = await costs.check_budget(6_000, reservation_id="call-1")
+        assert (held.allowed, held.reserved_nano_usd, held.remaining_nano_usd) == (
+            True,
+            0,
+            10_000,
+        )
+        other = await costs.check_budget(6_000, reservation_id="call-2")
+        assert (other.allowed, other.reserved_nano_usd, other.remaining_nano_usd) == (
+            False,
+            6_000,
+            4_000,
+        )
+        tool = costs_pb2.RecordUsageRequest(
+            usage_id="call-1", kind=TOOL, tool="t", tool_cost_nano_usd=1_000
+        )
+        await costs.record_usage(tool)
+        settled = await costs.check_budget(6_000, reservation_id="call-2")
+        assert (settled.allowed, settled.spent_today_nano_usd, settled.reserved_nano_usd) == (
+            True,
+            1_000,
+            0,
+        )
+
+
+async def test_usage_id_of_another_tenant_is_already_exists(costs: CostsClient) -> None:
+    with request_scope(tenant_id="first"):
+        await costs.record_usage(model_usage("shared-id"))
+    with request_scope(tenant_id="second"), pytest.raises(AlreadyExists) as raised:
+        await costs.record_usage(model_usage("shared-id"))
+    assert raised.value.reason == "USAGE_ID_TAKEN"
+    assert (await costs.get_usage(tenant_id="second")).rows == []
 
 
 async def test_missing_usage_id_is_invalid_argument(costs: CostsClient) -> None:
@@ -200,7 +263,18 @@ async def test_negative_budget_and_estimate_are_invalid(costs: CostsClient) -> N
     assert [v.field for v in raised.value.violations] == ["monthly_limit_nano_usd"]
     with pytest.raises(InvalidArgument) as raised:
         await costs.check_budget(-5)
+    assert raised.value.reason == "INVALID_ESTIMATE"
     assert [v.field for v in raised.value.violations] == ["estimated_cost_nano_usd"]
+    bad_usage = common_pb2.Usage(
+        model="gpt-4o-mini", input_tokens=10, output_tokens=-1, cached_input_tokens=11
+    )
+    with pytest.raises(InvalidArgument) as raised:
+        await costs.check_budget(-1, estimated_usage=bad_usage)
+    assert [v.field for v in raised.value.violations] == [
+        "estimated_cost_nano_usd",
+        "estimated_usage.output_tokens",
+        "estimated_usage.cached_input_tokens",
+    ]
 
 
 async def test_unknown_model_is_recorded_at_zero_cost(costs: CostsClient) -> None:
@@ -212,24 +286,27 @@ async def test_unknown_model_is_recorded_at_zero_cost(costs: CostsClient) -> Non
 
 async def test_metrics_count_new_rows_only(costs: CostsClient) -> None:
     model = "claude-3-5-haiku-20241022"  # used by no other test, so deltas are ours
-    tokens = ("trellis_tokens_total", {"model": model, "type": "input"})
-    cached = ("trellis_tokens_total", {"model": model, "type": "cached_input"})
-    usd = ("trellis_cost_usd_total", {"model": model, "kind": "model"})
+    tokens = ("trellis_tokens_total", {"model": model, "type": "input", "tenant": ""})
+    cached = ("trellis_tokens_total", {"model": model, "type": "cached_input", "tenant": ""})
+    usd = ("trellis_cost_usd_total", {"model": model, "kind": "model", "tenant": ""})
     before = [sample(name, **labels) for name, labels in (tokens, cached, usd)]
 
     request = model_usage("m1", model=model, input_tokens=1_000, output_tokens=0, cached=200)
-    cost = (await costs.record_usage(request)).cost_nano_usd
-    assert cost == 800 * 800 + 200 * 80
-    assert (await costs.record_usage(request)).duplicate
+    with request_scope(tenant_id="haiku-tenant"):
+        cost = (await costs.record_usage(request)).cost_nano_usd
+        assert cost == 800 * 800 + 200 * 80
+        assert (await costs.record_usage(request)).duplicate
 
     after = [sample(name, **labels) for name, labels in (tokens, cached, usd)]
     assert after[0] - before[0] == 1_000
     assert after[1] - before[1] == 200
     assert after[2] - before[2] == pytest.approx(cost / 1e9)
+    # Without TRELLIS_METRICS_TENANT_LABEL the tenant label stays empty.
+    assert sample("trellis_tokens_total", model=model, type="input", tenant="haiku-tenant") == 0
 
 
 async def test_tool_cost_metric(costs: CostsClient) -> None:
-    labels = {"model": "metric_probe_tool", "kind": "tool"}
+    labels = {"model": "metric_probe_tool", "kind": "tool", "tenant": ""}
     before = sample("trellis_cost_usd_total", **labels)
     request = costs_pb2.RecordUsageRequest(
         usage_id="t1", kind=TOOL, tool="metric_probe_tool", tool_cost_nano_usd=2_500_000_000
@@ -237,6 +314,38 @@ async def test_tool_cost_metric(costs: CostsClient) -> None:
     await costs.record_usage(request)
     await costs.record_usage(request)
     assert sample("trellis_cost_usd_total", **labels) - before == pytest.approx(2.5)
+
+
+async def test_tenant_label_when_configured(serve, channels, tmp_path: Path) -> None:
+    server = await serve(NAME, build, settings(tmp_path, metrics_tenant_label=True))
+    costs = CostsClient(channels.get(server.target))
+    labels = {"model": "label_probe_tool", "kind": "tool", "tenant": "labelled"}
+    request = costs_pb2.RecordUsageRequest(
+        usage_id="l1", kind=TOOL, tool="label_probe_tool", tool_cost_nano_usd=500_000_000
+    )
+    with request_scope(tenant_id="labelled"):
+        await costs.record_usage(request)
+        await costs.record_usage(model_usage("l2", model="gpt-4o-mini", input_tokens=7))
+    assert sample("trellis_cost_usd_total", **labels) == pytest.approx(0.5)
+    assert sample("trellis_tokens_total", model="gpt-4o-mini", type="input", tenant="labelled") == 7
+
+
+def gauge(tenant: str) -> float | None:
+    return REGISTRY.get_sample_value("trellis_budget_remaining_usd", {"tenant": tenant})
+
+
+async def test_budget_remaining_gauge_follows_budgets(costs: CostsClient) -> None:
+    with request_scope(tenant_id="gauged"):
+        await costs.record_usage(model_usage("g0"))
+        assert gauge("gauged") is None  # no budget: no series
+        await costs.set_budget(costs_pb2.SetBudgetRequest(daily_limit_nano_usd=2_000_000_000))
+        assert gauge("gauged") == pytest.approx(2 - MINI_1000_100 / 1e9)
+        await costs.record_usage(model_usage("g1"))
+        assert gauge("gauged") == pytest.approx(2 - 2 * MINI_1000_100 / 1e9)
+        await costs.check_budget(500_000_000, reservation_id="g2")  # held: counts now
+        assert gauge("gauged") == pytest.approx(1.5 - 2 * MINI_1000_100 / 1e9)
+        await costs.set_budget(costs_pb2.SetBudgetRequest())
+        assert gauge("gauged") is None
 
 
 async def test_prices_file_overrides_bundled_prices(serve, channels, tmp_path: Path) -> None:

@@ -17,20 +17,42 @@ def test_defaults() -> None:
         DEFAULT_DATABASE_URL,
         None,
     )
+    assert (s.budget_reservation_seconds, s.budget_refresh_seconds) == (60.0, 5.0)
+    assert s.metrics_tenant_label is False
 
 
-def test_environment_sets_database_and_prices(monkeypatch, tmp_path: Path) -> None:
+def test_environment_sets_every_costs_setting(monkeypatch, tmp_path: Path) -> None:
     prices = tmp_path / "prices.json"
     prices.write_text('{"m": {"input_cost_per_token": 1e-06}}')
     monkeypatch.setenv("TRELLIS_DATABASE_URL", "sqlite:///:memory:")
     monkeypatch.setenv("TRELLIS_PRICES_FILE", str(prices))
+    monkeypatch.setenv("TRELLIS_BUDGET_RESERVATION_SECONDS", "2.5")
+    monkeypatch.setenv("TRELLIS_BUDGET_REFRESH_SECONDS", "0")
+    monkeypatch.setenv("TRELLIS_METRICS_TENANT_LABEL", "true")
     s = CostsSettings()
     assert (s.database_url, s.prices_file) == ("sqlite:///:memory:", prices)
+    assert (s.budget_reservation_seconds, s.budget_refresh_seconds) == (2.5, 0.0)
+    assert s.metrics_tenant_label is True
 
 
-def test_non_sqlite_database_url_is_rejected() -> None:
-    with pytest.raises(ValidationError, match="sqlite"):
-        CostsSettings(database_url="postgresql://db/trellis")
+@pytest.mark.parametrize("url", ["postgresql://db/trellis", "postgres://u@db:5432/trellis"])
+def test_postgresql_ledger_url_is_accepted(url: str) -> None:
+    assert CostsSettings(database_url=url).database_url == url
+
+
+@pytest.mark.parametrize("url", ["mysql://db/trellis", "sqlite://relative.db", ""])
+def test_other_database_urls_are_rejected(url: str) -> None:
+    with pytest.raises(ValidationError, match="sqlite:///path or postgresql://"):
+        CostsSettings(database_url=url)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("budget_reservation_seconds", 0), ("budget_refresh_seconds", -1)],
+)
+def test_bad_budget_timings_are_rejected(field: str, value: float) -> None:
+    with pytest.raises(ValidationError, match=field):
+        CostsSettings(**{field: value})
 
 
 def test_missing_or_broken_prices_file_is_rejected(tmp_path: Path) -> None:

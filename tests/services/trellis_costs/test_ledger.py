@@ -1,13 +1,22 @@
-"""Ledger over a real SQLite file: idempotency, grouping, budgets."""
+"""The ledger contract, checked against every backend (SQLite and PostgreSQL):
+idempotency, tenants, grouping, days, budgets and the sums budget views load."""
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from trellis.runtime.errors import AlreadyExists
-from trellis_costs.ledger import Budget, Ledger, UsageEvent, UsageKind, parse_day
+from trellis_costs.ledger import (
+    Budget,
+    Ledger,
+    PostgresLedger,
+    SqliteLedger,
+    UsageEvent,
+    UsageKind,
+    open_ledger,
+    parse_day,
+)
 from trellis_costs.prices import PriceTable
 
 
@@ -25,10 +34,10 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def ledger(tmp_path: Path, clock: Clock) -> AsyncIterator[Ledger]:
-    ledger = await Ledger.open(f"sqlite:///{tmp_path}/ledger.db", PriceTable.load(), clock=clock)
-    yield ledger
-    await ledger.aclose()
+async def ledger(ledger_url: str, clock: Clock) -> AsyncIterator[Ledger]:
+    opened = await open_ledger(ledger_url, PriceTable.load(), clock=clock)
+    yield opened
+    await opened.close()
 
 
 def model_event(
@@ -47,22 +56,40 @@ def tool_event(usage_id: str, tool: str, cost: int, *, tenant: str = "t1", **kw)
 MINI_1000_100 = 1_000 * 150 + 100 * 600
 
 
-async def test_record_prices_a_model_call(ledger: Ledger) -> None:
+async def test_url_picks_backend(ledger: Ledger, ledger_url: str) -> None:
+    expected = SqliteLedger if ledger_url.startswith("sqlite") else PostgresLedger
+    assert isinstance(ledger, expected)
+
+
+async def test_unsupported_url_is_refused() -> None:
+    with pytest.raises(ValueError, match="sqlite:///path or postgresql://"):
+        await open_ledger("mysql://db/costs", PriceTable.load())
+
+
+async def test_record_prices_a_model_call_on_the_clock_day(ledger: Ledger) -> None:
     recorded = await ledger.record(model_event("u1"))
-    assert (recorded.cost_nano_usd, recorded.duplicate, recorded.price_known) == (
+    assert (recorded.cost_nano_usd, recorded.duplicate, recorded.price_known, recorded.day) == (
         MINI_1000_100,
         False,
         True,
+        "2025-03-15",
     )
 
 
-async def test_repeat_usage_id_returns_stored_cost_and_is_not_counted(ledger: Ledger) -> None:
+async def test_repeat_usage_id_returns_stored_cost_and_is_not_counted(
+    ledger: Ledger, clock: Clock
+) -> None:
     first = await ledger.record(model_event("u1"))
-    # Even with different tokens, the repeat is the same event: nothing changes.
+    clock.now += timedelta(days=1)
+    # Even with other tokens on another day, the repeat is the same event: nothing changes.
     again = await ledger.record(model_event("u1", input_tokens=9_999))
-    assert again.duplicate and again.cost_nano_usd == first.cost_nano_usd
-    report = await ledger.usage("t1", "2025-03-15", "2025-03-15")
-    assert [(r.events, r.input_tokens) for r in report.rows] == [(1, 1_000)]
+    assert (again.duplicate, again.cost_nano_usd, again.day) == (
+        True,
+        first.cost_nano_usd,
+        first.day,
+    )
+    report = await ledger.usage("t1", "2025-03-15", "2025-03-16")
+    assert [(r.day, r.events, r.input_tokens) for r in report.rows] == [("2025-03-15", 1, 1_000)]
     assert report.total_cost_nano_usd == first.cost_nano_usd
 
 
@@ -86,14 +113,13 @@ async def test_tool_cost_is_the_declared_cost(ledger: Ledger) -> None:
     assert (recorded.cost_nano_usd, recorded.price_known) == (5_000_000, True)
 
 
-async def test_usage_groups_by_day_and_model_or_tool_within_window(
-    ledger: Ledger, clock: Clock
-) -> None:
+async def test_usage_groups_by_day_kind_and_name_within_window(ledger: Ledger) -> None:
     day1 = datetime(2025, 3, 14, 23, 59, tzinfo=UTC)
     await ledger.record(model_event("a", occurred_at=day1))
     await ledger.record(model_event("b", occurred_at=day1, input_tokens=10, output_tokens=0))
     await ledger.record(model_event("c", model="gpt-4o", occurred_at=day1))
     await ledger.record(tool_event("d", "web_search", 700, occurred_at=day1))
+    await ledger.record(tool_event("d2", "Zeta", 1, occurred_at=day1))  # sorts as bytes
     await ledger.record(model_event("e"))  # clock: 2025-03-15
     await ledger.record(model_event("f", occurred_at=datetime(2025, 3, 13, tzinfo=UTC)))
     await ledger.record(model_event("g", tenant="other"))
@@ -104,6 +130,7 @@ async def test_usage_groups_by_day_and_model_or_tool_within_window(
     assert got == [
         ("2025-03-14", UsageKind.MODEL, "gpt-4o", 1_000, 1, gpt4o),
         ("2025-03-14", UsageKind.MODEL, "gpt-4o-mini", 1_010, 2, MINI_1000_100 + 10 * 150),
+        ("2025-03-14", UsageKind.TOOL, "Zeta", 0, 1, 1),
         ("2025-03-14", UsageKind.TOOL, "web_search", 0, 1, 700),
         ("2025-03-15", UsageKind.MODEL, "gpt-4o-mini", 1_000, 1, MINI_1000_100),
     ]
@@ -112,61 +139,16 @@ async def test_usage_groups_by_day_and_model_or_tool_within_window(
 
 
 async def test_day_is_the_utc_day_of_an_aware_timestamp(ledger: Ledger) -> None:
-    from datetime import timedelta, timezone
-
     # 01:00 on the 16th at UTC+2 is 23:00 on the 15th UTC.
     local = datetime(2025, 3, 16, 1, 0, tzinfo=timezone(timedelta(hours=2)))
-    await ledger.record(model_event("u1", occurred_at=local))
+    assert (await ledger.record(model_event("u1", occurred_at=local))).day == "2025-03-15"
     assert len((await ledger.usage("t1", "2025-03-15", "2025-03-15")).rows) == 1
-
-
-async def test_without_budget_everything_is_allowed(ledger: Ledger) -> None:
-    await ledger.record(model_event("u1"))
-    check = await ledger.check_budget("t1", 10**15)
-    assert check.allowed
-    assert (check.daily_limit_nano_usd, check.monthly_limit_nano_usd) == (0, 0)
-    assert check.spent_today_nano_usd == MINI_1000_100
-
-
-async def test_daily_budget_limits_spending(ledger: Ledger) -> None:
-    await ledger.set_budget(Budget("t1", daily_limit_nano_usd=MINI_1000_100 * 2))
-    await ledger.record(model_event("u1"))
-    check = await ledger.check_budget("t1", MINI_1000_100)
-    assert (check.allowed, check.spent_today_nano_usd, check.remaining_nano_usd) == (
-        True,
-        MINI_1000_100,
-        MINI_1000_100,
-    )
-    assert not (await ledger.check_budget("t1", MINI_1000_100 + 1)).allowed
-    await ledger.record(model_event("u2"))
-    exhausted = await ledger.check_budget("t1", 0)
-    assert (exhausted.allowed, exhausted.remaining_nano_usd) == (False, 0)
-    assert (await ledger.check_budget("other", 0)).allowed  # budgets are per tenant
-
-
-async def test_daily_budget_resets_the_next_day(ledger: Ledger, clock: Clock) -> None:
-    await ledger.set_budget(Budget("t1", daily_limit_nano_usd=MINI_1000_100))
-    await ledger.record(model_event("u1"))
-    assert not (await ledger.check_budget("t1")).allowed
-    clock.now = datetime(2025, 3, 16, 0, 0, tzinfo=UTC)
-    check = await ledger.check_budget("t1")
-    assert (check.allowed, check.spent_today_nano_usd) == (True, 0)
-
-
-async def test_monthly_budget_counts_the_whole_month(ledger: Ledger, clock: Clock) -> None:
-    await ledger.set_budget(Budget("t1", monthly_limit_nano_usd=MINI_1000_100 * 2))
-    await ledger.record(model_event("old", occurred_at=datetime(2025, 2, 28, tzinfo=UTC)))
-    await ledger.record(model_event("u1", occurred_at=datetime(2025, 3, 1, tzinfo=UTC)))
-    await ledger.record(model_event("u2", occurred_at=datetime(2025, 3, 10, tzinfo=UTC)))
-    check = await ledger.check_budget("t1")
-    assert (check.allowed, check.spent_today_nano_usd, check.spent_this_month_nano_usd) == (
-        False,
-        0,
-        MINI_1000_100 * 2,
-    )
+    naive = datetime(2025, 3, 16, 0, 30)  # taken as UTC
+    assert (await ledger.record(model_event("u2", occurred_at=naive))).day == "2025-03-16"
 
 
 async def test_set_budget_replaces_and_zero_limits_remove_it(ledger: Ledger) -> None:
+    assert await ledger.get_budget("t1") is None
     await ledger.set_budget(Budget("t1", 10, 100))
     await ledger.set_budget(Budget("t1", 20, 200))
     assert await ledger.get_budget("t1") == Budget("t1", 20, 200)
@@ -176,16 +158,50 @@ async def test_set_budget_replaces_and_zero_limits_remove_it(ledger: Ledger) -> 
         await ledger.set_budget(Budget("t1", -1, 0))
 
 
-async def test_rows_survive_reopening_the_database(tmp_path: Path, clock: Clock) -> None:
-    url = f"sqlite:///{tmp_path}/ledger.db"
-    first = await Ledger.open(url, PriceTable.load(), clock=clock)
+async def test_spending_sums_the_day_and_its_whole_month(ledger: Ledger) -> None:
+    await ledger.set_budget(Budget("t1", daily_limit_nano_usd=5, monthly_limit_nano_usd=50))
+    for usage_id, cost, when in [
+        ("feb", 1, datetime(2025, 2, 28, 23, 59, tzinfo=UTC)),
+        ("mar1", 10, datetime(2025, 3, 1, tzinfo=UTC)),
+        ("today-a", 100, datetime(2025, 3, 15, 1, tzinfo=UTC)),
+        ("today-b", 1_000, datetime(2025, 3, 15, 23, tzinfo=UTC)),
+        ("mar31", 10_000, datetime(2025, 3, 31, 23, 59, tzinfo=UTC)),
+        ("apr", 100_000, datetime(2025, 4, 1, tzinfo=UTC)),
+    ]:
+        await ledger.record(tool_event(usage_id, "x", cost, occurred_at=when))
+    await ledger.record(tool_event("other-tenant", "x", 7, tenant="t2"))
+
+    spending = await ledger.spending("t1", "2025-03-15")
+    assert spending.budget == Budget("t1", 5, 50)
+    assert (spending.spent_today_nano_usd, spending.spent_this_month_nano_usd) == (
+        1_100,
+        11_110,
+    )
+    assert spending.recorded == frozenset()
+    empty = await ledger.spending("nobody", "2025-03-15")
+    assert (empty.budget, empty.spent_today_nano_usd, empty.spent_this_month_nano_usd) == (
+        Budget("nobody"),
+        0,
+        0,
+    )
+
+
+async def test_spending_says_which_usage_ids_are_recorded(ledger: Ledger) -> None:
+    await ledger.record(tool_event("a", "x", 1))
+    await ledger.record(tool_event("b", "x", 1, tenant="t2"))
+    spending = await ledger.spending("t1", "2025-03-15", ["a", "b", "never"])
+    assert spending.recorded == frozenset({"a"})  # another tenant's id is not this one's
+
+
+async def test_rows_survive_reopening_the_database(ledger_url: str, clock: Clock) -> None:
+    first = await open_ledger(ledger_url, PriceTable.load(), clock=clock)
     await first.record(model_event("u1"))
-    await first.aclose()
-    second = await Ledger.open(url, PriceTable.load(), clock=clock)
+    await first.close()
+    second = await open_ledger(ledger_url, PriceTable.load(), clock=clock)
     try:
         assert (await second.record(model_event("u1"))).duplicate
     finally:
-        await second.aclose()
+        await second.close()
 
 
 @pytest.mark.parametrize("text", ["2025-03-15", "2024-02-29"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from trellis.cli.stack import start_stack
 from trellis.clients.executor import ExecutorClient
@@ -13,7 +12,6 @@ from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import context
 from trellis.runtime.convert import to_struct
-from trellis_costs.settings import CostsSettings
 
 
 def node(node_id: str, tool: str, deps: tuple[str, ...] = (), **args) -> common_pb2.ToolCall:
@@ -47,9 +45,3 @@ async def test_explicit_plan_runs_with_executor_on_postgres(
     finally:
         await conn.close()
     assert (status, nodes) == (executor_pb2.RUN_STATUS_SUCCEEDED, 2)
-
-
-def test_costs_settings_refuse_postgres_with_one_line() -> None:
-    with pytest.raises(ValueError) as raised:
-        CostsSettings(database_url="postgresql://postgres@127.0.0.1/trellis")
-    assert "cost-accounting supports sqlite:/// only in this build" in str(raised.value)

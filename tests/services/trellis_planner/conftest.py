@@ -1,10 +1,13 @@
 """Planner test kit: a real offline model, the gateway's tools as ToolSpecs, a fake
-usage recorder, and a core ``Planner`` wired to them with an in-memory span exporter."""
+cost-accounting recorder behind a real usage outbox (a file in the test's tmp dir), and
+a core ``Planner`` wired to them with an in-memory span exporter. Every planner a test
+builds from settings keeps its outbox in the test's tmp dir (TRELLIS_OUTBOX_PATH)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from openai import AsyncOpenAI
@@ -14,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
+from trellis.outbox import Sender, UsageOutbox
 from trellis.runtime.convert import to_struct
 from trellis.runtime.errors import Unavailable
 from trellis_offline_model.server import RunningModel
@@ -76,6 +80,30 @@ class FakeRecorder:
         return costs_pb2.RecordUsageResponse(cost_nano_usd=self.cost)
 
 
+MakeOutbox = Callable[[Sender], Awaitable[UsageOutbox]]
+
+
+@pytest.fixture(autouse=True)
+def _outbox_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Planners built from settings keep their outbox here, not in the checkout's .trellis/."""
+    monkeypatch.setenv("TRELLIS_OUTBOX_PATH", str(tmp_path / "planner-outbox.db"))
+
+
+@pytest.fixture
+async def make_outbox(tmp_path: Path) -> AsyncIterator[MakeOutbox]:
+    """``await make_outbox(sender)``: a usage outbox in its own file, closed after the test."""
+    made: list[UsageOutbox] = []
+
+    async def make(sender: Sender) -> UsageOutbox:
+        outbox = await UsageOutbox.open(tmp_path / f"outbox-{len(made)}.db", sender)
+        made.append(outbox)
+        return outbox
+
+    yield make
+    for outbox in made:
+        await outbox.aclose()
+
+
 @pytest.fixture
 def tools() -> list[common_pb2.ToolSpec]:
     return make_tools()
@@ -102,5 +130,6 @@ async def chat_model(model: RunningModel, spans: InMemorySpanExporter) -> AsyncI
 
 
 @pytest.fixture
-def planner(chat_model: ChatModel, recorder: FakeRecorder) -> Planner:
-    return Planner(chat_model, recorder, default_model="trellis-offline-rules-v1", max_nodes=50)
+async def planner(chat_model: ChatModel, recorder: FakeRecorder, make_outbox) -> Planner:
+    outbox = await make_outbox(recorder.record_usage)
+    return Planner(chat_model, outbox, default_model="trellis-offline-rules-v1", max_nodes=50)

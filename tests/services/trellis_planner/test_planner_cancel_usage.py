@@ -107,9 +107,12 @@ class SlowRecorder:
         return costs_pb2.RecordUsageResponse(cost_nano_usd=1)
 
 
-async def test_a_second_cancel_during_the_write_does_not_lose_it(chat_model, tools, model):
+async def test_a_second_cancel_during_the_write_does_not_lose_it(
+    chat_model, tools, model, make_outbox
+):
     recorder = SlowRecorder()
-    planner = Planner(chat_model, recorder, default_model=MODEL, max_nodes=50)
+    outbox = await make_outbox(recorder.record_usage)
+    planner = Planner(chat_model, outbox, default_model=MODEL, max_nodes=50)
     model.state.delay_ms = 20
     first = asyncio.Event()
 

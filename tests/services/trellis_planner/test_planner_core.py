@@ -88,9 +88,12 @@ async def test_no_matching_tool_is_an_empty_plan(planner, tools):
     assert nodes == [] and isinstance(end, PlanEnd)
 
 
-async def test_nodes_stream_before_the_model_has_finished(chat_model, recorder, tools, model):
+async def test_nodes_stream_before_the_model_has_finished(
+    chat_model, recorder, tools, model, make_outbox
+):
     model.state.delay_ms = 5
-    planner = Planner(chat_model, recorder, default_model=MODEL, max_nodes=50)
+    outbox = await make_outbox(recorder.record_usage)
+    planner = Planner(chat_model, outbox, default_model=MODEL, max_nodes=50)
     started = time.monotonic()
     arrivals = [time.monotonic() - started async for _ in planner.plan(plan_request(DEMO, tools))]
     assert arrivals[0] < 0.6 * arrivals[-1]
@@ -188,12 +191,14 @@ async def test_429_is_model_rate_limited(planner, tools, model):
     assert raised.value.reason == "MODEL_RATE_LIMITED"
 
 
-async def test_unreachable_endpoint_is_model_unavailable(recorder, tools, spans):
+async def test_unreachable_endpoint_is_model_unavailable(recorder, tools, spans, make_outbox):
     from opentelemetry.sdk.trace import TracerProvider
 
     client = AsyncOpenAI(base_url="http://127.0.0.1:9/v1", api_key="x", max_retries=0)
     chat = ChatModel(client, TracerProvider().get_tracer("t"), timeout=5)
-    planner = Planner(chat, recorder, default_model=MODEL, max_nodes=50)
+    planner = Planner(
+        chat, await make_outbox(recorder.record_usage), default_model=MODEL, max_nodes=50
+    )
     try:
         with pytest.raises(Unavailable) as raised:
             await collect(planner.plan(plan_request(DEMO, tools)))
@@ -202,12 +207,14 @@ async def test_unreachable_endpoint_is_model_unavailable(recorder, tools, spans)
         await chat.aclose()
 
 
-async def test_slow_model_is_bounded_by_the_model_timeout(model, recorder, tools):
+async def test_slow_model_is_bounded_by_the_model_timeout(model, recorder, tools, make_outbox):
     from opentelemetry.sdk.trace import TracerProvider
 
     client = AsyncOpenAI(base_url=model.base_url, api_key="x", max_retries=2)
     chat = ChatModel(client, TracerProvider().get_tracer("t"), timeout=0.3)
-    planner = Planner(chat, recorder, default_model=MODEL, max_nodes=50)
+    planner = Planner(
+        chat, await make_outbox(recorder.record_usage), default_model=MODEL, max_nodes=50
+    )
     model.script.stall(5.0, times=3)
     started = time.monotonic()
     try:

@@ -50,7 +50,9 @@ class FakeBudget:
     fail: bool = False
     calls: int = 0
 
-    async def check_budget(self, estimated_cost_nano_usd: int = 0):
+    async def check_budget(
+        self, estimated_cost_nano_usd: int = 0, *, estimated_usage=None, reservation_id: str = ""
+    ):
         self.calls += 1
         if self.fail:
             raise Unavailable("costs is down")
@@ -268,20 +270,31 @@ async def test_budget_exceeded_over_grpc_with_real_cost_accounting(
     )
     costs = CostsClient(channels.get(costs_server.target))
     planner = PlannerClient(channels.get(planner_server.target), timeout=30)
+
+    async def plan(run_id: str) -> list[planner_pb2.PlanResponse]:
+        request = planner_pb2.PlanRequest(run_id=run_id, goal=DEMO, tools=tools)
+        return [event async for event in planner.plan(request)]
+
     with context.request_scope(tenant_id="acme"):
-        await costs.set_budget(costs_pb2.SetBudgetRequest(tenant_id="acme", daily_limit_nano_usd=1))
-        request = planner_pb2.PlanRequest(run_id="r1", goal=DEMO, tools=tools)
-        events = [event async for event in planner.plan(request)]  # spends over the limit
-        assert events[-1].done.usage.cost_nano_usd > 1
-        assert len(model.requests) == 1
-        request = planner_pb2.PlanRequest(run_id="r2", goal=DEMO, tools=tools)
+        events = await plan("r1")  # no budget yet
+        spent = events[-1].done.usage.cost_nano_usd
+        assert spent > 0 and len(model.requests) == 1
+        await costs.set_budget(
+            costs_pb2.SetBudgetRequest(tenant_id="acme", daily_limit_nano_usd=spent)
+        )
         with pytest.raises(ResourceExhausted) as raised:
-            _ = [event async for event in planner.plan(request)]
+            await plan("r2")  # the limit is spent: no estimate fits
     assert raised.value.reason == "BUDGET_EXCEEDED"
     assert len(model.requests) == 1  # the model never saw the second plan
+    with context.request_scope(tenant_id="tight"):
+        await costs.set_budget(
+            costs_pb2.SetBudgetRequest(tenant_id="tight", daily_limit_nano_usd=1)
+        )
+        with pytest.raises(ResourceExhausted):  # nothing spent, but the call's estimate is over
+            await plan("r3")
+    assert len(model.requests) == 1
     with context.request_scope(tenant_id="other"):  # budgets are per tenant
-        request = planner_pb2.PlanRequest(run_id="r3", goal=DEMO, tools=tools)
-        _ = [event async for event in planner.plan(request)]
+        await plan("r4")
     assert len(model.requests) == 2
 
 

@@ -1,0 +1,207 @@
+"""``trellis costs`` (usage report) and ``trellis budget`` (limits) against a running
+cost-accounting service.
+
+Money is shown exactly: nano-USD integers become decimal dollars with nine places,
+never through a float. ``--json`` prints the same report for programs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from trellis.clients.costs import CostsClient
+from trellis.costs.v1 import costs_pb2
+from trellis.runtime import context
+from trellis.runtime.channels import Channels
+from trellis.runtime.errors import TrellisError
+from trellis.runtime.settings import ServiceSettings
+
+T = TypeVar("T")
+
+NANO_PER_USD = 10**9
+DEFAULT_TARGET = str(ServiceSettings.model_fields["costs_target"].default)
+
+console = Console()
+budget_app = typer.Typer(help="Tenants' spending limits.", no_args_is_help=True)
+
+Target = Annotated[
+    str, typer.Option(envvar="TRELLIS_COSTS_TARGET", help="gRPC target of cost accounting.")
+]
+Tenant = Annotated[str, typer.Option(envvar="TRELLIS_TENANT", help="The tenant.")]
+Timeout = Annotated[float, typer.Option(help="Seconds each call may take.")]
+
+
+def usd(nano_usd: int) -> str:
+    """Exact dollars of an integer nano-USD amount, e.g. 1500 -> ``0.000001500``."""
+    return f"{Decimal(nano_usd).scaleb(-9):.9f}"
+
+
+def nano_usd(text: str) -> int:
+    """Dollars as written (``2.5``) in whole nano-USD; more than 9 decimals is an error."""
+    try:
+        amount = Decimal(text) * NANO_PER_USD
+    except InvalidOperation:
+        raise typer.BadParameter(f"{text!r} is not an amount of USD") from None
+    if not amount.is_finite() or amount < 0 or amount != amount.to_integral_value():
+        raise typer.BadParameter(f"{text!r}: USD >= 0 with at most 9 decimals")
+    return int(amount)
+
+
+def _kind(row: costs_pb2.UsageRow) -> str:
+    return "tool" if row.kind == costs_pb2.USAGE_KIND_TOOL else "model"
+
+
+def report_json(report: costs_pb2.GetUsageResponse, start: str, end: str) -> dict[str, Any]:
+    rows = [
+        {
+            "day": row.day,
+            "tenant": row.tenant_id,
+            "kind": _kind(row),
+            "name": row.tool or row.model,
+            "input_tokens": row.input_tokens,
+            "output_tokens": row.output_tokens,
+            "cached_input_tokens": row.cached_input_tokens,
+            "events": row.events,
+            "cost_nano_usd": row.cost_nano_usd,
+            "cost_usd": usd(row.cost_nano_usd),
+        }
+        for row in report.rows
+    ]
+    return {
+        "from": start,
+        "to": end,
+        "rows": rows,
+        "total_cost_nano_usd": report.total_cost_nano_usd,
+        "total_cost_usd": usd(report.total_cost_nano_usd),
+    }
+
+
+def report_table(report: costs_pb2.GetUsageResponse, title: str) -> Table:
+    """One line per day, tenant, kind and model or tool, and a total line."""
+    rows = report.rows
+    cells = [
+        [
+            row.day,
+            row.tenant_id,
+            _kind(row),
+            row.tool or row.model,
+            f"{row.input_tokens:,}",
+            f"{row.output_tokens:,}",
+            f"{row.cached_input_tokens:,}",
+            f"{row.events:,}",
+            usd(row.cost_nano_usd),
+        ]
+        for row in rows
+    ]
+    total = ["total", "", "", ""] + [
+        f"{sum(getattr(row, name) for row in rows):,}"
+        for name in ("input_tokens", "output_tokens", "cached_input_tokens", "events")
+    ]
+    total.append(usd(report.total_cost_nano_usd))
+    table = Table(title=title, show_footer=True)
+    headers = ["day", "tenant", "kind", "model/tool", "input", "output", "cached", "events", "USD"]
+    for i, header in enumerate(headers):
+        table.add_column(header, total[i], justify="right" if i >= 4 else "left", no_wrap=True)
+    for line in cells:
+        table.add_row(*line)
+    return table
+
+
+def _call(
+    target: str, tenant: str, timeout: float, use: Callable[[CostsClient], Awaitable[T]]
+) -> T:
+    """Run one client call as ``tenant``; a service error is one red line and exit 1."""
+
+    async def main() -> T:
+        channels = Channels()
+        try:
+            with context.request_scope(tenant_id=tenant):
+                return await use(CostsClient(channels.get(target), timeout=timeout))
+        finally:
+            await channels.close()
+
+    try:
+        return asyncio.run(main())
+    except TrellisError as error:
+        fields = "".join(f"\n  {v.field}: {v.description}" for v in error.violations)
+        console.print(f"[red]error[/] {error.reason}: {error.message}{fields}")
+        raise typer.Exit(1) from None
+
+
+def costs(
+    tenant: Tenant = context.DEFAULT_TENANT,
+    start: Annotated[
+        str, typer.Option("--from", help="First UTC day, YYYY-MM-DD (default: today).")
+    ] = "",
+    end: Annotated[
+        str, typer.Option("--to", help="Last UTC day, YYYY-MM-DD (default: today).")
+    ] = "",
+    target: Target = DEFAULT_TARGET,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Usage and cost of a tenant by day and model or tool, with totals."""
+    today = datetime.now(UTC).date().isoformat()
+    start, end = start or today, end or today
+    report = _call(target, tenant, timeout, lambda c: c.get_usage(tenant, start, end))
+    if as_json:
+        typer.echo(json.dumps(report_json(report, start, end), indent=2))
+        return
+    table = report_table(report, f"costs of {tenant}, {start} to {end}")
+    # Never cut a figure short: wider than the terminal, lines wrap instead.
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    Console(width=max(console.width, natural)).print(table)
+
+
+@budget_app.command("set")
+def budget_set(
+    tenant: Tenant = context.DEFAULT_TENANT,
+    daily: Annotated[str, typer.Option(help="Daily limit in USD (0 = none).")] = "0",
+    monthly: Annotated[str, typer.Option(help="Monthly limit in USD (0 = none).")] = "0",
+    target: Target = DEFAULT_TARGET,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Set a tenant's daily and monthly limits (both replaced; both 0 remove the budget)."""
+    request = costs_pb2.SetBudgetRequest(
+        tenant_id=tenant,
+        daily_limit_nano_usd=nano_usd(daily),
+        monthly_limit_nano_usd=nano_usd(monthly),
+    )
+    _call(target, tenant, timeout, lambda c: c.set_budget(request))
+    _show(_call(target, tenant, timeout, lambda c: c.check_budget(0)), tenant)
+
+
+@budget_app.command("show")
+def budget_show(
+    tenant: Tenant = context.DEFAULT_TENANT,
+    target: Target = DEFAULT_TARGET,
+    timeout: Timeout = 10.0,
+) -> None:
+    """A tenant's limits, what it spent today and this month, and what is left."""
+    _show(_call(target, tenant, timeout, lambda c: c.check_budget(0)), tenant)
+
+
+def _show(check: costs_pb2.CheckBudgetResponse, tenant: str) -> None:
+    if not (check.daily_limit_nano_usd or check.monthly_limit_nano_usd):
+        console.print(f"{tenant}: no budget")
+        return
+    table = Table(title=f"budget of {tenant}")
+    for header in ("limit", "USD", "spent", "left (after holds)"):
+        table.add_column(header, justify="left" if header == "limit" else "right")
+    held = check.reserved_nano_usd
+    for name, limit, spent in [
+        ("daily", check.daily_limit_nano_usd, check.spent_today_nano_usd),
+        ("monthly", check.monthly_limit_nano_usd, check.spent_this_month_nano_usd),
+    ]:
+        left = usd(max(0, limit - spent - held)) if limit else "-"
+        table.add_row(name, usd(limit) if limit else "none", usd(spent), left)
+    console.print(table)

@@ -1,0 +1,53 @@
+"""The parent -> child hops between services that one planned run's trace must show.
+
+Listed once, here, for every trace test (as the OpenTelemetry demo's telemetry tests
+keep their service edges): the embedded stack's in-memory spans and the process
+stack's spans received over OTLP. An edge is (service of the parent span, service of
+the child span) for a child whose parent is in another service: a gRPC client span
+and the server span it caused, or a Redis command span under the cache's RPC.
+Redis is named as the child "service" of its command spans (``db.system`` redis),
+the way Jaeger's dependency graph shows a database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+#: Why each edge exists, by edge.
+EDGES: Mapping[tuple[str, str], str] = {
+    ("executor", "costs"): "CheckBudget before the run starts",
+    ("executor", "toolgateway"): "ListTools and InvokeTool, one per node",
+    ("executor", "planner"): "Plan (streamed nodes) and Join (streamed answer)",
+    ("planner", "costs"): "CheckBudget before and RecordUsage after each model call",
+    ("toolgateway", "cache"): "Get before running a cacheable tool, Set after",
+    ("toolgateway", "costs"): "RecordUsage of each tool execution (from the usage outbox)",
+    ("cache", "redis"): "the cache's commands, when TRELLIS_REDIS_URL is set",
+}
+
+#: Every edge of a planned run, the cache on Redis.
+EXPECTED_EDGES: frozenset[tuple[str, str]] = frozenset(EDGES)
+#: The edges that need the Redis backend (the embedded stack caches in memory).
+REDIS_EDGES: frozenset[tuple[str, str]] = frozenset(e for e in EDGES if e[1] == "redis")
+#: The edges only a tool that ran makes: a run served wholly from the cache has none.
+TOOL_RUN_EDGES: frozenset[tuple[str, str]] = frozenset({("toolgateway", "costs")})
+
+REDIS = "redis"
+
+
+def node_name(service: str, attributes: Mapping[str, object] | None) -> str:
+    """The graph node a span belongs to: its service, or ``redis`` for a Redis command."""
+    attributes = attributes or {}
+    if REDIS in (attributes.get("db.system"), attributes.get("db.system.name")):
+        return REDIS
+    return service
+
+
+def cross_edges(spans: Iterable[tuple[int | str, int | str | None, str]]) -> set[tuple[str, str]]:
+    """(parent node, child node) pairs that differ, from (span id, parent id, node) rows."""
+    rows = list(spans)
+    node_of = {span_id: node for span_id, _, node in rows}
+    return {
+        (node_of[parent], node)
+        for _, parent, node in rows
+        if parent in node_of and node_of[parent] != node
+    }
