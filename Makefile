@@ -32,24 +32,17 @@ examples/node-tool-server/node_modules/.installed: examples/node-tool-server/pac
 	npm install --prefix examples/node-tool-server --no-audit --no-fund --loglevel=error
 	@touch $@
 
-# Tests start their own redis-server and prometheus (never the machine's shared ones);
-# install them when the machine lacks them and apt-get is there (root, Debian), else say
-# what is missing. Debian's `prometheus` package also ships `promtool` (asset checks).
-# Its postinst may start a daemon on :9090 where an init system allows it; the tests
-# never use it (they start their own on a free port) and leave it alone.
-system-deps:
-	@command -v redis-server >/dev/null || { \
-		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
-		else echo "redis-server is needed by the tests: install it (e.g. apt-get install redis-server)"; exit 1; fi; }
-	@{ command -v prometheus && command -v promtool; } >/dev/null || { \
-		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-				--no-install-recommends prometheus >/dev/null; \
-		else echo "prometheus and promtool are needed by the tests: install them (e.g. apt-get install prometheus)"; exit 1; fi; }
-	@command -v node >/dev/null || { echo "node (>= 18) is needed by the tests"; exit 1; }
+clients/node/node_modules/.installed: clients/node/package.json clients/node/package-lock.json
+	npm install --prefix clients/node --no-audit --no-fund --loglevel=error
+	@touch $@
 
-install: system-deps $(INSTALLED) node_modules/.installed examples/node-tool-server/node_modules/.installed
+# System packages the tests need (redis-server, prometheus/promtool, docker-compose,
+# kubectl, node): installed with apt-get when missing, see the script.
+system-deps:
+	@scripts/system-deps.sh
+
+install: system-deps $(INSTALLED) node_modules/.installed examples/node-tool-server/node_modules/.installed \
+	clients/node/node_modules/.installed
 
 run: $(INSTALLED)
 	$(VENV)/bin/trellis demo

@@ -9,6 +9,7 @@ incoming deadline and the tenant is forwarded as metadata.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -73,11 +74,18 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
     return handler
 
 
-def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a streaming handler of either style: an async generator, or a coroutine that
+    sends with ``context.write`` (grpcio-health-checking's ``Watch``)."""
+
     async def handler(request: Any, ctx: aio.ServicerContext) -> AsyncIterator[Any]:
         with _scope(ctx):
             try:
-                async for item in behavior(request, ctx):
+                responses = behavior(request, ctx)
+                if inspect.isawaitable(responses):
+                    await responses
+                    return
+                async for item in responses:
                     yield item
             except aio.AbortError:
                 raise

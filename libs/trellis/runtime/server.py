@@ -58,7 +58,13 @@ Builder = Callable[[ServiceSettings, Telemetry, Channels], Awaitable[Service]]
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, object]]:
-    return [
+    """Message bounds, keepalive, and a maximum connection age.
+
+    The age makes clients reconnect (GOAWAY) now and then, and a ``dns:///`` client then
+    resolves again, so replicas added by an autoscaler get traffic; the grace after it is
+    gRPC's default (unbounded), so a long Run stream is never cut.
+    """
+    options: list[tuple[str, object]] = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", 60_000),
@@ -67,6 +73,11 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, object]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+    if settings.max_connection_age_seconds:
+        options.append(
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000))
+        )
+    return options
 
 
 @dataclass

@@ -31,6 +31,12 @@ class ServiceSettings(BaseSettings):
         4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest gRPC message."
     )
     max_concurrent_rpcs: int = Field(1000, ge=1, description="Beyond: RESOURCE_EXHAUSTED.")
+    max_connection_age_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="Clients are asked to reconnect after this (so new replicas get calls);"
+        " streams in flight finish first. 0 = never.",
+    )
     grace_seconds: float = Field(5.0, ge=0, description="In-flight RPCs get this long on stop.")
     call_timeout_seconds: float = Field(30.0, gt=0, description="Default onward-call timeout.")
     log_level: LogLevel = Field("info", description="debug, info, warning or error.")
@@ -62,6 +68,18 @@ def env_name(cls: type[BaseSettings], field: str) -> str:
     if isinstance(alias, AliasChoices):
         return str(alias.choices[0])
     return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def env_names(cls: type[BaseSettings]) -> set[str]:
+    """Every environment variable ``cls`` reads (all choices of aliased fields)."""
+    names = set()
+    for field, info in cls.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names |= {str(choice).upper() for choice in alias.choices}
+        else:
+            names.add(env_name(cls, field))
+    return names
 
 
 def _variable(cls: type[BaseSettings], loc: tuple[int | str, ...]) -> str:

@@ -177,3 +177,20 @@ async def test_message_over_the_size_limit_is_rejected(serve, channels) -> None:
 def test_channels_are_cached_per_target(channels) -> None:
     assert channels.get("127.0.0.1:1") is channels.get("127.0.0.1:1")
     assert channels.get("127.0.0.1:1") is not channels.get("127.0.0.1:2")
+
+
+async def test_connection_age_never_cuts_an_open_stream_and_health_watch_works(serve) -> None:
+    server = await serve("p", probe(), settings(max_connection_age_seconds=0.3))
+    async with aio.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        # Well past the age: the open stream is neither ended nor failed ...
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(watch.read()), timeout=1.2)
+        assert not watch.done()
+        # ... while new calls go over a fresh connection, transparently.
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()

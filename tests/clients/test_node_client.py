@@ -1,0 +1,299 @@
+"""The Node.js client (clients/node/run-goal.js) against the embedded stack over real gRPC.
+
+The stack runs in this test's event loop; the client is a real ``node`` process started
+with asyncio's subprocess API so the stack keeps serving while the test waits for it.
+Its ``--json`` lines are parsed back into ``RunResponse`` with protobuf's own proto3 JSON
+parser, so the test also checks that the client's output is genuine proto3 JSON.
+
+Needs node and clients/node/node_modules (``make install`` installs them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from google.protobuf import json_format
+
+from trellis.cli.app import DEMO_GOAL
+from trellis.cli.stack import Stack, start_stack
+from trellis.clients.executor import ExecutorClient
+from trellis.common.v1 import common_pb2
+from trellis.executor.v1 import executor_pb2
+from trellis.runtime import context
+from trellis.runtime.errors import NotFound
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENT_DIR = ROOT / "clients" / "node"
+RUN_GOAL = CLIENT_DIR / "run-goal.js"
+SUCCEEDED = executor_pb2.RUN_STATUS_SUCCEEDED
+NODE_SUCCEEDED = common_pb2.NODE_STATUS_SUCCEEDED
+#: run-goal.js exit statuses (see its header).
+EXIT_RUN_NOT_SUCCEEDED, EXIT_RPC_ERROR = 1, 3
+
+
+def require_node() -> str:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not on PATH: the Node client test needs Node.js (v18+)")
+    if not (CLIENT_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.fail(
+            "clients/node/node_modules is missing: run `make install` "
+            "(or `npm install --prefix clients/node`)"
+        )
+    return node
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def events(self) -> list[executor_pb2.RunResponse]:
+        """The --json lines, each parsed as a RunResponse by protobuf's proto3 JSON parser."""
+        return [
+            json_format.Parse(line, executor_pb2.RunResponse()) for line in self.stdout.splitlines()
+        ]
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    running = await start_stack(database_url=f"sqlite:///{tmp_path}/t.db")
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+def executor(stack: Stack, channels) -> ExecutorClient:
+    return ExecutorClient(channels.get(stack.executor_target), timeout=30.0)
+
+
+def _env() -> dict[str, str]:
+    """This environment without the variables run-goal.js reads as defaults."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TRELLIS_EXECUTOR_TARGET", "TRELLIS_TENANT")
+    }
+
+
+async def start_client(stack: Stack, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        require_node(),
+        str(RUN_GOAL),
+        "--target",
+        stack.executor_target,
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_env(),
+    )
+
+
+async def finish(process: asyncio.subprocess.Process, within: float = 60.0) -> Result:
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), within)
+    except TimeoutError:
+        process.kill()  # our own child, by its PID
+        await process.wait()
+        pytest.fail(f"run-goal.js did not finish within {within:g}s")
+    assert process.returncode is not None
+    return Result(process.returncode, stdout.decode(), stderr.decode())
+
+
+async def run_client(stack: Stack, *args: str) -> Result:
+    return await finish(await start_client(stack, *args))
+
+
+def write_plan(tmp_path: Path, *nodes: dict) -> str:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(list(nodes)))
+    return str(path)
+
+
+def kind(event: executor_pb2.RunResponse) -> str:
+    return event.WhichOneof("event") or ""
+
+
+def node_id(event: executor_pb2.RunResponse) -> str:
+    if kind(event) == "node_planned":
+        return event.node_planned.call.node_id
+    if kind(event) == "node_started":
+        return event.node_started.node_id
+    if kind(event) == "node_finished":
+        return event.node_finished.outcome.node_id
+    return ""
+
+
+async def test_demo_goal_streams_every_event_in_order_and_get_run_agrees(
+    stack: Stack, executor: ExecutorClient
+) -> None:
+    result = await run_client(stack, "--json", DEMO_GOAL)
+    assert result.returncode == 0, result.stderr
+    events = result.events()
+    kinds = [kind(e) for e in events]
+    run_id = events[0].run_id
+    assert run_id and all(e.run_id == run_id for e in events)
+    assert kinds[0] == "started" and kinds[-1] == "finished", kinds
+    assert kinds.count("started") == kinds.count("finished") == 1
+    assert re.fullmatch(r"[0-9a-f]{32}", events[0].started.trace_id)
+
+    planned = [e.node_planned.call for e in events if kind(e) == "node_planned"]
+    assert sorted(c.args["command"] for c in planned) == ["df -h", "uname -a", "uptime"]
+    for call in planned:  # each node: planned, then started, then finished, once each
+        index = {
+            k: [i for i, e in enumerate(events) if kind(e) == k and node_id(e) == call.node_id]
+            for k in ("node_planned", "node_started", "node_finished")
+        }
+        assert all(len(at) == 1 for at in index.values()), index
+        assert index["node_planned"][0] < index["node_started"][0] < index["node_finished"][0]
+    outcomes = {
+        e.node_finished.outcome.node_id: e.node_finished.outcome
+        for e in events
+        if kind(e) == "node_finished"
+    }
+    assert all(o.status == NODE_SUCCEEDED for o in outcomes.values()), outcomes
+
+    finished = events[-1].finished
+    assert finished.status == SUCCEEDED, finished.error
+    answer = "".join(e.answer_delta.text for e in events if kind(e) == "answer_delta")
+    assert answer and answer == finished.answer
+    assert finished.usage.input_tokens > 0 and finished.usage.output_tokens > 0
+    assert finished.cost_nano_usd > 0 and finished.duration.ToNanoseconds() > 0
+    # The raw JSON keeps the .proto field names and proto3 JSON forms (int64 as strings).
+    raw = json.loads(result.stdout.splitlines()[-1])["finished"]
+    assert raw["status"] == "RUN_STATUS_SUCCEEDED" and isinstance(raw["cost_nano_usd"], str)
+
+    stored = await executor.get_run(run_id)  # default tenant: the client sent none
+    assert stored.status == SUCCEEDED and stored.tenant_id == context.DEFAULT_TENANT
+    assert stored.answer == answer and stored.trace_id == events[0].started.trace_id
+    assert {o.node_id: o for o in stored.outcomes} == outcomes
+    assert stored.usage == finished.usage and stored.cost_nano_usd == finished.cost_nano_usd
+
+
+async def test_human_output_shows_the_run_as_it_streams(stack: Stack, tmp_path: Path) -> None:
+    plan = write_plan(
+        tmp_path,
+        {"node_id": "a", "tool": "arithmetic", "args": {"expression": "17*23"}},
+        {"node_id": "b", "tool": "echo", "args": {"value": "${a.result}"}, "depends_on": ["a"]},
+    )
+    result = await run_client(stack, "--plan-file", plan)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(r"run [0-9a-f]+ started, trace_id [0-9a-f]{32}", lines[0]), lines
+    assert "planned  a arithmetic" in result.stdout and "after a" in result.stdout
+    assert re.search(r"^finished a SUCCEEDED .*391", result.stdout, re.M), result.stdout
+    assert "status: SUCCEEDED" in lines
+
+
+@pytest.mark.parametrize(
+    ("args", "reason", "violation"),
+    [
+        pytest.param(("",), "GOAL_REQUIRED", "goal", id="empty-goal"),
+        pytest.param(
+            ("--plan-file", "UNKNOWN_TOOL_PLAN"), "INVALID_PLAN", "plan[0].tool", id="unknown-tool"
+        ),
+    ],
+)
+async def test_invalid_request_exits_non_zero_naming_code_and_reason(
+    stack: Stack,
+    executor: ExecutorClient,
+    tmp_path: Path,
+    args: tuple[str, ...],
+    reason: str,
+    violation: str,
+) -> None:
+    plan = write_plan(tmp_path, {"node_id": "n1", "tool": "no_such_tool", "args": {}})
+    args = tuple(plan if a == "UNKNOWN_TOOL_PLAN" else a for a in args)
+
+    human = await run_client(stack, "--run-id", "rejected-1", *args)
+    assert human.returncode == EXIT_RPC_ERROR, human
+    assert human.stdout == ""
+    assert "error: INVALID_ARGUMENT: " in human.stderr
+    assert f"reason: {reason} (trellis.dev)" in human.stderr
+    assert f"  {violation}: " in human.stderr
+
+    machine = await run_client(stack, "--json", "--run-id", "rejected-2", *args)
+    assert machine.returncode == EXIT_RPC_ERROR, machine
+    error = json.loads(machine.stderr)["error"]
+    assert error["code"] == "INVALID_ARGUMENT" and error["details_decoded"] is True
+    assert error["reason"] == reason and error["domain"] == "trellis.dev"
+    assert [v["field"] for v in error["field_violations"]] == [violation]
+
+    for run_id in ("rejected-1", "rejected-2"):  # refused before any run was stored
+        with pytest.raises(NotFound):
+            await executor.get_run(run_id)
+
+
+async def test_tenant_metadata_reaches_the_stack(
+    stack: Stack, executor: ExecutorClient, tmp_path: Path
+) -> None:
+    plan = write_plan(
+        tmp_path, {"node_id": "a", "tool": "arithmetic", "args": {"expression": "2+2"}}
+    )
+    result = await run_client(stack, "--json", "--tenant", "acme", "--plan-file", plan)
+    assert result.returncode == 0, result.stderr
+    run_id = result.events()[0].run_id
+
+    with context.request_scope(tenant_id="acme"):
+        stored = await executor.get_run(run_id)
+    assert stored.tenant_id == "acme" and stored.status == SUCCEEDED
+    for other in ("default", "globex"):  # another tenant's run is not theirs to see
+        with context.request_scope(tenant_id=other), pytest.raises(NotFound):
+            await executor.get_run(run_id)
+
+
+async def test_deadline_reaches_the_stack_and_cancels_the_run(
+    stack: Stack, executor: ExecutorClient, tmp_path: Path
+) -> None:
+    plan = write_plan(tmp_path, {"node_id": "s", "tool": "sleep", "args": {"ms": 5000}})
+    result = await run_client(
+        stack, "--json", "--timeout-ms", "1500", "--run-id", "late-1", "--plan-file", plan
+    )
+    assert result.returncode == EXIT_RPC_ERROR, result
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "DEADLINE_EXCEEDED"
+    kinds = [kind(e) for e in result.events()]
+    assert kinds == ["started", "node_planned", "node_started"][: len(kinds)], kinds
+
+    for _ in range(100):  # the executor cancels the run once the caller's deadline passes
+        stored = await executor.get_run("late-1")
+        if stored.status != executor_pb2.RUN_STATUS_RUNNING:
+            break
+        await asyncio.sleep(0.05)
+    assert stored.status == executor_pb2.RUN_STATUS_CANCELLED, stored
+    # The 5 s sleep never completed: cancelled with the run, or ended by the same deadline
+    # passed on to the gateway call (whichever the stack notices first).
+    outcome = stored.outcomes[0]
+    assert (outcome.status, outcome.error.code) in {
+        (common_pb2.NODE_STATUS_CANCELLED, "CANCELLED"),
+        (common_pb2.NODE_STATUS_FAILED, "DEADLINE_EXCEEDED"),
+    }, outcome
+
+
+async def test_a_run_that_does_not_succeed_exits_non_zero(
+    stack: Stack, executor: ExecutorClient, tmp_path: Path
+) -> None:
+    plan = write_plan(tmp_path, {"node_id": "s", "tool": "sleep", "args": {"ms": 10000}})
+    process = await start_client(stack, "--json", "--run-id", "cancel-1", "--plan-file", plan)
+    assert process.stdout is not None
+    seen = []
+    async with asyncio.timeout(30):
+        while "node_started" not in seen:
+            line = await process.stdout.readline()
+            assert line, f"the client exited early: {seen}"
+            seen.append(kind(json_format.Parse(line, executor_pb2.RunResponse())))
+    await executor.cancel_run("cancel-1")
+    result = await finish(process)
+    assert result.returncode == EXIT_RUN_NOT_SUCCEEDED, result
+    finished = result.events()[-1].finished
+    assert finished.status == executor_pb2.RUN_STATUS_CANCELLED
