@@ -37,3 +37,30 @@ def test_service_console_scripts_in_readme_are_installed() -> None:
             capture_output=True,
         )
         assert result.returncode == 0, script
+
+
+#: Top-level directories whose paths the README may name.
+_PATH_ROOTS = ("bench", "clients", "deploy", "docs", "examples", "protos", "services", "tests")
+_PATH = re.compile(r"(?<![\w/.])((?:" + "|".join(_PATH_ROOTS) + r")/[\w./-]*\w)")
+
+
+def test_paths_in_readme_exist() -> None:
+    """Every repository path the README names (in code spans, links or commands) exists."""
+    named = set(_PATH.findall(README))
+    # Not checked: templates (services/trellis_<name>/), outputs the README tells you to make.
+    named = {p for p in named if not p.endswith(("_", ".binpb")) and "/results" not in p}
+    assert named, "the pattern found no paths: is it still right?"
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, missing
+
+
+def test_deployment_commands_name_real_services_and_overlays() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name in re.findall(r"docker compose up (?:-d )?([a-z][\w-]*)", README):
+        assert name in compose, f"`docker compose up {name}`: no such service"
+    overlays = re.findall(r"kubectl apply -k (\S+)", README)
+    assert overlays
+    for overlay in overlays:
+        assert (ROOT / overlay / "kustomization.yaml").exists(), overlay
