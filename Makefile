@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 BUF := npx --no-install buf
 
-.PHONY: help system-deps install run test proto lint up bench clean
+.PHONY: help system-deps install run test proto lint up bench soak clean
 
 help:
 	@echo "make run    - install, start the embedded stack, run an example goal"
@@ -16,6 +16,7 @@ help:
 	@echo "make lint   - buf lint, buf format, buf breaking (vs main), ruff"
 	@echo "make up     - start the five services as processes on their default ports"
 	@echo "make bench  - cache, single-flight and executor figures into bench/results/latest.json"
+	@echo "make soak   - SOAK_CLIENTS (50) clients x SOAK_SECONDS (60) s against the stack as processes"
 
 $(INSTALLED): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +58,13 @@ $(VENV)/.bench-installed: $(INSTALLED) pyproject.toml
 
 bench: $(INSTALLED) $(VENV)/.bench-installed
 	$(PY) -m bench
+
+# Mixed runs from N clients for T seconds against the five services as processes:
+# lost runs, timeouts, shed calls, latency and each process's memory (soak/README.md).
+SOAK_CLIENTS ?= 50
+SOAK_SECONDS ?= 60
+soak: $(INSTALLED)
+	$(PY) -m soak --clients $(SOAK_CLIENTS) --seconds $(SOAK_SECONDS) --out soak/results/latest.json
 
 test: install
 	$(PY) -m pytest

@@ -287,6 +287,8 @@ def service_process(tmp_path: Path) -> Iterator[StartProcess]:
             OTEL_TRACES_EXPORTER="none",
             TRELLIS_HOST="127.0.0.1",
             TRELLIS_METRICS_PORT="0",
+            # The executor's API-key check is on by default; tests about it turn it on.
+            TRELLIS_AUTH="false",
         )
         env.update(env_vars)
         env["TRELLIS_PORT"] = str(port)
@@ -549,3 +551,114 @@ async def prometheus_server(
     yield start
     for server in started:
         await server.stop()
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster the test owns (``initdb`` + ``pg_ctl``), for tests
+    that restart or stop the database under running services - never the machine's server.
+
+    Its data directory, socket and log live in a private temp dir; it listens on
+    127.0.0.1 and a free port with trust authentication, fsync off. PostgreSQL refuses to
+    run as root, so as root every command runs as the ``postgres`` OS user (``runuser``),
+    in a dir that user owns. ``restart()`` is ``pg_ctl restart -m fast``: every
+    connection is cut and transactions in flight roll back, as in a real restart.
+    """
+
+    def __init__(self, bin_dir: Path, workdir: Path) -> None:
+        self._bin = bin_dir
+        self.workdir = workdir
+        self.data = workdir / "data"
+        self.log = workdir / "postgres.log"
+        self.port = _free_port()
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
+
+    def _run(self, tool: str, *args: str, timeout: float = 60.0) -> None:
+        argv = [str(self._bin / tool), *args]
+        if os.geteuid() == 0:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        result = subprocess.run(
+            argv, cwd=self.workdir, capture_output=True, text=True, timeout=timeout
+        )
+        if result.returncode != 0:
+            pytest.fail(
+                f"{tool} {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout}{result.stderr}\n{self.output()}"
+            )
+
+    def _options(self) -> str:
+        return f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off"
+
+    def init(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30",
+                  "-o", self._options(), "start")  # fmt: skip
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast``; returns once the server accepts connections again."""
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30",
+                  "-m", "fast", "-o", self._options(), "restart")  # fmt: skip
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "30", "-m", mode, "stop")
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's PID (None when it is not running)."""
+        pid_file = self.data / "postmaster.pid"
+        try:
+            return int(pid_file.read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    async def create_database(self, name: str) -> str:
+        """A new database in this cluster; its URL."""
+        import asyncpg
+
+        admin = await asyncpg.connect(self.url(), timeout=10)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        return self.url(name)
+
+
+@pytest.fixture
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A private PostgreSQL cluster, started; stopped (``-m immediate``, then SIGKILL of
+    its postmaster by PID) and deleted after the test. Fails when PostgreSQL's server
+    binaries (``/usr/lib/postgresql/<version>/bin``) are not installed."""
+    import contextlib
+    import glob
+    import pwd
+    import tempfile
+
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4])
+    )
+    if not found:
+        pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    workdir = Path(tempfile.mkdtemp(prefix="trellis-pg-"))
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam("postgres")
+        os.chown(workdir, owner.pw_uid, owner.pw_gid)
+    cluster = PostgresCluster(Path(found[-1]).parent, workdir)
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        pid = cluster.pid
+        if pid is not None:
+            try:
+                cluster.stop("immediate")
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -3,10 +3,12 @@
 /**
  * Run a goal (or an explicit plan) on a Trellis stack and print its events as they stream.
  *
- *   node clients/node/run-goal.js [--target host:port] [--tenant T] [--timeout-ms N]
+ *   node clients/node/run-goal.js [--target host:port] [--api-key K] [--tenant T] [--timeout-ms N]
  *                                 [--run-id ID] [--plan-file plan.json] [--json] ["goal"]
  *
  * --target      the executor (default $TRELLIS_EXECUTOR_TARGET or localhost:50051)
+ * --api-key     sent as `authorization: Bearer <key>` (default $TRELLIS_API_KEY); needed when
+ *               the executor's auth is on, and then the key decides the tenant
  * --tenant      sent as x-tenant-id metadata (default $TRELLIS_TENANT; none: the stack's
  *               `default` tenant)
  * --timeout-ms  the call's deadline (default 300000); the stack passes what is left of it on
@@ -27,7 +29,7 @@ const grpc = require('@grpc/grpc-js');
 const trellis = require('./trellis-client');
 
 const USAGE =
-  'usage: run-goal.js [--target host:port] [--tenant T] [--timeout-ms N] [--run-id ID] ' +
+  'usage: run-goal.js [--target host:port] [--api-key K] [--tenant T] [--timeout-ms N] [--run-id ID] ' +
   '[--plan-file plan.json] [--json] ["goal"]';
 
 function parseCommandLine(argv) {
@@ -36,6 +38,7 @@ function parseCommandLine(argv) {
     allowPositionals: true,
     options: {
       target: { type: 'string', default: process.env.TRELLIS_EXECUTOR_TARGET || 'localhost:50051' },
+      'api-key': { type: 'string', default: process.env.TRELLIS_API_KEY || '' },
       tenant: { type: 'string', default: process.env.TRELLIS_TENANT || '' },
       'timeout-ms': { type: 'string', default: '300000' },
       'run-id': { type: 'string', default: '' },
@@ -55,6 +58,7 @@ function parseCommandLine(argv) {
   const plan = values['plan-file'] ? JSON.parse(fs.readFileSync(values['plan-file'], 'utf8')) : [];
   return {
     target: values.target,
+    apiKey: values['api-key'],
     tenant: values.tenant,
     timeoutMs,
     json: values.json,
@@ -174,6 +178,7 @@ async function main(argv) {
   let finished = null;
   try {
     const call = trellis.run(client, options.request, {
+      apiKey: options.apiKey,
       tenant: options.tenant,
       timeoutMs: options.timeoutMs,
     });

@@ -63,20 +63,27 @@ function createExecutorClient(target, { protoRoot, credentials } = {}) {
 
 /**
  * Start ExecutorService.Run. Every call carries a deadline (`timeoutMs` from now) and,
- * when given, the tenant as `x-tenant-id` metadata. The returned stream is an object-mode
+ * when given, the API key as `authorization: Bearer <key>` metadata (the executor then acts
+ * for the key's tenant) and the tenant as `x-tenant-id` (honoured only where auth is off, as
+ * in the embedded demo). The returned stream is an object-mode
  * Readable of RunResponse objects: `for await (const event of run(...))`; a gRPC error
  * rejects the loop with a grpc-js ServiceError (see describeRpcError).
  */
-function run(client, request, { tenant, timeoutMs = 300000 } = {}) {
+function callMetadata({ apiKey, tenant } = {}) {
   const metadata = new grpc.Metadata();
+  if (apiKey) metadata.set('authorization', `Bearer ${apiKey}`);
   if (tenant) metadata.set('x-tenant-id', tenant);
+  return metadata;
+}
+
+function run(client, request, { apiKey, tenant, timeoutMs = 300000 } = {}) {
+  const metadata = callMetadata({ apiKey, tenant });
   return client.Run(request, metadata, { deadline: Date.now() + timeoutMs });
 }
 
 /** GetRun as a promise of the stored Run, with the same deadline and tenant handling. */
-function getRun(client, runId, { tenant, timeoutMs = 30000 } = {}) {
-  const metadata = new grpc.Metadata();
-  if (tenant) metadata.set('x-tenant-id', tenant);
+function getRun(client, runId, { apiKey, tenant, timeoutMs = 30000 } = {}) {
+  const metadata = callMetadata({ apiKey, tenant });
   return new Promise((resolve, reject) => {
     client.GetRun({ run_id: runId }, metadata, { deadline: Date.now() + timeoutMs }, (err, res) =>
       err ? reject(err) : resolve(res.run),

@@ -17,7 +17,8 @@ from typing import Any
 
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 
-_WHOLE = re.compile(r"^\$([A-Za-z0-9_\-]+)$")
+#: Used with ``fullmatch``: ``^...$`` would also take ``"$n1\n"`` ("$" matches before "\n").
+_WHOLE = re.compile(r"\$([A-Za-z0-9_\-]+)")
 _BRACED = re.compile(r"\$\{([A-Za-z0-9_\-]+)((?:\.[^.{}]+)*)\}")
 
 
@@ -35,7 +36,7 @@ def referenced_nodes(value: Any) -> list[str]:
     """Ids of every node referenced anywhere in ``value``, in order of appearance, once each."""
     found: list[str] = []
     for text in _strings(value):
-        whole = _WHOLE.match(text)
+        whole = _WHOLE.fullmatch(text)
         found.extend([whole.group(1)] if whole else [m.group(1) for m in _BRACED.finditer(text)])
     return list(dict.fromkeys(found))
 
@@ -51,7 +52,12 @@ def _lookup(node_id: str, path: str, outputs: Mapping[str, Any], where: str) -> 
     for segment in filter(None, path.split(".")):
         if isinstance(value, Mapping) and segment in value:
             value = value[segment]
-        elif isinstance(value, list) and segment.isdigit() and int(segment) < len(value):
+        elif (
+            isinstance(value, list)
+            and segment.isascii()  # "²".isdigit() holds, but int("²") fails
+            and segment.isdigit()
+            and int(segment) < len(value)
+        ):
             value = value[int(segment)]
         else:
             raise InvalidArgument(
@@ -69,7 +75,7 @@ def _as_text(value: Any) -> str:
 def resolve(value: Any, outputs: Mapping[str, Any], where: str = "args") -> Any:
     """``value`` with every reference replaced from ``outputs`` (node id -> output)."""
     if isinstance(value, str):
-        whole = _WHOLE.match(value)
+        whole = _WHOLE.fullmatch(value)
         if whole:
             return _lookup(whole.group(1), "", outputs, where)
         braced = _BRACED.fullmatch(value)

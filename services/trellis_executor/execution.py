@@ -3,6 +3,12 @@
 gRPC-free like the runner above it, which owns runs (start, resume, follow, leases)
 and hands each one's task here. Everything the run does happens inside its
 ``trellis.run`` span and a request scope whose deadline bounds every onward call.
+
+The run is held to its limits (``limits.py``): its plan size (``NodeChecker``), its
+replanning rounds, its duration (``asyncio.timeout``), and its cost: every model call's
+usage and every node's outcome is charged to a ``CostMeter`` as it arrives, and the
+charge that goes over ``max_cost_nano_usd`` stops the run (FAILED, RUN_COST_EXCEEDED).
+A run that does not succeed still reports what it cost and the tokens it used.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from trellis.runtime.convert import duration
 from trellis.runtime.errors import InvalidArgument, TrellisError
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import RUN_DURATION
+from trellis.runtime.redact import redact_details, redact_text
 from trellis.toolgateway.v1 import toolgateway_pb2
 from trellis_executor import ports
 from trellis_executor.events import RunEvents
-from trellis_executor.limits import Limits
+from trellis_executor.limits import CostMeter, Limits
 from trellis_executor.plan import NodeChecker, order_explicit_plan
 from trellis_executor.scheduler import DagScheduler, ended
 from trellis_executor.store import Progress
@@ -49,6 +56,9 @@ class RunContext:
     #: The stored run this replica resumes (None for a run started here).
     restored: executor_pb2.Run | None = None
     resumes: int = 0
+    #: Model usage and cost so far, set when the run's task starts.
+    usage: UsageTotals | None = None
+    meter: CostMeter | None = None
 
 
 class RunExecution:
@@ -74,6 +84,7 @@ class RunExecution:
                             status=RunStatus.RUN_STATUS_CANCELLED,
                             error=common_pb2.Error(code="CANCELLED", message="run cancelled"),
                         )
+                        _spent(run, cancelled)
                         await asyncio.shield(self._finish(run, cancelled, span))
                     raise
                 if finished is None:
@@ -94,15 +105,18 @@ class RunExecution:
                 return None
             error = _primary(raised)
             if isinstance(error, TimeoutError):
-                return _failed(
+                finished = _failed(
                     "DEADLINE_EXCEEDED", f"run exceeded its deadline of {run.limits.timeout:g}s"
                 )
-            if isinstance(error, TrellisError):
+            elif isinstance(error, TrellisError):
                 if isinstance(error, InvalidArgument):
                     run.events.rejection = error  # the caller gets it as the call's status
-                return _failed(error.reason, error.message)
-            log.exception("run failed", run_id=run.run_id)
-            return _failed("INTERNAL", f"internal error ({type(error).__name__})")
+                finished = _failed(error.reason, error.message, error.metadata)
+            else:
+                log.exception("run failed", run_id=run.run_id)
+                finished = _failed("INTERNAL", f"internal error ({type(error).__name__})")
+            _spent(run, finished)
+            return finished
 
     async def _finish(
         self, run: RunContext, finished: executor_pb2.RunFinished, span: trace.Span
@@ -117,13 +131,21 @@ class RunExecution:
         await run.events.run_finished(finished)
 
     async def _plan_dispatch_join(self, run: RunContext) -> executor_pb2.RunFinished:
-        usage = UsageTotals(run.limits.model)
+        usage = run.usage = UsageTotals(run.limits.model)
         usage.add(run.progress.usage)
+        meter = run.meter = CostMeter(run.limits.max_cost_nano_usd)
+        meter.spent_nano_usd = usage.cost_nano_usd
+        if run.restored is not None:  # what the run spent before it moved here
+            meter.spent_nano_usd += sum(o.cost_nano_usd for o in run.restored.outcomes)
+            meter.check("resuming")
         scheduler = DagScheduler(
             lambda call: self._invoke(run, call),
             run.events,
             max_parallel=run.limits.max_parallel,
             process_slots=self._process_slots,
+            on_outcome=lambda outcome: meter.charge(
+                outcome.cost_nano_usd, f"node {outcome.node_id}"
+            ),
         )
         if run.restored is not None:
             await scheduler.resume(run.restored.plan, run.restored.outcomes)
@@ -176,6 +198,8 @@ class RunExecution:
                 yield response.node
             else:
                 usage.add(response.done.usage)
+                if run.meter is not None:
+                    run.meter.charge(response.done.usage.cost_nano_usd, f"planning round {round_}")
 
     async def _join(
         self, run: RunContext, scheduler: DagScheduler, usage: UsageTotals, round_: int
@@ -196,6 +220,8 @@ class RunExecution:
             if response.HasField("done"):
                 usage.add(response.done.usage)
                 decision, reason = response.done.decision, response.done.reason
+                if run.meter is not None:
+                    run.meter.charge(response.done.usage.cost_nano_usd, f"joining round {round_}")
             else:
                 parts.append(response.answer_delta)
                 run.events.answer(response.answer_delta)
@@ -239,7 +265,19 @@ def _primary(error: BaseException) -> BaseException:
     return error
 
 
-def _failed(code: str, message: str) -> executor_pb2.RunFinished:
-    return executor_pb2.RunFinished(
-        status=RunStatus.RUN_STATUS_FAILED, error=common_pb2.Error(code=code, message=message)
+def _failed(
+    code: str, message: str, details: dict[str, str] | None = None
+) -> executor_pb2.RunFinished:
+    """A FAILED run's ``finished``; its error is redacted like any error handed out."""
+    error = common_pb2.Error(
+        code=code, message=redact_text(message), details=redact_details(details or {})
     )
+    return executor_pb2.RunFinished(status=RunStatus.RUN_STATUS_FAILED, error=error)
+
+
+def _spent(run: RunContext, finished: executor_pb2.RunFinished) -> None:
+    """What a run that did not succeed used and cost up to its end."""
+    if run.usage is not None:
+        finished.usage.CopyFrom(run.usage.total())
+    if run.meter is not None:
+        finished.cost_nano_usd = run.meter.spent_nano_usd

@@ -48,7 +48,12 @@ class NodeChecker:
                 violations.append(FieldViolation(f"{where}.depends_on", "depends on itself"))
             elif dep not in self._seen:
                 violations.append(FieldViolation(f"{where}.depends_on", f"unknown node {dep!r}"))
-        for ref in [r for r in referenced_nodes(from_struct(call.args)) if r not in deps]:
+        try:
+            args = from_struct(call.args)
+        except ValueError as error:  # NaN or Infinity: a Struct may hold them, JSON may not
+            violations.append(FieldViolation(f"{where}.args", f"not JSON: {error}"))
+            args = {}
+        for ref in [r for r in referenced_nodes(args) if r not in deps]:
             violations.append(
                 FieldViolation(f"{where}.args", f"references ${ref} not listed in depends_on")
             )

@@ -49,6 +49,8 @@ RunStatus = executor_pb2.RunStatus
 
 #: How often a follower of a run executing on another replica reads the store.
 FOLLOW_POLL_SECONDS = 0.2
+#: RetryInfo of a Run refused for capacity: about what a short run takes to free a slot.
+RUN_CAPACITY_RETRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ class Runner:
             async for event in existing:
                 yield event
             return
+        if run_id not in self._starting:  # else a concurrent Run creates it: we only attach
+            self._admit()
         span = self._tracer.start_span(
             "trellis.run",
             attributes={
@@ -205,6 +209,23 @@ class Runner:
             await asyncio.sleep(FOLLOW_POLL_SECONDS)
             run = await self.get(run_id)
         return run.status
+
+    def _admit(self) -> None:
+        """Refuse a new run at once when ``max_active_runs`` are executing or starting here.
+
+        Overload is shed, not queued: the caller gets RESOURCE_EXHAUSTED (RUN_CAPACITY)
+        with a RetryInfo right away instead of a run that crawls until its deadline.
+        Attaching to, replaying and resuming existing runs is never refused.
+        """
+        busy = len(self._active.keys() | self._starting)
+        limit = self._settings.max_active_runs
+        if busy >= limit:
+            raise ResourceExhausted(
+                f"this executor is at its limit of {limit} active runs; retry later",
+                reason="RUN_CAPACITY",
+                metadata={"max_active_runs": str(limit)},
+                retry_delay=RUN_CAPACITY_RETRY_SECONDS,
+            )
 
     # -- following a run ----------------------------------------------------------------
 

@@ -4,23 +4,43 @@ A node starts the moment its last dependency succeeds — no level or superstep
 barrier — and nodes start while the plan is still streaming in. Dependents of a
 node that did not succeed are SKIPPED; independent branches go on. Concurrency is
 bounded per run (and per process through a shared semaphore).
+
+``on_outcome`` sees each outcome once it is recorded and before any dependent starts;
+raising there (the run's cost limit) stops the run: the task group cancels the nodes in
+flight and nothing further starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from trellis.common.v1 import common_pb2
 from trellis.refs import resolve
+from trellis.runtime import context
 from trellis.runtime.convert import from_struct, from_value, timestamp, to_struct
 from trellis.runtime.errors import TrellisError
+from trellis.runtime.redact import redact_text
 from trellis_executor.plan import NodeChecker
 
 Status = common_pb2.NodeStatus
+#: A call the gateway never answered (UNAVAILABLE: it restarted, its replica went away)
+#: or could not take (its idempotency store down) is dispatched again, with the same
+#: idempotency key, after a backoff (doubling from the first to the cap, jittered),
+#: for up to REDISPATCH_SECONDS and within the run's deadline. A side-effecting call
+#: still runs at most once: the gateway answers the repeat with the first outcome (or
+#: FAILED IDEMPOTENCY_UNKNOWN when its first gateway died mid-call).
+REDISPATCH_CODES = frozenset({"UNAVAILABLE", "IDEMPOTENCY_STORE_UNAVAILABLE"})
+REDISPATCH_SECONDS = 20.0
+REDISPATCH_BACKOFF = (0.1, 2.0)
+
 #: Runs one (resolved) call and returns its outcome; never raises for a tool failure.
 RunNode = Callable[[common_pb2.ToolCall], Awaitable[common_pb2.NodeOutcome]]
+#: Told of each outcome before its dependents start; may raise to stop the run.
+OnOutcome = Callable[[common_pb2.NodeOutcome], None]
 
 
 class SchedulerEvents:
@@ -37,7 +57,7 @@ def ended(node_id: str, status: int, code: str, message: str) -> common_pb2.Node
     return common_pb2.NodeOutcome(
         node_id=node_id,
         status=status,  # type: ignore[arg-type]
-        error=common_pb2.Error(code=code, message=message),
+        error=common_pb2.Error(code=code, message=redact_text(message)),
         started_at=now,
         finished_at=now,
     )
@@ -53,9 +73,11 @@ class DagScheduler:
         *,
         max_parallel: int,
         process_slots: asyncio.Semaphore | None = None,
+        on_outcome: OnOutcome | None = None,
     ) -> None:
         self._run_node = run_node
         self._events = events
+        self._on_outcome = on_outcome
         self._slots = asyncio.Semaphore(max_parallel)
         self._process_slots = process_slots or asyncio.Semaphore(max_parallel)
         self.calls: dict[str, common_pb2.ToolCall] = {}
@@ -146,7 +168,7 @@ class DagScheduler:
                 )
                 await self._events.started(call.node_id)
                 try:
-                    outcome = await self._run_node(resolved)
+                    outcome = await self._dispatch(resolved)
                 except asyncio.CancelledError:
                     cancelled = ended(
                         call.node_id,
@@ -157,6 +179,26 @@ class DagScheduler:
                     await asyncio.shield(self._record(cancelled))
                     raise
         await self._complete(outcome)
+
+    async def _dispatch(self, call: common_pb2.ToolCall) -> common_pb2.NodeOutcome:
+        """``run_node(call)``, again while the gateway could not be reached (see
+        ``REDISPATCH_CODES``); the last outcome when time is up."""
+        outcome = await self._run_node(call)
+        give_up = time.monotonic() + REDISPATCH_SECONDS
+        delay, cap = REDISPATCH_BACKOFF
+        while (
+            outcome.status == Status.NODE_STATUS_FAILED
+            and outcome.error.retryable
+            and outcome.error.code in REDISPATCH_CODES
+        ):
+            pause = random.uniform(delay / 2, delay)
+            left = context.remaining()
+            if time.monotonic() + pause > give_up or (left is not None and pause >= left):
+                break
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, cap)
+            outcome = await self._run_node(call)
+        return outcome
 
     def _remember(self, outcome: common_pb2.NodeOutcome) -> None:
         self.outcomes[outcome.node_id] = outcome
@@ -169,6 +211,8 @@ class DagScheduler:
 
     async def _complete(self, outcome: common_pb2.NodeOutcome) -> None:
         await self._record(outcome)
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)  # may raise: then no dependent starts
         for dependent in self._dependents.pop(outcome.node_id, []):
             waiting = self._waiting.get(dependent)
             if waiting is None:

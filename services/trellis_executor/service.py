@@ -1,4 +1,8 @@
-"""Wires the executor core (runner, store) and servicer into a server."""
+"""Wires the executor core (runner, store) and servicer into a server.
+
+The executor is the edge: with auth on (the default) its RPCs need an API key and run
+as the key's tenant, which its channels forward to every other service.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_
 
 
 async def build(settings: ExecutorSettings, telemetry: Telemetry, channels: Channels) -> Service:
+    api_keys = settings.key_store()  # first: a configuration error opens nothing
     store = await open_store(
         settings.database_url, owner=settings.owner, lease_seconds=settings.lease_seconds
     )
@@ -41,4 +46,6 @@ async def build(settings: ExecutorSettings, telemetry: Telemetry, channels: Chan
     def register(server: aio.Server) -> None:
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(servicer, server)
 
-    return Service(NAME, [SERVICE_NAME], register, drain=runner.drain, aclose=store.close)
+    return Service(
+        NAME, [SERVICE_NAME], register, drain=runner.drain, aclose=store.close, api_keys=api_keys
+    )

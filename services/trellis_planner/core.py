@@ -11,7 +11,8 @@ If there are any, one repair call sends them back, each with its reasons, togeth
 the nodes already accepted, and asks for the rest of the plan; the same validator checks
 the answer, so it continues the same plan (ids, references). A line that repeats an
 accepted node unchanged is skipped. Still invalid after the repair, or over
-``max_nodes`` (no repair can add to a full plan): ``InvalidArgument(INVALID_PLAN)``.
+``max_nodes`` (no repair can add to a full plan): ``InvalidArgument`` (INVALID_PLAN, or
+TOO_MANY_NODES for a plan over ``max_nodes``).
 
 Every model call is recorded with cost accounting: valid or not, finished or failed,
 and also when the client goes away mid-stream (tokens estimated from the text so far,

@@ -69,7 +69,11 @@ class JsonLinesParser:
             return JsonLine(self._line_number, json.loads(line), line)
         except json.JSONDecodeError as error:
             problem = f"not valid JSON ({error.msg} at column {error.colno})"
-            bad = JsonLinesError(self._line_number, line, problem)
+        except ValueError as error:  # e.g. an integer over Python's 4300-digit limit
+            problem = f"not valid JSON ({error})"
+        except RecursionError:
+            problem = "not valid JSON (nested too deeply)"
+        bad = JsonLinesError(self._line_number, line, problem)
         if self._strict:
             raise bad
         return JsonLine(self._line_number, None, line, bad)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -34,8 +36,12 @@ from trellis.runtime.logs import get_logger
 log = get_logger(__name__)
 
 INVALID_PLAN = "INVALID_PLAN"
+_MAX_DOUBLE = sys.float_info.max
 
 _NODE_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+#: Deepest args (the args object is level 1) a node may have: a protobuf Struct nested
+#: much deeper no longer parses on the other side of the wire (upb's depth limit).
+MAX_ARGS_DEPTH = 20
 
 
 def invalid_plan(message: str, violations: Iterable[FieldViolation]) -> InvalidArgument:
@@ -52,6 +58,25 @@ def is_whole_reference(value: Any) -> bool:
     if value == f"${refs[0]}":
         return True
     return value.startswith(f"${{{refs[0]}") and value.endswith("}") and value.count("}") == 1
+
+
+def args_problem(args: Any) -> str | None:
+    """Why ``args`` cannot travel as a protobuf Struct (None if it can): a number that is
+    not finite or too large for a double, or nesting deeper than ``MAX_ARGS_DEPTH``.
+    Iterative, so arbitrarily deep input cannot exhaust the stack."""
+    stack: list[tuple[Any, int]] = [(args, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, Mapping | list):
+            if depth > MAX_ARGS_DEPTH:
+                return f"nested deeper than {MAX_ARGS_DEPTH} levels"
+            items = value.values() if isinstance(value, Mapping) else value
+            stack.extend((item, depth + 1) for item in items)
+        elif isinstance(value, float) and not math.isfinite(value):
+            return f"{value} is not a JSON number"
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_DOUBLE:
+            return "a number too large for a double"
+    return None
 
 
 def _has_reference(value: Any) -> bool:
@@ -160,7 +185,7 @@ class PlanValidator:
         return len(self._ids)
 
     def _known(self, node_id: Any) -> bool:
-        return node_id in self._previous or node_id in self._ids
+        return isinstance(node_id, str) and (node_id in self._previous or node_id in self._ids)
 
     @property
     def max_nodes(self) -> int:
@@ -186,15 +211,19 @@ class PlanValidator:
         depends = value.get("depends_on") or []
         if value.get("tool") != tool or new_args != args or not isinstance(depends, list):
             return False
+        if not all(isinstance(dep, str) for dep in depends):
+            return False
         return set(depends) | set(referenced_nodes(new_args)) == set(call.depends_on)
 
     def check(self, value: Any, line: int) -> common_pb2.ToolCall:
-        """The node as a ToolCall, or ``InvalidArgument(reason=INVALID_PLAN)``."""
+        """The node as a ToolCall, or ``InvalidArgument`` (reason INVALID_PLAN, or
+        TOO_MANY_NODES past ``max_nodes``, the executor's reason for the same limit)."""
         at = f"plan[{len(self._ids)}]"
         if self.full:
-            raise invalid_plan(
+            raise InvalidArgument(
                 f"plan has more than {self._max_nodes} nodes (line {line})",
-                [FieldViolation("plan", f"at most {self._max_nodes} nodes")],
+                reason="TOO_MANY_NODES",
+                violations=[FieldViolation("plan", f"at most {self._max_nodes} nodes")],
             )
         if not isinstance(value, Mapping):
             raise invalid_plan(
@@ -225,6 +254,9 @@ class PlanValidator:
             args = {}
         if not isinstance(args, Mapping):
             violations.append(FieldViolation(f"{at}.args", "must be a JSON object"))
+            args = {}
+        elif (problem := args_problem(args)) is not None:
+            violations.append(FieldViolation(f"{at}.args", problem))
             args = {}
         elif known_tool and (schema := self._schemas.get(tool)) is not None:  # type: ignore[arg-type]
             violations.extend(schema_violations(schema, args, at))

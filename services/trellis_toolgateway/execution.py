@@ -5,7 +5,10 @@ failing; the concurrency limit makes calls wait in a bounded line
 (``RESOURCE_EXHAUSTED``/``TOOL_BUSY`` when it is full); attempts are bounded by the
 tool's timeout and the caller's deadline and retried with backoff and full jitter for
 retryable failures while the deadline allows. The output is checked against the
-output schema. A tool that ran and failed is a FAILED outcome with a stable code.
+output schema and its size cap (``Spec.max_result_bytes``, serialized bytes:
+``OUTPUT_TOO_LARGE`` beyond it, before anything is cached or sent). A tool that ran and
+failed is a FAILED outcome with a stable code; its error message and details are
+redacted (``trellis.runtime.redact``) like every error the gateway hands out.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from trellis.runtime.convert import to_value
 from trellis.runtime.errors import InvalidArgument, TrellisError
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import TOOL_BREAKER_STATE
+from trellis.runtime.redact import redact_details, redact_text
 from trellis_toolgateway.policy.breaker import (
     BreakerConfig,
     Breakers,
@@ -44,12 +48,33 @@ NodeOutcome = common_pb2.NodeOutcome
 #: Span attributes set here.
 ATTR_BREAKER = "trellis.breaker.state"
 
+#: Output cap of a tool whose spec sets none (TRELLIS_TOOL_MAX_RESULT_BYTES's default).
+DEFAULT_MAX_RESULT_BYTES = 2 * 1024 * 1024
+#: Room kept in a gRPC message for what surrounds an output (outcome, ids, times, error).
+MESSAGE_ENVELOPE_BYTES = 16 * 1024
+OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
+
 
 def failed_outcome(
     code: str, message: str, *, retryable: bool = False, details: Mapping[str, str] | None = None
 ) -> NodeOutcome:
-    error = common_pb2.Error(code=code, message=message, retryable=retryable, details=details)
+    error = common_pb2.Error(
+        code=code,
+        message=redact_text(message),
+        retryable=retryable,
+        details=redact_details(details or {}),
+    )
     return NodeOutcome(status=FAILED, error=error)
+
+
+def too_large(spec: Spec, size: int | str, limit: int) -> NodeOutcome:
+    """The outcome of a call whose output is over ``limit`` bytes (not retryable: the same
+    call would return the same output)."""
+    return failed_outcome(
+        OUTPUT_TOO_LARGE,
+        f"{spec.name} returned {size} bytes, over its limit of {limit} bytes",
+        details={"tool": spec.name, "limit_bytes": str(limit)},
+    )
 
 
 class PolicyRunner:
@@ -181,6 +206,9 @@ class PolicyRunner:
             )
             return outcome, Verdict.FAILURE
         # Output contract failures are the tool's contract, not the backend's health.
+        limit = spec.max_result_bytes or DEFAULT_MAX_RESULT_BYTES
+        if isinstance(output, str | bytes) and len(output) > limit:  # cheap early answer
+            return too_large(spec, f"more than {limit}", limit), Verdict.IGNORED
         problems = list(entry.output_validator.iter_errors(output))
         if problems:
             return failed_outcome(
@@ -192,6 +220,9 @@ class PolicyRunner:
         except Exception as error:  # e.g. a non-JSON type from a tool
             message = f"{spec.name} returned non-JSON output: {error}"
             return failed_outcome("OUTPUT_CONTRACT", message), Verdict.IGNORED
+        size = value.ByteSize()
+        if size > limit:
+            return too_large(spec, size, limit), Verdict.IGNORED
         return NodeOutcome(status=SUCCEEDED, output=value), Verdict.SUCCESS
 
 

@@ -4,8 +4,12 @@ For each call: find the tool (unknown -> ``NotFound``), check the arguments agai
 its input schema (-> ``InvalidArgument`` with one field violation per problem), then
 take one of three paths:
 
-- side-effecting tool with an idempotency key: run once per (tenant, tool, key); a
-  repeat gets the first outcome back, waiting for it if the first call still runs;
+- side-effecting tool with an idempotency key: run at most once per (tenant, tool,
+  key); a repeat gets the first outcome back, waiting for it if the first call still
+  runs, or FAILED ``IDEMPOTENCY_UNKNOWN`` if the first call's owner stopped without an
+  outcome (a gateway killed mid-call: the effect may have happened). The store is
+  in-process or shared in Redis (``trellis_toolgateway.idempotency``); with the store
+  unreachable the call is refused ``UNAVAILABLE``/``IDEMPOTENCY_STORE_UNAVAILABLE``;
 - cacheable tool: identical concurrent calls share one flight (``policy.singleflight``)
   which reads the result cache, runs the tool on a miss and stores a success;
 - anything else: run it.
@@ -35,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,6 +54,7 @@ from trellis.runtime.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import TOOL_CALLS, TOOL_DURATION
@@ -70,6 +76,8 @@ from trellis_toolgateway.policy.idempotency import (
     IdempotencyStore,
     KeyConflict,
     MemoryIdempotencyStore,
+    OutcomeUnknown,
+    StoreUnavailable,
 )
 from trellis_toolgateway.policy.retry import Backoff
 from trellis_toolgateway.policy.singleflight import SingleFlight
@@ -116,6 +124,16 @@ def _stamp(outcome: NodeOutcome, node_id: str, started_at: timestamp_pb2.Timesta
     outcome.node_id = node_id
     outcome.started_at.CopyFrom(started_at)
     outcome.finished_at.CopyFrom(timestamp())
+
+
+def _store_unavailable(tool: str, error: StoreUnavailable) -> Unavailable:
+    log.warning("side-effecting call refused: idempotency store unreachable", tool=tool)
+    return Unavailable(
+        f"{tool!r} has side effects and the idempotency store is unreachable, so it cannot "
+        f"be run at most once; try again later ({error})",
+        reason="IDEMPOTENCY_STORE_UNAVAILABLE",
+        metadata={"tool": tool},
+    )
 
 
 def _log_orphan_failure(run: asyncio.Task[NodeOutcome]) -> None:
@@ -257,7 +275,10 @@ class Invoker:
         Only an outcome of a call that reached the backend is kept (even a FAILED one:
         the side effect may have happened, so at-most-once wins over a retry). When the
         first call ran nothing (circuit open, busy, bad arguments) the key is released
-        and the next call with it runs.
+        and the next call with it runs. When it stopped without an outcome (cancelled
+        at shutdown, or its process died and its lease ran out) the key is abandoned:
+        this and every later call with it get FAILED ``IDEMPOTENCY_UNKNOWN``, not retryable.
+        The store unreachable: ``Unavailable(IDEMPOTENCY_STORE_UNAVAILABLE)``, nothing ran.
 
         Once the key is claimed, the run is a task of its own, shielded from the caller:
         a caller that goes away (the executor killed, its stream reset) gets
@@ -274,6 +295,8 @@ class Invoker:
             try:
                 if await self._idempotency.claim(key, fingerprint, self._idempotency_ttl):
                     break
+            except StoreUnavailable as error:
+                raise _store_unavailable(spec.name, error) from None
             except KeyConflict:
                 raise InvalidArgument(
                     f"idempotency key {idempotency_key!r} was already used for a call of "
@@ -295,6 +318,19 @@ class Invoker:
                 )
                 _stamp(outcome, call.node_id, started_at)
                 return outcome
+            except OutcomeUnknown:
+                outcome = failed_outcome(
+                    "IDEMPOTENCY_UNKNOWN",
+                    f"an earlier call of {spec.name!r} with this idempotency key stopped "
+                    "without an outcome (its gateway went away mid-call); it may have taken "
+                    "effect, so it is not run again",
+                    details={"tool": spec.name},
+                )
+                _stamp(outcome, call.node_id, started_at)
+                span.set_attribute(ATTR_REPLAY, True)
+                return outcome
+            except StoreUnavailable as error:
+                raise _store_unavailable(spec.name, error) from None
             if stored is not None:
                 outcome = NodeOutcome.FromString(stored)
                 outcome.node_id = call.node_id
@@ -320,18 +356,47 @@ class Invoker:
         span: trace.Span,
     ) -> NodeOutcome:
         """Run the tool for the claimed ``key``; complete the key with the outcome if it
-        reached the backend, release it otherwise (also when anything raises)."""
+        reached the backend, release it if nothing ran (also when the call raised: a
+        contract violation or a full queue), abandon it when cancelled (the gateway
+        stopping mid-call: the effect may be under way).
+
+        The caller gets the outcome even when the store cannot take it; the key then
+        reads as unknown once its lease ends, so a retry still does not run it again.
+        """
         try:
             outcome = await self._execute(entry, call, run_id, span)
-            _stamp(outcome, call.node_id, started_at)
-            if outcome.attempts > 0:
-                await self._idempotency.complete(key, outcome.SerializeToString())
-            else:
-                await self._idempotency.release(key)
-        except BaseException:
-            await self._idempotency.release(key)
+        except asyncio.CancelledError:
+            await self._let_go(self._idempotency.abandon, key)
             raise
+        except BaseException:
+            await self._let_go(self._idempotency.release, key)
+            raise
+        _stamp(outcome, call.node_id, started_at)
+        if outcome.attempts > 0:
+            await self._let_go(self._idempotency.complete, key, outcome.SerializeToString())
+        else:
+            await self._let_go(self._idempotency.release, key)
         return outcome
+
+    @staticmethod
+    async def _let_go(operation: Callable[..., Awaitable[None]], key: str, *args: bytes) -> None:
+        """End a claim; a store failure is logged, not raised: the caller still gets its
+        outcome, and the key reads as unknown once its lease runs out."""
+        try:
+            await operation(key, *args)
+        except StoreUnavailable as error:
+            log.error("idempotency store failed to end a claim", key=key, error=str(error))
+
+    async def aclose(self, grace: float = 0.0) -> None:
+        """Give idempotent runs whose callers left ``grace`` seconds to finish, then
+        cancel the rest (their keys are abandoned: unknown, never run again)."""
+        runs = list(self._background)
+        if not runs:
+            return
+        _, pending = await asyncio.wait(runs, timeout=grace) if grace > 0 else ((), runs)
+        for run in pending:
+            run.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def _cached(
         self,

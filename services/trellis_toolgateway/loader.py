@@ -11,6 +11,10 @@ warning and its tools, not the load, because a remote outage must not block the 
 the gateway or an unrelated edit of the file.
 
 Paths in the file (``sandbox_root``, ``sql_database``) are relative to the file itself.
+
+Every tool leaves the loader with a concrete output cap (``Spec.max_result_bytes``): its
+own ``max_result_bytes`` (a source's applies to all of its tools), else the gateway's
+default, never above what fits in a gRPC message (``LoadOptions``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pydantic import ValidationError
 
 from trellis.runtime.channels import Channels
 from trellis.runtime.logs import get_logger
+from trellis_toolgateway.execution import DEFAULT_MAX_RESULT_BYTES, MESSAGE_ENVELOPE_BYTES
 from trellis_toolgateway.registry import SourceHandle, ToolRegistry, close_sources
 from trellis_toolgateway.tools.arithmetic import ArithmeticTool
 from trellis_toolgateway.tools.base import Spec, Tool, ToolSource
@@ -85,6 +90,15 @@ class LoadOptions:
     environ: Mapping[str, str] | None = None
     #: Bound of asking one source for its tools; beyond it the source is skipped.
     source_timeout: float = 10.0
+    #: Output cap of tools that set no ``max_result_bytes`` (TRELLIS_TOOL_MAX_RESULT_BYTES).
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    #: Largest gRPC message (TRELLIS_MAX_MESSAGE_BYTES): every cap stays below it.
+    max_message_bytes: int = 4 * 1024 * 1024
+
+    def result_cap(self, declared: int | None) -> int:
+        """The output cap of a tool that declares ``declared`` (None or 0: the default)."""
+        ceiling = max(self.max_message_bytes - MESSAGE_ENVELOPE_BYTES, 1024)
+        return min(declared or self.max_result_bytes, ceiling)
 
 
 # -- parsing -----------------------------------------------------------------------------
@@ -246,10 +260,20 @@ def _http(decl: HttpDecl, index: int, where: _Where, options: LoadOptions) -> To
 
 def _build(decl: ToolDecl, index: int, where: _Where, options: LoadOptions) -> Tool:
     if isinstance(decl, BuiltinTool):
-        return _builtin(decl, where)
-    if isinstance(decl, CommandDecl):
-        return _command(decl, where, options)
-    return _http(decl, index, where, options)
+        tool = _builtin(decl, where)
+    elif isinstance(decl, CommandDecl):
+        tool = _command(decl, where, options)
+    else:
+        tool = _http(decl, index, where, options)
+    return _capped(tool, decl.max_result_bytes, options)
+
+
+def _capped(tool: Tool, declared: int | None, options: LoadOptions) -> Tool:
+    """``tool`` with its concrete output cap (see the module docstring)."""
+    cap = options.result_cap(declared)
+    if tool.spec.max_result_bytes != cap:
+        tool.spec = dataclasses.replace(tool.spec, max_result_bytes=cap)
+    return tool
 
 
 def declared_tools(
@@ -368,8 +392,10 @@ async def _add_sources(
     found = await asyncio.gather(
         *(_ask(h, n, options.source_timeout) for h, n in zip(registry.sources, names, strict=True))
     )
-    for name, tools in zip(names, found, strict=True):
+    configs = [config for _, _, config in entries]
+    for name, config, tools in zip(names, configs, found, strict=True):
         for tool in tools:
+            _capped(tool, config.max_result_bytes, options)
             try:
                 registry.register(tool)
             except (ValueError, SchemaError) as error:

@@ -3,6 +3,12 @@
 The cache exists to save time and money, so a cache that is down, slow or holding a
 bad entry costs a warning, ``trellis_cache_requests_total{result="error"}`` and a span
 event, never the call: a failed read is a miss, a failed write is dropped.
+
+A result that contains a secret this process knows (``trellis.runtime.redact``: its
+settings' secrets, HTTP tools' header secrets, ...) is never stored: it would outlive
+the call and be served to every caller with the same arguments. It is returned to its
+caller as usual; the skipped write costs a warning (without the value),
+``trellis_cache_requests_total{result="secret"}`` and a span event.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from trellis.common.v1 import common_pb2
 from trellis.runtime.errors import TrellisError
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import CACHE_REQUESTS
+from trellis.runtime.redact import contains_secret
 
 log = get_logger(__name__)
 
@@ -58,8 +65,15 @@ class FailOpenCache:
     async def store(
         self, key: str, output: struct_pb2.Value, ttl: float, tags: list[str], span: trace.Span
     ) -> None:
+        value = output.SerializeToString()
+        if contains_secret(value):
+            log.warning("result not cached: it contains a secret", tags=tags)
+            CACHE_REQUESTS.labels(result="secret").inc()
+            if span.is_recording():
+                span.add_event("trellis.cache.skipped", {"trellis.cache.reason": "secret"})
+            return
         try:
-            await self._cache.set(key, output.SerializeToString(), ttl, tags)
+            await self._cache.set(key, value, ttl, tags)
         except Exception as error:  # fail-open
             self._cache_failed("set", error, span)
 

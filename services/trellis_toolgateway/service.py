@@ -7,6 +7,10 @@ closed with it, never following redirects and ignoring proxy/netrc environment.
 Each tool execution is recorded with cost accounting (``costs_target``) through the
 durable usage outbox at ``TRELLIS_OUTBOX_PATH``, in the background; the outbox is
 flushed (or written to its file) when the service stops.
+
+Side-effecting calls keep their idempotency keys in Redis with ``TRELLIS_REDIS_URL``
+(``idempotency``), else in this process. On stop, runs whose callers left get the
+grace period to store their outcome; the rest are abandoned (unknown, never rerun).
 """
 
 from __future__ import annotations
@@ -18,16 +22,22 @@ from trellis.clients.cache import CacheClient
 from trellis.clients.costs import CostsClient
 from trellis.outbox import UsageOutbox
 from trellis.runtime.channels import Channels
+from trellis.runtime.logs import get_logger
 from trellis.runtime.server import Service
 from trellis.runtime.telemetry import Telemetry
 from trellis.toolgateway.v1 import toolgateway_pb2, toolgateway_pb2_grpc
+from trellis_toolgateway.idempotency import RedisIdempotencyStore, open_idempotency_store
 from trellis_toolgateway.invoker import Invoker
 from trellis_toolgateway.loader import LoadOptions
 from trellis_toolgateway.policy.breaker import BreakerConfig
+from trellis_toolgateway.policy.idempotency import StoreUnavailable
 from trellis_toolgateway.reload import ToolsFileWatcher
 from trellis_toolgateway.servicer import ToolGatewayServicer
 from trellis_toolgateway.settings import GatewaySettings
+from trellis_toolgateway.tenancy import TenantTools
 from trellis_toolgateway.usage import ToolUsage
+
+log = get_logger(__name__)
 
 NAME = "toolgateway"
 SERVICE_NAME = toolgateway_pb2.DESCRIPTOR.services_by_name["ToolGatewayService"].full_name
@@ -48,6 +58,8 @@ async def build(settings: GatewaySettings, telemetry: Telemetry, channels: Chann
     options = LoadOptions(
         command_timeout=settings.command_timeout_seconds,
         command_max_output_bytes=settings.command_max_output_bytes,
+        max_result_bytes=settings.tool_max_result_bytes,
+        max_message_bytes=settings.max_message_bytes,
         http_client=client,
         channels=channels,
     )
@@ -67,6 +79,17 @@ async def build(settings: GatewaySettings, telemetry: Telemetry, channels: Chann
     watcher.start()
     outbox.start()
     cache = CacheClient(channels.get(settings.cache_target), timeout=settings.cache_timeout_seconds)
+    idempotency = open_idempotency_store(
+        settings.redis_url,
+        timeout=settings.idempotency_redis_timeout_seconds,
+        lease=settings.idempotency_lease_seconds,
+        prefix=settings.idempotency_redis_prefix,
+    )
+    if isinstance(idempotency, RedisIdempotencyStore):
+        try:
+            await idempotency.ping()
+        except StoreUnavailable as error:  # other tools still work; side effects wait for it
+            log.warning("idempotency store unreachable at start-up", error=str(error))
     invoker = Invoker(
         registry,
         cache,
@@ -77,14 +100,19 @@ async def build(settings: GatewaySettings, telemetry: Telemetry, channels: Chann
             cooldown=settings.breaker_cooldown_seconds,
         ),
         queue_per_slot=settings.tool_queue_per_slot,
+        idempotency=idempotency,
+        idempotency_ttl=settings.idempotency_ttl_seconds,
         usage=ToolUsage(outbox),
     )
-    servicer = ToolGatewayServicer(registry, invoker)
+    servicer = ToolGatewayServicer(registry, invoker, TenantTools.of(settings.tenant_tools))
 
     def register(server: aio.Server) -> None:
         toolgateway_pb2_grpc.add_ToolGatewayServiceServicer_to_server(servicer, server)
 
     async def aclose() -> None:
+        await invoker.aclose(grace=settings.grace_seconds)
+        if isinstance(idempotency, RedisIdempotencyStore):
+            await idempotency.aclose()
         await watcher.aclose()
         await registry.aclose()
         await client.aclose()

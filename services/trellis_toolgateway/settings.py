@@ -5,16 +5,22 @@ service at start-up with one line naming the file and the place inside it (exit 
 exactly like a bad variable. Later edits are checked by the reloader instead, which
 keeps the last good registry rather than stopping anything.
 
+``TRELLIS_REDIS_URL`` moves the idempotency keys of side-effecting tools to Redis
+(``trellis_toolgateway.idempotency``), so replicas and restarts share them.
+
 ``TRELLIS_OUTBOX_PATH`` is the SQLite file keeping tool usage cost accounting could not
 take yet (``trellis.outbox``); one per process, on a volume that outlives it.
 """
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
 from trellis.outbox import default_outbox_path, validate_outbox_path
-from trellis.runtime.settings import ServiceSettings
+from trellis.runtime.settings import ServiceSettings, validate_redis_url
+from trellis_toolgateway.tenancy import parse_tenant_tools
 
 
 class GatewaySettings(ServiceSettings):
@@ -40,6 +46,14 @@ class GatewaySettings(ServiceSettings):
         le=16 * 1024 * 1024,
         description="Command tools: stdout/stderr cut here (default).",
     )
+    tool_max_result_bytes: int = Field(
+        2 * 1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description="Largest output (serialized bytes) a tool call may return; more fails the"
+        " node with OUTPUT_TOO_LARGE. A tool's max_result_bytes overrides it; both stay under"
+        " TRELLIS_MAX_MESSAGE_BYTES.",
+    )
     cache_timeout_seconds: float = Field(
         1.0, gt=0, description="Bound of one cache Get/Set; the cache is fail-open beyond it."
     )
@@ -56,16 +70,63 @@ class GatewaySettings(ServiceSettings):
         4, ge=0, description="Calls waiting per max_concurrency slot before TOOL_BUSY."
     )
 
+    redis_url: str = Field(
+        "",
+        description="Redis keeping side-effecting calls' idempotency keys and first outcomes,"
+        " shared by gateway replicas and kept across restarts (redis://, rediss://, unix://);"
+        " empty: in-process (one replica; a restart forgets them).",
+    )
+    idempotency_lease_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="A running side-effecting call holds its key this long, renewed every"
+        " third of it; after a gateway died mid-call, retries with the key wait this long,"
+        " then fail IDEMPOTENCY_UNKNOWN (never run twice).",
+    )
+    idempotency_ttl_seconds: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="How long a side-effecting call's first outcome answers retries with its key.",
+    )
+    idempotency_redis_prefix: str = Field(
+        "trellis:idem:", min_length=1, description="Namespace of the idempotency keys in Redis."
+    )
+    idempotency_redis_timeout_seconds: float = Field(
+        0.5,
+        gt=0,
+        le=30,
+        description="Redis socket/connect timeout of the idempotency store; with Redis down,"
+        " side-effecting calls fail UNAVAILABLE within ~2x this.",
+    )
+
     outbox_path: Path = Field(
         default_outbox_path("toolgateway"),
         description="SQLite file keeping tool usage until cost accounting takes it "
         "(one per gateway process).",
     )
 
+    tenant_tools: Annotated[dict[str, list[str]], NoDecode] = Field(
+        {},
+        description='Tools each tenant may use, JSON: {"acme": ["arithmetic", "files_*"],'
+        ' "*": ["echo"]} ("*" key: tenants not listed; absent: they may use all tools).'
+        " Other calls: PERMISSION_DENIED (TOOL_NOT_ALLOWED); ListTools shows only these.",
+    )
+
     @field_validator("outbox_path")
     @classmethod
     def _outbox_file(cls, value: Path) -> Path:
         return validate_outbox_path(value)
+
+    @field_validator("tenant_tools", mode="before")
+    @classmethod
+    def _tenant_tools(cls, value: object) -> dict[str, list[str]]:
+        return parse_tenant_tools(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        return validate_redis_url(value)
 
     @field_validator("tools_file")
     @classmethod

@@ -27,7 +27,7 @@ from trellis.cli.stack import Stack, start_stack
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
-from trellis.runtime import context
+from trellis.runtime import auth, context
 from trellis.runtime.errors import NotFound
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +81,7 @@ def _env() -> dict[str, str]:
     return {
         k: v
         for k, v in os.environ.items()
-        if k not in ("TRELLIS_EXECUTOR_TARGET", "TRELLIS_TENANT")
+        if k not in ("TRELLIS_EXECUTOR_TARGET", "TRELLIS_TENANT", "TRELLIS_API_KEY")
     }
 
 
@@ -297,3 +297,25 @@ async def test_a_run_that_does_not_succeed_exits_non_zero(
     assert result.returncode == EXIT_RUN_NOT_SUCCEEDED, result
     finished = result.events()[-1].finished
     assert finished.status == executor_pb2.RUN_STATUS_CANCELLED
+
+
+async def test_api_key_is_sent_and_decides_the_tenant(tmp_path: Path, channels) -> None:
+    key = auth.new_key()
+    keys = {auth.hash_key(key): "acme"}
+    secured = await start_stack(database_url=f"sqlite:///{tmp_path}/a.db", auth=True, api_keys=keys)
+    try:
+        refused = await run_client(secured, "--json", DEMO_GOAL)
+        assert refused.returncode == EXIT_RPC_ERROR, refused
+        error = json.loads(refused.stderr)["error"]
+        assert (error["code"], error["reason"]) == ("UNAUTHENTICATED", "API_KEY_MISSING")
+
+        # The key's tenant wins over a tenant the client names.
+        args = ("--json", "--api-key", key, "--tenant", "globex", "--run-id", "keyed")
+        ran = await run_client(secured, *args, DEMO_GOAL)
+        assert ran.returncode == 0, ran
+        client = ExecutorClient(channels.get(secured.executor_target), timeout=30.0, api_key=key)
+        run = await client.get_run("keyed")  # found: the run belongs to the key's tenant
+        assert run.status == executor_pb2.RUN_STATUS_SUCCEEDED
+        assert run.tenant_id == "acme"
+    finally:
+        await secured.stop()

@@ -50,6 +50,7 @@ EXTERNAL_SECRET_EXAMPLE = {
     "TRELLIS_DATABASE_URL": "postgresql://trellis:secret@postgresql.databases:5432/trellis",
     "TRELLIS_REDIS_URL": "redis://:secret@redis-master.databases:6379/0",
     "OPENAI_API_KEY": "sk-example",
+    "TRELLIS_API_KEYS": '{"%s": "acme"}' % ("0" * 64),
 }
 #: Backends that production takes from existing installs and dev runs itself, by image.
 BACKENDS = {

@@ -84,7 +84,7 @@ async def second_executor(serve, stack: Stack, db_url: str, instance: str, **kw)
     settings = ExecutorSettings(
         host="127.0.0.1", port=0, metrics_port=0, database_url=db_url, instance_id=instance,
         planner_target=stack.target("planner"), toolgateway_target=stack.target("toolgateway"),
-        costs_target=stack.target("costs"), **kw,
+        costs_target=stack.target("costs"), auth=False, **kw,
     )  # fmt: skip
     server: RunningServer = await serve("executor", build_executor, settings)
     return ExecutorClient(server.channels.get(server.target))

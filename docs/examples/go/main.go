@@ -29,7 +29,7 @@ import (
 
 func main() {
 	target := flag.String("target", "localhost:50051", "the executor's host:port")
-	tenant := flag.String("tenant", "", "act for this tenant (x-tenant-id metadata)")
+	tenant := flag.String("tenant", "", "act for this tenant (x-tenant-id metadata; only where auth is off)")
 	timeout := flag.Duration("timeout", 5*time.Minute, "deadline of the whole run")
 	flag.Parse()
 	goal := "What is (17*23)+4?"
@@ -52,6 +52,10 @@ func run(target, tenant string, timeout time.Duration, goal string) int {
 	// Every call carries a deadline; the stack passes what is left of it to each hop.
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
+	// The API key decides the tenant when the executor's auth is on (the default).
+	if key := os.Getenv("TRELLIS_API_KEY"); key != "" {
+		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+key)
+	}
 	if tenant != "" {
 		ctx = metadata.AppendToOutgoingContext(ctx, "x-tenant-id", tenant)
 	}

@@ -12,13 +12,13 @@ import typer
 from rich.console import Console
 
 from trellis.cli import costs as costs_module
+from trellis.cli import keys as keys_module
 from trellis.cli import up as up_module
-from trellis.cli.runs import show_run
+from trellis.cli.runs import client_channels, show_run
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import context
-from trellis.runtime.channels import Channels
 from trellis.runtime.convert import to_struct
 from trellis.runtime.errors import TrellisError
 from trellis.runtime.logs import setup_logging
@@ -59,7 +59,7 @@ def demo(
 
     async def main() -> None:
         stack = await start_stack(database_url=database_url, model_delay_ms=pace_ms)
-        channels = Channels()
+        channels = client_channels()
         try:
             console.print(f"[bold]Trellis embedded stack[/] — executor at {stack.executor_target}")
             client = ExecutorClient(channels.get(stack.executor_target))
@@ -82,6 +82,13 @@ def run(
     ] = None,
     tenant: Annotated[str, typer.Option(envvar="TRELLIS_TENANT")] = context.DEFAULT_TENANT,
     timeout: Annotated[float, typer.Option(help="Seconds the whole run may take.")] = 300.0,
+    api_key: Annotated[
+        str,
+        typer.Option(
+            envvar="TRELLIS_API_KEY",
+            help="API key (executor with auth on; its tenant replaces --tenant).",
+        ),
+    ] = "",
 ) -> None:
     """Run a goal (or an explicit plan) against a running stack."""
     if not goal and plan_file is None:
@@ -89,12 +96,11 @@ def run(
     setup_logging("warning")
 
     async def main() -> None:
-        channels = Channels()
+        channels = client_channels()
         try:
             with context.request_scope(timeout=timeout, tenant_id=tenant):
-                view = await show_run(
-                    ExecutorClient(channels.get(target)), _request(goal, plan_file), console
-                )
+                client = ExecutorClient(channels.get(target), api_key=api_key or None)
+                view = await show_run(client, _request(goal, plan_file), console)
             if view.finished is None or view.finished.status != executor_pb2.RUN_STATUS_SUCCEEDED:
                 raise typer.Exit(1)
         finally:
@@ -111,6 +117,7 @@ def up() -> None:
 
 app.command()(costs_module.costs)
 app.add_typer(costs_module.budget_app, name="budget")
+app.add_typer(keys_module.keys_app, name="keys")
 
 
 def _run_async(coro: object) -> None:

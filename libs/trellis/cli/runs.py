@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import typer
 from rich.console import Console
 from rich.live import Live
 
 from trellis.cli.view import RunView
 from trellis.clients.executor import ExecutorClient
 from trellis.executor.v1 import executor_pb2
+from trellis.runtime import tls
+from trellis.runtime.channels import Channels
+
+
+def client_channels() -> Channels:
+    """Channels for the CLI's calls: mTLS when TRELLIS_TLS_* name a certificate, key and
+    CA (as for the services), plaintext otherwise."""
+    try:
+        files = tls.from_env()
+    except tls.TlsConfigError as error:
+        raise typer.BadParameter(str(error)) from None
+    return Channels(credentials=None if files is None else files.channel_credentials())
 
 
 async def show_run(

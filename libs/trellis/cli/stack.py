@@ -5,6 +5,10 @@ tracer), plus the offline rule-based model server, so ``trellis demo`` and the
 end-to-end tests exercise exactly the paths a deployment uses. The planner and the
 gateway each keep their usage outbox beside the stack's SQLite file, so stacks in
 different directories (tests' tmp dirs) never share one.
+
+The executor's API-key check is off here (callers' ``x-tenant-id`` is trusted) unless
+the overrides turn it on (``auth=True, api_keys={...}``); TLS overrides
+(``tls_cert_file``, ``tls_key_file``, ``tls_ca_file``) put every service on mTLS.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ async def start_stack(
     beside the ledger's file (or the executor's; see ``outbox_paths``).
     ``overrides`` are extra settings applied to every service (e.g. ``max_parallel``);
     ``span_processors`` see every service's spans (tests pass an in-memory exporter's).
+    The executor's ``auth`` is off unless an override says otherwise.
     """
     model = None
     if model_base_url is None:
@@ -128,6 +133,7 @@ async def start_stack(
             planner_target=stack.target("planner"),
             toolgateway_target=stack.target("toolgateway"),
             costs_target=stack.target("costs"),
+            auth=overrides.get("auth", False),
         )
     except BaseException:
         await stack.stop()

@@ -3,19 +3,28 @@
 Each service runs as ``python -m trellis_<name>`` on its default port; the command
 waits until every one reports SERVING over gRPC health, then until Ctrl-C/SIGTERM,
 and stops them all with SIGTERM (their graceful stop), killing stragglers.
+
+The executor requires API keys (``TRELLIS_AUTH`` defaults to on). When the environment
+says nothing about auth (no ``TRELLIS_AUTH``, ``TRELLIS_API_KEYS``,
+``TRELLIS_API_KEYS_FILE``), ``up`` makes a development key for tenant ``default``,
+configures the executor with its hash and prints it once, for ``TRELLIS_API_KEY``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from trellis.runtime import auth, context, tls
 
 OFFLINE_MODEL_PORT = 8400
 
@@ -43,16 +52,39 @@ def planned_processes(env: dict[str, str]) -> list[ProcessSpec]:
     return SERVICES if env.get("OPENAI_BASE_URL") else [MODEL, *SERVICES]
 
 
+#: Variables by which the environment decides the executor's auth itself.
+AUTH_VARIABLES = ("TRELLIS_AUTH", "TRELLIS_API_KEYS", "TRELLIS_API_KEYS_FILE")
+
+
 def child_env(env: dict[str, str]) -> dict[str, str]:
     child = dict(env)
     child.setdefault("OPENAI_BASE_URL", f"http://127.0.0.1:{OFFLINE_MODEL_PORT}/v1")
     return child
 
 
-async def wait_serving(port: int, within: float) -> None:
-    """Poll gRPC health on ``port`` until SERVING, for at most ``within`` seconds."""
+def dev_key(env: dict[str, str]) -> str | None:
+    """When ``env`` says nothing about auth: a new key for tenant ``default``, whose hash
+    goes into ``env`` as ``TRELLIS_API_KEYS``; else None (``env`` untouched)."""
+    if any(env.get(name, "").strip() for name in AUTH_VARIABLES):
+        return None
+    key = auth.new_key()
+    env["TRELLIS_API_KEYS"] = json.dumps({auth.hash_key(key): context.DEFAULT_TENANT})
+    return key
+
+
+async def wait_serving(
+    port: int, within: float, credentials: grpc.ChannelCredentials | None = None
+) -> None:
+    """Poll gRPC health on ``port`` until SERVING, for at most ``within`` seconds
+    (over TLS with ``credentials``)."""
     deadline = asyncio.get_running_loop().time() + within
-    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    target = f"127.0.0.1:{port}"
+    channel = (
+        aio.insecure_channel(target)
+        if credentials is None
+        else aio.secure_channel(target, credentials)
+    )
+    async with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -96,16 +128,28 @@ async def stop_all(procs: list[asyncio.subprocess.Process], grace: float = 8.0) 
 async def up(echo: Callable[[str], object] = print, startup_seconds: float = 30.0) -> int:
     """Start everything, wait for a signal or a crash, stop everything; return an exit code."""
     env = child_env(dict(os.environ))
+    key = dev_key(env)
+    try:
+        files = tls.from_env(env)
+    except tls.TlsConfigError as error:
+        echo(f"invalid configuration: {error}")
+        return 2
+    credentials = None if files is None else files.channel_credentials()
     procs: list[asyncio.subprocess.Process] = []
     try:
         for spec in planned_processes(dict(os.environ)):
             procs.append(
                 await asyncio.create_subprocess_exec(sys.executable, "-m", spec.module, env=env)
             )
-            waiter = wait_http if spec is MODEL else wait_serving
-            await waiter(spec.port, startup_seconds)
+            if spec is MODEL:
+                await wait_http(spec.port, startup_seconds)
+            else:
+                await wait_serving(spec.port, startup_seconds, credentials)
             metrics = f", metrics :{spec.metrics_port}/metrics" if spec.metrics_port else ""
             echo(f"{spec.name:<13} pid {procs[-1].pid:<7} 127.0.0.1:{spec.port}{metrics}")
+        if key is not None:
+            echo(f"development API key (tenant {context.DEFAULT_TENANT}, valid until Ctrl-C):")
+            echo(f"  export TRELLIS_API_KEY={key}")
         echo("all services SERVING; Ctrl-C stops them")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

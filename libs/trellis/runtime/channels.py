@@ -3,7 +3,8 @@
 Every channel gets the same service config (round_robin over all resolved addresses,
 transparent retries of UNAVAILABLE only), keepalive, message limits and the client
 interceptors (tracing, deadline and tenant propagation). Services ask for a channel
-by target and never build one themselves.
+by target and never build one themselves. With ``credentials`` (mTLS, see
+``trellis.runtime.tls``) every channel is a TLS channel with them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+import grpc
 from grpc import aio
 
 from trellis.runtime.interceptors import propagating_client_interceptors
@@ -51,8 +53,10 @@ class Channels:
         *,
         max_message_bytes: int = 4 * 1024 * 1024,
         interceptors: Sequence[aio.ClientInterceptor] = (),
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self._options = channel_options(max_message_bytes)
+        self._credentials = credentials
         # Tracing first so its span covers the propagated call.
         self._interceptors = [*interceptors, *propagating_client_interceptors()]
         self._channels: dict[str, aio.Channel] = {}
@@ -60,9 +64,17 @@ class Channels:
     def get(self, target: str) -> aio.Channel:
         channel = self._channels.get(target)
         if channel is None:
-            channel = aio.insecure_channel(
-                target, options=self._options, interceptors=self._interceptors
-            )
+            if self._credentials is None:
+                channel = aio.insecure_channel(
+                    target, options=self._options, interceptors=self._interceptors
+                )
+            else:
+                channel = aio.secure_channel(
+                    target,
+                    self._credentials,
+                    options=self._options,
+                    interceptors=self._interceptors,
+                )
             self._channels[target] = channel
         return channel
 

@@ -19,6 +19,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from trellis.runtime.redact import redact_details, redact_text
+
 DOMAIN = "trellis.dev"
 _DETAILS_KEY = "grpc-status-details-bin"
 
@@ -147,11 +149,15 @@ def _pack(message: object) -> any_pb2.Any:
 
 
 def to_status(error: TrellisError) -> grpc.Status:
-    """The gRPC status (code, message, rich details in trailers) for ``error``."""
+    """The gRPC status (code, message, rich details in trailers) for ``error``.
+
+    Message, metadata and violations are redacted (``trellis.runtime.redact``): a secret
+    that found its way into an error (a model endpoint quoting the API key, a tool
+    quoting its arguments) never leaves the server.
+    """
+    metadata = redact_details(error.metadata)
     details = [
-        _pack(
-            error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
-        )
+        _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata))
     ]
     if error.violations:
         details.append(
@@ -159,7 +165,7 @@ def to_status(error: TrellisError) -> grpc.Status:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
+                            field=redact_text(v.field), description=redact_text(v.description)
                         )
                         for v in error.violations
                     ]
@@ -170,7 +176,8 @@ def to_status(error: TrellisError) -> grpc.Status:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(max(0, round(error.retry_delay * 1e9)))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
+    message = redact_text(error.message)
+    status = status_pb2.Status(code=error.code.value[0], message=message, details=details)
     return rpc_status.to_status(status)
 
 

@@ -5,13 +5,20 @@ the tenant is set on the RPC's server span (``trellis.tenant_id``), and
 ``TrellisError`` becomes a rich gRPC status; anything unexpected becomes INTERNAL
 without leaking internals. Client side: every call's timeout is shortened to the
 incoming deadline and the tenant is forwarded as metadata.
+
+Where the tenant comes from: with ``api_keys`` (the executor, auth on), the methods of
+the ``protected`` services need ``authorization: Bearer <key>`` and run as the key's
+tenant; a client's own ``x-tenant-id`` is ignored (a client never picks its tenant).
+Otherwise the tenant is the caller's ``x-tenant-id``: inside the mesh the callers are
+Trellis services forwarding the tenant the executor authenticated, and mTLS
+(``trellis.runtime.tls``) keeps anyone else from calling.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -19,6 +26,7 @@ from grpc import aio
 from opentelemetry import trace
 
 from trellis.runtime import context
+from trellis.runtime.auth import AUTHORIZATION_METADATA_KEY, ApiKeys
 from trellis.runtime.errors import DeadlineExceeded, Internal, TrellisError, to_status
 
 log = logging.getLogger(__name__)
@@ -46,8 +54,18 @@ def _metadata_value(ctx: aio.ServicerContext, key: str) -> str | None:
     return None
 
 
-def _scope(ctx: aio.ServicerContext):
-    tenant_id = _metadata_value(ctx, context.TENANT_METADATA_KEY)
+def _scope(ctx: aio.ServicerContext, method: str, api_keys: ApiKeys | None):
+    """The call's request scope; ``Unauthenticated`` when ``api_keys`` rejects it."""
+    if api_keys is None:
+        tenant_id = _metadata_value(ctx, context.TENANT_METADATA_KEY)
+    else:
+        try:
+            tenant_id = api_keys.authenticate(_metadata_value(ctx, AUTHORIZATION_METADATA_KEY))
+        except TrellisError as error:
+            log.info(
+                "unauthenticated call refused: %s %s from %s", method, error.reason, ctx.peer()
+            )
+            raise
     # The tracing interceptor runs first, so the current span is this RPC's server span.
     trace.get_current_span().set_attribute(ATTR_TENANT, tenant_id or context.tenant())
     return context.request_scope(timeout=ctx.time_remaining(), tenant_id=tenant_id)
@@ -61,9 +79,20 @@ async def _fail(ctx: aio.ServicerContext, method: str, exc: Exception) -> None:
     await _abort(ctx, Internal(f"internal error ({type(exc).__name__})"))
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+async def _entered_scope(ctx: aio.ServicerContext, method: str, api_keys: ApiKeys | None):  # type: ignore[no-untyped-def]
+    """The request's scope, or the call aborted (a refused key: UNAUTHENTICATED)."""
+    try:
+        return _scope(ctx, method, api_keys)
+    except TrellisError as error:
+        await _abort(ctx, error)  # raises AbortError
+        raise
+
+
+def _wrap_unary(
+    method: str, behavior: Callable[..., Awaitable[Any]], api_keys: ApiKeys | None
+) -> Callable[..., Any]:
     async def handler(request: Any, ctx: aio.ServicerContext) -> Any:
-        with _scope(ctx):
+        with await _entered_scope(ctx, method, api_keys):
             try:
                 return await behavior(request, ctx)
             except aio.AbortError:
@@ -74,12 +103,14 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
     return handler
 
 
-def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_stream(
+    method: str, behavior: Callable[..., Any], api_keys: ApiKeys | None
+) -> Callable[..., Any]:
     """Wrap a streaming handler of either style: an async generator, or a coroutine that
     sends with ``context.write`` (grpcio-health-checking's ``Watch``)."""
 
     async def handler(request: Any, ctx: aio.ServicerContext) -> AsyncIterator[Any]:
-        with _scope(ctx):
+        with await _entered_scope(ctx, method, api_keys):
             try:
                 responses = behavior(request, ctx)
                 if inspect.isawaitable(responses):
@@ -96,9 +127,12 @@ def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., Any
 
 
 class ServerRulesInterceptor(aio.ServerInterceptor):
-    """Request scope and error mapping for every handler of a server."""
+    """Request scope and error mapping for every handler of a server; with ``api_keys``,
+    authentication of the methods of the ``protected`` services (full proto names)."""
 
-    def __init__(self) -> None:
+    def __init__(self, api_keys: ApiKeys | None = None, protected: Iterable[str] = ()) -> None:
+        self._api_keys = api_keys
+        self._protected = tuple(f"/{name}/" for name in protected)
         # Wrapped handlers are built once per method, not per call (hot path).
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -113,30 +147,33 @@ class ServerRulesInterceptor(aio.ServerInterceptor):
         method = handler_call_details.method
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
-            cached = (handler, _wrap(method, handler))
+            keys = self._api_keys if method.startswith(self._protected) else None
+            cached = (handler, _wrap(method, handler, keys))
             self._wrapped[method] = cached
         return cached[1]
 
 
-def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _wrap(
+    method: str, handler: grpc.RpcMethodHandler, api_keys: ApiKeys | None
+) -> grpc.RpcMethodHandler:
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary(method, handler.unary_unary), **kwargs
+            _wrap_unary(method, handler.unary_unary, api_keys), **kwargs
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream(method, handler.unary_stream), **kwargs
+            _wrap_stream(method, handler.unary_stream, api_keys), **kwargs
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            _wrap_unary(method, handler.stream_unary), **kwargs
+            _wrap_unary(method, handler.stream_unary, api_keys), **kwargs
         )
     return grpc.stream_stream_rpc_method_handler(
-        _wrap_stream(method, handler.stream_stream), **kwargs
+        _wrap_stream(method, handler.stream_stream, api_keys), **kwargs
     )
 
 

@@ -1,7 +1,10 @@
 """JSON logs (structlog) that carry the current trace_id and span_id.
 
 Standard-library loggers (grpc, aiohttp, ...) go through the same formatter, so a
-service writes one JSON object per line to stderr whatever logged it.
+service writes one JSON object per line to stderr whatever logged it. Every line is
+redacted last, after tracebacks are rendered (``trellis.runtime.redact``): registered
+secrets, sensitive fields (authorization, api_key, password, ...) and bearer tokens
+never reach the output.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import Any
 
 import structlog
 from opentelemetry import trace
+
+from trellis.runtime.redact import redact_event
 
 
 def add_trace_ids(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +51,7 @@ def setup_logging(level: str = "info", *, service: str | None = None) -> None:
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                redact_event,  # last before rendering: tracebacks included
                 structlog.processors.JSONRenderer(),
             ],
         )

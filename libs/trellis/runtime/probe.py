@@ -2,7 +2,8 @@
 
 The container health check of the image (Docker has no native gRPC probe; Kubernetes
 does and uses that instead). The default target is this container's own server,
-``127.0.0.1:$TRELLIS_PORT``. It asks the overall server status (service ""), which a
+``127.0.0.1:$TRELLIS_PORT``, over mTLS when the service's TRELLIS_TLS_* files are set
+(its certificate must then name 127.0.0.1). It asks the overall server status (service ""), which a
 Trellis server turns NOT_SERVING as soon as it begins a graceful stop.
 """
 
@@ -14,12 +15,22 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from trellis.runtime import tls
+
 TIMEOUT_SECONDS = 2.0
+
+
+def _channel(target: str) -> grpc.Channel:
+    """Over mTLS with this container's certificate when TRELLIS_TLS_* are set."""
+    files = tls.from_env()
+    if files is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, files.channel_credentials())
 
 
 def check(target: str, timeout: float = TIMEOUT_SECONDS) -> str:
     """The health status name reported by ``target`` (e.g. ``SERVING``)."""
-    with grpc.insecure_channel(target) as channel:
+    with _channel(target) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=timeout
         )

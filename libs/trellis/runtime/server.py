@@ -5,12 +5,18 @@ and concurrency limits (RESOURCE_EXHAUSTED beyond ``max_concurrent_rpcs``),
 keepalive, tracing and the runtime's rules interceptor. On SIGTERM/SIGINT health
 turns NOT_SERVING first, so load balancers stop sending, then in-flight RPCs get
 ``grace_seconds`` to finish.
+
+With ``TRELLIS_TLS_*`` set the port is mTLS (``trellis.runtime.tls``) and the service's
+channels dial with the same certificate. A service that gives ``api_keys`` (the
+executor, with auth on) gets every call of its own RPCs authenticated by the rules
+interceptor; health and reflection stay open for probes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,11 +26,14 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import SpanProcessor
 
+from trellis.runtime import tls
+from trellis.runtime.auth import ApiKeys
 from trellis.runtime.channels import Channels
 from trellis.runtime.interceptors import ServerRulesInterceptor
 from trellis.runtime.logs import get_logger, setup_logging
 from trellis.runtime.metrics import serve_metrics
-from trellis.runtime.settings import ServiceSettings, load_settings
+from trellis.runtime.redact import register_settings
+from trellis.runtime.settings import ConfigError, ServiceSettings, load_settings
 from trellis.runtime.telemetry import Telemetry, setup_telemetry
 
 log = get_logger(__name__)
@@ -50,6 +59,8 @@ class Service:
     #: Called when the server stops, before in-flight RPCs are ended, with the grace
     #: period: a service whose RPCs outlive it (the executor's runs) hands them over.
     drain: Callable[[float], Awaitable[None]] = _no_drain
+    #: When given, calls of ``service_names`` need one of these keys, and run as its tenant.
+    api_keys: ApiKeys | None = None
 
 
 #: Builds a service from its settings and runtime handles (used by __main__ and the
@@ -121,9 +132,11 @@ async def start_server(
     settings: ServiceSettings, builder: Builder, *, telemetry: Telemetry, channels: Channels
 ) -> RunningServer:
     """Build the service and serve it on ``settings.host:settings.port``."""
+    register_settings(settings)  # its SecretStr values are redacted from now on
     service = await builder(settings, telemetry, channels)
+    rules = ServerRulesInterceptor(api_keys=service.api_keys, protected=service.service_names)
     server = aio.server(
-        interceptors=[*telemetry.server_interceptors(), ServerRulesInterceptor()],
+        interceptors=[*telemetry.server_interceptors(), rules],
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -141,9 +154,20 @@ async def start_server(
         ],
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    files = tls.from_settings(settings)
+    if files is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, files.server_credentials())
     await server.start()
-    log.info("serving", service=service.name, port=port)
+    log.info(
+        "serving",
+        service=service.name,
+        port=port,
+        mtls=files is not None,
+        auth=service.api_keys is not None,
+    )
     return RunningServer(service, server, health, port, settings.grace_seconds, telemetry, channels)
 
 
@@ -158,9 +182,12 @@ async def start_service(
 
     ``span_processors`` adds span processors besides the OTEL_* ones (tests use it).
     """
+    files = tls.from_settings(settings)
     telemetry = setup_telemetry(name, processors=list(span_processors))
     channels = Channels(
-        max_message_bytes=settings.max_message_bytes, interceptors=telemetry.client_interceptors()
+        max_message_bytes=settings.max_message_bytes,
+        interceptors=telemetry.client_interceptors(),
+        credentials=None if files is None else files.channel_credentials(),
     )
     return await start_server(settings, builder, telemetry=telemetry, channels=channels)
 
@@ -177,7 +204,11 @@ async def wait_for_signal() -> None:
 def run_service(
     program: str, name: str, settings_cls: type[ServiceSettings], builder: Builder
 ) -> None:
-    """Entry point body of every service's ``__main__``."""
+    """Entry point body of every service's ``__main__``.
+
+    A ``ConfigError`` raised while the service is built stops the process like a bad
+    variable: one line on stderr, exit code 2.
+    """
     settings = load_settings(settings_cls, program)
     setup_logging(settings.log_level, service=name)
 
@@ -188,4 +219,8 @@ def run_service(
         log.info("stopping", service=name, grace=settings.grace_seconds)
         await running.stop()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except ConfigError as error:
+        print(f"{program}: invalid configuration: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

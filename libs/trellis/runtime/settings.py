@@ -6,17 +6,40 @@ value stops the service with one line naming the variable, via ``load_settings``
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import Literal, TypeVar
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from trellis.runtime import tls
 
 ENV_PREFIX = "TRELLIS_"
 
 Port = int
 LogLevel = Literal["debug", "info", "warning", "error"]
 _TARGET = "gRPC target of the {} (host:port; dns:///host:port balances replicas)."
+
+
+def json_object(value: object, shape: str) -> Mapping[str, Any]:
+    """A JSON-object setting (text, or already decoded) as a mapping; empty text is {}.
+
+    ValueError says what was expected (``shape``, e.g. ``{"<tenant>": ["<tool>"]}``), so
+    the one-line start-up error names the variable and the format.
+    """
+    if isinstance(value, str):
+        if not value.strip():
+            return {}
+        try:
+            value = json.loads(value)
+        except ValueError as error:
+            raise ValueError(f"not JSON ({error.args[0]}); expected {shape}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a JSON object {shape}")
+    return value
 
 
 class ServiceSettings(BaseSettings):
@@ -46,6 +69,32 @@ class ServiceSettings(BaseSettings):
     toolgateway_target: str = Field("localhost:50053", description=_TARGET.format("tool gateway"))
     cache_target: str = Field("localhost:50054", description=_TARGET.format("cache"))
     costs_target: str = Field("localhost:50055", description=_TARGET.format("cost accounting"))
+
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate of this service, used as server and as client"
+        " (subjectAltNames: every host it is reached by). With TRELLIS_TLS_KEY_FILE and"
+        " TRELLIS_TLS_CA_FILE: mTLS on every server and channel; none of the three: plaintext.",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of that certificate.")
+    tls_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle: servers require client certificates it signed, and"
+        " channels trust only servers it signed.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_all_or_none(self) -> ServiceSettings:
+        try:
+            tls.from_settings(self)
+        except tls.TlsConfigError as error:
+            raise ValueError(str(error)) from None
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration problem found while a service starts, after its variables parsed
+    (e.g. auth on without keys): the process stops with one line, exit code 2."""
 
 
 S = TypeVar("S", bound=BaseSettings)
@@ -94,7 +143,8 @@ def describe_error(error: ValidationError, cls: type[BaseSettings]) -> str:
     parts = []
     for item in error.errors():
         got = f" (got {item['input']!r})" if "input" in item and item["type"] != "missing" else ""
-        parts.append(f"{_variable(cls, item['loc'])}: {item['msg']}{got}")
+        variable = _variable(cls, item["loc"])
+        parts.append(f"{variable}: {item['msg']}{got}" if variable else f"{item['msg']}")
     return "; ".join(parts)
 
 

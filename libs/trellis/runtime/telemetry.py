@@ -8,6 +8,15 @@ a trace id. gRPC client and server spans come from opentelemetry-instrumentation
 interceptors, health checks excluded; its unary client interceptors are patched to end
 their span (and cancel the RPC) when the caller is cancelled. ``Telemetry.shutdown``
 flushes every batched span: the server's stop path calls it, so a SIGTERM loses none.
+
+Attribute hygiene: every span processor (exporters included) is wrapped in
+``RedactingSpanProcessor``, so what leaves the process has secrets redacted from span
+names, attributes, events (recorded exceptions) and status descriptions
+(``trellis.runtime.redact``). No instrumentation here records request metadata or
+headers: the gRPC interceptors take only the user agent, and the Redis instrumentation
+writes ``db.statement`` as the command with every argument replaced by ``?`` (so cache
+keys and values never reach a span). The openai client is not instrumented; the
+planner's own ``chat`` spans carry model names and token counts, never prompts.
 """
 
 from __future__ import annotations
@@ -21,11 +30,14 @@ from typing import Any
 import grpc
 from grpc import aio
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.grpc import _aio_client, aio_server_interceptor
 from opentelemetry.instrumentation.grpc.version import __version__ as _grpc_instrumentation
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+from trellis.runtime.redact import redact_span
 
 _global_set = False
 
@@ -117,6 +129,29 @@ _CLIENT_INTERCEPTORS = (
 )
 
 
+class RedactingSpanProcessor(SpanProcessor):
+    """Hands ``inner`` (an exporting processor) a redacted copy of each ended span
+    (the span itself when it holds no secret, the common case)."""
+
+    def __init__(self, inner: SpanProcessor) -> None:
+        self.inner = inner
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self.inner.on_start(span, parent_context=parent_context)
+
+    def _on_ending(self, span: Span) -> None:
+        self.inner._on_ending(span)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.inner.on_end(redact_span(span))
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
 @dataclass
 class Telemetry:
     """Tracing handles of one service."""
@@ -152,13 +187,14 @@ def setup_telemetry(
 ) -> Telemetry:
     """Tracing for ``service_name``; the first service in a process also becomes global.
 
-    ``processors`` adds span processors (tests pass an in-memory exporter's).
+    ``processors`` adds span processors (tests pass an in-memory exporter's); like the
+    OTEL_* ones, each sees spans only through ``RedactingSpanProcessor``.
     """
     global _global_set
     resource = Resource.create({SERVICE_NAME: service_name})
     provider = TracerProvider(resource=resource)
     for processor in [*_processors(), *(processors or [])]:
-        provider.add_span_processor(processor)
+        provider.add_span_processor(RedactingSpanProcessor(processor))
     if not _global_set:
         trace.set_tracer_provider(provider)
         _global_set = True

@@ -1,18 +1,23 @@
 """The PostgreSQL ledger: what several cost-accounting replicas share.
 
 asyncpg with a connection pool; every statement runs in autocommit, so a write is
-durable when the method returns, the same promise the SQLite ledger makes. Days are
-DATE and timestamps TIMESTAMPTZ; otherwise the schema is the SQLite one, and reports
-sort names with the "C" collation so both backends list rows in the same order.
+durable when the method returns, the same promise the SQLite ledger makes. A
+statement cut by a database restart or fail-over is retried on a fresh connection for
+a few seconds (``trellis.runtime.postgres``); recording is an idempotent insert, so a
+retry never counts usage twice. Days are DATE and timestamps TIMESTAMPTZ; otherwise
+the schema is the SQLite one, and reports sort names with the "C" collation so both
+backends list rows in the same order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from datetime import date
+from typing import Any
 
 import asyncpg
 
+from trellis.runtime.postgres import ReconnectingPool
 from trellis_costs.ledger.base import (
     Budget,
     Clock,
@@ -70,7 +75,7 @@ class PostgresLedger:
     """Usage rows and budgets over an asyncpg pool."""
 
     def __init__(self, pool: asyncpg.Pool, prices: PriceTable, clock: Clock) -> None:
-        self._pool = pool
+        self._pool = ReconnectingPool(pool, what="ledger", reason="LEDGER_UNAVAILABLE")
         self._prices = prices
         self._clock = clock
 
@@ -173,7 +178,8 @@ class PostgresLedger:
 
     async def spending(self, tenant_id: str, day: str, usage_ids: Collection[str] = ()) -> Spending:
         first, last = month_of(day)
-        async with self._pool.acquire() as conn:
+
+        async def read(conn: asyncpg.Connection) -> tuple[frozenset[str], Any, Any]:
             recorded: frozenset[str] = frozenset()
             if usage_ids:
                 found = await conn.fetch(
@@ -198,5 +204,8 @@ class PostgresLedger:
                 " WHERE tenant_id = $1",
                 tenant_id,
             )
+            return recorded, sums, limits
+
+        recorded, sums, limits = await self._pool.run(read)
         budget = Budget(tenant_id, *limits) if limits else Budget(tenant_id)
         return Spending(budget, sums[0], sums[1], recorded)

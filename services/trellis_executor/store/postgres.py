@@ -2,6 +2,10 @@
 
 asyncpg with a connection pool; every statement runs in autocommit, so a write is
 durable when the method returns, the same promise the SQLite store makes.
+Every statement is retried on a fresh connection after a connection error for a few
+seconds (``trellis.runtime.postgres``), so a database restart or fail-over delays a
+run's writes instead of failing the run; a write whose connection dropped after it
+committed is recognised on its retry (the row is this owner's), not reported as a clash.
 Timestamps are TIMESTAMPTZ and protobuf blobs BYTEA; otherwise the schema is the
 SQLite one. Leases are timed by the database's clock (``now()``), so replicas with
 skewed clocks still agree on when a lease has expired.
@@ -10,11 +14,13 @@ skewed clocks still agree on when a lease has expired.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import Any
 
 import asyncpg
 
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
+from trellis.runtime.postgres import ReconnectingPool
 from trellis_executor.store.base import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_OWNER,
@@ -72,11 +78,21 @@ def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
+class _Retried:
+    """Set when a statement was tried again after a connection error: its first try
+    may have committed, so a unique violation can be this owner's own row."""
+
+    yes = False
+
+    def __call__(self) -> None:
+        self.yes = True
+
+
 class PostgresRunStore:
     """Async PostgreSQL run store over an asyncpg pool, for one owner."""
 
     def __init__(self, pool: asyncpg.Pool, owner: str, lease_seconds: float) -> None:
-        self._pool = pool
+        self._pool = ReconnectingPool(pool, what="run store", reason="RUN_STORE_UNAVAILABLE")
         self.owner = owner
         self._lease = lease_seconds
 
@@ -111,26 +127,47 @@ class PostgresRunStore:
         trace_id: str,
         span_id: str = "",
     ) -> None:
+        retried = _Retried()
         try:
-            await self._pool.execute(
-                "INSERT INTO runs (run_id, owner, lease_until, tenant_id, goal, status,"
-                f" request, trace_id, span_id) VALUES ($1, $3, {_LEASE}, $4, $5, $6, $7, $8, $9)",
-                run_id,
-                self._lease,
-                self.owner,
-                tenant_id,
-                request.goal,
-                RUNNING,
-                request.SerializeToString(),
-                trace_id,
-                span_id,
+            await self._pool.run(
+                lambda conn: conn.execute(
+                    "INSERT INTO runs (run_id, owner, lease_until, tenant_id, goal, status,"
+                    " request, trace_id, span_id)"
+                    f" VALUES ($1, $3, {_LEASE}, $4, $5, $6, $7, $8, $9)",
+                    run_id,
+                    self._lease,
+                    self.owner,
+                    tenant_id,
+                    request.goal,
+                    RUNNING,
+                    request.SerializeToString(),
+                    trace_id,
+                    span_id,
+                ),
+                on_retry=retried,
             )
         except asyncpg.UniqueViolationError:
+            if retried.yes and await self._pool.fetchval(
+                "SELECT true FROM runs WHERE run_id = $1 AND owner = $2 AND trace_id = $3",
+                run_id,
+                self.owner,
+                trace_id,
+            ):
+                return  # the first try committed before its connection dropped
             raise run_exists(run_id) from None
 
     async def _fenced(self, run_id: str, sql: str, *args: object) -> None:
         """Run a write of ``run_id``'s state that only its owner may make."""
-        if _count(await self._pool.execute(sql, run_id, self.owner, *args)) == 0:
+        retried = _Retried()
+        try:
+            status = await self._pool.run(
+                lambda conn: conn.execute(sql, run_id, self.owner, *args), on_retry=retried
+            )
+        except asyncpg.UniqueViolationError:
+            if retried.yes:  # the nodes' first try committed before its connection dropped
+                return
+            raise
+        if _count(status) == 0:
             raise lease_lost(run_id)
 
     async def add_nodes(
@@ -171,17 +208,22 @@ class PostgresRunStore:
         )
 
     async def get(self, run_id: str) -> executor_pb2.Run | None:
-        async with self._pool.acquire() as conn:
+        async def read(conn: asyncpg.Connection) -> tuple[Any, list[Any]]:
             row = await conn.fetchrow(
                 "SELECT tenant_id, goal, status, trace_id, created_at, finished, finished_at"
                 " FROM runs WHERE run_id = $1",
                 run_id,
             )
             if row is None:
-                return None
+                return None, []
             nodes = await conn.fetch(
                 "SELECT call, outcome FROM run_nodes WHERE run_id = $1 ORDER BY seq", run_id
             )
+            return row, nodes
+
+        row, nodes = await self._pool.run(read)
+        if row is None:
+            return None
         run = build_run(
             run_id,
             row["tenant_id"],

@@ -5,11 +5,17 @@ retried a call or resumed a run. The first call with a key *claims* it, runs, an
 stores its outcome; any later call with the same key - even one arriving while the
 first still runs - gets that first outcome back instead of running the tool again.
 
-The store speaks bytes (a serialized outcome) behind a small Protocol, so a
-Redis/PostgreSQL store shared by all gateway replicas can replace the in-memory
-one: ``claim`` maps to ``SET NX``/``INSERT ... ON CONFLICT``, ``wait`` to polling or
-pub/sub. A key reused with different arguments is a client bug, reported as a
-``KeyConflict`` rather than silently answered with another call's result.
+The store speaks bytes (a serialized outcome) behind a small Protocol, so a store
+shared by all gateway replicas (Redis: ``trellis_toolgateway.idempotency``) can
+replace the in-memory one. A key reused with different arguments is a client bug,
+reported as a ``KeyConflict`` rather than silently answered with another call's result.
+
+At most once, not at least once: when the owner of a key stops without an outcome
+although the tool may have run (its process died, its lease ran out, it was cancelled
+mid-call), the key is *abandoned*: every later call with it gets ``OutcomeUnknown``
+instead of running the tool again. The side effect happened once or not at all; a
+human or the caller's own reconciliation decides which. A store that cannot be
+reached raises ``StoreUnavailable``: nothing can be promised then, so nothing runs.
 """
 
 from __future__ import annotations
@@ -29,6 +35,15 @@ class KeyConflict(Exception):
     """The key was first used for a call with different arguments."""
 
 
+class OutcomeUnknown(Exception):
+    """The key's owner stopped without an outcome, and the tool may have run: running
+    it again could repeat the side effect, so the call must not run."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached: run-once cannot be promised, so the call must not run."""
+
+
 class IdempotencyStore(Protocol):
     """Where first outcomes live. Keys arrive already scoped (tenant, tool, key)."""
 
@@ -40,7 +55,8 @@ class IdempotencyStore(Protocol):
 
     async def wait(self, key: str) -> bytes | None:
         """The first outcome once there is one; None if the owner released the key
-        (or it expired): the caller may then try to claim it."""
+        (or it expired): the caller may then try to claim it. Raises ``OutcomeUnknown``
+        when the key was abandoned (or its owner's lease expired without an outcome)."""
         ...
 
     async def complete(self, key: str, outcome: bytes) -> None:
@@ -51,6 +67,11 @@ class IdempotencyStore(Protocol):
         """The owner produced no outcome (nothing ran): forget the key."""
         ...
 
+    async def abandon(self, key: str) -> None:
+        """The owner stops without an outcome although the tool may have run: the key
+        stays taken for its TTL and its waiters, now and later, get ``OutcomeUnknown``."""
+        ...
+
 
 @dataclass
 class _Record:
@@ -58,6 +79,7 @@ class _Record:
     ttl: float
     expires_at: float
     outcome: asyncio.Future[bytes | None] = field(repr=False)
+    abandoned: bool = False
 
 
 class MemoryIdempotencyStore:
@@ -93,7 +115,10 @@ class MemoryIdempotencyStore:
         if record is None:
             return None
         # Shielded: one waiter giving up must not cancel the outcome for the others.
-        return await asyncio.shield(record.outcome)
+        outcome = await asyncio.shield(record.outcome)
+        if record.abandoned:
+            raise OutcomeUnknown(key)
+        return outcome
 
     async def complete(self, key: str, outcome: bytes) -> None:
         record = self._records.get(key)
@@ -109,6 +134,15 @@ class MemoryIdempotencyStore:
             return
         del self._records[key]
         record.outcome.set_result(None)
+
+    async def abandon(self, key: str) -> None:
+        record = self._records.get(key)
+        if record is None or record.outcome.done():
+            return
+        record.abandoned = True
+        record.outcome.set_result(None)
+        record.expires_at = self._clock() + record.ttl
+        self._records.move_to_end(key)
 
     def _live(self, key: str) -> _Record | None:
         record = self._records.get(key)

@@ -44,6 +44,10 @@ class Spec:
     shared_cache: bool = False
     #: Extra attempts after a retryable failure (ToolError(retryable=True), TOOL_TIMEOUT).
     retries: int = 0
+    #: Largest output one call may return, serialized (bytes); beyond it the call fails
+    #: with OUTPUT_TOO_LARGE. 0 = the gateway's default (``execution.DEFAULT_MAX_RESULT_BYTES``
+    #: for tools registered by hand; the loader fills in TRELLIS_TOOL_MAX_RESULT_BYTES).
+    max_result_bytes: int = 0
 
     @property
     def cacheable(self) -> bool:

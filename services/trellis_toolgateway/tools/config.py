@@ -67,6 +67,10 @@ class Policy(_Strict):
     shared_cache: bool = False
     #: Extra attempts for retryable backend failures (exponential backoff with jitter).
     retries: int = Field(0, ge=0, le=10)
+    #: Largest output (serialized bytes) one call may return; more fails the call with
+    #: OUTPUT_TOO_LARGE. Unset: the gateway's TRELLIS_TOOL_MAX_RESULT_BYTES. Never above
+    #: what fits in a gRPC message (TRELLIS_MAX_MESSAGE_BYTES).
+    max_result_bytes: int | None = Field(None, ge=1, le=256 * 1024 * 1024)
 
     @field_validator("input_schema", "output_schema")
     @classmethod

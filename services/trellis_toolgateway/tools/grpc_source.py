@@ -17,7 +17,10 @@ cost, shared cache and retries exist only in the config.
 Errors. A ``CallToolResponse.error`` is the tool's own failure (``ToolError`` with the
 server's code and retryability). gRPC UNAVAILABLE and DEADLINE_EXCEEDED are retryable
 ``TOOL_SERVER_UNAVAILABLE`` / ``TOOL_TIMEOUT``; INVALID_ARGUMENT is the caller breaking the
-contract and is raised as ``InvalidArgument`` (an RPC error, never retried); other codes
+contract and is raised as ``InvalidArgument`` (an RPC error, never retried); an answer
+larger than the gateway's channels take (TRELLIS_MAX_MESSAGE_BYTES: gRPC refuses it by
+its declared length, it never reaches the gateway's code) is ``OUTPUT_TOO_LARGE``, not
+retried; other codes
 become ``TOOL_SERVER_<CODE>``.
 """
 
@@ -64,6 +67,10 @@ def rpc_tool_error(error: grpc.RpcError, server: str) -> Exception:
         return ToolError(UNAVAILABLE, message, retryable=True, details=details)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ToolError(TIMEOUT, message, retryable=True, details=details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (
+        error.details() or ""  # type: ignore[attr-defined]
+    ):
+        return ToolError("OUTPUT_TOO_LARGE", message, details=details)
     return ToolError(
         f"TOOL_SERVER_{code.name}", message, retryable=is_retryable_code(code), details=details
     )

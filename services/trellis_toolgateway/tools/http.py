@@ -10,8 +10,12 @@ and error message (a server that echoes the request cannot leak them). All tools
 the gateway's one pooled ``httpx.AsyncClient``.
 
 Errors: 5xx and transport failures are retryable (``HTTP_5XX``, ``HTTP_UNAVAILABLE``),
-4xx are not (``HTTP_4XX``); a redirect is ``HTTP_REDIRECT`` and a body over the cap is
-``HTTP_RESPONSE_TOO_LARGE``.
+4xx are not (``HTTP_4XX``); a redirect is ``HTTP_REDIRECT``. The body is read in chunks
+and never kept past a cap: ``max_response_bytes`` (``HTTP_RESPONSE_TOO_LARGE``) or, when
+smaller, the tool's output cap ``max_result_bytes`` (``OUTPUT_TOO_LARGE``, the code every
+kind of tool fails with when its output is too large). The header secrets are also
+registered with ``trellis.runtime.redact``, so logs, spans, errors and the result cache of
+the whole process keep them out too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Mapping
 import httpx
 
 from trellis.runtime.errors import FieldViolation, InvalidArgument
+from trellis.runtime.redact import register_secret
 from trellis_toolgateway.tools import config
 from trellis_toolgateway.tools.base import Json, Spec, Tool, ToolError
 from trellis_toolgateway.tools.config import ENV_REFERENCE, PLACEHOLDERS
@@ -92,6 +97,8 @@ class HttpTool(Tool):
         self._secrets = sorted(
             (s for s in secrets if len(s) >= MIN_SCRUBBED_SECRET), key=len, reverse=True
         )
+        for secret in self._secrets:
+            register_secret(secret)
         self.spec = Spec(
             name=decl.name,
             description=decl.description or f"HTTP {decl.method} {decl.url}",
@@ -193,13 +200,17 @@ class HttpTool(Tool):
                 status=str(status),
             )
         kept = bytearray()
+        cap, code = self._decl.max_response_bytes, "HTTP_RESPONSE_TOO_LARGE"
+        if 0 < self.spec.max_result_bytes < cap:
+            cap, code = self.spec.max_result_bytes, "OUTPUT_TOO_LARGE"
         try:
             async for chunk in response.aiter_bytes():
                 kept += chunk
-                if len(kept) > self._decl.max_response_bytes:
+                if len(kept) > cap:
                     raise self._error(
-                        "HTTP_RESPONSE_TOO_LARGE",
-                        f"{shown} answered more than {self._decl.max_response_bytes} bytes",
+                        code,
+                        f"{shown} answered more than {cap} bytes",
+                        limit_bytes=str(cap),
                     )
         except httpx.TransportError as error:
             raise self._error(

@@ -12,10 +12,12 @@ def node(node_id="n1", tool="echo", args=None, depends_on=None) -> dict:
     return {"node_id": node_id, "tool": tool, "args": args or {}, "depends_on": depends_on or []}
 
 
-def rejected(validator: PlanValidator, value: object) -> InvalidArgument:
+def rejected(
+    validator: PlanValidator, value: object, reason: str = "INVALID_PLAN"
+) -> InvalidArgument:
     with pytest.raises(InvalidArgument) as raised:
         validator.check(value, line=7)
-    assert raised.value.reason == "INVALID_PLAN"
+    assert raised.value.reason == reason
     return raised.value
 
 
@@ -66,7 +68,7 @@ def test_references_must_be_earlier_and_are_added_to_depends_on() -> None:
 def test_at_most_max_nodes() -> None:
     v = PlanValidator(["echo"], max_nodes=1)
     v.check(node(), line=1)
-    error = rejected(v, node("n2"))
+    error = rejected(v, node("n2"), reason="TOO_MANY_NODES")
     assert [x.field for x in error.violations] == ["plan"]
 
 

@@ -26,20 +26,22 @@ RUN_STATUS_FAILED: RunStatus
 RUN_STATUS_CANCELLED: RunStatus
 
 class RunOptions(_message.Message):
-    __slots__ = ("max_parallel", "max_nodes", "max_replans", "timeout", "cache_mode", "model")
+    __slots__ = ("max_parallel", "max_nodes", "max_replans", "timeout", "cache_mode", "model", "max_cost_nano_usd")
     MAX_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     MAX_REPLANS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     CACHE_MODE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
     max_parallel: int
     max_nodes: int
     max_replans: int
     timeout: _duration_pb2.Duration
     cache_mode: _common_pb2.CacheMode
     model: str
-    def __init__(self, max_parallel: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_replans: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cache_mode: _Optional[_Union[_common_pb2.CacheMode, str]] = ..., model: _Optional[str] = ...) -> None: ...
+    max_cost_nano_usd: int
+    def __init__(self, max_parallel: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_replans: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cache_mode: _Optional[_Union[_common_pb2.CacheMode, str]] = ..., model: _Optional[str] = ..., max_cost_nano_usd: _Optional[int] = ...) -> None: ...
 
 class RunRequest(_message.Message):
     __slots__ = ("goal", "plan", "options", "run_id")
