@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 
@@ -662,3 +662,26 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+ServeHttp = Callable[[Any], Awaitable[int]]
+
+
+@pytest.fixture
+async def http_app() -> AsyncIterator[ServeHttp]:
+    """``port = await http_app(app)`` serves an aiohttp ``web.Application`` on a free
+    loopback port (a test's HTTP tool backend); cleaned up after the test."""
+    from aiohttp import web
+
+    runners: list[web.AppRunner] = []
+
+    async def serve(app: web.Application) -> int:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return int(runner.addresses[0][1])
+
+    yield serve
+    for runner in reversed(runners):
+        await runner.cleanup()

@@ -19,7 +19,6 @@ if TYPE_CHECKING:  # the fixture's types (tests/conftest.py)
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,17 +88,12 @@ class EffectServer:
 
 
 @pytest.fixture
-async def effects() -> AsyncIterator[EffectServer]:
+async def effects(http_app) -> EffectServer:
     server = EffectServer()
     app = web.Application()
     app.router.add_post("/effect", server.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    server.port = runner.addresses[0][1]
-    yield server
-    await runner.cleanup()
+    server.port = await http_app(app)
+    return server
 
 
 def write_tools_file(path: Path, effects: EffectServer) -> Path:

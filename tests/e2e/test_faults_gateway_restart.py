@@ -32,7 +32,6 @@ import itertools
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,18 +91,13 @@ class Endpoints:
 
 
 @pytest.fixture
-async def endpoints() -> AsyncIterator[Endpoints]:
+async def endpoints(http_app) -> Endpoints:
     server = Endpoints()
     app = web.Application()
     app.router.add_post("/effect", server.effect)
     app.router.add_get("/probe", server.probe)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    server.port = runner.addresses[0][1]
-    yield server
-    await runner.cleanup()
+    server.port = await http_app(app)
+    return server
 
 
 def tools_file(path: Path, endpoints: Endpoints) -> Path:

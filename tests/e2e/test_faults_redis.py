@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -160,7 +159,7 @@ async def test_redis_killed_mid_run_tools_run_uncached_and_the_cache_recovers(
 
 
 @pytest.fixture
-async def effect_endpoint() -> AsyncIterator[tuple[str, list[str]]]:
+async def effect_endpoint(http_app) -> tuple[str, list[str]]:
     """``(url, requests)``: a POST endpoint recording the node of every request."""
     requests: list[str] = []
 
@@ -171,12 +170,7 @@ async def effect_endpoint() -> AsyncIterator[tuple[str, list[str]]]:
 
     app = web.Application()
     app.router.add_post("/effect", effect)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}/effect", requests
-    await runner.cleanup()
+    return f"http://127.0.0.1:{await http_app(app)}/effect", requests
 
 
 async def test_redis_down_holds_side_effects_until_it_returns_then_runs_them_once(

@@ -59,7 +59,7 @@ class Backends:
 
 
 @pytest.fixture
-async def backends() -> AsyncIterator[Backends]:
+async def backends(http_app) -> AsyncIterator[Backends]:
     found = Backends()
 
     async def slow(request: web.Request) -> web.Response:
@@ -75,11 +75,7 @@ async def backends() -> AsyncIterator[Backends]:
     app = web.Application()
     app.router.add_get("/slow", slow)
     app.router.add_get("/big", big)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    found.http_port = runner.addresses[0][1]
+    found.http_port = await http_app(app)
 
     async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         found.open += 1
@@ -95,7 +91,6 @@ async def backends() -> AsyncIterator[Backends]:
     found.hang_port = hang.sockets[0].getsockname()[1]
     yield found
     hang.close()
-    await runner.cleanup()
 
 
 def tools_file(path: Path, backends: Backends) -> Path:

@@ -114,3 +114,19 @@ class ReconnectingPool:
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+async def open_pool(
+    url: str, schema: str, *, schema_lock: int, min_size: int = 1, max_size: int = 10
+) -> asyncpg.Pool:
+    """A pool to ``url`` with ``schema`` applied, under a transaction-scoped advisory lock
+    (``schema_lock``) so replicas starting together do not race on CREATE IF NOT EXISTS."""
+    pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", schema_lock)
+            await conn.execute(schema)
+    except BaseException:
+        await pool.close()
+        raise
+    return pool

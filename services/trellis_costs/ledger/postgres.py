@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from trellis.runtime.postgres import ReconnectingPool
+from trellis.runtime.postgres import ReconnectingPool, open_pool
 from trellis_costs.ledger.base import (
     Budget,
     Clock,
@@ -90,14 +90,9 @@ class PostgresLedger:
         max_size: int = 10,
     ) -> PostgresLedger:
         """Connect to ``url`` and create the tables if they are missing."""
-        pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-                await conn.execute(SCHEMA)
-        except BaseException:
-            await pool.close()
-            raise
+        pool = await open_pool(
+            url, SCHEMA, schema_lock=_SCHEMA_LOCK, min_size=min_size, max_size=max_size
+        )
         return cls(pool, prices, clock)
 
     async def close(self) -> None:

@@ -20,7 +20,7 @@ import asyncpg
 
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
-from trellis.runtime.postgres import ReconnectingPool
+from trellis.runtime.postgres import ReconnectingPool, open_pool
 from trellis_executor.store.base import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_OWNER,
@@ -106,14 +106,9 @@ class PostgresRunStore:
         min_size: int = 1,
         max_size: int = 10,
     ) -> PostgresRunStore:
-        pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-                await conn.execute(SCHEMA)
-        except BaseException:
-            await pool.close()
-            raise
+        pool = await open_pool(
+            url, SCHEMA, schema_lock=_SCHEMA_LOCK, min_size=min_size, max_size=max_size
+        )
         return cls(pool, owner, lease_seconds)
 
     async def close(self) -> None:

@@ -33,7 +33,7 @@ DEFAULT_CAP = 4096
 
 
 @pytest.fixture
-async def big_http() -> AsyncIterator[int]:
+async def big_http(http_app) -> int:
     """An HTTP server whose /big answers 10 MB, written 64 KiB at a time (never held whole)."""
 
     async def big(request: web.Request) -> web.StreamResponse:
@@ -49,12 +49,7 @@ async def big_http() -> AsyncIterator[int]:
 
     app = web.Application()
     app.router.add_get("/big", big)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield runner.addresses[0][1]
-    await runner.cleanup()
+    return await http_app(app)
 
 
 class BlobServer(tools_pb2_grpc.ToolServerServiceServicer):
