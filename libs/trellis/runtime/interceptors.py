@@ -28,6 +28,7 @@ from opentelemetry import trace
 from trellis.runtime import context
 from trellis.runtime.auth import AUTHORIZATION_METADATA_KEY, ApiKeys
 from trellis.runtime.errors import DeadlineExceeded, Internal, TrellisError, to_status
+from trellis.runtime.metrics import RPC_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ ATTR_TENANT = "trellis.tenant_id"
 _NO_RETRY = (("grpc-retry-pushback-ms", "-1"),)
 
 
-async def _abort(ctx: aio.ServicerContext, error: TrellisError) -> None:
+async def _abort(ctx: aio.ServicerContext, error: TrellisError, method: str) -> None:
+    RPC_ERRORS.labels(method=method, code=error.code.name, reason=error.reason).inc()
     status = to_status(error)
     await ctx.abort(
         status.code, status.details, trailing_metadata=(*status.trailing_metadata, *_NO_RETRY)
@@ -73,10 +75,10 @@ def _scope(ctx: aio.ServicerContext, method: str, api_keys: ApiKeys | None):
 
 async def _fail(ctx: aio.ServicerContext, method: str, exc: Exception) -> None:
     if isinstance(exc, TrellisError):
-        await _abort(ctx, exc)
+        await _abort(ctx, exc, method)
         return
     log.exception("unhandled error in %s", method)
-    await _abort(ctx, Internal(f"internal error ({type(exc).__name__})"))
+    await _abort(ctx, Internal(f"internal error ({type(exc).__name__})"), method)
 
 
 async def _entered_scope(ctx: aio.ServicerContext, method: str, api_keys: ApiKeys | None):  # type: ignore[no-untyped-def]
@@ -84,7 +86,7 @@ async def _entered_scope(ctx: aio.ServicerContext, method: str, api_keys: ApiKey
     try:
         return _scope(ctx, method, api_keys)
     except TrellisError as error:
-        await _abort(ctx, error)  # raises AbortError
+        await _abort(ctx, error, method)  # raises AbortError
         raise
 
 

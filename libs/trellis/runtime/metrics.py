@@ -107,3 +107,9 @@ USAGE_DELIVERIES = Counter(
     " later try), redelivered (from the outbox) or rejected (refused for good; logged).",
     ["outcome"],
 )
+RPC_ERRORS = Counter(
+    "trellis_rpc_errors",
+    "Calls a Trellis server answered with an error, by method, gRPC code and ErrorInfo reason"
+    " (refused keys, shed runs, budgets, contract violations...).",
+    ["method", "code", "reason"],
+)

@@ -8,6 +8,7 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
 
 from trellis.runtime import context
 from trellis.runtime.convert import from_struct, from_value, to_value
@@ -99,12 +100,22 @@ async def test_expired_deadline_fails_before_calling(serve, channels) -> None:
 
 async def test_domain_error_keeps_reason_and_bugs_become_internal(serve, channels) -> None:
     server = await serve("p", probe(), settings())
+    method = f"/{SERVICE}/CallTool"
+
+    def counted(code: str, reason: str) -> float:
+        labels = {"method": method, "code": code, "reason": reason}
+        return REGISTRY.get_sample_value("trellis_rpc_errors_total", labels) or 0.0
+
+    before = counted("NOT_FOUND", "NOTHING"), counted("INTERNAL", "INTERNAL")
     with pytest.raises(NotFound) as raised:
         await call(channels, server.target, **{"raise": "not_found"})
     assert raised.value.reason == "NOTHING"
     with pytest.raises(Internal) as raised_internal:
         await call(channels, server.target, **{"raise": "bug"})
     assert "secret internals" not in raised_internal.value.message
+    # Each error answered is counted by method, code and reason (trellis_rpc_errors_total).
+    after = counted("NOT_FOUND", "NOTHING"), counted("INTERNAL", "INTERNAL")
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
 
 
 async def test_beyond_max_concurrent_rpcs_is_resource_exhausted(serve, channels) -> None:
