@@ -105,7 +105,7 @@ class GetUsageRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., start_day: _Optional[str] = ..., end_day: _Optional[str] = ...) -> None: ...
 
 class UsageRow(_message.Message):
-    __slots__ = ("tenant_id", "day", "model", "input_tokens", "output_tokens", "cached_input_tokens", "cost_nano_usd", "events", "kind", "tool")
+    __slots__ = ("tenant_id", "day", "model", "input_tokens", "output_tokens", "cached_input_tokens", "cost_nano_usd", "events", "kind", "tool", "estimated_events", "estimated_input_tokens", "estimated_output_tokens")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     DAY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,9 @@ class UsageRow(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     TOOL_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     day: str
     model: str
@@ -126,12 +129,39 @@ class UsageRow(_message.Message):
     events: int
     kind: UsageKind
     tool: str
-    def __init__(self, tenant_id: _Optional[str] = ..., day: _Optional[str] = ..., model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., cost_nano_usd: _Optional[int] = ..., events: _Optional[int] = ..., kind: _Optional[_Union[UsageKind, str]] = ..., tool: _Optional[str] = ...) -> None: ...
+    estimated_events: int
+    estimated_input_tokens: int
+    estimated_output_tokens: int
+    def __init__(self, tenant_id: _Optional[str] = ..., day: _Optional[str] = ..., model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., cost_nano_usd: _Optional[int] = ..., events: _Optional[int] = ..., kind: _Optional[_Union[UsageKind, str]] = ..., tool: _Optional[str] = ..., estimated_events: _Optional[int] = ..., estimated_input_tokens: _Optional[int] = ..., estimated_output_tokens: _Optional[int] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
-    __slots__ = ("rows", "total_cost_nano_usd")
+    __slots__ = ("rows", "total_cost_nano_usd", "total_input_tokens", "total_output_tokens", "estimated_events")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_EVENTS_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
     total_cost_nano_usd: int
-    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., total_cost_nano_usd: _Optional[int] = ...) -> None: ...
+    total_input_tokens: int
+    total_output_tokens: int
+    estimated_events: int
+    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., total_cost_nano_usd: _Optional[int] = ..., total_input_tokens: _Optional[int] = ..., total_output_tokens: _Optional[int] = ..., estimated_events: _Optional[int] = ...) -> None: ...
+
+class GetRunUsageRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class GetRunUsageResponse(_message.Message):
+    __slots__ = ("model_usage", "tool_cost_nano_usd", "cost_nano_usd", "usage_ids")
+    MODEL_USAGE_FIELD_NUMBER: _ClassVar[int]
+    TOOL_COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    USAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    model_usage: _common_pb2.Usage
+    tool_cost_nano_usd: int
+    cost_nano_usd: int
+    usage_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., tool_cost_nano_usd: _Optional[int] = ..., cost_nano_usd: _Optional[int] = ..., usage_ids: _Optional[_Iterable[str]] = ...) -> None: ...

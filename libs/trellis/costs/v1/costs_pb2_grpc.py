@@ -56,6 +56,11 @@ class CostAccountingServiceStub:
                 request_serializer=trellis_dot_costs_dot_v1_dot_costs__pb2.SetBudgetRequest.SerializeToString,
                 response_deserializer=trellis_dot_costs_dot_v1_dot_costs__pb2.SetBudgetResponse.FromString,
                 _registered_method=True)
+        self.GetRunUsage = channel.unary_unary(
+                '/trellis.costs.v1.CostAccountingService/GetRunUsage',
+                request_serializer=trellis_dot_costs_dot_v1_dot_costs__pb2.GetRunUsageRequest.SerializeToString,
+                response_deserializer=trellis_dot_costs_dot_v1_dot_costs__pb2.GetRunUsageResponse.FromString,
+                _registered_method=True)
 
 
 class CostAccountingServiceServicer:
@@ -90,6 +95,14 @@ class CostAccountingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRunUsage(self, request, context):
+        """What the ledger holds for one run of the caller's tenant: model tokens and cost,
+        tool cost, and the usage ids recorded so far.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CostAccountingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +125,11 @@ def add_CostAccountingServiceServicer_to_server(servicer, server):
                     servicer.SetBudget,
                     request_deserializer=trellis_dot_costs_dot_v1_dot_costs__pb2.SetBudgetRequest.FromString,
                     response_serializer=trellis_dot_costs_dot_v1_dot_costs__pb2.SetBudgetResponse.SerializeToString,
+            ),
+            'GetRunUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunUsage,
+                    request_deserializer=trellis_dot_costs_dot_v1_dot_costs__pb2.GetRunUsageRequest.FromString,
+                    response_serializer=trellis_dot_costs_dot_v1_dot_costs__pb2.GetRunUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +242,33 @@ class CostAccountingService:
             '/trellis.costs.v1.CostAccountingService/SetBudget',
             trellis_dot_costs_dot_v1_dot_costs__pb2.SetBudgetRequest.SerializeToString,
             trellis_dot_costs_dot_v1_dot_costs__pb2.SetBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.costs.v1.CostAccountingService/GetRunUsage',
+            trellis_dot_costs_dot_v1_dot_costs__pb2.GetRunUsageRequest.SerializeToString,
+            trellis_dot_costs_dot_v1_dot_costs__pb2.GetRunUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,15 +27,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from trellis.common.v1 import common_pb2 as trellis_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"trellis/executor/v1/executor.proto\x12\x13trellis.executor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etrellis/common/v1/common.proto\"\xd2\x01\n\nRunOptions\x12\x14\n\x0cmax_parallel\x18\x01 \x01(\x05\x12\x11\n\tmax_nodes\x18\x02 \x01(\x05\x12\x13\n\x0bmax_replans\x18\x03 \x01(\x05\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\ncache_mode\x18\x05 \x01(\x0e\x32\x1c.trellis.common.v1.CacheMode\x12\r\n\x05model\x18\x06 \x01(\t\x12\x19\n\x11max_cost_nano_usd\x18\x07 \x01(\x03\"\x87\x01\n\nRunRequest\x12\x0c\n\x04goal\x18\x01 \x01(\t\x12)\n\x04plan\x18\x02 \x03(\x0b\x32\x1b.trellis.common.v1.ToolCall\x12\x30\n\x07options\x18\x03 \x01(\x0b\x32\x1f.trellis.executor.v1.RunOptions\x12\x0e\n\x06run_id\x18\x04 \x01(\t\"\x1e\n\nRunStarted\x12\x10\n\x08trace_id\x18\x01 \x01(\t\"8\n\x0bNodePlanned\x12)\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1b.trellis.common.v1.ToolCall\"/\n\x0bNodeStarted\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"?\n\x0cNodeFinished\x12/\n\x07outcome\x18\x01 \x01(\x0b\x32\x1e.trellis.common.v1.NodeOutcome\"\x1b\n\x0b\x41nswerDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xf7\x01\n\x0bRunFinished\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.trellis.executor.v1.RunStatus\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.trellis.common.v1.Usage\x12\x15\n\rcost_nano_usd\x18\x04 \x01(\x03\x12\x12\n\ncache_hits\x18\x05 \x01(\x05\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x18.trellis.common.v1.Error\"\xfa\x02\n\x0bRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x32\n\x07started\x18\x02 \x01(\x0b\x32\x1f.trellis.executor.v1.RunStartedH\x00\x12\x38\n\x0cnode_planned\x18\x03 \x01(\x0b\x32 .trellis.executor.v1.NodePlannedH\x00\x12\x38\n\x0cnode_started\x18\x04 \x01(\x0b\x32 .trellis.executor.v1.NodeStartedH\x00\x12:\n\rnode_finished\x18\x05 \x01(\x0b\x32!.trellis.executor.v1.NodeFinishedH\x00\x12\x38\n\x0c\x61nswer_delta\x18\x06 \x01(\x0b\x32 .trellis.executor.v1.AnswerDeltaH\x00\x12\x34\n\x08\x66inished\x18\x07 \x01(\x0b\x32 .trellis.executor.v1.RunFinishedH\x00\x42\x07\n\x05\x65vent\"\xc3\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0c\n\x04goal\x18\x03 \x01(\t\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.trellis.executor.v1.RunStatus\x12)\n\x04plan\x18\x05 \x03(\x0b\x32\x1b.trellis.common.v1.ToolCall\x12\x30\n\x08outcomes\x18\x06 \x03(\x0b\x32\x1e.trellis.common.v1.NodeOutcome\x12\x0e\n\x06\x61nswer\x18\x07 \x01(\t\x12\'\n\x05usage\x18\x08 \x01(\x0b\x32\x18.trellis.common.v1.Usage\x12\x15\n\rcost_nano_usd\x18\t \x01(\x03\x12\x12\n\ncache_hits\x18\n \x01(\x05\x12\x10\n\x08trace_id\x18\x0b \x01(\t\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05\x65rror\x18\x0e \x01(\x0b\x32\x18.trellis.common.v1.Error\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"7\n\x0eGetRunResponse\x12%\n\x03run\x18\x01 \x01(\x0b\x32\x18.trellis.executor.v1.Run\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"S\n\x11\x43\x61ncelRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12.\n\x06status\x18\x02 \x01(\x0e\x32\x1e.trellis.executor.v1.RunStatus\"\"\n\x10ResumeRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t*\x8a\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x01\x12\x18\n\x14RUN_STATUS_SUCCEEDED\x10\x02\x12\x15\n\x11RUN_STATUS_FAILED\x10\x03\x12\x18\n\x14RUN_STATUS_CANCELLED\x10\x04\x32\xe4\x02\n\x0f\x45xecutorService\x12J\n\x03Run\x12\x1f.trellis.executor.v1.RunRequest\x1a .trellis.executor.v1.RunResponse0\x01\x12Q\n\x06GetRun\x12\".trellis.executor.v1.GetRunRequest\x1a#.trellis.executor.v1.GetRunResponse\x12Z\n\tCancelRun\x12%.trellis.executor.v1.CancelRunRequest\x1a&.trellis.executor.v1.CancelRunResponse\x12V\n\tResumeRun\x12%.trellis.executor.v1.ResumeRunRequest\x1a .trellis.executor.v1.RunResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"trellis/executor/v1/executor.proto\x12\x13trellis.executor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etrellis/common/v1/common.proto\"\xd2\x01\n\nRunOptions\x12\x14\n\x0cmax_parallel\x18\x01 \x01(\x05\x12\x11\n\tmax_nodes\x18\x02 \x01(\x05\x12\x13\n\x0bmax_replans\x18\x03 \x01(\x05\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\ncache_mode\x18\x05 \x01(\x0e\x32\x1c.trellis.common.v1.CacheMode\x12\r\n\x05model\x18\x06 \x01(\t\x12\x19\n\x11max_cost_nano_usd\x18\x07 \x01(\x03\"\x87\x01\n\nRunRequest\x12\x0c\n\x04goal\x18\x01 \x01(\t\x12)\n\x04plan\x18\x02 \x03(\x0b\x32\x1b.trellis.common.v1.ToolCall\x12\x30\n\x07options\x18\x03 \x01(\x0b\x32\x1f.trellis.executor.v1.RunOptions\x12\x0e\n\x06run_id\x18\x04 \x01(\t\"\x1e\n\nRunStarted\x12\x10\n\x08trace_id\x18\x01 \x01(\t\"8\n\x0bNodePlanned\x12)\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1b.trellis.common.v1.ToolCall\"/\n\x0bNodeStarted\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"?\n\x0cNodeFinished\x12/\n\x07outcome\x18\x01 \x01(\x0b\x32\x1e.trellis.common.v1.NodeOutcome\"\x1b\n\x0b\x41nswerDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x8d\x02\n\x0bRunFinished\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.trellis.executor.v1.RunStatus\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.trellis.common.v1.Usage\x12\x15\n\rcost_nano_usd\x18\x04 \x01(\x03\x12\x12\n\ncache_hits\x18\x05 \x01(\x05\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x18.trellis.common.v1.Error\x12\x14\n\x0c\x66\x61iled_nodes\x18\x08 \x01(\x05\"\xfa\x02\n\x0bRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x32\n\x07started\x18\x02 \x01(\x0b\x32\x1f.trellis.executor.v1.RunStartedH\x00\x12\x38\n\x0cnode_planned\x18\x03 \x01(\x0b\x32 .trellis.executor.v1.NodePlannedH\x00\x12\x38\n\x0cnode_started\x18\x04 \x01(\x0b\x32 .trellis.executor.v1.NodeStartedH\x00\x12:\n\rnode_finished\x18\x05 \x01(\x0b\x32!.trellis.executor.v1.NodeFinishedH\x00\x12\x38\n\x0c\x61nswer_delta\x18\x06 \x01(\x0b\x32 .trellis.executor.v1.AnswerDeltaH\x00\x12\x34\n\x08\x66inished\x18\x07 \x01(\x0b\x32 .trellis.executor.v1.RunFinishedH\x00\x42\x07\n\x05\x65vent\"\xd9\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0c\n\x04goal\x18\x03 \x01(\t\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.trellis.executor.v1.RunStatus\x12)\n\x04plan\x18\x05 \x03(\x0b\x32\x1b.trellis.common.v1.ToolCall\x12\x30\n\x08outcomes\x18\x06 \x03(\x0b\x32\x1e.trellis.common.v1.NodeOutcome\x12\x0e\n\x06\x61nswer\x18\x07 \x01(\t\x12\'\n\x05usage\x18\x08 \x01(\x0b\x32\x18.trellis.common.v1.Usage\x12\x15\n\rcost_nano_usd\x18\t \x01(\x03\x12\x12\n\ncache_hits\x18\n \x01(\x05\x12\x10\n\x08trace_id\x18\x0b \x01(\t\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05\x65rror\x18\x0e \x01(\x0b\x32\x18.trellis.common.v1.Error\x12\x14\n\x0c\x66\x61iled_nodes\x18\x0f \x01(\x05\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"7\n\x0eGetRunResponse\x12%\n\x03run\x18\x01 \x01(\x0b\x32\x18.trellis.executor.v1.Run\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"S\n\x11\x43\x61ncelRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12.\n\x06status\x18\x02 \x01(\x0e\x32\x1e.trellis.executor.v1.RunStatus\"\"\n\x10ResumeRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t*\xa2\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x01\x12\x18\n\x14RUN_STATUS_SUCCEEDED\x10\x02\x12\x15\n\x11RUN_STATUS_FAILED\x10\x03\x12\x18\n\x14RUN_STATUS_CANCELLED\x10\x04\x12\x16\n\x12RUN_STATUS_PARTIAL\x10\x05\x32\xe4\x02\n\x0f\x45xecutorService\x12J\n\x03Run\x12\x1f.trellis.executor.v1.RunRequest\x1a .trellis.executor.v1.RunResponse0\x01\x12Q\n\x06GetRun\x12\".trellis.executor.v1.GetRunRequest\x1a#.trellis.executor.v1.GetRunResponse\x12Z\n\tCancelRun\x12%.trellis.executor.v1.CancelRunRequest\x1a&.trellis.executor.v1.CancelRunResponse\x12V\n\tResumeRun\x12%.trellis.executor.v1.ResumeRunRequest\x1a .trellis.executor.v1.RunResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'trellis.executor.v1.executor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATUS']._serialized_start=2073
-  _globals['_RUNSTATUS']._serialized_end=2211
+  _globals['_RUNSTATUS']._serialized_start=2117
+  _globals['_RUNSTATUS']._serialized_end=2279
   _globals['_RUNOPTIONS']._serialized_start=157
   _globals['_RUNOPTIONS']._serialized_end=367
   _globals['_RUNREQUEST']._serialized_start=370
@@ -51,21 +51,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ANSWERDELTA']._serialized_start=711
   _globals['_ANSWERDELTA']._serialized_end=738
   _globals['_RUNFINISHED']._serialized_start=741
-  _globals['_RUNFINISHED']._serialized_end=988
-  _globals['_RUNRESPONSE']._serialized_start=991
-  _globals['_RUNRESPONSE']._serialized_end=1369
-  _globals['_RUN']._serialized_start=1372
-  _globals['_RUN']._serialized_end=1823
-  _globals['_GETRUNREQUEST']._serialized_start=1825
-  _globals['_GETRUNREQUEST']._serialized_end=1856
-  _globals['_GETRUNRESPONSE']._serialized_start=1858
-  _globals['_GETRUNRESPONSE']._serialized_end=1913
-  _globals['_CANCELRUNREQUEST']._serialized_start=1915
-  _globals['_CANCELRUNREQUEST']._serialized_end=1949
-  _globals['_CANCELRUNRESPONSE']._serialized_start=1951
-  _globals['_CANCELRUNRESPONSE']._serialized_end=2034
-  _globals['_RESUMERUNREQUEST']._serialized_start=2036
-  _globals['_RESUMERUNREQUEST']._serialized_end=2070
-  _globals['_EXECUTORSERVICE']._serialized_start=2214
-  _globals['_EXECUTORSERVICE']._serialized_end=2570
+  _globals['_RUNFINISHED']._serialized_end=1010
+  _globals['_RUNRESPONSE']._serialized_start=1013
+  _globals['_RUNRESPONSE']._serialized_end=1391
+  _globals['_RUN']._serialized_start=1394
+  _globals['_RUN']._serialized_end=1867
+  _globals['_GETRUNREQUEST']._serialized_start=1869
+  _globals['_GETRUNREQUEST']._serialized_end=1900
+  _globals['_GETRUNRESPONSE']._serialized_start=1902
+  _globals['_GETRUNRESPONSE']._serialized_end=1957
+  _globals['_CANCELRUNREQUEST']._serialized_start=1959
+  _globals['_CANCELRUNREQUEST']._serialized_end=1993
+  _globals['_CANCELRUNRESPONSE']._serialized_start=1995
+  _globals['_CANCELRUNRESPONSE']._serialized_end=2078
+  _globals['_RESUMERUNREQUEST']._serialized_start=2080
+  _globals['_RESUMERUNREQUEST']._serialized_end=2114
+  _globals['_EXECUTORSERVICE']._serialized_start=2282
+  _globals['_EXECUTORSERVICE']._serialized_end=2638
 # @@protoc_insertion_point(module_scope)

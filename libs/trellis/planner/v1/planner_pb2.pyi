@@ -47,13 +47,27 @@ class PlanDone(_message.Message):
     usage: _common_pb2.Usage
     def __init__(self, usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
 
+class ModelCallUsage(_message.Message):
+    __slots__ = ("usage_id", "started", "usage", "cost_deferred")
+    USAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    COST_DEFERRED_FIELD_NUMBER: _ClassVar[int]
+    usage_id: str
+    started: bool
+    usage: _common_pb2.Usage
+    cost_deferred: bool
+    def __init__(self, usage_id: _Optional[str] = ..., started: _Optional[bool] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost_deferred: _Optional[bool] = ...) -> None: ...
+
 class PlanResponse(_message.Message):
-    __slots__ = ("node", "done")
+    __slots__ = ("node", "done", "usage")
     NODE_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     node: _common_pb2.ToolCall
     done: PlanDone
-    def __init__(self, node: _Optional[_Union[_common_pb2.ToolCall, _Mapping]] = ..., done: _Optional[_Union[PlanDone, _Mapping]] = ...) -> None: ...
+    usage: ModelCallUsage
+    def __init__(self, node: _Optional[_Union[_common_pb2.ToolCall, _Mapping]] = ..., done: _Optional[_Union[PlanDone, _Mapping]] = ..., usage: _Optional[_Union[ModelCallUsage, _Mapping]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("run_id", "goal", "plan", "outcomes", "model", "round", "allow_replan", "attempt")
@@ -86,9 +100,11 @@ class JoinDone(_message.Message):
     def __init__(self, decision: _Optional[_Union[JoinDecision, str]] = ..., reason: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("answer_delta", "done")
+    __slots__ = ("answer_delta", "done", "usage")
     ANSWER_DELTA_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     answer_delta: str
     done: JoinDone
-    def __init__(self, answer_delta: _Optional[str] = ..., done: _Optional[_Union[JoinDone, _Mapping]] = ...) -> None: ...
+    usage: ModelCallUsage
+    def __init__(self, answer_delta: _Optional[str] = ..., done: _Optional[_Union[JoinDone, _Mapping]] = ..., usage: _Optional[_Union[ModelCallUsage, _Mapping]] = ...) -> None: ...
