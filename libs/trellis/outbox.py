@@ -278,7 +278,9 @@ class UsageOutbox:
         return response
 
     async def _call(self, event: _Event) -> Response:
-        with context.request_scope(timeout=self._timeout, tenant_id=event.tenant_id):
+        # Detached: the caller's deadline may have passed (a call it cut short); what
+        # the call used is recorded all the same, bounded by the outbox's own timeout.
+        with context.request_scope(timeout=self._timeout, tenant_id=event.tenant_id, detached=True):
             async with asyncio.timeout(self._timeout):
                 return await self._sender(event.request)
 

@@ -5,10 +5,15 @@ and hands each one's task here. Everything the run does happens inside its
 ``trellis.run`` span and a request scope whose deadline bounds every onward call.
 
 The run is held to its limits (``limits.py``): its plan size (``NodeChecker``), its
-replanning rounds, its duration (``asyncio.timeout``), and its cost: every model call's
-usage and every node's outcome is charged to a ``CostMeter`` as it arrives, and the
-charge that goes over ``max_cost_nano_usd`` stops the run (FAILED, RUN_COST_EXCEEDED).
-A run that does not succeed still reports what it cost and the tokens it used.
+replanning rounds, its deadline, and its cost: every model call's usage and every
+node's outcome is charged to a ``CostMeter`` as it arrives, and the charge that goes
+over ``max_cost_nano_usd`` stops the run (FAILED, RUN_COST_EXCEEDED).
+
+However the run ends, its ``finished`` carries what it really used and cost
+(``run_cost.py``), and its status is true: a run that reached its end is judged by
+``ending.py`` (SUCCEEDED, PARTIAL, FAILED); one that stopped says why (its deadline
+passed: FAILED DEADLINE_EXCEEDED with the nodes in flight CANCELLED; cancelled:
+CANCELLED; anything else: FAILED with the error's reason).
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ from trellis.runtime.metrics import RUN_DURATION
 from trellis.runtime.redact import redact_details, redact_text
 from trellis.toolgateway.v1 import toolgateway_pb2
 from trellis_executor import ports
+from trellis_executor.ending import judged, unrecovered_failures
 from trellis_executor.events import RunEvents
-from trellis_executor.limits import CostMeter, Limits
+from trellis_executor.limits import DEADLINE_EXCEEDED, CostMeter, Limits, RunDeadlineExceeded
 from trellis_executor.plan import NodeChecker, order_explicit_plan
+from trellis_executor.run_cost import RunCost, tool_cost
 from trellis_executor.scheduler import DagScheduler, ended
 from trellis_executor.store import Progress
-from trellis_executor.usage import UsageTotals
 
 log = get_logger(__name__)
 RunStatus = executor_pb2.RunStatus
@@ -51,76 +57,90 @@ class RunContext:
     limits: Limits
     tools: list[common_pb2.ToolSpec]
     events: RunEvents
+    #: When the run started (monotonic; for a resumed run, when it was first created).
     started: float
     progress: Progress = field(default_factory=Progress)
     #: The stored run this replica resumes (None for a run started here).
     restored: executor_pb2.Run | None = None
     resumes: int = 0
-    #: Model usage and cost so far, set when the run's task starts.
-    usage: UsageTotals | None = None
+    #: What the run used and spent so far, and its nodes: set when its task starts.
+    cost: RunCost | None = None
     meter: CostMeter | None = None
+    scheduler: DagScheduler | None = None
+
+    @property
+    def deadline(self) -> float:
+        """When the run's time is up (monotonic)."""
+        return self.started + self.limits.timeout
 
 
 class RunExecution:
     """Runs a prepared run's task with the planner and the gateway."""
 
     def __init__(
-        self, *, planner: ports.Planner, gateway: ports.Gateway, process_slots: asyncio.Semaphore
+        self,
+        *,
+        planner: ports.Planner,
+        gateway: ports.Gateway,
+        ledger: ports.Ledger,
+        process_slots: asyncio.Semaphore,
+        gateway_retry_seconds: float,
     ) -> None:
         self._planner = planner
         self._gateway = gateway
+        self._ledger = ledger
         self._process_slots = process_slots
+        self._gateway_retry_seconds = gateway_retry_seconds
 
     async def execute(self, run: RunContext, span: trace.Span) -> None:
         """The run's task: ends with a persisted ``finished`` event, unless the run moved
-        to another replica (then nothing more is written from here)."""
+        to another replica (then nothing more is written from here). Once the run knows
+        how it ended, that ending is written even if the task is cancelled meanwhile."""
         with trace.use_span(span, end_on_exit=True, record_exception=False):
             try:
                 try:
                     finished = await self._outcome(run)
                 except asyncio.CancelledError:
                     if not run.events.lost:
-                        cancelled = executor_pb2.RunFinished(
-                            status=RunStatus.RUN_STATUS_CANCELLED,
-                            error=common_pb2.Error(code="CANCELLED", message="run cancelled"),
-                        )
-                        _spent(run, cancelled)
+                        cancelled = _stopped("CANCELLED", "run cancelled")
+                        cancelled.status = RunStatus.RUN_STATUS_CANCELLED
                         await asyncio.shield(self._finish(run, cancelled, span))
                     raise
                 if finished is None:
                     span.set_attribute("trellis.run_status", "moved")
                 else:
-                    await self._finish(run, finished, span)
+                    await asyncio.shield(self._finish(run, finished, span))
             finally:
                 run.events.close()
 
     async def _outcome(self, run: RunContext) -> executor_pb2.RunFinished | None:
         """How the run ended (None: it moved to another replica)."""
         try:
-            with context.request_scope(timeout=run.limits.timeout):
-                async with asyncio.timeout(run.limits.timeout):
+            left = run.deadline - time.monotonic()
+            with context.request_scope(timeout=left):
+                async with asyncio.timeout(left):
                     return await self._plan_dispatch_join(run)
         except Exception as raised:
             if run.events.lost:
                 return None
             error = _primary(raised)
-            if isinstance(error, TimeoutError):
-                finished = _failed(
-                    "DEADLINE_EXCEEDED", f"run exceeded its deadline of {run.limits.timeout:g}s"
+            if isinstance(error, TimeoutError) or (
+                isinstance(error, TrellisError) and error.reason == DEADLINE_EXCEEDED
+            ):
+                return _stopped(
+                    DEADLINE_EXCEEDED, f"run exceeded its deadline of {run.limits.timeout:g}s"
                 )
-            elif isinstance(error, TrellisError):
+            if isinstance(error, TrellisError):
                 if isinstance(error, InvalidArgument):
                     run.events.rejection = error  # the caller gets it as the call's status
-                finished = _failed(error.reason, error.message, error.metadata)
-            else:
-                log.exception("run failed", run_id=run.run_id)
-                finished = _failed("INTERNAL", f"internal error ({type(error).__name__})")
-            _spent(run, finished)
-            return finished
+                return _stopped(error.reason, error.message, error.metadata)
+            log.exception("run failed", run_id=run.run_id)
+            return _stopped("INTERNAL", f"internal error ({type(error).__name__})")
 
     async def _finish(
         self, run: RunContext, finished: executor_pb2.RunFinished, span: trace.Span
     ) -> None:
+        await self._account(run, finished)
         elapsed = time.monotonic() - run.started
         finished.duration.CopyFrom(duration(elapsed))
         status = RunStatus.Name(finished.status).removeprefix("RUN_STATUS_").lower()
@@ -130,15 +150,30 @@ class RunExecution:
             span.set_status(trace.StatusCode.ERROR, finished.error.message)
         await run.events.run_finished(finished)
 
+    async def _account(self, run: RunContext, finished: executor_pb2.RunFinished) -> None:
+        """What the run used and cost, its cache hits and unrecovered failures."""
+        scheduler = run.scheduler
+        outcomes = scheduler.outcomes if scheduler is not None else {}
+        if run.cost is not None:
+            await run.cost.settle(self._ledger, run.run_id)
+            finished.usage.CopyFrom(run.cost.model_usage())
+        finished.cost_nano_usd = finished.usage.cost_nano_usd + tool_cost(outcomes.values())
+        finished.cache_hits = sum(1 for o in outcomes.values() if o.cache_hit)
+        if scheduler is not None:
+            failures = unrecovered_failures(scheduler.calls, outcomes, run.progress.round_starts)
+            finished.failed_nodes = len(failures)
+
     async def _plan_dispatch_join(self, run: RunContext) -> executor_pb2.RunFinished:
-        usage = run.usage = UsageTotals(run.limits.model)
-        usage.add(run.progress.usage)
+        restored = run.restored
+        cost = run.cost = RunCost(
+            run.limits.model, earlier=run.progress.usage if restored is not None else None
+        )
         meter = run.meter = CostMeter(run.limits.max_cost_nano_usd)
-        meter.spent_nano_usd = usage.cost_nano_usd
-        if run.restored is not None:  # what the run spent before it moved here
-            meter.spent_nano_usd += sum(o.cost_nano_usd for o in run.restored.outcomes)
+        meter.spent_nano_usd = cost.model_usage().cost_nano_usd
+        if restored is not None:  # what the run spent before it moved here
+            meter.spent_nano_usd += tool_cost(restored.outcomes)
             meter.check("resuming")
-        scheduler = DagScheduler(
+        scheduler = run.scheduler = DagScheduler(
             lambda call: self._invoke(run, call),
             run.events,
             max_parallel=run.limits.max_parallel,
@@ -146,38 +181,62 @@ class RunExecution:
             on_outcome=lambda outcome: meter.charge(
                 outcome.cost_nano_usd, f"node {outcome.node_id}"
             ),
+            redispatch_seconds=self._gateway_retry_seconds,
         )
-        if run.restored is not None:
-            await scheduler.resume(run.restored.plan, run.restored.outcomes)
+        if restored is not None:
+            await scheduler.resume(restored.plan, restored.outcomes)
         tool_names = [t.name for t in run.tools]
         if run.request.plan:  # explicit plan: no planner, no join
             ordered = [call for _, call in order_explicit_plan(run.request.plan)]
             # checked in _prepare; on a resume, the nodes not stored before the crash
             await scheduler.run_plan([c for c in ordered if c.node_id not in scheduler.calls])
-            return self._succeeded(scheduler, usage, answer="")
-        progress = run.progress
+            failures = unrecovered_failures(scheduler.calls, scheduler.outcomes)
+            return judged(explicit=True, failures=failures, calls=scheduler.calls, answer="")
         while True:
+            progress = run.progress
             round_ = progress.round
             # A resumed round whose plan had begun streaming keeps the nodes it stored
             # as its plan; the join sees their outcomes and may ask for another round.
             if not progress.joining and len(scheduler.calls) == progress.round_start:
                 checker = NodeChecker(tool_names, run.limits.max_nodes, seen=scheduler.calls)
-                plan = self._plan(run, scheduler, usage, round_, progress.replan_reason)
+                plan = self._plan(run, scheduler, round_, progress.replan_reason)
                 await scheduler.run(plan, checker)
-            progress = replace(progress, joining=True, usage=usage.total())
-            await run.events.progress(progress)
-            decision, answer, reason = await self._join(run, scheduler, usage, round_)
+            await self._save(run, replace(progress, joining=True, usage=cost.model_usage()))
+            decision, answer, reason = await self._join(run, scheduler, round_)
             if decision != planner_pb2.JOIN_DECISION_REPLAN or round_ >= run.limits.max_replans:
-                return self._succeeded(scheduler, usage, answer)
+                failures = unrecovered_failures(
+                    scheduler.calls, scheduler.outcomes, run.progress.round_starts
+                )
+                return judged(
+                    explicit=False, failures=failures, calls=scheduler.calls, answer=answer
+                )
             log.info("replanning", run_id=run.run_id, round=round_ + 1, reason=reason)
-            progress = Progress(round_ + 1, False, len(scheduler.calls), reason, usage.total())
-            await run.events.progress(progress)
+            start = len(scheduler.calls)
+            await self._save(
+                run,
+                Progress(
+                    round_ + 1,
+                    False,
+                    start,
+                    reason,
+                    cost.model_usage(),
+                    (*progress.round_starts, start),
+                ),
+            )
+
+    async def _save(self, run: RunContext, progress: Progress) -> None:
+        run.progress = progress
+        await run.events.progress(progress)
+
+    def _model_call(self, run: RunContext, report: planner_pb2.ModelCallUsage, what: str) -> None:
+        """A planner's report of one model call: counted, and charged to the run's cap."""
+        assert run.cost is not None and run.meter is not None
+        run.meter.charge(run.cost.model_call(report), what)
 
     async def _plan(
         self,
         run: RunContext,
         scheduler: DagScheduler,
-        usage: UsageTotals,
         round_: int,
         replan_reason: str,
     ) -> AsyncIterator[common_pb2.ToolCall]:
@@ -194,15 +253,14 @@ class RunExecution:
             attempt=run.resumes,
         )
         async for response in self._planner.plan(request):
-            if response.HasField("node"):
+            event = response.WhichOneof("event")
+            if event == "node":
                 yield response.node
-            else:
-                usage.add(response.done.usage)
-                if run.meter is not None:
-                    run.meter.charge(response.done.usage.cost_nano_usd, f"planning round {round_}")
+            elif event == "usage":
+                self._model_call(run, response.usage, f"planning round {round_}")
 
     async def _join(
-        self, run: RunContext, scheduler: DagScheduler, usage: UsageTotals, round_: int
+        self, run: RunContext, scheduler: DagScheduler, round_: int
     ) -> tuple[int, str, str]:
         request = planner_pb2.JoinRequest(
             run_id=run.run_id,
@@ -217,17 +275,19 @@ class RunExecution:
         parts: list[str] = []
         decision, reason = planner_pb2.JOIN_DECISION_FINISH, ""
         async for response in self._planner.join(request):
-            if response.HasField("done"):
-                usage.add(response.done.usage)
+            event = response.WhichOneof("event")
+            if event == "done":
                 decision, reason = response.done.decision, response.done.reason
-                if run.meter is not None:
-                    run.meter.charge(response.done.usage.cost_nano_usd, f"joining round {round_}")
-            else:
+            elif event == "usage":
+                self._model_call(run, response.usage, f"joining round {round_}")
+            elif event == "answer_delta":
                 parts.append(response.answer_delta)
                 run.events.answer(response.answer_delta)
         return decision, "".join(parts), reason
 
     async def _invoke(self, run: RunContext, call: common_pb2.ToolCall) -> common_pb2.NodeOutcome:
+        """The node's outcome; raises ``RunDeadlineExceeded`` when the run's deadline cut
+        the call short (the node is then CANCELLED and the run stops, never FAILED)."""
         request = toolgateway_pb2.InvokeToolRequest(
             call=call,
             run_id=run.run_id,
@@ -235,26 +295,25 @@ class RunExecution:
             cache_mode=run.limits.cache_mode,  # type: ignore[arg-type]
         )
         try:
-            return await self._gateway.invoke(request)
+            outcome = await self._gateway.invoke(request)
         except TrellisError as error:
+            if error.reason == DEADLINE_EXCEEDED:
+                raise _deadline(run) from error
             outcome = ended(
                 call.node_id, common_pb2.NODE_STATUS_FAILED, error.reason, error.message
             )
             outcome.error.retryable = error.retryable
             outcome.attempts = 1
             return outcome
+        if outcome.status == common_pb2.NODE_STATUS_FAILED and (
+            outcome.error.code == DEADLINE_EXCEEDED
+        ):
+            raise _deadline(run)
+        return outcome
 
-    def _succeeded(
-        self, scheduler: DagScheduler, usage: UsageTotals, answer: str
-    ) -> executor_pb2.RunFinished:
-        outcomes = scheduler.outcomes.values()
-        return executor_pb2.RunFinished(
-            status=RunStatus.RUN_STATUS_SUCCEEDED,
-            answer=answer,
-            usage=usage.total(),
-            cost_nano_usd=usage.cost_nano_usd + sum(o.cost_nano_usd for o in outcomes),
-            cache_hits=sum(1 for o in outcomes if o.cache_hit),
-        )
+
+def _deadline(run: RunContext) -> RunDeadlineExceeded:
+    return RunDeadlineExceeded(f"run exceeded its deadline of {run.limits.timeout:g}s")
 
 
 def _primary(error: BaseException) -> BaseException:
@@ -265,19 +324,12 @@ def _primary(error: BaseException) -> BaseException:
     return error
 
 
-def _failed(
+def _stopped(
     code: str, message: str, details: dict[str, str] | None = None
 ) -> executor_pb2.RunFinished:
-    """A FAILED run's ``finished``; its error is redacted like any error handed out."""
+    """The ``finished`` of a run that stopped before its end (FAILED unless changed);
+    its error is redacted like any error handed out. Usage and cost are added later."""
     error = common_pb2.Error(
         code=code, message=redact_text(message), details=redact_details(details or {})
     )
     return executor_pb2.RunFinished(status=RunStatus.RUN_STATUS_FAILED, error=error)
-
-
-def _spent(run: RunContext, finished: executor_pb2.RunFinished) -> None:
-    """What a run that did not succeed used and cost up to its end."""
-    if run.usage is not None:
-        finished.usage.CopyFrom(run.usage.total())
-    if run.meter is not None:
-        finished.cost_nano_usd = run.meter.spent_nano_usd

@@ -69,6 +69,7 @@ def stored_finished(run: executor_pb2.Run) -> executor_pb2.RunFinished:
         usage=run.usage,
         cost_nano_usd=run.cost_nano_usd,
         cache_hits=run.cache_hits,
+        failed_nodes=run.failed_nodes,
         duration=duration(
             max(0.0, timestamp_seconds(run.finished_at) - timestamp_seconds(run.created_at))
         ),

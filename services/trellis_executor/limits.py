@@ -8,8 +8,11 @@ Every limit of a run, where it is enforced and what the caller sees:
   FAILED with that code, then the call's status);
 - ``max_replans`` (TRELLIS_MAX_REPLANS): not an error; the last round's join is told it
   may not replan, so the run answers with what it has;
-- ``timeout`` (TRELLIS_RUN_TIMEOUT_SECONDS, shortened by the call's deadline): the run
-  ends FAILED with ``DEADLINE_EXCEEDED``;
+- ``timeout``: the smallest of the run's option, TRELLIS_RUN_TIMEOUT_SECONDS and the
+  caller's remaining deadline (less ``DEADLINE_MARGIN``, so the run's ``finished`` can
+  still reach the caller), decided once when the run starts. When it passes the run
+  ends FAILED with ``DEADLINE_EXCEEDED`` and every node in flight CANCELLED, whoever's
+  deadline it was (``RunDeadlineExceeded``);
 - ``max_cost_nano_usd`` (TRELLIS_MAX_RUN_COST_USD): ``CostMeter`` below, the run ends
   FAILED with ``RUN_COST_EXCEEDED``.
 """
@@ -20,11 +23,19 @@ from dataclasses import dataclass
 
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.convert import seconds
-from trellis.runtime.errors import ResourceExhausted
+from trellis.runtime.errors import DeadlineExceeded, ResourceExhausted
 from trellis_executor.settings import ExecutorSettings
 
 #: The error code of a run stopped by its cost limit.
 RUN_COST_EXCEEDED = "RUN_COST_EXCEEDED"
+#: The error code of a run whose deadline passed (and of anything cut short by it).
+DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+#: A run bounded by its caller's deadline ends this much before it (at most this share
+#: of the time left), so that its ``finished`` event still reaches the caller.
+DEADLINE_MARGIN_SECONDS = 0.2
+DEADLINE_MARGIN_SHARE = 0.1
+#: The shortest timeout a run gets, however little time its caller left.
+MIN_TIMEOUT_SECONDS = 0.001
 
 
 @dataclass(frozen=True)
@@ -41,9 +52,24 @@ class Limits:
     max_cost_nano_usd: int = 0
 
     @classmethod
-    def of(cls, options: executor_pb2.RunOptions, settings: ExecutorSettings) -> Limits:
+    def of(
+        cls,
+        options: executor_pb2.RunOptions,
+        settings: ExecutorSettings,
+        caller_remaining: float | None = None,
+    ) -> Limits:
+        """The run's limits; ``caller_remaining``: seconds left of the caller's deadline."""
+
         def pick(value: int, default: int, ceiling: int) -> int:
             return min(value, ceiling) if value > 0 else default
+
+        timeout = min(
+            seconds(options.timeout) or settings.run_timeout_seconds,
+            settings.run_timeout_seconds,
+        )
+        if caller_remaining is not None:
+            margin = min(DEADLINE_MARGIN_SECONDS, DEADLINE_MARGIN_SHARE * caller_remaining)
+            timeout = min(timeout, max(caller_remaining - margin, MIN_TIMEOUT_SECONDS))
 
         cost_ceiling = settings.max_run_cost_nano_usd
         return cls(
@@ -54,16 +80,19 @@ class Limits:
             max_replans=min(options.max_replans, settings.max_replans)
             if options.max_replans > 0
             else settings.max_replans,
-            timeout=min(
-                seconds(options.timeout) or settings.run_timeout_seconds,
-                settings.run_timeout_seconds,
-            ),
+            timeout=timeout,
             cache_mode=options.cache_mode,
             model=options.model,
             max_cost_nano_usd=pick(
                 options.max_cost_nano_usd, cost_ceiling, cost_ceiling or options.max_cost_nano_usd
             ),
         )
+
+
+class RunDeadlineExceeded(DeadlineExceeded):
+    """The run's deadline passed: it stops, its nodes in flight end CANCELLED."""
+
+    default_reason = DEADLINE_EXCEEDED
 
 
 class RunCostExceeded(ResourceExhausted):

@@ -29,3 +29,7 @@ class Budget(Protocol):
     async def check_budget(
         self, estimated_cost_nano_usd: int = 0
     ) -> costs_pb2.CheckBudgetResponse: ...
+
+
+class Ledger(Protocol):
+    async def get_run_usage(self, run_id: str) -> costs_pb2.GetRunUsageResponse: ...

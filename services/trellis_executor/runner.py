@@ -17,7 +17,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -26,7 +26,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import context
-from trellis.runtime.convert import timestamp_seconds
+from trellis.runtime.convert import duration, timestamp_seconds
 from trellis.runtime.errors import (
     AlreadyExists,
     NotFound,
@@ -72,6 +72,7 @@ class Runner:
         planner: ports.Planner,
         gateway: ports.Gateway,
         budget: ports.Budget,
+        ledger: ports.Ledger,
         store: RunStore,
         tracer: trace.Tracer,
         settings: ExecutorSettings,
@@ -84,7 +85,9 @@ class Runner:
         self._execution = RunExecution(
             planner=planner,
             gateway=gateway,
+            ledger=ledger,
             process_slots=asyncio.Semaphore(settings.max_parallel_process),
+            gateway_retry_seconds=settings.gateway_retry_seconds,
         )
         self._active: dict[str, ActiveRun] = {}
         #: Runs being created or resumed here: not in ``_active`` yet, not claimable.
@@ -151,12 +154,12 @@ class Runner:
                 "gen_ai.operation.name": "invoke_agent",
             },
         )
-        active = None
+        active, abandoned = None, False
         self._starting.add(run_id)
         try:
             with trace.use_span(span, end_on_exit=False, record_exception=False):
                 try:
-                    run = await self._prepare(run_id, request, span)
+                    run, abandoned = await self._prepare(run_id, request, span)
                 except BaseException as error:
                     span.record_exception(error)
                     span.set_status(trace.StatusCode.ERROR, str(error))
@@ -167,6 +170,11 @@ class Runner:
                     active = self._launch(run, span)
         finally:
             self._starting.discard(run_id)
+        if active is not None and abandoned:
+            # The caller went away while the run was being stored: it exists, so it ends
+            # like any run its caller left (cancelled, or out of time at its deadline).
+            await self._leave(active, None)
+            raise asyncio.CancelledError
         if active is None:  # a concurrent Run with this id created it first: follow that one
             existing = await self._existing(run_id)
             if existing is None:  # pragma: no cover - created and then gone: cannot happen
@@ -278,11 +286,18 @@ class Runner:
         finally:
             await self._leave(active, queue)
 
-    async def _leave(self, active: ActiveRun, queue: Queue) -> None:
-        """A follower is gone; when it was the last one, cancel everything under the run."""
-        active.events.unsubscribe(queue)
+    async def _leave(self, active: ActiveRun, queue: Queue | None) -> None:
+        """A follower is gone; when it was the last one, cancel everything under the run.
+
+        Not when the follower's own deadline is what ended its call: the run's deadline
+        is earlier (``Limits.of``), so the run is ending FAILED DEADLINE_EXCEEDED by itself
+        and must not turn CANCELLED by racing it."""
+        if queue is not None:
+            active.events.unsubscribe(queue)
         if active.events.subscribers == 0 and not active.detached and not active.task.done():
-            active.task.cancel()
+            left = context.remaining()
+            if left is None or left > 0:
+                active.task.cancel()
             await asyncio.wait([active.task])
 
     # -- starting, resuming and losing runs ---------------------------------------------
@@ -321,6 +336,7 @@ class Runner:
                         "gen_ai.operation.name": "invoke_agent",
                     },
                 )
+                # the timeout decided at the start is in the stored request's options
                 limits = Limits.of(saved.request.options, self._settings)
                 elapsed = max(0.0, time.time() - timestamp_seconds(stored.created_at))
                 done = {outcome.node_id for outcome in stored.outcomes}
@@ -333,7 +349,7 @@ class Runner:
                 run = RunContext(
                     run_id,
                     saved.request,
-                    replace(limits, timeout=max(limits.timeout - elapsed, 0.001)),
+                    limits,
                     await self._catalog(),
                     events,
                     time.monotonic() - elapsed,
@@ -364,9 +380,14 @@ class Runner:
 
     async def _prepare(
         self, run_id: str, request: executor_pb2.RunRequest, span: trace.Span
-    ) -> RunContext:
-        """Everything that may reject the run before any event: plan, budget, store."""
-        limits = Limits.of(request.options, self._settings)
+    ) -> tuple[RunContext, bool]:
+        """Everything that may reject the run before any event: plan, budget, store.
+
+        Also whether the caller was cancelled while the run was being stored: a run
+        whose row is written is launched all the same, so that it gets its ending.
+        """
+        started = time.monotonic()  # the deadline counts from here, as the caller's does
+        limits = Limits.of(request.options, self._settings, context.remaining())
         tools = await self._catalog()
         if request.plan:
             _check_explicit_plan(request.plan, tools, limits.max_nodes)
@@ -378,16 +399,23 @@ class Runner:
                 metadata={"limit_nano_usd": str(budget.daily_limit_nano_usd)},
             )
         span_context = span.get_span_context()
-        await self._store.create(
-            run_id,
-            context.tenant(),
-            request,
-            format(span_context.trace_id, "032x"),
-            format(span_context.span_id, "016x"),
+        write = asyncio.ensure_future(
+            self._store.create(
+                run_id,
+                context.tenant(),
+                _with_timeout(request, limits.timeout),
+                format(span_context.trace_id, "032x"),
+                format(span_context.span_id, "016x"),
+            )
         )
-        return RunContext(
-            run_id, request, limits, tools, RunEvents(run_id, self._store), time.monotonic()
-        )
+        abandoned = False
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            await write  # the row is being written (or the write fails: nothing to end)
+            abandoned = True
+        events = RunEvents(run_id, self._store)
+        return RunContext(run_id, request, limits, tools, events, started), abandoned
 
     async def _catalog(self) -> list[common_pb2.ToolSpec]:
         """The gateway's tools, reused for ``tools_cache_seconds`` per tenant."""
@@ -397,6 +425,15 @@ class Runner:
             cached = (now, await self._gateway.list_tools())
             self._tools[tenant] = cached
         return cached[1]
+
+
+def _with_timeout(request: executor_pb2.RunRequest, timeout: float) -> executor_pb2.RunRequest:
+    """The request as stored: with the timeout decided at its start, so that a replica
+    resuming the run holds it to the same deadline (the caller's included)."""
+    stored = executor_pb2.RunRequest()
+    stored.CopyFrom(request)
+    stored.options.timeout.CopyFrom(duration(timeout))
+    return stored
 
 
 def _not_found(run_id: str) -> NotFound:

@@ -30,14 +30,16 @@ Status = common_pb2.NodeStatus
 #: A call the gateway never answered (UNAVAILABLE: it restarted, its replica went away)
 #: or could not take (its idempotency store down) is dispatched again, with the same
 #: idempotency key, after a backoff (doubling from the first to the cap, jittered),
-#: for up to REDISPATCH_SECONDS and within the run's deadline. A side-effecting call
+#: for up to ``redispatch_seconds`` (TRELLIS_GATEWAY_RETRY_SECONDS) and within the
+#: run's deadline. A side-effecting call
 #: still runs at most once: the gateway answers the repeat with the first outcome (or
 #: FAILED IDEMPOTENCY_UNKNOWN when its first gateway died mid-call).
 REDISPATCH_CODES = frozenset({"UNAVAILABLE", "IDEMPOTENCY_STORE_UNAVAILABLE"})
 REDISPATCH_SECONDS = 20.0
 REDISPATCH_BACKOFF = (0.1, 2.0)
 
-#: Runs one (resolved) call and returns its outcome; never raises for a tool failure.
+#: Runs one (resolved) call and returns its outcome; never raises for a tool failure
+#: (raising stops the run: the node is recorded CANCELLED, as when the run is cancelled).
 RunNode = Callable[[common_pb2.ToolCall], Awaitable[common_pb2.NodeOutcome]]
 #: Told of each outcome before its dependents start; may raise to stop the run.
 OnOutcome = Callable[[common_pb2.NodeOutcome], None]
@@ -74,8 +76,10 @@ class DagScheduler:
         max_parallel: int,
         process_slots: asyncio.Semaphore | None = None,
         on_outcome: OnOutcome | None = None,
+        redispatch_seconds: float = REDISPATCH_SECONDS,
     ) -> None:
         self._run_node = run_node
+        self._redispatch_seconds = redispatch_seconds
         self._events = events
         self._on_outcome = on_outcome
         self._slots = asyncio.Semaphore(max_parallel)
@@ -169,12 +173,12 @@ class DagScheduler:
                 await self._events.started(call.node_id)
                 try:
                     outcome = await self._dispatch(resolved)
-                except asyncio.CancelledError:
+                except BaseException as stop:  # the run stops: cancelled, or out of time
                     cancelled = ended(
                         call.node_id,
                         Status.NODE_STATUS_CANCELLED,
                         "CANCELLED",
-                        "run cancelled while the node was running",
+                        _stopped_while_running(stop),
                     )
                     await asyncio.shield(self._record(cancelled))
                     raise
@@ -184,7 +188,7 @@ class DagScheduler:
         """``run_node(call)``, again while the gateway could not be reached (see
         ``REDISPATCH_CODES``); the last outcome when time is up."""
         outcome = await self._run_node(call)
-        give_up = time.monotonic() + REDISPATCH_SECONDS
+        give_up = time.monotonic() + self._redispatch_seconds
         delay, cap = REDISPATCH_BACKOFF
         while (
             outcome.status == Status.NODE_STATUS_FAILED
@@ -236,3 +240,9 @@ class DagScheduler:
                 f"dependency {cause} did not succeed",
             )
         )
+
+
+def _stopped_while_running(stop: BaseException) -> str:
+    if isinstance(stop, TrellisError):
+        return f"the run stopped while the node was running ({stop.reason})"
+    return "run cancelled while the node was running"

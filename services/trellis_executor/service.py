@@ -30,12 +30,14 @@ async def build(settings: ExecutorSettings, telemetry: Telemetry, channels: Chan
         settings.database_url, owner=settings.owner, lease_seconds=settings.lease_seconds
     )
     timeout = settings.call_timeout_seconds
+    costs = CostsClient(channels.get(settings.costs_target), timeout=timeout)
     runner = Runner(
         planner=PlannerClient(
             channels.get(settings.planner_target), timeout=settings.run_timeout_seconds
         ),
         gateway=ToolGatewayClient(channels.get(settings.toolgateway_target), timeout=timeout),
-        budget=CostsClient(channels.get(settings.costs_target), timeout=timeout),
+        budget=costs,
+        ledger=costs,
         store=store,
         tracer=telemetry.tracer,
         settings=settings,

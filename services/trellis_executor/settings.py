@@ -42,6 +42,12 @@ class ExecutorSettings(ServiceSettings):
         " e.g. 0.50); a run over it stops FAILED with RUN_COST_EXCEEDED. 0 = no limit.",
     )
     tools_cache_seconds: float = Field(30.0, ge=0, description="How long ListTools is reused.")
+    gateway_retry_seconds: float = Field(
+        20.0,
+        ge=0,
+        description="How long a node whose tool gateway cannot be reached (UNAVAILABLE) is"
+        " dispatched again, with backoff, before it fails (within the run's deadline).",
+    )
     instance_id: str = Field(
         "",
         description="Owner name of this replica's runs (empty = host name); replicas sharing"

@@ -4,6 +4,13 @@
 then a ``PlanEnd`` with the usage and cost of its model calls; ``join`` streams answer
 text, then a ``JoinEnd`` with FINISH or REPLAN.
 
+Both also stream, for every model call, a ``CallStarted`` once its budget check passed
+(before the request is sent) and a ``CallUsage`` once its usage is recorded — before
+anything else that follows, an error included. So a caller always learns what a stream
+it saw end cost, and when it cancels a stream itself it knows which calls to look up in
+the ledger: every started call gets its ledger row (zero tokens when the endpoint never
+answered), however it ends.
+
 Repair: a node is never retracted once streamed, so the first call's valid lines go out
 as they come, while its rejected lines (not JSON, not a ToolCall, unknown tool, args
 against the input schema, dangling or forward references, duplicate ids) are collected.
@@ -68,6 +75,23 @@ class PlanEnd:
 
 
 @dataclass(frozen=True)
+class CallStarted:
+    """A model call under ``usage_id`` passed its budget check and is being made."""
+
+    usage_id: str
+
+
+@dataclass(frozen=True)
+class CallUsage:
+    """What the model call ``usage_id`` used, and cost as the ledger priced it;
+    ``deferred``: cost accounting was out of reach, the ledger prices it later."""
+
+    usage_id: str
+    usage: common_pb2.Usage
+    deferred: bool
+
+
+@dataclass(frozen=True)
 class JoinEnd:
     """The answer is complete, or the model asks for another plan (``replan``)."""
 
@@ -110,6 +134,7 @@ def _total(a: common_pb2.Usage, b: common_pb2.Usage) -> common_pb2.Usage:
         output_tokens=a.output_tokens + b.output_tokens,
         cached_input_tokens=a.cached_input_tokens + b.cached_input_tokens,
         cost_nano_usd=a.cost_nano_usd + b.cost_nano_usd,
+        estimated=a.estimated or b.estimated,
     )
 
 
@@ -170,7 +195,7 @@ class Planner:
 
     async def plan(
         self, request: planner_pb2.PlanRequest
-    ) -> AsyncIterator[common_pb2.ToolCall | PlanEnd]:
+    ) -> AsyncIterator[common_pb2.ToolCall | CallStarted | CallUsage | PlanEnd]:
         _require_goal(request.goal)
         max_nodes = request.max_nodes if request.max_nodes > 0 else self._max_nodes
         previous = [call.node_id for call in request.previous_plan]
@@ -211,10 +236,12 @@ class Planner:
         messages: Sequence[Message],
         request: planner_pb2.PlanRequest,
         step: str,
-    ) -> AsyncIterator[common_pb2.ToolCall]:
+    ) -> AsyncIterator[common_pb2.ToolCall | CallStarted | CallUsage]:
         """Stream the valid nodes of one model call; record its usage however it ends."""
         parser = JsonLinesParser(strict=False)
         call = self._chat(messages, request, step)
+        await call.reserve()  # BUDGET_EXCEEDED: no call, nothing to record
+        yield CallStarted(call.usage_id)
         try:
             async with call, aclosing(call.deltas()) as deltas:
                 async for text in deltas:
@@ -227,17 +254,25 @@ class Planner:
                     for line in parser.close():
                         if (node := round_.take(line)) is not None:
                             yield node
-        except BaseException:  # also cancellation: the tokens were spent all the same
-            if call.opened:
-                round_.usage = await self._record(call, request)
+        except BaseException as error:  # also cancellation: the tokens were spent all the same
+            used = await self._record(call, request)
+            round_.usage = used.usage
+            if isinstance(error, Exception):  # not cancelled: the caller still listens
+                yield used
             raise
         round_.output = call.result.text
-        round_.usage = await self._record(call, request)
+        used = await self._record(call, request)
+        round_.usage = used.usage
+        yield used
 
-    async def join(self, request: planner_pb2.JoinRequest) -> AsyncIterator[str | JoinEnd]:
+    async def join(
+        self, request: planner_pb2.JoinRequest
+    ) -> AsyncIterator[str | CallStarted | CallUsage | JoinEnd]:
         _require_goal(request.goal)
         gate = ReplanGate(request.allow_replan)
         call = self._chat(join_messages(request), request, JOIN)
+        await call.reserve()
+        yield CallStarted(call.usage_id)
         try:
             async with call, aclosing(call.deltas()) as deltas:
                 async for text in deltas:
@@ -245,12 +280,14 @@ class Planner:
                         yield piece
                 for piece in gate.close():
                     yield piece
-        except BaseException:  # also cancellation: the tokens were spent all the same
-            if call.opened:
-                await self._record(call, request)
+        except BaseException as error:  # also cancellation: the tokens were spent all the same
+            used = await self._record(call, request)
+            if isinstance(error, Exception):
+                yield used
             raise
-        usage = await self._record(call, request)
-        yield JoinEnd(gate.replan, gate.reason, usage)
+        used = await self._record(call, request)
+        yield used
+        yield JoinEnd(gate.replan, gate.reason, used.usage)
 
     def _chat(
         self,
@@ -268,19 +305,22 @@ class Planner:
 
     async def _record(
         self, call: ChatCall, request: planner_pb2.PlanRequest | planner_pb2.JoinRequest
-    ) -> common_pb2.Usage:
+    ) -> CallUsage:
+        """Record the call's usage; zero tokens when the endpoint never answered (the row
+        still tells the ledger, and whoever waits for the call, that it is over)."""
         result = call.result
-        usage = common_pb2.Usage(
-            model=result.model or result.request_model,
-            input_tokens=result.input_tokens,
-            output_tokens=result.output_tokens,
-            cached_input_tokens=result.cached_input_tokens,
-        )
-        usage.cost_nano_usd = await usage_mod.record(
+        usage = common_pb2.Usage(model=result.model or result.request_model)
+        if call.opened:
+            usage.input_tokens = result.input_tokens
+            usage.output_tokens = result.output_tokens
+            usage.cached_input_tokens = result.cached_input_tokens
+            usage.estimated = result.estimated
+        cost = await usage_mod.record(
             self._usage,
             usage_id=call.usage_id,
             run_id=request.run_id,
             usage=usage,
-            estimated=result.estimated,
+            estimated=usage.estimated,
         )
-        return usage
+        usage.cost_nano_usd = cost or 0
+        return CallUsage(call.usage_id, usage, deferred=cost is None)

@@ -58,6 +58,8 @@ log = get_logger(__name__)
 
 PROVIDER = "openai"
 OPERATION = "chat"
+#: The reason of a call cut short by the caller's deadline.
+DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 #: Failures after which the next fallback model is tried.
 FALLBACK_REASONS = frozenset({"MODEL_RATE_LIMITED", "MODEL_UNAVAILABLE", "MODEL_TIMEOUT"})
 
@@ -110,18 +112,30 @@ class ChatCall:
         self._usage_seen = False
         self._finished = False
         self._error: BaseException | None = None
+        self._reserved = False
+        #: The current attempt is bounded by the caller's deadline, not the model timeout.
+        self._by_deadline = False
+        self._input_tokens = estimate_input_tokens(self._messages)
 
-    async def __aenter__(self) -> ChatCall:
+    async def reserve(self) -> None:
+        """The budget check (BUDGET_EXCEEDED: the call must not be made); once per call,
+        and done by ``async with`` when not called before."""
+        if self._reserved:
+            return
         model = self._model
-        input_tokens = estimate_input_tokens(self._messages)
         if model.budget is not None:
             await require_budget(
                 model.budget,
                 self._models[0],
-                input_tokens=input_tokens,
+                input_tokens=self._input_tokens,
                 output_tokens=model.expected_output_tokens,
                 reservation_id=self.usage_id,
             )
+        self._reserved = True
+
+    async def __aenter__(self) -> ChatCall:
+        await self.reserve()
+        input_tokens = self._input_tokens
         failure: TrellisError | None = None
         for name in self._models:
             if failure is not None:
@@ -159,7 +173,7 @@ class ChatCall:
         self._span = model.tracer.start_span(
             f"{OPERATION} {name}", kind=SpanKind.CLIENT, attributes=attributes
         )
-        self._started, self._error = None, None
+        self._started, self._error, self._by_deadline = None, None, False
         try:
             if model.rate_limits is not None:
                 left = context.remaining()
@@ -171,13 +185,13 @@ class ChatCall:
             self._started = time.monotonic()
             budget = model.timeout
             left = context.remaining()
-            if left is not None:
-                budget = min(budget, left)
+            if left is not None and left < budget:
+                budget, self._by_deadline = left, True
             self._deadline = self._started + budget
             if budget <= 0:
                 raise DeadlineExceeded(
                     "no time left for the model call",
-                    reason="MODEL_TIMEOUT",
+                    reason=DEADLINE_EXCEEDED,
                     metadata={"model": name},
                 )
             async with asyncio.timeout_at(self._loop_deadline()):
@@ -200,8 +214,19 @@ class ChatCall:
         return loop.time() + (self._deadline - time.monotonic())
 
     def _fail(self, error: BaseException, *, end: bool = False) -> BaseException:
-        """Note the failure for the span; return what to raise (mapped, or ``error`` itself)."""
-        self._error = model_error(error, self.result.request_model) or error
+        """Note the failure for the span; return what to raise (mapped, or ``error`` itself).
+
+        A timeout that the caller's deadline set (not the model timeout) is the caller's
+        DEADLINE_EXCEEDED: no fallback model can help, and the caller knows it as its own.
+        """
+        mapped = model_error(error, self.result.request_model) or error
+        if self._by_deadline and getattr(mapped, "reason", "") == "MODEL_TIMEOUT":
+            mapped = DeadlineExceeded(
+                f"the caller's deadline passed during the call of {self.result.request_model}",
+                reason=DEADLINE_EXCEEDED,
+                metadata={"model": self.result.request_model},
+            )
+        self._error = mapped
         if end:
             self._end_span()
         return self._error

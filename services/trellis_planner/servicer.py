@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from grpc import aio
 
 from trellis.planner.v1 import planner_pb2, planner_pb2_grpc
-from trellis_planner.core import JoinEnd, PlanEnd, Planner
+from trellis_planner.core import CallStarted, CallUsage, JoinEnd, PlanEnd, Planner
 
 
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
@@ -20,6 +20,8 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         async for item in self._planner.plan(request):
             if isinstance(item, PlanEnd):
                 yield planner_pb2.PlanResponse(done=planner_pb2.PlanDone(usage=item.usage))
+            elif isinstance(item, CallStarted | CallUsage):
+                yield planner_pb2.PlanResponse(usage=_call_usage(item))
             else:
                 yield planner_pb2.PlanResponse(node=item)
 
@@ -35,5 +37,15 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                 )
                 done = planner_pb2.JoinDone(decision=decision, reason=item.reason, usage=item.usage)
                 yield planner_pb2.JoinResponse(done=done)
+            elif isinstance(item, CallStarted | CallUsage):
+                yield planner_pb2.JoinResponse(usage=_call_usage(item))
             else:
                 yield planner_pb2.JoinResponse(answer_delta=item)
+
+
+def _call_usage(item: CallStarted | CallUsage) -> planner_pb2.ModelCallUsage:
+    if isinstance(item, CallStarted):
+        return planner_pb2.ModelCallUsage(usage_id=item.usage_id, started=True)
+    return planner_pb2.ModelCallUsage(
+        usage_id=item.usage_id, usage=item.usage, cost_deferred=item.deferred
+    )

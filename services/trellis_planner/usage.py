@@ -3,8 +3,8 @@
 Costs are priced by the cost-accounting service, so the planner sends tokens and gets
 nano-USD back. Every record goes through the service's durable usage outbox
 (``trellis.outbox``): when cost accounting cannot take it now, the event is kept on disk
-and redelivered later, under the same tenant, and the call still finishes with cost 0
-(the ledger has the real figure once the event arrives). The ledger is idempotent on
+and redelivered later, under the same tenant, and the call's cost is reported as
+deferred (the ledger has the real figure once the event arrives). The ledger is idempotent on
 ``usage_id``, which is derived from the run, the step and the round, so a redelivery,
 or a retried Plan or Join, is not charged twice.
 
@@ -56,8 +56,8 @@ async def record(
     run_id: str,
     usage: common_pb2.Usage,
     estimated: bool,
-) -> int:
-    """Record ``usage``; its cost in nano-USD, or 0 when it is delivered later.
+) -> int | None:
+    """Record ``usage``; its cost in nano-USD, or None when it is delivered later.
 
     Cancelling the caller does not cancel the write: it finishes in the background.
     """
@@ -70,4 +70,4 @@ async def record(
         occurred_at=timestamp(),
     )
     response = await sender.send(request)
-    return 0 if response is None else response.cost_nano_usd
+    return None if response is None else response.cost_nano_usd

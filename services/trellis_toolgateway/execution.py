@@ -53,6 +53,8 @@ DEFAULT_MAX_RESULT_BYTES = 2 * 1024 * 1024
 #: Room kept in a gRPC message for what surrounds an output (outcome, ids, times, error).
 MESSAGE_ENVELOPE_BYTES = 16 * 1024
 OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
+#: A call cut short by its caller's deadline (the caller's limit, not the tool's fault).
+DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 
 
 def failed_outcome(
@@ -112,10 +114,9 @@ class PolicyRunner:
                     await limiter.acquire()  # ResourceExhausted(TOOL_BUSY) when the line is full
             except TimeoutError:
                 return failed_outcome(
-                    "TOOL_TIMEOUT",
+                    DEADLINE_EXCEEDED,
                     f"{spec.name}: no free slot (max_concurrency {spec.max_concurrency}) "
                     "before the call's deadline",
-                    retryable=True,
                 )
             # The slot is held across retries: a failing backend gets no more than
             # max_concurrency calls at once, and a retry does not jump the line.
@@ -182,11 +183,13 @@ class PolicyRunner:
         except InvalidArgument:
             raise  # the call broke the tool's contract: an RPC error, not an outcome
         except TimeoutError:
+            if by_deadline:  # the caller's deadline, not the tool: no verdict on the backend
+                message = f"{spec.name} was still running at the caller's deadline"
+                return failed_outcome(DEADLINE_EXCEEDED, message), Verdict.IGNORED
             outcome = failed_outcome(
                 "TOOL_TIMEOUT", f"{spec.name} did not finish within {bound:.3g}s", retryable=True
             )
-            # Cut short by the caller's deadline: no verdict on the backend.
-            return outcome, Verdict.IGNORED if by_deadline else Verdict.FAILURE
+            return outcome, Verdict.FAILURE
         except ToolError as error:
             outcome = failed_outcome(
                 error.code, error.message, retryable=error.retryable, details=error.details

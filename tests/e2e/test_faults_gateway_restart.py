@@ -13,7 +13,8 @@ it arrives and answer a few seconds later, so calls can be caught in flight:
    reached the endpoint, its outcome died with the gateway - and its node fails
    ``IDEMPOTENCY_UNKNOWN`` once the dead gateway's lease runs out (the documented
    at-most-once rule). Nodes dispatched after the restart run normally; the run
-   finishes SUCCEEDED (an explicit plan) and no effect ever happens twice.
+   ends FAILED naming n1 (an explicit plan with a failed node) and no effect ever
+   happens twice.
 2. The executor is SIGKILLed while a side-effecting call is in flight; the gateway
    finishes it (its caller left) and stores its outcome in Redis, then the gateway is
    SIGKILLed and restarted too - its memory is gone. The restarted executor resumes the
@@ -49,6 +50,7 @@ from trellis.runtime.convert import duration, from_value, to_struct
 from trellis_executor.scheduler import REDISPATCH_BACKOFF, DagScheduler, SchedulerEvents, ended
 
 SUCCEEDED = executor_pb2.RUN_STATUS_SUCCEEDED
+RUN_FAILED = executor_pb2.RUN_STATUS_FAILED
 NODE_SUCCEEDED = common_pb2.NODE_STATUS_SUCCEEDED
 NODE_FAILED = common_pb2.NODE_STATUS_FAILED
 LEASE_SECONDS = 2.0
@@ -189,7 +191,12 @@ async def test_a_gateway_killed_mid_call_reruns_plain_calls_and_never_repeats_an
 
         assert events and events[-1].HasField("finished"), kinds(events)
         finished = events[-1].finished
-        assert finished.status == SUCCEEDED, (finished.error.code, finished.error.message)
+        # n1 failed (below): an explicit plan with a failed node fails, naming it
+        assert (finished.status, finished.failed_nodes) == (RUN_FAILED, 1), finished
+        assert (finished.error.code, finished.error.details["node_id"]) == (
+            "IDEMPOTENCY_UNKNOWN",
+            "n1",
+        )
         outcomes = {
             e.node_finished.outcome.node_id: e.node_finished.outcome
             for e in events
@@ -222,7 +229,7 @@ async def test_a_gateway_killed_mid_call_reruns_plain_calls_and_never_repeats_an
         )
 
         stored = (await executor.GetRun(executor_pb2.GetRunRequest(run_id=run_id), timeout=10)).run
-        assert stored.status == SUCCEEDED
+        assert (stored.status, stored.failed_nodes) == (RUN_FAILED, 1)
         assert {o.node_id: o.error.code for o in stored.outcomes} == {
             "n1": "IDEMPOTENCY_UNKNOWN",
             "n2": "",

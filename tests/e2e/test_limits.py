@@ -283,7 +283,7 @@ async def test_a_request_over_the_message_size_is_refused_and_the_executor_serve
 # -- max output size per tool ------------------------------------------------------------------
 
 
-async def test_an_output_over_its_tools_cap_fails_the_node_not_the_run(stack, channels) -> None:
+async def test_an_output_over_its_tools_cap_fails_the_node_the_rest_runs(stack, channels) -> None:
     plan = [
         node("big", "small_echo", value="z" * 5000),
         node("after", "echo", ["big"], value="$big"),
@@ -295,4 +295,9 @@ async def test_an_output_over_its_tools_cap_fails_the_node_not_the_run(stack, ch
     assert outcomes["big"].error.details["limit_bytes"] == "1000"
     assert outcomes["after"].error.code == "DEPENDENCY_FAILED"
     assert outcomes["other"].status == NODE_SUCCEEDED
-    assert events[-1].finished.status == SUCCEEDED
+    finished = events[-1].finished  # an explicit plan with a failed node fails, naming it
+    assert (finished.status, finished.error.code, finished.error.details["node_id"]) == (
+        executor_pb2.RUN_STATUS_FAILED,
+        "OUTPUT_TOO_LARGE",
+        "big",
+    )

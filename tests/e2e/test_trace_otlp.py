@@ -82,7 +82,10 @@ def _check_one_trace(spans: list[ReceivedSpan], events: Events) -> list[Received
     run_id, trace_id = events[0].run_id, events[0].started.trace_id
     trace = [s for s in spans if s.trace_id == trace_id]
     carrying_run_id = {s.trace_id for s in spans if s.attributes.get("trellis.run_id") == run_id}
-    assert carrying_run_id == {trace_id}, "spans of the run in another trace"
+    assert carrying_run_id == {trace_id}, (
+        "spans of the run in another trace",
+        [(s.service, s.name) for s in spans if s.attributes.get("trellis.run_id") == run_id],
+    )
     by_id = {s.span_id: s for s in trace}
     roots = [s for s in trace if not s.parent_id]
     assert [(s.service, s.name, s.kind) for s in roots] == [
@@ -215,17 +218,23 @@ async def test_each_run_is_one_trace_across_five_processes(process_stack, redis_
         parent = by_id[span.parent_id]
         assert parent.service == "cache" and parent.kind == SpanKind.SPAN_KIND_SERVER
 
-    # Errors: the failing tool's span is ERROR with the outcome's code, the run goes on.
+    # Errors: the failing tool's span is ERROR with the outcome's code, and the run (an
+    # explicit plan whose node failed) ends FAILED naming it.
     (outcome,) = [f.outcome for f in _of_kind(failing_tool, "node_finished")]
     assert outcome.status == common_pb2.NODE_STATUS_FAILED
     zero = _check_tool_spans(failing_trace, failing_tool)["zero"]
     assert zero.is_error and zero.status_message == outcome.error.message
     assert zero.attributes["error.type"] == outcome.error.code
     run_span = _one(failing_trace, "executor", "trellis.run")
-    assert not run_span.is_error and run_span.attributes["trellis.run_status"] == "succeeded"
-    # ... and a run that fails has an ERROR run span saying why.
+    assert run_span.is_error and run_span.attributes["trellis.run_status"] == "failed"
+    assert run_span.status_message == failing_tool[-1].finished.error.message
+    assert "node zero (arithmetic) failed" in run_span.status_message
+    # ... and a run out of time has an ERROR run span saying why.
     finished = late[-1].finished
-    assert finished.status == executor_pb2.RUN_STATUS_FAILED
+    assert (finished.status, finished.error.code) == (
+        executor_pb2.RUN_STATUS_FAILED,
+        "DEADLINE_EXCEEDED",
+    )
     run_span = _one(late_trace, "executor", "trellis.run")
     assert run_span.is_error and run_span.status_message == finished.error.message
     assert run_span.attributes["trellis.run_status"] == "failed"

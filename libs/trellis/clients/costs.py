@@ -51,3 +51,9 @@ class CostsClient:
         )
         with translated_rpc_errors():
             return await self._stub.GetUsage(request, timeout=self._timeout)
+
+    async def get_run_usage(self, run_id: str) -> costs_pb2.GetRunUsageResponse:
+        """What the ledger holds for one run of the caller's tenant."""
+        request = costs_pb2.GetRunUsageRequest(run_id=run_id)
+        with translated_rpc_errors():
+            return await self._stub.GetRunUsage(request, timeout=self._timeout)

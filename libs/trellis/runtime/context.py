@@ -38,13 +38,20 @@ def tenant() -> str:
 
 
 @contextmanager
-def request_scope(*, timeout: float | None = None, tenant_id: str | None = None) -> Iterator[None]:
+def request_scope(
+    *, timeout: float | None = None, tenant_id: str | None = None, detached: bool = False
+) -> Iterator[None]:
     """Run a block as one request: with a deadline ``timeout`` seconds away and a tenant.
 
-    A nested scope can only shorten the deadline, never extend it.
+    A nested scope can only shorten the deadline, never extend it, unless it is
+    ``detached``: work that must outlive the request that started it (recording what
+    a finished call used) gets its own deadline, ``timeout`` or none.
     """
     tokens = []
-    if timeout is not None:
+    if detached:
+        new_deadline = None if timeout is None else time.monotonic() + timeout
+        tokens.append((_deadline, _deadline.set(new_deadline)))
+    elif timeout is not None:
         new_deadline = time.monotonic() + timeout
         current = _deadline.get()
         if current is None or new_deadline < current:

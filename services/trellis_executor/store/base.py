@@ -53,6 +53,8 @@ class Progress:
     replan_reason: str = ""
     #: Model usage of the run so far.
     usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+    #: Index (in planning order) of the first node of rounds 1, 2, ... (round 0 starts at 0).
+    round_starts: tuple[int, ...] = ()
 
     def to_json(self) -> str:
         fields = {k: v for k, v in asdict(self).items() if k != "usage"}
@@ -64,7 +66,8 @@ class Progress:
             return cls()
         fields = json.loads(text)
         usage = json_format.ParseDict(fields.pop("usage", {}), common_pb2.Usage())
-        return cls(**fields, usage=usage)
+        round_starts = tuple(fields.pop("round_starts", ()))
+        return cls(**fields, usage=usage, round_starts=round_starts)
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,7 @@ def build_run(
         run.usage.CopyFrom(finished.usage)
         run.cost_nano_usd = finished.cost_nano_usd
         run.cache_hits = finished.cache_hits
+        run.failed_nodes = finished.failed_nodes
         if finished.HasField("error"):
             run.error.CopyFrom(finished.error)
         if finished_at is not None:

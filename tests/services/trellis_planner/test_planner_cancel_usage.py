@@ -23,7 +23,7 @@ from trellis.planner.v1 import planner_pb2, planner_pb2_grpc
 from trellis.runtime.convert import to_struct, to_value
 from trellis_costs import service as costs_service
 from trellis_costs.settings import CostsSettings
-from trellis_planner.core import Planner
+from trellis_planner.core import CallStarted, CallUsage, Planner
 from trellis_planner.service import NAME, build
 from trellis_planner.settings import PlannerSettings
 
@@ -47,13 +47,20 @@ def join_request(run_id: str = "run-1") -> planner_pb2.JoinRequest:
     )
 
 
+def is_content(item) -> bool:
+    """A node or answer text, not a call's usage report."""
+    return not isinstance(item, CallStarted | CallUsage)
+
+
 async def cancel_after_first_item(stream) -> None:
-    """Consume ``stream`` in a task and cancel that task once the first item arrived."""
+    """Consume ``stream`` in a task and cancel that task once the first node or answer
+    piece arrived (the model call is then open and streaming)."""
     first = asyncio.Event()
 
     async def consume() -> None:
-        async for _ in stream:
-            first.set()
+        async for item in stream:
+            if is_content(item):
+                first.set()
 
     task = asyncio.create_task(consume())
     await asyncio.wait_for(first.wait(), 10)
@@ -86,6 +93,7 @@ async def test_consumer_closing_the_stream_early_records_estimated_usage(
 ):
     model.state.delay_ms = 5
     stream = planner.plan(plan_request(tools))
+    assert isinstance(await anext(stream), CallStarted)
     first = await anext(stream)
     assert first.node_id == "n1"
     await stream.aclose()  # GeneratorExit at the yield, not a cancellation
@@ -117,8 +125,9 @@ async def test_a_second_cancel_during_the_write_does_not_lose_it(
     first = asyncio.Event()
 
     async def consume() -> None:
-        async for _ in planner.plan(plan_request(tools)):
-            first.set()
+        async for item in planner.plan(plan_request(tools)):
+            if is_content(item):
+                first.set()
 
     task = asyncio.create_task(consume())
     await asyncio.wait_for(first.wait(), 10)
@@ -177,6 +186,8 @@ async def test_plan_cancelled_by_the_client_is_in_the_ledger_once(stack, tools, 
     stub, costs, db = stack
     model.state.delay_ms = 30  # the demo plan takes about 2 s to stream
     call = stub.Plan(plan_request(tools, run_id="gone"), timeout=30)
+    started = await call.read()
+    assert (started.usage.usage_id, started.usage.started) == ("gone/plan/0", True)
     first = await call.read()
     assert first.node.node_id == "n1"
     call.cancel()  # the client goes away mid-stream
@@ -194,6 +205,7 @@ async def test_join_cancelled_by_the_client_is_in_the_ledger_once(stack, model):
     stub, _, db = stack
     model.state.delay_ms = 30
     call = stub.Join(join_request(run_id="gone"), timeout=30)
+    assert (await call.read()).usage.started
     first = await call.read()
     assert first.answer_delta
     call.cancel()

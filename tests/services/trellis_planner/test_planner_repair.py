@@ -18,7 +18,7 @@ from trellis.runtime.convert import from_struct, to_struct
 from trellis.runtime.errors import InvalidArgument
 from trellis_costs import service as costs_service
 from trellis_costs.settings import CostsSettings
-from trellis_planner.core import PlanEnd
+from trellis_planner.core import CallStarted, CallUsage, PlanEnd
 from trellis_planner.service import NAME, build
 from trellis_planner.settings import PlannerSettings
 
@@ -38,10 +38,20 @@ async def run(planner, plan_request) -> tuple[list, list]:
     """(items streamed before the end or the error, [PlanEnd] or [])."""
     items = []
     async for item in planner.plan(plan_request):
-        items.append(item)
+        if not isinstance(item, CallStarted | CallUsage):
+            items.append(item)
     return [i for i in items if not isinstance(i, PlanEnd)], [
         i for i in items if isinstance(i, PlanEnd)
     ]
+
+
+def brief_item(item) -> str:
+    """A streamed item in a word: a node's id, or a call's usage report."""
+    if isinstance(item, CallStarted):
+        return f"started {item.usage_id}"
+    if isinstance(item, CallUsage):
+        return f"used {item.usage_id}"
+    return item.node_id
 
 
 def brief(nodes) -> list[tuple[str, str, dict, list[str]]]:
@@ -110,7 +120,14 @@ async def test_plan_still_invalid_after_the_repair_is_invalid_argument(
     with pytest.raises(InvalidArgument) as raised:
         async for item in planner.plan(request("anything", tools)):
             streamed.append(item)
-    assert [n.node_id for n in streamed] == ["n1"]  # a node streamed is never retracted
+    assert [brief_item(i) for i in streamed] == [
+        "started run-1/plan/0",
+        "n1",  # a node streamed is never retracted
+        "used run-1/plan/0",
+        "started run-1/plan-repair/0",
+        "used run-1/plan-repair/0",  # what the failed round cost, before the error
+    ]
+    assert streamed[-1].usage.output_tokens > 0 and not streamed[-1].deferred
     error = raised.value
     assert error.reason == "INVALID_PLAN"
     assert "still invalid after one repair round" in error.message
@@ -148,11 +165,17 @@ async def test_a_reference_may_stand_where_a_value_is_expected(planner, tools, m
 
 
 async def test_over_max_nodes_is_not_repaired(planner, tools, model, recorder):
-    nodes = []
+    items = []
     with pytest.raises(InvalidArgument) as raised:
         async for item in planner.plan(request(DEMO, tools, max_nodes=2)):
-            nodes.append(item)
-    assert len(nodes) == 2 and "more than 2 nodes" in raised.value.message
+            items.append(item)
+    assert [brief_item(i) for i in items] == [
+        "started run-1/plan/0",
+        "n1",
+        "n2",
+        "used run-1/plan/0",
+    ]
+    assert "more than 2 nodes" in raised.value.message
     assert len(model.requests) == 1  # a full plan has no room for a repaired node
     [recorded] = recorder.requests
     assert recorded.usage_id == "run-1/plan/0"
@@ -182,9 +205,13 @@ async def test_repair_over_grpc(serve, channels, model, tools, tmp_path):
     model.script.reply("not a plan\n")
     model.script.reply(line("n1", "arithmetic", {"expression": "2+3"}))
     responses = [r async for r in client.plan(request("What is 2+3?", tools))]
-    assert [r.WhichOneof("event") for r in responses] == ["node", "done"]
-    assert responses[0].node.tool == "arithmetic"
-    assert responses[1].done.usage.output_tokens > 0
+    assert [r.WhichOneof("event") for r in responses] == ["usage"] * 3 + ["node", "usage", "done"]
+    plan, repair = responses[1].usage, responses[4].usage
+    assert (plan.usage_id, repair.usage_id) == ("run-1/plan/0", "run-1/plan-repair/0")
+    assert responses[3].node.tool == "arithmetic"
+    done = responses[5].done
+    assert done.usage.output_tokens == plan.usage.output_tokens + repair.usage.output_tokens > 0
+    assert done.usage.cost_nano_usd == plan.usage.cost_nano_usd + repair.usage.cost_nano_usd
     report = await CostsClient(channels.get(costs.target)).get_usage()
     [row] = report.rows
     assert row.events == 2  # the plan and its repair

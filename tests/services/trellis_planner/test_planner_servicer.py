@@ -61,7 +61,8 @@ async def planner(serve, channels, model, costs) -> PlannerClient:
 
 
 async def responses(stream) -> tuple[list, object]:
-    items = [item async for item in stream]
+    """(nodes or answer deltas, the ``done`` response), without the usage events."""
+    items = [item async for item in stream if item.WhichOneof("event") != "usage"]
     return items[:-1], items[-1]
 
 

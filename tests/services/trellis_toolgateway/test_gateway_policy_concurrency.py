@@ -166,8 +166,8 @@ async def test_the_deadline_ends_a_wait_in_line() -> None:
     with context.request_scope(timeout=0.02):
         outcome = await invoker.invoke(Call("gated", {}))
     assert (outcome.error.code, outcome.error.retryable, outcome.attempts) == (
-        "TOOL_TIMEOUT",
-        True,
+        "DEADLINE_EXCEEDED",
+        False,
         0,
     )
     assert gated.runs == 1
