@@ -36,7 +36,7 @@ TOOLS = ["echo", "sleep", "arithmetic"]
 #: Every reason the executor's plan checks refuse a plan with (plan.py).
 EXECUTOR_PLAN_CODES = {"INVALID_PLAN", "TOO_MANY_NODES"}
 #: Every reason the planner's validator refuses a node with (validation.py).
-PLANNER_PLAN_CODES = {"INVALID_PLAN"}
+PLANNER_PLAN_CODES = {"INVALID_PLAN", "TOO_MANY_NODES"}
 
 
 def check_explicit_plan(plan: list[common_pb2.ToolCall], max_nodes: int) -> list[int]:
@@ -196,6 +196,7 @@ model_nodes = st.one_of(
 
 @given(st.lists(model_nodes, max_size=6), st.integers(1, 6), st.lists(small_ids, max_size=2))
 @example([{"node_id": "a", "tool": "echo", "depends_on": [{}]}], 3, [])  # unhashable dep
+@example([{"node_id": "a", "tool": "echo"}, None], 1, [])  # a full plan: TOO_MANY_NODES
 @example([{"node_id": "a", "tool": "echo", "args": {"v": 10**400}}], 3, [])  # no double
 @example([{"node_id": "a", "tool": "echo", "args": {"v": math.nan}}], 3, [])  # not JSON
 @example(
@@ -214,6 +215,8 @@ def test_planner_refuses_only_with_invalid_plan_and_what_it_accepts_the_executor
             call = validator.check(value, line)
         except InvalidArgument as error:
             assert error.reason in PLANNER_PLAN_CODES
+            # too many nodes exactly when the plan is full, never for anything else
+            assert (error.reason == "TOO_MANY_NODES") == validator.full, (error, validator.count)
             assert error.violations
             continue
         # what was accepted crosses the wire to the executor and passes its checks there
