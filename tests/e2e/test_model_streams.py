@@ -1,9 +1,9 @@
 """A model stream that goes wrong, end to end: the five services as processes
 (``process_stack``), the offline model scripted by the test, a client calling Run.
 
-- An event that is not JSON mid-plan: the run ends with UNAVAILABLE MODEL_BAD_RESPONSE
-  (it was INTERNAL "internal error (JSONDecodeError)"), ``finished`` says so, and the
-  model call is in the ledger, estimated.
+- An event that is not JSON mid-plan: the run ends FAILED with MODEL_BAD_RESPONSE in
+  ``finished`` (it was INTERNAL "internal error (JSONDecodeError)"), and the model call
+  is in the ledger, estimated.
 - A plan line over the planner's TRELLIS_MAX_PLAN_LINE_BYTES: INVALID_PLAN at once, the
   node before it ran, and the planner plans the next run as usual.
 """
@@ -53,7 +53,7 @@ async def test_broken_stream_and_long_line_end_runs_with_clear_reasons(
     finished = events[-1].finished
     assert finished.status == FAILED, finished
     assert finished.error.code == "MODEL_BAD_RESPONSE", finished.error
-    print(finished.error)
+    assert "sent a malformed stream: an event is not JSON" in finished.error.message
     rows: list = []
     for _ in range(100):  # the planner records usage before it answers; allow the write
         if rows := ledger_rows(tmp_path / "costs.db", "broken"):
