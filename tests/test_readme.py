@@ -40,7 +40,17 @@ def test_service_console_scripts_in_readme_are_installed() -> None:
 
 
 #: Top-level directories whose paths the README may name.
-_PATH_ROOTS = ("bench", "clients", "deploy", "docs", "examples", "protos", "services", "tests")
+_PATH_ROOTS = (
+    "bench",
+    "clients",
+    "deploy",
+    "docs",
+    "examples",
+    "protos",
+    "services",
+    "tests",
+    "third_party",
+)
 _PATH = re.compile(r"(?<![\w/.])((?:" + "|".join(_PATH_ROOTS) + r")/[\w./-]*\w)")
 
 

@@ -17,9 +17,9 @@
  *
  * Errors: the executor sends gRPC status codes with a google.rpc.Status in the
  * `grpc-status-details-bin` trailer (ErrorInfo with a stable `reason`, BadRequest field
- * violations, RetryInfo). protos/ does not carry google/rpc/*.proto, so the few messages
- * needed to read that trailer are declared below (field numbers from googleapis'
- * google/rpc/status.proto and error_details.proto) and decoded with protobufjs.
+ * violations, RetryInfo). Those types are read from googleapis' own google/rpc/status.proto
+ * and error_details.proto, vendored in ../../third_party/protos (see its README.md), and
+ * decoded with protobufjs.
  */
 
 const path = require('node:path');
@@ -30,6 +30,13 @@ const protobuf = require('protobufjs');
 /** The repository's protos/ directory (override with TRELLIS_PROTOS_DIR). */
 const PROTO_ROOT = process.env.TRELLIS_PROTOS_DIR || path.resolve(__dirname, '../../protos');
 const EXECUTOR_PROTO = 'trellis/executor/v1/executor.proto';
+/**
+ * The repository's third_party/protos/ directory: google/rpc/*.proto and
+ * grpc/health/v1/health.proto (override with TRELLIS_THIRD_PARTY_PROTOS_DIR).
+ */
+const THIRD_PARTY_PROTO_ROOT =
+  process.env.TRELLIS_THIRD_PARTY_PROTOS_DIR || path.resolve(__dirname, '../../third_party/protos');
+const RPC_PROTOS = ['google/rpc/status.proto', 'google/rpc/error_details.proto'];
 
 const LOAD_OPTIONS = Object.freeze({
   keepCase: true,
@@ -224,47 +231,18 @@ function toProto3Json(message, type) {
 
 // --- gRPC errors and their google.rpc details --------------------------------------------
 
-const RPC_TYPES = protobuf.Root.fromJSON({
-  nested: {
-    google: {
-      nested: {
-        protobuf: {
-          nested: {
-            Any: { fields: { type_url: { type: 'string', id: 1 }, value: { type: 'bytes', id: 2 } } },
-            Duration: { fields: { seconds: { type: 'int64', id: 1 }, nanos: { type: 'int32', id: 2 } } },
-          },
-        },
-        rpc: {
-          nested: {
-            Status: {
-              fields: {
-                code: { type: 'int32', id: 1 },
-                message: { type: 'string', id: 2 },
-                details: { rule: 'repeated', type: 'google.protobuf.Any', id: 3 },
-              },
-            },
-            ErrorInfo: {
-              fields: {
-                reason: { type: 'string', id: 1 },
-                domain: { type: 'string', id: 2 },
-                metadata: { keyType: 'string', type: 'string', id: 3 },
-              },
-            },
-            BadRequest: {
-              fields: { field_violations: { rule: 'repeated', type: 'FieldViolation', id: 1 } },
-              nested: {
-                FieldViolation: {
-                  fields: { field: { type: 'string', id: 1 }, description: { type: 'string', id: 2 } },
-                },
-              },
-            },
-            RetryInfo: { fields: { retry_delay: { type: 'google.protobuf.Duration', id: 1 } } },
-          },
-        },
-      },
-    },
-  },
-});
+/**
+ * google.rpc.Status and the error details, loaded from `protoRoot` (their imports,
+ * google/protobuf/{any,duration}.proto, come bundled with protobufjs).
+ */
+function loadRpcTypes(protoRoot = THIRD_PARTY_PROTO_ROOT) {
+  const root = new protobuf.Root();
+  root.resolvePath = (_origin, target) => path.join(protoRoot, target);
+  root.loadSync(RPC_PROTOS, { keepCase: true });
+  return root;
+}
+
+const RPC_TYPES = loadRpcTypes();
 const STATUS = RPC_TYPES.lookupType('google.rpc.Status');
 const DETAIL_TYPES = {
   'google.rpc.ErrorInfo': RPC_TYPES.lookupType('google.rpc.ErrorInfo'),
@@ -311,7 +289,12 @@ function describeRpcError(error) {
         metadata: detail.metadata,
       });
     } else if (typeName === 'google.rpc.BadRequest') {
-      described.field_violations = detail.field_violations;
+      // {field, description}: what Trellis fills in (googleapis' newer reason and
+      // localized_message stay out, so the output keeps its shape).
+      described.field_violations = detail.field_violations.map(({ field, description }) => ({
+        field,
+        description,
+      }));
     } else if (typeName === 'google.rpc.RetryInfo') {
       described.retry_delay_ms = millis(detail.retry_delay);
     }
@@ -321,8 +304,10 @@ function describeRpcError(error) {
 
 module.exports = {
   PROTO_ROOT,
+  THIRD_PARTY_PROTO_ROOT,
   LOAD_OPTIONS,
   loadExecutor,
+  loadRpcTypes,
   createExecutorClient,
   run,
   getRun,

@@ -1,14 +1,19 @@
 """Canned behaviours a test queues on one server, consumed one per chat request.
 
 The rules answer everything a happy path needs; tests of the unhappy paths (a model
-that writes an invalid plan, asks to replan, fails with 500 or 429, or stalls) push
-behaviours here. Each request takes the next behaviour; an empty queue means "rules".
+that writes an invalid plan, asks to replan, fails with 500 or 429, stalls, or breaks
+its stream with an event that is not JSON) push behaviours here. Each request takes
+the next behaviour; an empty queue means "rules".
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+
+#: The ``data:`` of a broken stream event: a chunk cut off mid-JSON, as a proxy that
+#: truncates a stream or a provider bug sends it.
+BROKEN_EVENT = '{"id": "chatcmpl-broken", "object": "chat.completion.chunk", "choices": [{"del'
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,10 @@ class Behaviour:
     retry_after_ms: int | None = None
     #: Wait this long before answering (to trigger client timeouts).
     stall_seconds: float = 0.0
+    #: Stream this many pieces of the output, then the event ``broken_event`` (not
+    #: JSON), then end the response; None streams the whole output.
+    break_after_pieces: int | None = None
+    broken_event: str = BROKEN_EVENT
 
 
 class Script:
@@ -55,6 +64,13 @@ class Script:
     def stall(self, seconds: float, *, times: int = 1) -> None:
         """The next ``times`` requests wait ``seconds`` before the rules answer."""
         self.push(*[Behaviour(stall_seconds=seconds)] * times)
+
+    def break_stream(
+        self, text: str | None = None, *, after_pieces: int = 1, event: str = BROKEN_EVENT
+    ) -> None:
+        """The next request streams ``after_pieces`` pieces of ``text`` (None: the rules'
+        output), then a ``data:`` line that is ``event`` instead of a JSON chunk."""
+        self.push(Behaviour(text=text, break_after_pieces=after_pieces, broken_event=event))
 
     def next(self) -> Behaviour | None:
         return self._queue.popleft() if self._queue else None

@@ -3,8 +3,10 @@
 Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}`` and ``POST /v1/chat/completions``
 (``stream`` true: SSE ``data: {chunk}`` lines ending with ``data: [DONE]``, plus a final
 usage chunk with empty ``choices`` when ``stream_options.include_usage``; false: one
-``chat.completion``). Whatever model a request names, the answer comes from the rules and
-says so in ``model``. ``start_offline_model`` embeds it in any asyncio program.
+``chat.completion``; a scripted broken stream ends with one ``data:`` line that is not
+JSON, as a truncating proxy or a faulty provider sends it). Whatever model a request
+names, the answer comes from the rules and says so in ``model``. ``start_offline_model``
+embeds it in any asyncio program.
 
 Pacing (``ModelState``, changeable while serving): ``delay_ms`` before every streamed
 piece (a slow model); ``line_delay_ms``: each line of a *plan* (the answer to a planning
@@ -162,7 +164,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     options = body.get("stream_options") or {}
     include_usage = isinstance(options, Mapping) and bool(options.get("include_usage"))
     plan = is_plan_prompt(messages)
-    return await _stream(request, state, head, text, usage if include_usage else None, plan=plan)
+    return await _stream(
+        request, state, head, text, usage if include_usage else None, plan=plan, script=behaviour
+    )
 
 
 async def _stream(
@@ -173,6 +177,7 @@ async def _stream(
     usage: dict[str, int] | None,
     *,
     plan: bool,
+    script: Behaviour,
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -189,6 +194,7 @@ async def _stream(
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {**base, "choices": [_choice(delta, finish, stream=True)]}
 
+    sent = 0
     try:
         await send(chunk({"role": "assistant", "content": ""}))
         loop = asyncio.get_running_loop()
@@ -199,13 +205,22 @@ async def _stream(
             step = state.line_delay_ms / 1000 / len(line_pieces) if plan and line_pieces else 0
             started = loop.time()
             for i, piece in enumerate(line_pieces, 1):
+                if sent == script.break_after_pieces:
+                    break
                 if state.delay_ms:
                     await asyncio.sleep(state.delay_ms / 1000)
                 if step:
                     await asyncio.sleep(max(0.0, started + i * step - loop.time()))
                 await send(chunk({"content": piece}))
+                sent += 1
+            if sent == script.break_after_pieces:
+                break
             if plan and state.on_plan_line is not None:
                 state.on_plan_line(line)
+        if script.break_after_pieces is not None:  # a broken stream: no stop, no usage
+            await send(script.broken_event)  # as it is: not JSON
+            await response.write_eof()
+            return response
         await send(chunk({}, "stop"))
         if usage is not None:
             await send({**base, "choices": [], "usage": usage})

@@ -19,7 +19,9 @@ the nodes already accepted, and asks for the rest of the plan; the same validato
 the answer, so it continues the same plan (ids, references). A line that repeats an
 accepted node unchanged is skipped. Still invalid after the repair, or over
 ``max_nodes`` (no repair can add to a full plan): ``InvalidArgument`` (INVALID_PLAN, or
-TOO_MANY_NODES for a plan over ``max_nodes``).
+TOO_MANY_NODES for a plan over ``max_nodes``). A line over ``max_line_bytes`` ends the
+plan at once with INVALID_PLAN, unread to its end and not repaired: a model writing such
+a line is off track, and quoting it back would only make the repair call as large.
 
 Every model call is recorded with cost accounting: valid or not, finished or failed,
 and also when the client goes away mid-stream (tokens estimated from the text so far,
@@ -41,7 +43,7 @@ from trellis.planner.v1 import planner_pb2
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.runtime.logs import get_logger
 from trellis_planner import usage as usage_mod
-from trellis_planner.jsonl import JsonLine, JsonLinesParser
+from trellis_planner.jsonl import JsonLine, JsonLinesParser, LineTooLong
 from trellis_planner.model import ChatCall, ChatModel
 from trellis_planner.prompts import (
     Message,
@@ -127,6 +129,14 @@ def _line_error(line: JsonLine) -> InvalidArgument:
     )
 
 
+def _too_long(error: LineTooLong) -> InvalidArgument:
+    problem = f"line {error.line_number} is longer than {error.limit} bytes"
+    return invalid_plan(
+        f"the model's plan is refused: {problem} (it starts {error.line[:40]!r})",
+        [FieldViolation("plan", problem)],
+    )
+
+
 def _total(a: common_pb2.Usage, b: common_pb2.Usage) -> common_pb2.Usage:
     return common_pb2.Usage(
         model=b.model or a.model,
@@ -159,6 +169,8 @@ class _Round:
 
     def take(self, line: JsonLine) -> common_pb2.ToolCall | None:
         """The line's node if it is valid, else None (rejection noted) or raise."""
+        if isinstance(line.error, LineTooLong):
+            raise _too_long(line.error)
         if line.error is not None:
             self._reject(line, [line.error.problem], _line_error(line))
             return None
@@ -187,11 +199,13 @@ class Planner:
         *,
         default_model: str,
         max_nodes: int,
+        max_line_bytes: int | None = None,
     ) -> None:
         self._model = model
         self._usage = usage
         self._default_model = default_model
         self._max_nodes = max_nodes
+        self._max_line_bytes = max_line_bytes
 
     async def plan(
         self, request: planner_pb2.PlanRequest
@@ -238,7 +252,7 @@ class Planner:
         step: str,
     ) -> AsyncIterator[common_pb2.ToolCall | CallStarted | CallUsage]:
         """Stream the valid nodes of one model call; record its usage however it ends."""
-        parser = JsonLinesParser(strict=False)
+        parser = JsonLinesParser(strict=False, max_line_bytes=self._max_line_bytes)
         call = self._chat(messages, request, step)
         await call.reserve()  # BUDGET_EXCEEDED: no call, nothing to record
         yield CallStarted(call.usage_id)

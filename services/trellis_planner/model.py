@@ -22,7 +22,8 @@ records nothing and its reservation lapses in cost accounting.
 Every attempt is a ``chat {model}`` CLIENT span with the GenAI semantic-convention
 attributes (and time to first chunk), is bounded by the service's model timeout and by
 the incoming request's deadline, and turns the client's exceptions into Trellis errors
-with stable reasons (MODEL_TIMEOUT, MODEL_RATE_LIMITED, MODEL_UNAVAILABLE, ...). Each
+with stable reasons (MODEL_TIMEOUT, MODEL_RATE_LIMITED, MODEL_UNAVAILABLE, ...; a stream
+event that is not JSON, or not a chunk the planner can read, is MODEL_BAD_RESPONSE). Each
 attempt that sent a request is observed in ``gen_ai_client_operation_duration_seconds``
 and one that answered in ``gen_ai_client_token_usage``. Usage comes from the stream's
 final usage chunk; when the endpoint sends none, or the call stops early, it is
@@ -32,6 +33,7 @@ estimated and marked so.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +53,7 @@ from trellis.runtime.errors import (
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import GEN_AI_OPERATION_DURATION, GEN_AI_TOKEN_USAGE, MODEL_FALLBACKS
 from trellis_planner.budget import BudgetChecker, require_budget
+from trellis_planner.chunks import MalformedChunk, read_chunk
 from trellis_planner.model_errors import estimate_input_tokens, estimate_tokens, model_error
 from trellis_planner.ratelimit import RateLimits
 
@@ -238,37 +241,34 @@ class ChatCall:
             try:
                 async with asyncio.timeout_at(self._loop_deadline()):
                     chunk = await iterator.__anext__()
+                text = self._take(chunk)
             except StopAsyncIteration:
                 break
+            except json.JSONDecodeError as error:  # the client parses each event's data
+                bad = MalformedChunk(f"an event is not JSON ({error})")
+                raise self._fail(bad) from error
             except Exception as error:
                 raise self._fail(error) from error
-            text = self._take(chunk)
             if text:
                 yield text
         self._finished = True
 
-    def _take(self, chunk: Any) -> str:
+    def _take(self, chunk: object) -> str:
+        parts = read_chunk(chunk)
         result = self.result
-        if getattr(chunk, "model", None):
-            result.model = chunk.model
-        usage = getattr(chunk, "usage", None)
-        if usage is not None:
+        if parts.model:
+            result.model = parts.model
+        if parts.usage is not None:
             self._usage_seen = True
-            result.input_tokens = usage.prompt_tokens or 0
-            result.output_tokens = usage.completion_tokens or 0
-            details = getattr(usage, "prompt_tokens_details", None)
-            result.cached_input_tokens = getattr(details, "cached_tokens", 0) or 0
-        text = ""
-        for choice in chunk.choices or ():
-            if choice.delta and choice.delta.content:
-                text += choice.delta.content
-            if choice.finish_reason:
-                result.finish_reasons.append(choice.finish_reason)
-        if text:
+            result.input_tokens = parts.usage.input_tokens
+            result.output_tokens = parts.usage.output_tokens
+            result.cached_input_tokens = parts.usage.cached_input_tokens
+        result.finish_reasons.extend(parts.finish_reasons)
+        if parts.text:
             if result.time_to_first_token is None and self._started is not None:
                 result.time_to_first_token = time.monotonic() - self._started
-            result.text += text
-        return text
+            result.text += parts.text
+        return parts.text
 
     async def __aexit__(
         self,

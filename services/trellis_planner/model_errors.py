@@ -3,7 +3,12 @@
 One place decides which model failures are retryable (and so may fall back to the
 next model) and what a caller sees: MODEL_TIMEOUT, MODEL_RATE_LIMITED (with the
 endpoint's Retry-After as RetryInfo), MODEL_UNAVAILABLE, MODEL_AUTH_FAILED,
-MODEL_REJECTED.
+MODEL_REJECTED, MODEL_BAD_RESPONSE.
+
+MODEL_BAD_RESPONSE (a stream event that is not JSON, or not a chunk: ``chunks.py``) is the
+provider's fault, like a connection cut mid-stream, so it is UNAVAILABLE (the caller may
+try again). It only happens once a stream is open, when no fallback model is tried any
+more (``model.py``), so it is not among the fallback reasons.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from trellis.runtime.errors import (
     TrellisError,
     Unavailable,
 )
+from trellis_planner.chunks import MalformedChunk
 
 
 def estimate_tokens(text: str) -> int:
@@ -55,6 +61,12 @@ def model_error(error: BaseException, model: str) -> TrellisError | None:
     meta = {"model": model}
     if isinstance(error, TrellisError):
         return error
+    if isinstance(error, MalformedChunk):
+        return Unavailable(
+            f"model {model} sent a malformed stream: {error}",
+            reason="MODEL_BAD_RESPONSE",
+            metadata=meta,
+        )
     if isinstance(error, openai.APITimeoutError | TimeoutError):
         return DeadlineExceeded(f"model {model} timed out", reason="MODEL_TIMEOUT", metadata=meta)
     if isinstance(error, openai.RateLimitError):

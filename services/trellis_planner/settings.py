@@ -57,6 +57,12 @@ class PlannerSettings(ServiceSettings):
     )
     model_timeout_seconds: float = Field(60.0, gt=0, description="Upper bound of one model call.")
     max_nodes: int = Field(50, ge=1, le=1000, description="Plan size when a request gives none.")
+    max_plan_line_bytes: int = Field(
+        65536,
+        ge=1,
+        description="Longest line (UTF-8 bytes) of a model's plan, one node per line: a longer "
+        "line ends planning with INVALID_PLAN as soon as it grows past this, read no further.",
+    )
     model_max_retries: int = Field(
         2,
         ge=0,

@@ -11,16 +11,19 @@ Needs node and clients/node/node_modules (``make install`` installs them).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from google.protobuf import json_format
+from google.protobuf import any_pb2, duration_pb2, json_format
+from google.rpc import error_details_pb2, status_pb2
 
 from trellis.cli.app import DEMO_GOAL
 from trellis.cli.stack import Stack, start_stack
@@ -315,3 +318,76 @@ async def test_api_key_is_sent_and_decides_the_tenant(tmp_path: Path, channels) 
         assert run.tenant_id == "acme"
     finally:
         await secured.stop()
+
+
+# -- google.rpc details, decoded from the vendored third_party/protos ----------------------
+
+DESCRIBE_JS = """
+const trellis = require(process.argv[1]);
+const raw = Buffer.from(process.argv[2], 'base64');
+const error = {code: 8, details: 'shed', metadata: {get: () => [raw]}};
+console.log(JSON.stringify(trellis.describeRpcError(error)));
+"""
+
+
+def node_describe(details: bytes, env: dict[str, str] | None = None):
+    """describeRpcError of an error whose grpc-status-details-bin is ``details``."""
+    module, encoded = str(CLIENT_DIR / "trellis-client.js"), base64.b64encode(details).decode()
+    return subprocess.run(
+        [require_node(), "-e", DESCRIBE_JS, module, encoded],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**_env(), **(env or {})},
+    )
+
+
+def rich_status() -> bytes:
+    details = [
+        error_details_pb2.ErrorInfo(
+            reason="RUN_CAPACITY", domain="trellis.dev", metadata={"limit": "64"}
+        ),
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field="goal", description="empty")
+            ]
+        ),
+        error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=1, nanos=500_000_000)
+        ),
+        error_details_pb2.DebugInfo(detail="ignored: not a detail the client reads"),
+    ]
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    return status_pb2.Status(code=8, message="shed", details=packed).SerializeToString()
+
+
+def test_error_details_are_decoded_with_the_vendored_google_rpc_protos() -> None:
+    result = node_describe(rich_status())
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "code": "RESOURCE_EXHAUSTED",
+        "message": "shed",
+        "details_decoded": True,
+        "reason": "RUN_CAPACITY",
+        "domain": "trellis.dev",
+        "metadata": {"limit": "64"},
+        "field_violations": [{"field": "goal", "description": "empty"}],
+        "retry_delay_ms": 1500,
+    }
+
+
+def test_the_client_reads_google_rpc_from_third_party_protos(tmp_path: Path) -> None:
+    # Pointed at a directory without them, the client cannot load: the files are its source.
+    result = node_describe(rich_status(), {"TRELLIS_THIRD_PARTY_PROTOS_DIR": str(tmp_path)})
+    assert result.returncode != 0
+    assert "google/rpc/status.proto" in result.stderr
+    # A copy of the vendored directory elsewhere works the same.
+    shutil.copytree(ROOT / "third_party" / "protos", tmp_path / "copy")
+    result = node_describe(
+        rich_status(), {"TRELLIS_THIRD_PARTY_PROTOS_DIR": str(tmp_path / "copy")}
+    )
+    assert result.returncode == 0 and json.loads(result.stdout)["reason"] == "RUN_CAPACITY"

@@ -4,7 +4,9 @@ the planner core turns its bad lines into rejections.
 No text, cut into chunks anywhere, makes the parser raise anything but
 ``JsonLinesError`` (strict) or nothing at all (non-strict); chunking never changes the
 result; every rejected line becomes INVALID_PLAN; JSON values written one per line come
-back unchanged, in order, with their line numbers.
+back unchanged, in order, with their line numbers; with a line limit, exactly the lines
+over it are refused, the same lines however the text is cut, after searching each
+character once.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from hypothesis import strategies as st
 from tests.properties.strategies import json_values, model_lines
 from trellis.runtime.errors import InvalidArgument
 from trellis_planner.core import _line_error
-from trellis_planner.jsonl import JsonLine, JsonLinesError, JsonLinesParser
+from trellis_planner.jsonl import JsonLine, JsonLinesError, JsonLinesParser, LineTooLong
 
 #: Every reason a line of the model's plan can be rejected with (core._line_error).
 LINE_REJECTION_CODES = {"INVALID_PLAN"}
@@ -35,10 +37,14 @@ def chunked(text: str, cuts: list[int]) -> list[str]:
     return [text[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def parse(chunks: list[str], *, strict: bool = False) -> list[JsonLine]:
-    parser = JsonLinesParser(strict=strict)
+def parse(
+    chunks: list[str], *, strict: bool = False, max_line_bytes: int | None = None
+) -> list[JsonLine]:
+    parser = JsonLinesParser(strict=strict, max_line_bytes=max_line_bytes)
     lines = [line for chunk in chunks for line in parser.feed(chunk)]
-    return lines + parser.close()
+    lines += parser.close()
+    assert parser.examined == sum(len(chunk) for chunk in chunks)
+    return lines
 
 
 def as_comparable(lines: list[JsonLine]) -> list[tuple]:
@@ -107,3 +113,28 @@ def test_values_written_one_per_line_come_back_in_order(
     assert [line.value for line in parsed] == values
     assert [line.number for line in parsed] == expected_numbers
     assert all(line.error is None for line in parsed)
+
+
+@given(
+    texts,
+    st.lists(st.integers(min_value=0, max_value=400), max_size=12),
+    st.integers(min_value=1, max_value=60),
+)
+@example("é" * 30 + "\n" + "[1]\n", [1, 2, 3], 59)  # 60 bytes in 30 characters
+def test_a_line_limit_refuses_exactly_the_long_lines_however_the_text_is_cut(
+    text: str, cuts: list[int], limit: int
+) -> None:
+    limited = parse([text], max_line_bytes=limit)
+    assert as_comparable(parse(chunked(text, cuts), max_line_bytes=limit)) == as_comparable(limited)
+    raw_lines = text.split("\n")
+    too_long = {
+        number
+        for number, raw in enumerate(raw_lines, 1)
+        if len(raw.encode("utf-8", "surrogatepass")) > limit
+    }
+    refused = {line.number for line in limited if isinstance(line.error, LineTooLong)}
+    assert refused == too_long
+    # The other lines come out as they do without a limit.
+    unlimited = [line for line in parse([text]) if line.number not in too_long]
+    kept = [line for line in limited if line.number not in too_long]
+    assert as_comparable(kept) == as_comparable(unlimited)

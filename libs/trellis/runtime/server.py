@@ -1,6 +1,7 @@
 """Server bootstrap: every Trellis gRPC server is built and stopped here.
 
-A server gets per-service health (grpc.health.v1), server reflection, message size
+A server gets per-service health (grpc.health.v1), server reflection (method symbols
+included: ``reflection.py``), message size
 and concurrency limits (RESOURCE_EXHAUSTED beyond ``max_concurrent_rpcs``),
 keepalive, tracing and the runtime's rules interceptor. On SIGTERM/SIGINT health
 turns NOT_SERVING first, so load balancers stop sending, then in-flight RPCs get
@@ -33,6 +34,7 @@ from trellis.runtime.interceptors import ServerRulesInterceptor
 from trellis.runtime.logs import get_logger, setup_logging
 from trellis.runtime.metrics import serve_metrics
 from trellis.runtime.redact import register_settings
+from trellis.runtime.reflection import MethodSymbolPool
 from trellis.runtime.settings import ConfigError, ServiceSettings, load_settings
 from trellis.runtime.telemetry import Telemetry, setup_telemetry
 
@@ -153,6 +155,7 @@ async def start_server(
             reflection.SERVICE_NAME,
         ],
         server,
+        pool=MethodSymbolPool(),  # `grpcurl describe <Service>.<Method>` works too
     )
     address = f"{settings.host}:{settings.port}"
     files = tls.from_settings(settings)

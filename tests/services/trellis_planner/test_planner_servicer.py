@@ -47,9 +47,15 @@ async def costs(serve):
     return servicer
 
 
-async def start_planner(serve, channels, model, costs_target: str) -> PlannerClient:
+async def start_planner(
+    serve, channels, model, costs_target: str, **overrides: object
+) -> PlannerClient:
     settings = PlannerSettings(
-        port=0, metrics_port=0, openai_base_url=model.base_url, costs_target=costs_target
+        port=0,
+        metrics_port=0,
+        openai_base_url=model.base_url,
+        costs_target=costs_target,
+        **overrides,  # type: ignore[arg-type]
     )
     server = await serve(NAME, build, settings)
     return PlannerClient(channels.get(server.target), timeout=30)
@@ -147,6 +153,37 @@ async def test_scripted_500_is_unavailable_after_retries(planner, tools, model):
         await responses(planner.plan(planner_pb2.PlanRequest(run_id="r6", goal=DEMO, tools=tools)))
     assert raised.value.reason == "MODEL_UNAVAILABLE"
     assert len(model.requests) == 3
+
+
+async def test_a_broken_model_stream_is_unavailable_not_internal(planner, tools, model, costs):
+    model.script.break_stream(after_pieces=5)  # the rules' plan, cut by an event not JSON
+    request = planner_pb2.PlanRequest(run_id="r8", goal=DEMO, tools=tools)
+    with pytest.raises(Unavailable) as raised:
+        await responses(planner.plan(request))
+    assert raised.value.reason == "MODEL_BAD_RESPONSE"
+    assert raised.value.metadata == {"model": "trellis-offline-rules-v1"}
+    [(_, recorded)] = costs.recorded
+    assert recorded.usage_id == "r8/plan/0" and recorded.estimated
+    assert len(model.requests) == 1  # UNAVAILABLE with pushback: the Plan is not repeated
+
+
+async def test_a_plan_line_over_the_limit_is_invalid_plan(serve, channels, model, tools, costs):
+    planner = await start_planner(serve, channels, model, costs.target, max_plan_line_bytes=1024)
+    long_value = '"' + "x" * 2000 + '"'
+    model.script.reply(
+        '{"node_id": "n1", "tool": "echo", "args": {"value": 1}}\n'
+        f'{{"node_id": "n2", "tool": "echo", "args": {{"value": {long_value}}}}}\n'
+    )
+    request = planner_pb2.PlanRequest(run_id="r9", goal="x", tools=tools)
+    seen = []
+    with pytest.raises(InvalidArgument) as raised:
+        async for response in planner.plan(request):
+            seen.append(response.node.node_id)
+    assert seen == ["n1"]
+    assert raised.value.reason == "INVALID_PLAN"
+    assert [(v.field, v.description) for v in raised.value.violations] == [
+        ("plan", "line 2 is longer than 1024 bytes")
+    ]
 
 
 async def test_empty_goal_is_invalid_argument(planner, tools):
