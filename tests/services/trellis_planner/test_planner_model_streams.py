@@ -13,7 +13,7 @@ from opentelemetry.trace import StatusCode
 
 from trellis.planner.v1 import planner_pb2
 from trellis.runtime.errors import InvalidArgument, Unavailable
-from trellis_planner.core import PlanEnd, Planner
+from trellis_planner.core import CallStarted, CallUsage, PlanEnd, Planner
 from trellis_planner.model import ChatModel
 from trellis_planner.service import make_client
 from trellis_planner.settings import PlannerSettings
@@ -37,6 +37,11 @@ async def drain(stream) -> list:
     return seen
 
 
+def content(items: list) -> list:
+    """Nodes and answer text, without the calls' usage reports."""
+    return [i for i in items if not isinstance(i, CallStarted | CallUsage)]
+
+
 # --- a broken stream ----------------------------------------------------------------------
 
 
@@ -52,7 +57,7 @@ async def test_an_event_that_is_not_json_mid_plan_is_model_bad_response(
     assert raised.value.reason == "MODEL_BAD_RESPONSE"
     assert raised.value.metadata == {"model": MODEL}
     assert "malformed stream: an event is not JSON" in raised.value.message
-    assert [n.node_id for n in seen] == ["n1"]  # the node before the break went out
+    assert [n.node_id for n in content(seen)] == ["n1"]  # the node before the break went out
     [recorded] = recorder.requests  # the call still counts: estimated from the text so far
     assert recorded.usage_id == "run-1/plan/0" and recorded.estimated
     assert recorded.usage.output_tokens > 0 and recorded.usage.input_tokens > 0
@@ -73,7 +78,9 @@ async def test_a_broken_join_stream_is_model_bad_response_with_estimated_usage(
         async for item in planner.join(request):
             seen.append(item)
     assert raised.value.reason == "MODEL_BAD_RESPONSE"
-    assert "".join(seen) == "The answer is"
+    assert "".join(content(seen)) == "The answer is"
+    # the broken call's usage is reported in the stream before the error
+    assert isinstance(seen[-1], CallUsage) and seen[-1].usage.estimated
     [recorded] = recorder.requests
     assert recorded.usage_id == "run-1/join/1" and recorded.estimated
 
@@ -161,7 +168,7 @@ async def test_a_600_kb_plan_line_is_refused_at_the_limit(limited, tools, model,
         ("plan", "line 2 is longer than 65536 bytes")
     ]
     assert 'it starts \'{"node_id": "n2"' in raised.value.message
-    assert [n.node_id for n in seen] == ["n1"]
+    assert [n.node_id for n in content(seen)] == ["n1"]
     assert len(model.requests) == 1  # not repaired: quoting the line back would be as large
     [recorded] = recorder.requests
     assert recorded.estimated and recorded.usage_id == "run-1/plan/0"
@@ -174,7 +181,7 @@ async def test_lines_within_the_limit_plan_as_usual(limited, tools, model):
     value = '"' + "x" * 60_000 + '"'
     model.script.reply(node_line("n1", value) + node_line("n2"))
     items = await drain(limited.plan(plan_request(tools)))
-    assert [n.node_id for n in items[:-1]] == ["n1", "n2"]
+    assert [n.node_id for n in content(items)[:-1]] == ["n1", "n2"]
     assert isinstance(items[-1], PlanEnd)
 
 
