@@ -133,7 +133,9 @@ class RunExecution:
             if isinstance(error, TrellisError):
                 if isinstance(error, InvalidArgument):
                     run.events.rejection = error  # the caller gets it as the call's status
-                return _stopped(error.reason, error.message, error.metadata)
+                stopped = _stopped(error.reason, error.message, error.metadata)
+                stopped.error.retryable = error.retryable  # e.g. a model that was unavailable
+                return stopped
             log.exception("run failed", run_id=run.run_id)
             return _stopped("INTERNAL", f"internal error ({type(error).__name__})")
 
