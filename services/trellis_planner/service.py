@@ -103,6 +103,7 @@ async def build(settings: PlannerSettings, telemetry: Telemetry, channels: Chann
         outbox,
         default_model=settings.model,
         max_nodes=settings.max_nodes,
+        max_goal_bytes=settings.max_goal_bytes,
     )
     servicer = PlannerServicer(planner)
 

@@ -24,6 +24,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from trellis.outbox import default_outbox_path, validate_outbox_path
 from trellis.runtime.settings import ServiceSettings, validate_redis_url
+from trellis.runtime.validation import DEFAULT_MAX_GOAL_BYTES
 
 OFFLINE_MODEL = "trellis-offline-rules-v1"
 OFFLINE_BASE_URL = "http://127.0.0.1:8400/v1"
@@ -57,6 +58,12 @@ class PlannerSettings(ServiceSettings):
     )
     model_timeout_seconds: float = Field(60.0, gt=0, description="Upper bound of one model call.")
     max_nodes: int = Field(50, ge=1, le=1000, description="Plan size when a request gives none.")
+    max_goal_bytes: int = Field(
+        DEFAULT_MAX_GOAL_BYTES,
+        ge=1,
+        description="Largest goal (UTF-8 bytes) a Plan or Join request may carry (keep it"
+        " the executor's); a larger one is INVALID_ARGUMENT (GOAL_TOO_LARGE).",
+    )
     model_max_retries: int = Field(
         2,
         ge=0,

@@ -35,8 +35,9 @@ from trellis_planner.validation import PlanValidator
 TOOLS = ["echo", "sleep", "arithmetic"]
 #: Every reason the executor's plan checks refuse a plan with (plan.py).
 EXECUTOR_PLAN_CODES = {"INVALID_PLAN", "TOO_MANY_NODES"}
-#: Every reason the planner's validator refuses a node with (validation.py).
-PLANNER_PLAN_CODES = {"INVALID_PLAN"}
+#: Every reason the planner's validator refuses a node with (validation.py): past
+#: max_nodes it is the executor's TOO_MANY_NODES.
+PLANNER_PLAN_CODES = {"INVALID_PLAN", "TOO_MANY_NODES"}
 
 
 def check_explicit_plan(plan: list[common_pb2.ToolCall], max_nodes: int) -> list[int]:
