@@ -49,8 +49,9 @@ _ELLIPSIS = "…"
 
 def quote(value: object, limit: int = QUOTE_CHARS) -> str:
     """``value`` for an error message: the ``repr`` of at most ``limit`` characters, ``…``
-    after a cut. Control characters come out escaped (``'\\x00'``), never raw."""
-    text = str(value)
+    after a cut. Control characters come out escaped (``'\\x00'``), never raw. Secrets
+    are redacted before the cut: a secret's prefix would no longer be recognised."""
+    text = redact_text(str(value))
     if len(text) <= limit:
         return repr(text)
     return repr(text[:limit]) + _ELLIPSIS

@@ -6,7 +6,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from trellis.runtime import errors
+from trellis.runtime import errors, redact
 
 
 class FakeRpcError(grpc.RpcError):
@@ -109,3 +109,10 @@ def test_a_small_error_is_sent_whole() -> None:
     )
     back = errors.from_rpc_error(FakeRpcError(errors.to_status(error)))
     assert back.message == "bad" and len(back.violations) == 20
+
+
+def test_quote_redacts_a_secret_before_it_cuts_it() -> None:
+    secret = "SENTINEL" + "0123456789abcdef" * 3
+    redact.register_secret(secret)
+    quoted = errors.quote(f"name {secret} and more")
+    assert secret[:20] not in quoted and redact.REDACTED in quoted
