@@ -3,10 +3,14 @@
 The servicer does not care which backend it serves; a backend failure is the
 backend's ``Unavailable`` (reason CACHE_BACKEND_UNAVAILABLE), which the runtime's
 interceptor sends as UNAVAILABLE so the gateway falls back to running the tool.
-A Get marks its RPC's server span with ``trellis.cache_hit``.
+A Get marks its RPC's server span with ``trellis.cache_hit``. Keys and tags follow
+``trellis.runtime.validation.CACHE_KEY`` (INVALID_ID otherwise; an empty key is
+KEY_REQUIRED).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from grpc import aio
 from opentelemetry import trace
@@ -15,6 +19,7 @@ from trellis.cache.v1 import cache_pb2, cache_pb2_grpc
 from trellis.runtime.convert import duration, seconds
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.runtime.metrics import CACHE_REQUESTS
+from trellis.runtime.validation import CACHE_KEY, Problems
 from trellis_cache.store import Store
 
 #: Span attribute on a Get's server span (the name the gateway's execute_tool uses too).
@@ -30,6 +35,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self, request: cache_pb2.GetRequest, context: aio.ServicerContext
     ) -> cache_pb2.GetResponse:
         _require_key(request.key)
+        _check_keys([("key", request.key)])
         found = await self._store.get(request.key)
         CACHE_REQUESTS.labels(result="hit" if found else "miss").inc()
         trace.get_current_span().set_attribute(ATTR_CACHE_HIT, found is not None)
@@ -42,6 +48,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self, request: cache_pb2.SetRequest, context: aio.ServicerContext
     ) -> cache_pb2.SetResponse:
         _require_key(request.key)
+        _check_keys([("key", request.key), *_indexed("tags", request.tags)])
         ttl = seconds(request.ttl) or self._default_ttl
         if ttl < 0:
             raise InvalidArgument(
@@ -53,6 +60,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def Invalidate(
         self, request: cache_pb2.InvalidateRequest, context: aio.ServicerContext
     ) -> cache_pb2.InvalidateResponse:
+        _check_keys([*_indexed("keys", request.keys), *_indexed("tags", request.tags)])
         invalidated = await self._store.invalidate(list(request.keys), list(request.tags))
         return cache_pb2.InvalidateResponse(invalidated=invalidated)
 
@@ -75,3 +83,15 @@ def _require_key(key: str) -> None:
         raise InvalidArgument(
             "key is required", reason="KEY_REQUIRED", violations=[FieldViolation("key", "empty")]
         )
+
+
+def _indexed(field: str, values: Iterable[str]) -> list[tuple[str, str]]:
+    return [(f"{field}[{i}]", value) for i, value in enumerate(values)]
+
+
+def _check_keys(named: Iterable[tuple[str, str]]) -> None:
+    """INVALID_ID naming every ``(field, key or tag)`` that breaks ``CACHE_KEY``."""
+    problems = Problems()
+    for name, value in named:
+        problems.check_id(name, value, CACHE_KEY, required=True)
+    problems.refuse("cache request")

@@ -2,8 +2,9 @@
 
 Contract checks live here because they name proto fields: a bad field is
 INVALID_ARGUMENT with a stable reason and BadRequest violations naming every bad field
-(INVALID_USAGE, USAGE_ID_REQUIRED, INVALID_ESTIMATE, INVALID_BUDGET, INVALID_DAY). The
-tenant comes from the request scope (``x-tenant-id``). Rows are written through
+(INVALID_USAGE, USAGE_ID_REQUIRED, INVALID_ESTIMATE, INVALID_BUDGET, INVALID_DAY; an
+id against ``trellis.runtime.validation``'s rules is one of them, a bad tenant_id is
+INVALID_ID). The tenant comes from the request scope (``x-tenant-id``). Rows are written through
 ``Budgets`` so its in-memory view counts each one. Prometheus cost and token counters
 move only when a new ledger row is written, so retries and resumes never inflate them;
 ``trellis_budget_remaining_usd{tenant}`` follows tenants that have a budget.
@@ -21,6 +22,16 @@ from trellis.runtime.context import tenant as current_tenant
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import BUDGET_REMAINING_USD, COST_USD, TOKENS, UNKNOWN_MODEL_PRICES
+from trellis.runtime.validation import (
+    MODEL_NAME,
+    NODE_ID,
+    RUN_ID,
+    TENANT_ID,
+    TOOL_NAME,
+    USAGE_ID,
+    Problems,
+    id_violations,
+)
 from trellis_costs.budgets import Budgets
 from trellis_costs.ledger import Budget, Ledger, UsageEvent, UsageKind, UsageRow, parse_day
 from trellis_costs.prices import PriceTable
@@ -113,7 +124,7 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
             raise InvalidArgument(
                 "budget limits must not be negative", reason="INVALID_BUDGET", violations=violations
             )
-        tenant_id = request.tenant_id or current_tenant()
+        tenant_id = _tenant(request.tenant_id)
         await self._budgets.set_budget(
             Budget(tenant_id, request.daily_limit_nano_usd, request.monthly_limit_nano_usd)
         )
@@ -126,7 +137,7 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
         """Totals of ``tenant_id`` (empty: the caller's) by UTC day, kind and model or
         tool over the inclusive window of days (empty: today)."""
         start_day, end_day = _window(request, self._budgets.today())
-        report = await self._ledger.usage(request.tenant_id or current_tenant(), start_day, end_day)
+        report = await self._ledger.usage(_tenant(request.tenant_id), start_day, end_day)
         return costs_pb2.GetUsageResponse(
             rows=[_usage_row(row) for row in report.rows],
             total_cost_nano_usd=report.total_cost_nano_usd,
@@ -150,6 +161,14 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
             usage_id=event.usage_id,
             tenant_id=event.tenant_id,
         )
+
+
+def _tenant(tenant_id: str) -> str:
+    """A request's ``tenant_id`` (empty: the caller's); ``INVALID_ID`` if it is not one."""
+    problems = Problems()
+    problems.check_id("tenant_id", tenant_id, TENANT_ID)
+    problems.refuse("request")
+    return tenant_id or current_tenant()
 
 
 def _invalid(field: str, description: str, reason: str = "INVALID_ARGUMENT") -> InvalidArgument:
@@ -180,6 +199,13 @@ def _usage_event(request: costs_pb2.RecordUsageRequest, tenant_id: str) -> Usage
         )
     if request.tool_cost_nano_usd < 0:
         violations.append(FieldViolation("tool_cost_nano_usd", "must be >= 0"))
+    violations += id_violations(
+        ("usage_id", request.usage_id, USAGE_ID),
+        ("run_id", request.run_id, RUN_ID),
+        ("node_id", request.node_id, NODE_ID),
+        ("tool", request.tool, TOOL_NAME),
+        ("usage.model", usage.model, MODEL_NAME),
+    )
     if violations:
         raise InvalidArgument(
             "usage event breaks its contract", reason="INVALID_USAGE", violations=violations
@@ -229,6 +255,10 @@ def _estimate(request: costs_pb2.CheckBudgetRequest, prices: PriceTable) -> int:
         )
         if value < 0
     ]
+    violations += id_violations(
+        ("reservation_id", request.reservation_id, USAGE_ID),
+        ("estimated_usage.model", usage.model, MODEL_NAME),
+    )
     if usage.cached_input_tokens > max(usage.input_tokens, 0):
         violations.append(
             FieldViolation(

@@ -34,6 +34,7 @@ from trellis.runtime.errors import InvalidArgument, TrellisError
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import RUN_DURATION
 from trellis.runtime.redact import redact_details, redact_text
+from trellis.runtime.validation import node_idempotency_key
 from trellis.toolgateway.v1 import toolgateway_pb2
 from trellis_executor import ports
 from trellis_executor.ending import judged, unrecovered_failures
@@ -293,7 +294,7 @@ class RunExecution:
         request = toolgateway_pb2.InvokeToolRequest(
             call=call,
             run_id=run.run_id,
-            idempotency_key=f"{run.run_id}/{call.node_id}",
+            idempotency_key=node_idempotency_key(run.run_id, call.node_id),
             cache_mode=run.limits.cache_mode,  # type: ignore[arg-type]
         )
         try:

@@ -3,7 +3,9 @@
 ``NodeChecker`` checks nodes one at a time, as they stream from the planner (a node
 may only depend on nodes seen before it). ``order_explicit_plan`` checks a whole
 explicit plan up front (cycles included) and returns it in dependency order, so
-both kinds of plan then flow through the same checker and scheduler.
+both kinds of plan then flow through the same checker and scheduler. What a node must
+be on its own (id and tool name rules, args depth, size and numbers) is
+``trellis.runtime.validation.call_violations``, the rules the front door applies too.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from graphlib import CycleError, TopologicalSorter
 from trellis.common.v1 import common_pb2
 from trellis.refs import referenced_nodes
 from trellis.runtime.convert import from_struct
-from trellis.runtime.errors import FieldViolation, InvalidArgument
+from trellis.runtime.errors import FieldViolation, InvalidArgument, quote
+from trellis.runtime.validation import call_violations
 
 
 class NodeChecker:
@@ -28,7 +31,6 @@ class NodeChecker:
 
     def check(self, call: common_pb2.ToolCall, where: str) -> None:
         """Raise InvalidArgument (reason INVALID_PLAN) naming every rule ``call`` breaks."""
-        violations = []
         self._count += 1
         if self._count > self._max_nodes:
             raise InvalidArgument(
@@ -36,30 +38,32 @@ class NodeChecker:
                 reason="TOO_MANY_NODES",
                 violations=[FieldViolation(where, f"over max_nodes={self._max_nodes}")],
             )
-        if not call.node_id:
-            violations.append(FieldViolation(f"{where}.node_id", "required"))
-        elif call.node_id in self._seen:
-            violations.append(FieldViolation(f"{where}.node_id", f"duplicate id {call.node_id!r}"))
-        if call.tool not in self._tools:
-            violations.append(FieldViolation(f"{where}.tool", f"unknown tool {call.tool!r}"))
+        violations = call_violations(call, where)  # ids, tool name, args bounds
+        broken = {v.field for v in violations}
+        if f"{where}.node_id" not in broken and call.node_id in self._seen:
+            violations.append(
+                FieldViolation(f"{where}.node_id", f"duplicate id {quote(call.node_id)}")
+            )
+        if f"{where}.tool" not in broken and call.tool not in self._tools:
+            violations.append(FieldViolation(f"{where}.tool", f"unknown tool {quote(call.tool)}"))
         deps = list(call.depends_on)
-        for dep in deps:
+        for index, dep in enumerate(deps):
+            if f"{where}.depends_on[{index}]" in broken:
+                continue
             if dep == call.node_id:
                 violations.append(FieldViolation(f"{where}.depends_on", "depends on itself"))
             elif dep not in self._seen:
-                violations.append(FieldViolation(f"{where}.depends_on", f"unknown node {dep!r}"))
-        try:
-            args = from_struct(call.args)
-        except ValueError as error:  # NaN or Infinity: a Struct may hold them, JSON may not
-            violations.append(FieldViolation(f"{where}.args", f"not JSON: {error}"))
-            args = {}
+                violations.append(
+                    FieldViolation(f"{where}.depends_on", f"unknown node {quote(dep)}")
+                )
+        args = {} if f"{where}.args" in broken else from_struct(call.args)
         for ref in [r for r in referenced_nodes(args) if r not in deps]:
             violations.append(
                 FieldViolation(f"{where}.args", f"references ${ref} not listed in depends_on")
             )
         if violations:
             raise InvalidArgument(
-                f"invalid plan node {call.node_id or where}: "
+                f"invalid plan node {where}: "
                 + "; ".join(f"{v.field}: {v.description}" for v in violations),
                 reason="INVALID_PLAN",
                 violations=violations,

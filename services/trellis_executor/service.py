@@ -43,7 +43,7 @@ async def build(settings: ExecutorSettings, telemetry: Telemetry, channels: Chan
         settings=settings,
     )
     await runner.start()
-    servicer = ExecutorServicer(runner)
+    servicer = ExecutorServicer(runner, max_goal_bytes=settings.max_goal_bytes)
 
     def register(server: aio.Server) -> None:
         executor_pb2_grpc.add_ExecutorServiceServicer_to_server(servicer, server)

@@ -1,4 +1,8 @@
-"""ExecutorService over gRPC: thin translation onto ``Runner``."""
+"""ExecutorService over gRPC: thin translation onto ``Runner``.
+
+Every request passes the front door (``front_door``) first: a field that breaks its
+rule is INVALID_ARGUMENT before the runner looks anything up, stores or runs it.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,20 @@ from grpc import aio
 
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
 from trellis.runtime.errors import FieldViolation, InvalidArgument
+from trellis.runtime.validation import DEFAULT_MAX_GOAL_BYTES
+from trellis_executor.front_door import check_run_id, check_run_request
 from trellis_executor.runner import Runner
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, *, max_goal_bytes: int = DEFAULT_MAX_GOAL_BYTES) -> None:
         self._runner = runner
+        self._max_goal_bytes = max_goal_bytes
 
     async def Run(
         self, request: executor_pb2.RunRequest, context: aio.ServicerContext
     ) -> AsyncIterator[executor_pb2.RunResponse]:
+        check_run_request(request, self._max_goal_bytes)
         if not request.goal.strip() and not request.plan:
             raise InvalidArgument(
                 "a run needs a goal or an explicit plan",
@@ -30,22 +38,19 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def GetRun(
         self, request: executor_pb2.GetRunRequest, context: aio.ServicerContext
     ) -> executor_pb2.GetRunResponse:
+        check_run_id(request.run_id)
         return executor_pb2.GetRunResponse(run=await self._runner.get(request.run_id))
 
     async def CancelRun(
         self, request: executor_pb2.CancelRunRequest, context: aio.ServicerContext
     ) -> executor_pb2.CancelRunResponse:
+        check_run_id(request.run_id)
         status = await self._runner.cancel(request.run_id)
         return executor_pb2.CancelRunResponse(run_id=request.run_id, status=status)
 
     async def ResumeRun(
         self, request: executor_pb2.ResumeRunRequest, context: aio.ServicerContext
     ) -> AsyncIterator[executor_pb2.RunResponse]:
-        if not request.run_id:
-            raise InvalidArgument(
-                "ResumeRun needs the run_id of the run to continue",
-                reason="RUN_ID_REQUIRED",
-                violations=[FieldViolation("run_id", "required")],
-            )
+        check_run_id(request.run_id)
         async for event in self._runner.resume(request.run_id):
             yield event

@@ -12,6 +12,7 @@ from trellis.runtime.auth import ApiKeys, KeyConfigError, parse_key_map, read_ke
 from trellis.runtime.database import validate_database_url
 from trellis.runtime.settings import ConfigError, ServiceSettings
 from trellis.runtime.sqlite import DEFAULT_DATABASE_URL
+from trellis.runtime.validation import DEFAULT_MAX_GOAL_BYTES
 
 
 class ExecutorSettings(ServiceSettings):
@@ -31,6 +32,12 @@ class ExecutorSettings(ServiceSettings):
         " at once with RESOURCE_EXHAUSTED (RUN_CAPACITY) and a RetryInfo.",
     )
     max_nodes: int = Field(50, ge=1, le=10_000, description="Default and ceiling of plan size.")
+    max_goal_bytes: int = Field(
+        DEFAULT_MAX_GOAL_BYTES,
+        ge=1,
+        description="Largest goal (UTF-8 bytes) a Run may carry; a larger one is refused"
+        " INVALID_ARGUMENT (GOAL_TOO_LARGE) before anything is stored or run.",
+    )
     max_replans: int = Field(1, ge=0, le=10, description="Default replanning rounds.")
     run_timeout_seconds: float = Field(300.0, gt=0, description="Default bound of a whole run.")
     max_run_cost_usd: Decimal = Field(

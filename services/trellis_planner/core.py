@@ -42,6 +42,7 @@ from trellis.common.v1 import common_pb2
 from trellis.planner.v1 import planner_pb2
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.runtime.logs import get_logger
+from trellis.runtime.validation import DEFAULT_MAX_GOAL_BYTES
 from trellis_planner import usage as usage_mod
 from trellis_planner.jsonl import JsonLine, JsonLinesParser, LineTooLong
 from trellis_planner.model import ChatCall, ChatModel
@@ -54,7 +55,7 @@ from trellis_planner.prompts import (
 )
 from trellis_planner.replan import ReplanGate
 from trellis_planner.usage import UsageSender
-from trellis_planner.validation import PlanValidator, invalid_plan
+from trellis_planner.validation import PlanValidator, check_request, invalid_plan
 
 log = get_logger(__name__)
 
@@ -100,13 +101,6 @@ class JoinEnd:
     replan: bool
     reason: str
     usage: common_pb2.Usage
-
-
-def _require_goal(goal: str) -> None:
-    if not goal.strip():
-        raise InvalidArgument(
-            "goal is required", reason="GOAL_REQUIRED", violations=[FieldViolation("goal", "empty")]
-        )
 
 
 def _still_invalid(error: InvalidArgument) -> InvalidArgument:
@@ -200,17 +194,19 @@ class Planner:
         default_model: str,
         max_nodes: int,
         max_line_bytes: int | None = None,
+        max_goal_bytes: int = DEFAULT_MAX_GOAL_BYTES,
     ) -> None:
         self._model = model
         self._usage = usage
         self._default_model = default_model
         self._max_nodes = max_nodes
         self._max_line_bytes = max_line_bytes
+        self._max_goal_bytes = max_goal_bytes
 
     async def plan(
         self, request: planner_pb2.PlanRequest
     ) -> AsyncIterator[common_pb2.ToolCall | CallStarted | CallUsage | PlanEnd]:
-        _require_goal(request.goal)
+        check_request(request.run_id, request.goal, self._max_goal_bytes)
         max_nodes = request.max_nodes if request.max_nodes > 0 else self._max_nodes
         previous = [call.node_id for call in request.previous_plan]
         validator = PlanValidator(request.tools, max_nodes, previous=previous)
@@ -282,7 +278,7 @@ class Planner:
     async def join(
         self, request: planner_pb2.JoinRequest
     ) -> AsyncIterator[str | CallStarted | CallUsage | JoinEnd]:
-        _require_goal(request.goal)
+        check_request(request.run_id, request.goal, self._max_goal_bytes)
         gate = ReplanGate(request.allow_replan)
         call = self._chat(join_messages(request), request, JOIN)
         await call.reserve()

@@ -104,6 +104,7 @@ async def build(settings: PlannerSettings, telemetry: Telemetry, channels: Chann
         default_model=settings.model,
         max_nodes=settings.max_nodes,
         max_line_bytes=settings.max_plan_line_bytes,
+        max_goal_bytes=settings.max_goal_bytes,
     )
     servicer = PlannerServicer(planner)
 

@@ -24,6 +24,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from trellis.outbox import default_outbox_path, validate_outbox_path
 from trellis.runtime.settings import ServiceSettings, validate_redis_url
+from trellis.runtime.validation import DEFAULT_MAX_GOAL_BYTES
 
 OFFLINE_MODEL = "trellis-offline-rules-v1"
 OFFLINE_BASE_URL = "http://127.0.0.1:8400/v1"
@@ -62,6 +63,12 @@ class PlannerSettings(ServiceSettings):
         ge=1,
         description="Longest line (UTF-8 bytes) of a model's plan, one node per line: a longer "
         "line ends planning with INVALID_PLAN as soon as it grows past this, read no further.",
+    )
+    max_goal_bytes: int = Field(
+        DEFAULT_MAX_GOAL_BYTES,
+        ge=1,
+        description="Largest goal (UTF-8 bytes) a Plan or Join request may carry (keep it"
+        " the executor's); a larger one is INVALID_ARGUMENT (GOAL_TOO_LARGE).",
     )
     model_max_retries: int = Field(
         2,

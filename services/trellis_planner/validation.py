@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
-import re
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,22 +27,29 @@ from jsonschema.protocols import Validator
 from trellis.common.v1 import common_pb2
 from trellis.refs import referenced_nodes
 from trellis.runtime.convert import from_struct, to_struct
-from trellis.runtime.errors import FieldViolation, InvalidArgument
+from trellis.runtime.errors import FieldViolation, InvalidArgument, quote
 from trellis.runtime.logs import get_logger
+from trellis.runtime.validation import NODE_ID, RUN_ID, Problems, args_problem
 
 log = get_logger(__name__)
 
 INVALID_PLAN = "INVALID_PLAN"
-_MAX_DOUBLE = sys.float_info.max
-
-_NODE_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-#: Deepest args (the args object is level 1) a node may have: a protobuf Struct nested
-#: much deeper no longer parses on the other side of the wire (upb's depth limit).
-MAX_ARGS_DEPTH = 20
 
 
 def invalid_plan(message: str, violations: Iterable[FieldViolation]) -> InvalidArgument:
     return InvalidArgument(message, reason=INVALID_PLAN, violations=list(violations))
+
+
+def check_request(run_id: str, goal: str, max_goal_bytes: int) -> None:
+    """A Plan or Join request's own fields: the run id's rule, and a goal that is given,
+    at most ``max_goal_bytes`` and free of control characters (``GOAL_REQUIRED``,
+    ``GOAL_TOO_LARGE``, ``INVALID_GOAL``, ``INVALID_ID``)."""
+    problems = Problems()
+    if not goal.strip():
+        problems.add("GOAL_REQUIRED", "goal", "empty")
+    problems.check_text("goal", goal, max_goal_bytes)
+    problems.check_id("run_id", run_id, RUN_ID)
+    problems.refuse("planner request")
 
 
 def is_whole_reference(value: Any) -> bool:
@@ -58,25 +62,6 @@ def is_whole_reference(value: Any) -> bool:
     if value == f"${refs[0]}":
         return True
     return value.startswith(f"${{{refs[0]}") and value.endswith("}") and value.count("}") == 1
-
-
-def args_problem(args: Any) -> str | None:
-    """Why ``args`` cannot travel as a protobuf Struct (None if it can): a number that is
-    not finite or too large for a double, or nesting deeper than ``MAX_ARGS_DEPTH``.
-    Iterative, so arbitrarily deep input cannot exhaust the stack."""
-    stack: list[tuple[Any, int]] = [(args, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, Mapping | list):
-            if depth > MAX_ARGS_DEPTH:
-                return f"nested deeper than {MAX_ARGS_DEPTH} levels"
-            items = value.values() if isinstance(value, Mapping) else value
-            stack.extend((item, depth + 1) for item in items)
-        elif isinstance(value, float) and not math.isfinite(value):
-            return f"{value} is not a JSON number"
-        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_DOUBLE:
-            return "a number too large for a double"
-    return None
 
 
 def _has_reference(value: Any) -> bool:
@@ -232,10 +217,8 @@ class PlanValidator:
             )
         violations: list[FieldViolation] = []
         node_id = value.get("node_id")
-        if not isinstance(node_id, str) or not _NODE_ID.match(node_id):
-            violations.append(
-                FieldViolation(f"{at}.node_id", "must be 1-64 letters, digits, '_' or '-'")
-            )
+        if not isinstance(node_id, str) or NODE_ID.problem(node_id, required=True) is not None:
+            violations.append(FieldViolation(f"{at}.node_id", f"must be {NODE_ID.rule}"))
         elif node_id in self._ids:
             violations.append(FieldViolation(f"{at}.node_id", f"duplicate node_id {node_id!r}"))
         elif node_id in self._previous:
@@ -247,7 +230,7 @@ class PlanValidator:
         if not known_tool:
             known = ", ".join(sorted(self._tools)) or "none"
             violations.append(
-                FieldViolation(f"{at}.tool", f"unknown tool {tool!r} (known: {known})")
+                FieldViolation(f"{at}.tool", f"unknown tool {quote(tool)} (known: {known})")
             )
         args = value.get("args", {})
         if args is None:
@@ -269,7 +252,9 @@ class PlanValidator:
         for i, dep in enumerate(depends_on):
             if not self._known(dep):
                 violations.append(
-                    FieldViolation(f"{at}.depends_on[{i}]", f"{dep!r} is not an earlier node_id")
+                    FieldViolation(
+                        f"{at}.depends_on[{i}]", f"{quote(dep)} is not an earlier node_id"
+                    )
                 )
         for ref in referenced_nodes(args):
             if not self._known(ref):

@@ -55,6 +55,7 @@ from trellis.runtime.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    quote,
 )
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import TOOL_CALLS, TOOL_DURATION
@@ -210,7 +211,9 @@ class Invoker:
         entry = self._registry.get(call.tool)
         if entry is None:
             raise NotFound(
-                f"unknown tool {call.tool!r}", reason="UNKNOWN_TOOL", metadata={"tool": call.tool}
+                f"unknown tool {quote(call.tool)}",
+                reason="UNKNOWN_TOOL",
+                metadata={"tool": call.tool},
             )
         spec, tenant = entry.tool.spec, context.tenant()
         attributes = {
@@ -299,7 +302,7 @@ class Invoker:
                 raise _store_unavailable(spec.name, error) from None
             except KeyConflict:
                 raise InvalidArgument(
-                    f"idempotency key {idempotency_key!r} was already used for a call of "
+                    f"idempotency key {quote(idempotency_key)} was already used for a call of "
                     f"{spec.name!r} with other arguments",
                     reason="IDEMPOTENCY_KEY_REUSED",
                     violations=[

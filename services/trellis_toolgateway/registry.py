@@ -20,6 +20,7 @@ from typing import Protocol
 from jsonschema import Draft202012Validator
 
 from trellis.runtime.logs import get_logger
+from trellis.runtime.validation import TOOL_NAME
 from trellis_toolgateway.tools.base import Spec, Tool, ToolSource
 from trellis_toolgateway.tools.command import Launcher
 
@@ -53,7 +54,8 @@ class ToolLookup(Protocol):
 
 
 class ToolRegistry:
-    """Tools by name. Names are unique; registering a name twice is a bug."""
+    """Tools by name. Names are unique (registering a name twice is a bug) and follow
+    ``TOOL_NAME``: a source's tool named otherwise is skipped, as calls could not name it."""
 
     def __init__(self, tools: Sequence[Tool] | None = None) -> None:
         self._entries: dict[str, Entry] = {}
@@ -63,8 +65,8 @@ class ToolRegistry:
 
     def register(self, tool: Tool) -> None:
         name = tool.spec.name
-        if not name:
-            raise ValueError("a tool needs a name")
+        if (problem := TOOL_NAME.problem(name, required=True)) is not None:
+            raise ValueError(f"tool name: {problem}")  # it could never be called
         if name in self._entries:
             raise ValueError(f"tool {name!r} is registered twice")
         for which in ("input_schema", "output_schema"):

@@ -1,8 +1,10 @@
 """ToolGatewayService over gRPC: protos in, ``Invoker`` calls, protos out.
 
 ``registry`` is usually the service's ``RegistryHolder``: ListTools answers from the
-registry in force at that moment. ``tenant_tools`` is checked at the entry of every
-InvokeTool, before anything else (``tenancy``), and filters ListTools.
+registry in force at that moment. An InvokeTool's ids and args are checked first
+(``check_invoke``: the run, node and tool ids, the idempotency key and the args bounds of
+``trellis.runtime.validation``), then ``tenant_tools`` (``tenancy``), which also filters
+ListTools.
 """
 
 from __future__ import annotations
@@ -11,6 +13,14 @@ from grpc import aio
 
 from trellis.runtime import context as request_context
 from trellis.runtime.errors import FieldViolation, InvalidArgument
+from trellis.runtime.validation import (
+    IDEMPOTENCY_KEY,
+    NODE_ID,
+    RUN_ID,
+    TOOL_NAME,
+    Problems,
+    struct_args_problem,
+)
 from trellis.toolgateway.v1 import toolgateway_pb2, toolgateway_pb2_grpc
 from trellis_toolgateway.invoker import Call, Invoker
 from trellis_toolgateway.registry import ToolLookup
@@ -34,12 +44,7 @@ class ToolGatewayServicer(toolgateway_pb2_grpc.ToolGatewayServiceServicer):
     async def InvokeTool(
         self, request: toolgateway_pb2.InvokeToolRequest, context: aio.ServicerContext
     ) -> toolgateway_pb2.InvokeToolResponse:
-        if not request.call.tool:
-            raise InvalidArgument(
-                "call.tool is required",
-                reason="TOOL_REQUIRED",
-                violations=[FieldViolation("call.tool", "must name a tool (see ListTools)")],
-            )
+        check_invoke(request)
         self._tenant_tools.check(request_context.tenant(), request.call.tool)
         outcome = await self._invoker.invoke(
             Call.from_proto(request.call),
@@ -48,3 +53,26 @@ class ToolGatewayServicer(toolgateway_pb2_grpc.ToolGatewayServiceServicer):
             cache_mode=request.cache_mode,
         )
         return toolgateway_pb2.InvokeToolResponse(outcome=outcome)
+
+
+def check_invoke(request: toolgateway_pb2.InvokeToolRequest) -> None:
+    """``TOOL_REQUIRED`` without a tool; ``INVALID_ID`` for an id or key that breaks its
+    rule, ``ARGS_INVALID`` for args past their bounds (both before the tool is looked up).
+
+    The idempotency key is the caller's, checked for its shape only: the executor's
+    ``run_id/node_id`` cannot be ambiguous since neither id may hold ``/``.
+    """
+    if not request.call.tool:
+        raise InvalidArgument(
+            "call.tool is required",
+            reason="TOOL_REQUIRED",
+            violations=[FieldViolation("call.tool", "must name a tool (see ListTools)")],
+        )
+    problems = Problems()
+    problems.check_id("call.tool", request.call.tool, TOOL_NAME)
+    problems.check_id("run_id", request.run_id, RUN_ID)
+    problems.check_id("call.node_id", request.call.node_id, NODE_ID)
+    problems.check_id("idempotency_key", request.idempotency_key, IDEMPOTENCY_KEY)
+    if (problem := struct_args_problem(request.call.args)) is not None:
+        problems.add("ARGS_INVALID", "call.args", problem)
+    problems.refuse("tool call")

@@ -35,8 +35,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trellis.runtime.errors import Unauthenticated
+from trellis.runtime.errors import Unauthenticated, quote
 from trellis.runtime.settings import json_object
+from trellis.runtime.validation import TENANT_ID
 
 #: The metadata key a client sends its key in, as ``Bearer <key>``.
 AUTHORIZATION_METADATA_KEY = "authorization"
@@ -44,9 +45,6 @@ SCHEME = "Bearer"
 #: Prefix of generated keys (recognisable in a secret scanner, never in a hash).
 KEY_PREFIX = "trk_"
 
-#: What a configured tenant id may look like: it ends up in metadata, cache keys,
-#: ledger rows and metric labels.
-TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -75,11 +73,10 @@ def key_line(key_hash: str, tenant: str) -> str:
 
 
 def validate_tenant(tenant: str) -> str:
-    if not TENANT_PATTERN.fullmatch(tenant):
-        raise KeyConfigError(
-            f"tenant {tenant!r} must be 1-64 letters, digits, '.', '_' or '-' "
-            "(starting with a letter or digit)"
-        )
+    """``tenant`` if it follows ``TENANT_ID`` (it ends up in metadata, cache keys, ledger
+    rows and metric labels); ``KeyConfigError`` otherwise."""
+    if not TENANT_ID.pattern.fullmatch(tenant):
+        raise KeyConfigError(f"tenant {quote(tenant)} must be {TENANT_ID.rule}")
     return tenant
 
 

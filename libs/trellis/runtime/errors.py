@@ -6,6 +6,12 @@ the server interceptor turns it into a gRPC status carrying ``google.rpc.ErrorIn
 error says how long to wait before trying again). Clients turn an
 ``AioRpcError`` back into the same exception with ``from_rpc_error``. This module is the
 only place that knows about both sides.
+
+What an error echoes of a caller's input is bounded twice: messages quote a value with
+``quote`` (a short prefix), and ``to_status`` caps the message, every metadata value and
+violation, and the whole status, so no error's trailers come near gRPC's metadata limit
+(8 KiB by default: a client drops a status whose trailers are larger, and sees
+RESOURCE_EXHAUSTED instead of the error).
 """
 
 from __future__ import annotations
@@ -23,6 +29,41 @@ from trellis.runtime.redact import redact_details, redact_text
 
 DOMAIN = "trellis.dev"
 _DETAILS_KEY = "grpc-status-details-bin"
+
+#: Characters of a caller's value an error message quotes (``quote``).
+QUOTE_CHARS = 32
+#: Bounds ``to_status`` applies (UTF-8 bytes): the message (sent twice, in grpc-message
+#: percent-encoded and inside the details), each ErrorInfo metadata key and value, each
+#: violation's field and description, and the whole serialized google.rpc.Status.
+MAX_MESSAGE_BYTES = 512
+MAX_METADATA_KEY_BYTES = 64
+MAX_METADATA_VALUE_BYTES = 128
+MAX_METADATA_ENTRIES = 8
+MAX_FIELD_BYTES = 128
+MAX_DESCRIPTION_BYTES = 256
+MAX_STATUS_BYTES = 4096
+#: Violations considered at most (the rest are counted in the message).
+MAX_VIOLATIONS = 32
+_ELLIPSIS = "…"
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``value`` for an error message: the ``repr`` of at most ``limit`` characters, ``…``
+    after a cut. Control characters come out escaped (``'\\x00'``), never raw. Secrets
+    are redacted before the cut: a secret's prefix would no longer be recognised."""
+    text = redact_text(str(value))
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + _ELLIPSIS
+
+
+def clip(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes (``…`` included when cut)."""
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text
+    room = max_bytes - len(_ELLIPSIS.encode())
+    return data[:room].decode(errors="ignore") + _ELLIPSIS
 
 
 @dataclass(frozen=True)
@@ -153,32 +194,56 @@ def to_status(error: TrellisError) -> grpc.Status:
 
     Message, metadata and violations are redacted (``trellis.runtime.redact``): a secret
     that found its way into an error (a model endpoint quoting the API key, a tool
-    quoting its arguments) never leaves the server.
+    quoting its arguments) never leaves the server. They are also bounded (see the
+    module docstring): violations that do not fit in ``MAX_STATUS_BYTES`` are left out
+    and counted in the message.
     """
-    metadata = redact_details(error.metadata)
-    details = [
-        _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata))
-    ]
-    if error.violations:
-        details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field=redact_text(v.field), description=redact_text(v.description)
-                        )
-                        for v in error.violations
-                    ]
-                )
-            )
+    metadata = {
+        clip(key, MAX_METADATA_KEY_BYTES): clip(value, MAX_METADATA_VALUE_BYTES)
+        for key, value in list(redact_details(error.metadata).items())[:MAX_METADATA_ENTRIES]
+    }
+    violations = [
+        error_details_pb2.BadRequest.FieldViolation(
+            field=clip(redact_text(v.field), MAX_FIELD_BYTES),
+            description=clip(redact_text(v.description), MAX_DESCRIPTION_BYTES),
         )
+        for v in error.violations[:MAX_VIOLATIONS]
+    ]
+    message = clip(redact_text(error.message), MAX_MESSAGE_BYTES)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)
+    retry = None
     if error.retry_delay is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(max(0, round(error.retry_delay * 1e9)))
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    message = redact_text(error.message)
-    status = status_pb2.Status(code=error.code.value[0], message=message, details=details)
+        retry = error_details_pb2.RetryInfo(retry_delay=delay)
+    kept, total = len(violations), len(error.violations)
+    while True:
+        status = _status(error.code, message, info, violations[:kept], retry, total)
+        if status.ByteSize() <= MAX_STATUS_BYTES or kept == 0:
+            break
+        kept -= 1
+    if status.ByteSize() > MAX_STATUS_BYTES:  # only metadata is left to shed
+        info.ClearField("metadata")
+        status = _status(error.code, message, info, [], retry, total)
     return rpc_status.to_status(status)
+
+
+def _status(
+    code: grpc.StatusCode,
+    message: str,
+    info: error_details_pb2.ErrorInfo,
+    violations: list[error_details_pb2.BadRequest.FieldViolation],
+    retry: error_details_pb2.RetryInfo | None,
+    total: int,
+) -> status_pb2.Status:
+    details = [_pack(info)]
+    if violations:
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
+    if retry is not None:
+        details.append(_pack(retry))
+    if len(violations) < total:
+        message += f" ({total - len(violations)} more violations not listed)"
+    return status_pb2.Status(code=code.value[0], message=message, details=details)
 
 
 def rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
@@ -246,8 +311,10 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "clip",
     "from_rpc_error",
     "is_retryable_code",
+    "quote",
     "rich_status",
     "to_status",
     "translated_rpc_errors",

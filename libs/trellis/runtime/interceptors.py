@@ -11,7 +11,13 @@ the ``protected`` services need ``authorization: Bearer <key>`` and run as the k
 tenant; a client's own ``x-tenant-id`` is ignored (a client never picks its tenant).
 Otherwise the tenant is the caller's ``x-tenant-id``: inside the mesh the callers are
 Trellis services forwarding the tenant the executor authenticated, and mTLS
-(``trellis.runtime.tls``) keeps anyone else from calling.
+(``trellis.runtime.tls``) keeps anyone else from calling. An ``x-tenant-id`` that breaks
+the tenant rule (``trellis.runtime.validation.TENANT_ID``) is INVALID_ARGUMENT.
+
+Requests that do not decode (corrupt bytes, invalid UTF-8 in a string field, nesting
+past protobuf's depth limit) are INVALID_ARGUMENT with reason ``MALFORMED_REQUEST`` for
+every method of every service: each handler's request deserializer is wrapped here, and
+the handler refuses the request it could not parse (gRPC itself would answer UNKNOWN).
 """
 
 from __future__ import annotations
@@ -27,8 +33,16 @@ from opentelemetry import trace
 
 from trellis.runtime import context
 from trellis.runtime.auth import AUTHORIZATION_METADATA_KEY, ApiKeys
-from trellis.runtime.errors import DeadlineExceeded, Internal, TrellisError, to_status
+from trellis.runtime.errors import (
+    DeadlineExceeded,
+    FieldViolation,
+    Internal,
+    InvalidArgument,
+    TrellisError,
+    to_status,
+)
 from trellis.runtime.metrics import RPC_ERRORS
+from trellis.runtime.validation import TENANT_ID
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +70,64 @@ def _metadata_value(ctx: aio.ServicerContext, key: str) -> str | None:
     return None
 
 
+class _Malformed:
+    """What the wrapped deserializer gives for bytes that do not parse."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserialize`` that returns ``_Malformed`` instead of raising, so the handler
+    (not gRPC, which answers UNKNOWN) refuses the request."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as error:  # DecodeError, or whatever a parser raises on bad bytes
+            return _Malformed(error)
+
+    return parse
+
+
+def _malformed(method: str, request: _Malformed) -> InvalidArgument:
+    error = request.error
+    return InvalidArgument(
+        f"{method}: the request is not a valid protobuf message ({type(error).__name__}: {error})",
+        reason="MALFORMED_REQUEST",
+        metadata={"method": method},
+    )
+
+
+async def _checked(method: str, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream that raises ``MALFORMED_REQUEST`` at the first bad message."""
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            raise _malformed(method, request)
+        yield request
+
+
+def _request_tenant(ctx: aio.ServicerContext) -> str | None:
+    """The caller's ``x-tenant-id``; ``InvalidArgument`` when it breaks the tenant rule."""
+    tenant_id = _metadata_value(ctx, context.TENANT_METADATA_KEY)
+    if tenant_id and (problem := TENANT_ID.problem(tenant_id)) is not None:
+        raise InvalidArgument(
+            f"metadata {context.TENANT_METADATA_KEY}: {problem}",
+            reason="INVALID_ID",
+            violations=[FieldViolation(context.TENANT_METADATA_KEY, problem)],
+        )
+    return tenant_id
+
+
 def _scope(ctx: aio.ServicerContext, method: str, api_keys: ApiKeys | None):
-    """The call's request scope; ``Unauthenticated`` when ``api_keys`` rejects it."""
+    """The call's request scope; ``Unauthenticated`` when ``api_keys`` rejects it,
+    ``InvalidArgument`` for an ``x-tenant-id`` that is not a tenant id."""
     if api_keys is None:
-        tenant_id = _metadata_value(ctx, context.TENANT_METADATA_KEY)
+        tenant_id = _request_tenant(ctx)
     else:
         try:
             tenant_id = api_keys.authenticate(_metadata_value(ctx, AUTHORIZATION_METADATA_KEY))
@@ -90,13 +158,23 @@ async def _entered_scope(ctx: aio.ServicerContext, method: str, api_keys: ApiKey
         raise
 
 
+def _parsed(method: str, request: Any) -> Any:
+    """The request, or ``MALFORMED_REQUEST`` when it did not decode (a request stream is
+    checked message by message)."""
+    if isinstance(request, _Malformed):
+        raise _malformed(method, request)
+    if hasattr(request, "__aiter__"):
+        return _checked(method, request)
+    return request
+
+
 def _wrap_unary(
     method: str, behavior: Callable[..., Awaitable[Any]], api_keys: ApiKeys | None
 ) -> Callable[..., Any]:
     async def handler(request: Any, ctx: aio.ServicerContext) -> Any:
         with await _entered_scope(ctx, method, api_keys):
             try:
-                return await behavior(request, ctx)
+                return await behavior(_parsed(method, request), ctx)
             except aio.AbortError:
                 raise
             except Exception as exc:
@@ -114,7 +192,7 @@ def _wrap_stream(
     async def handler(request: Any, ctx: aio.ServicerContext) -> AsyncIterator[Any]:
         with await _entered_scope(ctx, method, api_keys):
             try:
-                responses = behavior(request, ctx)
+                responses = behavior(_parsed(method, request), ctx)
                 if inspect.isawaitable(responses):
                     await responses
                     return
@@ -159,7 +237,7 @@ def _wrap(
     method: str, handler: grpc.RpcMethodHandler, api_keys: ApiKeys | None
 ) -> grpc.RpcMethodHandler:
     kwargs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:

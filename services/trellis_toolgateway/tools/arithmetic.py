@@ -16,7 +16,7 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-from trellis.runtime.errors import FieldViolation, InvalidArgument
+from trellis.runtime.errors import FieldViolation, InvalidArgument, quote
 from trellis_toolgateway.tools.base import Json, Spec, Tool, ToolError
 
 Number = int | float
@@ -112,7 +112,7 @@ def _eval(node: ast.AST) -> Number:
     if isinstance(node, ast.Constant):
         value = node.value
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ExpressionError(f"only numbers are allowed, not {value!r}")
+            raise ExpressionError(f"only numbers are allowed, not {quote(value)}")
         return _checked(value)
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _checked(_UNARY[type(node.op)](_eval(node.operand)))
@@ -129,7 +129,9 @@ def _eval(node: ast.AST) -> Number:
     if isinstance(node, ast.Call):
         return _call(node)
     if isinstance(node, ast.Name):
-        raise ExpressionError(f"unknown name {node.id!r}; only numbers and functions are allowed")
+        raise ExpressionError(
+            f"unknown name {quote(node.id)}; only numbers and functions are allowed"
+        )
     raise ExpressionError(f"{type(node).__name__} is not allowed in an expression")
 
 

@@ -27,7 +27,7 @@ import shlex
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from trellis.runtime.errors import FieldViolation, InvalidArgument
+from trellis.runtime.errors import FieldViolation, InvalidArgument, quote
 from trellis_toolgateway.tools import config
 from trellis_toolgateway.tools.base import Json, Spec, Tool, ToolError
 from trellis_toolgateway.tools.config import PLACEHOLDER, PLACEHOLDERS, SHELL_SYNTAX
@@ -223,12 +223,13 @@ class CommandTool(Tool):
             if value.startswith("-") and not param.allow_leading_dash:
                 raise self._rejected(
                     "ARG_PATTERN_MISMATCH",
-                    f"{{{param.name}}} cannot start with '-' (options are not values): {value!r}",
+                    f"{{{param.name}}} cannot start with '-' (options are not values):"
+                    f" {quote(value)}",
                 )
             if not param.pattern.fullmatch(value):
                 raise self._rejected(
                     "ARG_PATTERN_MISMATCH",
-                    f"{{{param.name}}} must match {param.pattern.pattern!r}, got {value!r}",
+                    f"{{{param.name}}} must match {param.pattern.pattern!r}, got {quote(value)}",
                 )
             if param.path:
                 assert self._sandbox is not None  # checked in __init__

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import httpx
 
-from trellis.runtime.errors import FieldViolation, InvalidArgument
+from trellis.runtime.errors import FieldViolation, InvalidArgument, quote
 from trellis.runtime.redact import register_secret
 from trellis_toolgateway.tools import config
 from trellis_toolgateway.tools.base import Json, Spec, Tool, ToolError
@@ -144,7 +144,7 @@ class HttpTool(Tool):
         except httpx.InvalidURL as error:
             raise self._not_allowed(f"not a valid URL: {error}") from None
         if url.scheme not in ("http", "https") or not self._host_allowed(url):
-            raise self._not_allowed(f"host {url.host!r} is not in allowed_hosts")
+            raise self._not_allowed(f"host {quote(url.host)} is not in allowed_hosts")
         return url
 
     def _host_allowed(self, url: httpx.URL) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trellis.runtime.errors import FieldViolation, InvalidArgument
+from trellis.runtime.errors import FieldViolation, InvalidArgument, quote
 
 
 class Sandbox:
@@ -40,7 +40,7 @@ class Sandbox:
 
     @staticmethod
     def _outside(path: str, field: str, tool: str) -> InvalidArgument:
-        message = f"path {path!r} is outside the sandbox"
+        message = f"path {quote(path)} is outside the sandbox"
         return InvalidArgument(
             message,
             reason="PATH_OUTSIDE_SANDBOX",

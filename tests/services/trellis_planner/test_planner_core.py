@@ -330,3 +330,26 @@ async def test_replan_prompt_carries_the_previous_round(planner, tools, model):
     context_message = model.requests[0]["messages"][2]["content"]
     assert "## Previous plan" in context_message and "uptime failed" in context_message
     assert '"status": "FAILED"' in context_message
+
+
+@pytest.mark.parametrize(
+    ("goal", "run_id", "reason", "fields"),
+    [
+        ("x" * (32 * 1024 + 1), "run-1", "GOAL_TOO_LARGE", ["goal"]),
+        ("What is 1+1?\x00", "run-1", "INVALID_GOAL", ["goal"]),
+        ("What is 1+1?", "run/1", "INVALID_ID", ["run_id"]),
+        ("   ", "r\x00", "GOAL_REQUIRED", ["goal", "run_id"]),
+    ],
+)
+async def test_plan_and_join_requests_are_checked_before_the_model(
+    planner, tools, model, goal: str, run_id: str, reason: str, fields: list[str]
+) -> None:
+    for stream in (
+        planner.plan(plan_request(goal, tools, run_id=run_id)),
+        planner.join(planner_pb2.JoinRequest(run_id=run_id, goal=goal)),
+    ):
+        with pytest.raises(InvalidArgument) as raised:
+            await collect(stream)
+        assert raised.value.reason == reason
+        assert [v.field for v in raised.value.violations] == fields
+    assert not model.requests

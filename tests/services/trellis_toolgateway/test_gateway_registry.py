@@ -119,3 +119,12 @@ async def test_aclose_closes_sources_still_being_retired_at_once() -> None:
     assert (retiring.closed, current.closed) == (1, 1)
     with pytest.raises(RuntimeError):
         holder.swap(ToolRegistry())
+
+
+@pytest.mark.parametrize("name", ["", "rm -rf", "a/b", "t\x00", "x" * 129])
+def test_a_tool_name_against_the_rule_is_refused(name: str) -> None:
+    """A source's tool named so could never be called (InvokeTool refuses the name):
+    the loader skips it with a warning, as for any tool the registry refuses."""
+    with pytest.raises(ValueError, match="tool name"):
+        ToolRegistry([tool(name)])
+    assert ToolRegistry([tool("mcp.files_read:v2")]).get("mcp.files_read:v2") is not None

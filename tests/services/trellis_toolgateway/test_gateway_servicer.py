@@ -1,6 +1,7 @@
 """ToolGatewayService over real gRPC, beside a real cache service."""
 
 import asyncio
+import math
 import platform
 from pathlib import Path
 
@@ -165,3 +166,37 @@ async def test_gateway_works_without_a_cache(serve, channels) -> None:
         outcome = await gateway.invoke(request("arithmetic", {"expression": "1 + 1"}))
         assert (outcome.status, outcome.cache_hit) == (SUCCEEDED, False)
         assert from_value(outcome.output) == {"result": 2}
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason", "fields"),
+    [
+        ({"run_id": "idc/a"}, "INVALID_ID", ["run_id"]),
+        ({"node_id": "a/b"}, "INVALID_ID", ["call.node_id"]),
+        ({"idempotency_key": "k\x00"}, "INVALID_ID", ["idempotency_key"]),
+        ({"tool": "echo\n"}, "INVALID_ID", ["call.tool"]),
+        ({"run_id": "r" * 60_000, "node_id": "../x"}, "INVALID_ID", ["run_id", "call.node_id"]),
+        ({"args": {"value": "x" * 300_000}}, "ARGS_INVALID", ["call.args"]),
+        ({"args": {"value": math.inf}}, "ARGS_INVALID", ["call.args"]),
+    ],
+)
+async def test_ids_and_args_are_checked_before_the_tool_is_looked_up(
+    gateway: ToolGatewayClient, changes: dict, reason: str, fields: list[str]
+) -> None:
+    call = common_pb2.ToolCall(
+        node_id=changes.get("node_id", "n1"), tool=changes.get("tool", "echo")
+    )
+    args = changes.get("args", {"value": 1})
+    call.args.update({k: (1 if isinstance(v, float) else v) for k, v in args.items()})
+    for key, value in args.items():
+        if isinstance(value, float):
+            call.args.fields[key].number_value = value  # a Struct holds what JSON cannot
+    invoke = toolgateway_pb2.InvokeToolRequest(
+        call=call,
+        run_id=changes.get("run_id", "run-1"),
+        idempotency_key=changes.get("idempotency_key", ""),
+    )
+    with pytest.raises(InvalidArgument) as raised:
+        await gateway.invoke(invoke)
+    assert raised.value.reason == reason
+    assert [v.field for v in raised.value.violations] == fields
