@@ -18,15 +18,118 @@
  * --json        one RunResponse per line on stdout in the proto3 JSON mapping with the
  *               .proto field names; an RPC error is one {"error": {...}} line on stderr
  *
- * Exit status: 0 the run SUCCEEDED; 1 it finished otherwise (FAILED, CANCELLED) or the
- * stream ended without a `finished` event; 2 bad command line; 3 the call failed with a
- * gRPC error (its code name, message and google.rpc.ErrorInfo reason go to stderr).
+ * Exit status (the table of `trellis run`, libs/trellis/cli/exits.py, mirrored in EXIT):
+ *   0 the run SUCCEEDED; 1 it FAILED, or ended without a `finished` event, or the call failed
+ *   with an error the executor answered; 2 bad command line or plan file (nothing was sent);
+ *   3 the run was PARTIAL (answered although nodes failed); 4 it was CANCELLED; 5 the executor
+ *   could not be reached; 6 the call was refused (UNAUTHENTICATED, PERMISSION_DENIED).
+ *   A call error goes to stderr with its code name, message and google.rpc.ErrorInfo reason.
+ *   stdout closed by its reader (`| head -1`): the call is cancelled, as when any caller goes
+ *   away, and the client exits quietly with 141 (a process ended by SIGPIPE).
  */
 
 const fs = require('node:fs');
 const { parseArgs } = require('node:util');
 const grpc = require('@grpc/grpc-js');
 const trellis = require('./trellis-client');
+
+/** Exit statuses: libs/trellis/cli/exits.py ExitCode, mirrored. */
+const EXIT = Object.freeze({
+  SUCCEEDED: 0,
+  FAILED: 1,
+  USAGE: 2,
+  PARTIAL: 3,
+  CANCELLED: 4,
+  UNREACHABLE: 5,
+  REFUSED: 6,
+});
+/** The exit status of a process whose stdout reader went away (128 + SIGPIPE). */
+const EXIT_STDOUT_CLOSED = 141;
+
+const BY_STATUS = {
+  RUN_STATUS_SUCCEEDED: EXIT.SUCCEEDED,
+  RUN_STATUS_PARTIAL: EXIT.PARTIAL,
+  RUN_STATUS_CANCELLED: EXIT.CANCELLED,
+};
+
+/** The exit status of a run that ended with `finished` (null: no `finished` event). */
+function exitForRun(finished) {
+  if (finished === null) return EXIT.FAILED;
+  return BY_STATUS[finished.status] ?? EXIT.FAILED;
+}
+
+/**
+ * UNAVAILABLE made by the client's own channel (no Trellis server sent it: no
+ * google.rpc.Status trailer), i.e. the target could not be reached.
+ */
+function isUnreachable(error) {
+  const trailer = error.metadata ? error.metadata.get('grpc-status-details-bin') : [];
+  return error.code === grpc.status.UNAVAILABLE && trailer.length === 0;
+}
+
+/** The exit status of a call that failed with a grpc-js ServiceError. */
+function exitForError(error) {
+  if (error.code === grpc.status.UNAUTHENTICATED || error.code === grpc.status.PERMISSION_DENIED) {
+    return EXIT.REFUSED;
+  }
+  return isUnreachable(error) ? EXIT.UNREACHABLE : EXIT.FAILED;
+}
+
+const PLAN_SHAPE = '[{"node_id": "n1", "tool": "arithmetic", "args": {...}, "depends_on": [...]}, ...]';
+const NODE_FIELDS = new Set(['node_id', 'tool', 'args', 'depends_on']);
+
+/** A bad --plan-file: one line naming the file (exit 2, nothing sent). */
+class PlanFileError extends Error {}
+
+function jsonType(value) {
+  if (value === null) return 'null';
+  return Array.isArray(value) ? 'list' : typeof value === 'object' ? 'object' : typeof value;
+}
+
+/** The plan in `file`: a JSON list of ToolCall objects, checked node by node. */
+function readPlan(file) {
+  let text;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (error) {
+    const why = error.code === 'ENOENT' ? 'no such file' : error.message;
+    throw new PlanFileError(`${file}: cannot read it (${why})`);
+  }
+  let plan;
+  try {
+    plan = JSON.parse(text);
+  } catch (error) {
+    throw new PlanFileError(`${file}: not JSON (${error.message}); expected ${PLAN_SHAPE}`);
+  }
+  if (!Array.isArray(plan)) {
+    throw new PlanFileError(
+      `${file}: expected a JSON list of ToolCall objects ${PLAN_SHAPE}, not a JSON ${jsonType(plan)}`,
+    );
+  }
+  const problems = [];
+  plan.forEach((node, i) => {
+    const at = `plan[${i}]`;
+    if (jsonType(node) !== 'object') {
+      problems.push(`${at}: must be an object {node_id, tool, args, depends_on}`);
+      return;
+    }
+    for (const field of ['node_id', 'tool']) {
+      if (typeof node[field] !== 'string') problems.push(`${at}.${field}: must be a string`);
+    }
+    if (node.args != null && jsonType(node.args) !== 'object') {
+      problems.push(`${at}.args: must be an object`);
+    }
+    const deps = node.depends_on;
+    if (deps != null && !(Array.isArray(deps) && deps.every((d) => typeof d === 'string'))) {
+      problems.push(`${at}.depends_on: must be a list of node ids`);
+    }
+    for (const key of Object.keys(node)) {
+      if (!NODE_FIELDS.has(key)) problems.push(`${at}.${key}: not a ToolCall field`);
+    }
+  });
+  if (problems.length) throw new PlanFileError(`${file}: ${problems.join('; ')}`);
+  return plan;
+}
 
 const USAGE =
   'usage: run-goal.js [--target host:port] [--api-key K] [--tenant T] [--timeout-ms N] [--run-id ID] ' +
@@ -55,7 +158,7 @@ function parseCommandLine(argv) {
   if (positionals.length > 1) throw new Error('give one goal (quote it)');
   // An explicit "" is sent as is: the executor, not this client, decides what is valid.
   if (positionals.length === 0 && !values['plan-file']) throw new Error('give a goal or --plan-file');
-  const plan = values['plan-file'] ? JSON.parse(fs.readFileSync(values['plan-file'], 'utf8')) : [];
+  const plan = values['plan-file'] ? readPlan(values['plan-file']) : [];
   return {
     target: values.target,
     apiKey: values['api-key'],
@@ -121,7 +224,8 @@ class HumanPrinter {
   }
 
   finished(f) {
-    this.line(`status: ${f.status.replace('RUN_STATUS_', '')}`);
+    const failed = f.failed_nodes ? ` (${f.failed_nodes} node${f.failed_nodes === 1 ? '' : 's'} failed)` : '';
+    this.line(`status: ${f.status.replace('RUN_STATUS_', '')}${failed}`);
     if (f.error) this.line(`error: ${f.error.code}: ${f.error.message}`);
     const usage = f.usage || {};
     this.line(`tokens: ${usage.input_tokens || 0} in / ${usage.output_tokens || 0} out (${usage.model || '-'})`);
@@ -138,14 +242,20 @@ function summarize(value) {
   return flat.length > 80 ? `${flat.slice(0, 79)}…` : flat;
 }
 
-function reportError(error, json) {
+function reportError(error, json, target) {
   const described = trellis.describeRpcError(error);
+  if (isUnreachable(error)) {
+    // grpc-js's own diagnostics (addresses, socket errors) say nothing to the person.
+    described.message =
+      `cannot reach the executor at ${target}; is the stack running? Start it with ` +
+      '`trellis up` (or `make up`), or set --target/TRELLIS_EXECUTOR_TARGET';
+  }
   if (json) {
     process.stderr.write(`${JSON.stringify({ error: described })}\n`);
     return;
   }
   const lines = [`error: ${described.code}: ${described.message}`];
-  if (!described.details_decoded) {
+  if (!described.details_decoded && !isUnreachable(error)) {
     lines.push('(no google.rpc.Status details in the trailers: code and message only)');
   }
   if (described.reason) {
@@ -156,6 +266,9 @@ function reportError(error, json) {
   }
   for (const v of described.field_violations || []) lines.push(`  ${v.field}: ${v.description}`);
   if (described.retry_delay_ms != null) lines.push(`retry after: ${described.retry_delay_ms} ms`);
+  if (error.code === grpc.status.UNAUTHENTICATED) {
+    lines.push('give an API key with --api-key or TRELLIS_API_KEY (`trellis up` prints one)');
+  }
   process.stderr.write(`${lines.join('\n')}\n`);
 }
 
@@ -164,25 +277,36 @@ async function main(argv) {
   try {
     options = parseCommandLine(argv);
   } catch (error) {
-    process.stderr.write(`${error.message}\n${USAGE}\n`);
-    return 2;
+    const usage = error instanceof PlanFileError ? '' : `\n${USAGE}`;
+    process.stderr.write(`${error.message}${usage}\n`);
+    return EXIT.USAGE;
   }
   if (options.help) {
     process.stdout.write(`${USAGE}\n`);
-    return 0;
+    return EXIT.SUCCEEDED;
   }
   const { ExecutorService, types } = trellis.loadExecutor();
   const responseType = types.lookupType('trellis.executor.v1.RunResponse');
   const client = new ExecutorService(options.target, grpc.credentials.createInsecure());
   const printer = new HumanPrinter(process.stdout);
   let finished = null;
+  let call = null;
+  let stdoutClosed = false;
+  // The reader of stdout went away (`| head -1`): stop quietly, as a caller that leaves.
+  const onStdoutError = (error) => {
+    if (error.code !== 'EPIPE') throw error;
+    stdoutClosed = true;
+    if (call) call.cancel();
+  };
+  process.stdout.on('error', onStdoutError);
   try {
-    const call = trellis.run(client, options.request, {
+    call = trellis.run(client, options.request, {
       apiKey: options.apiKey,
       tenant: options.tenant,
       timeoutMs: options.timeoutMs,
     });
     for await (const event of call) {
+      if (stdoutClosed) break;
       if (options.json) {
         process.stdout.write(`${JSON.stringify(trellis.toProto3Json(event, responseType))}\n`);
       } else {
@@ -191,17 +315,19 @@ async function main(argv) {
       if (event.event === 'finished') finished = event.finished;
     }
   } catch (error) {
+    if (stdoutClosed) return EXIT_STDOUT_CLOSED;
     if (error.code === undefined) throw error;
-    reportError(error, options.json);
-    return 3;
+    reportError(error, options.json, options.target);
+    // An error after `finished` (a streamed plan found invalid): the run's status decides.
+    return finished === null ? exitForError(error) : exitForRun(finished);
   } finally {
     client.close();
   }
+  if (stdoutClosed) return EXIT_STDOUT_CLOSED;
   if (finished === null) {
     process.stderr.write('the stream ended without a finished event\n');
-    return 1;
   }
-  return finished.status === 'RUN_STATUS_SUCCEEDED' ? 0 : 1;
+  return exitForRun(finished);
 }
 
 if (require.main === module) {
@@ -216,4 +342,4 @@ if (require.main === module) {
   );
 }
 
-module.exports = { main, parseCommandLine };
+module.exports = { EXIT, main, parseCommandLine, readPlan, exitForRun, exitForError };

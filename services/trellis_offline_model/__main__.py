@@ -1,7 +1,8 @@
 """``python -m trellis_offline_model`` / ``trellis-offline-model``: the rule model as a process.
 
 Serves until SIGTERM or SIGINT. Point the planner at it with
-``OPENAI_BASE_URL=http://127.0.0.1:8400/v1`` (the planner's default).
+``OPENAI_BASE_URL=http://127.0.0.1:8400/v1`` (the planner's default). A busy port stops it
+with one line naming ``TRELLIS_OFFLINE_MODEL_PORT``, exit code 2, like every service.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import asyncio
 
 from trellis.runtime.logs import get_logger, setup_logging
+from trellis.runtime.ports import check_port
 from trellis.runtime.server import wait_for_signal
-from trellis.runtime.settings import load_settings
+from trellis.runtime.settings import env_name, load_settings, startup_errors_exit
 from trellis_offline_model.server import start_offline_model
 from trellis_offline_model.settings import OfflineModelSettings
 
@@ -18,7 +20,10 @@ log = get_logger(__name__)
 
 
 def main() -> None:
-    settings = load_settings(OfflineModelSettings, "trellis-offline-model")
+    program = "trellis-offline-model"
+    settings = load_settings(OfflineModelSettings, program)
+    with startup_errors_exit(program):
+        check_port(settings.host, settings.port, env_name(OfflineModelSettings, "port"))
     setup_logging("info", service="offline-model")
 
     async def serve() -> None:

@@ -15,7 +15,9 @@ import base64
 import json
 import os
 import re
+import shlex
 import shutil
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from google.protobuf import any_pb2, duration_pb2, json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from trellis.cli.app import DEMO_GOAL
+from trellis.cli.exits import ExitCode
 from trellis.cli.stack import Stack, start_stack
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
@@ -38,8 +41,10 @@ CLIENT_DIR = ROOT / "clients" / "node"
 RUN_GOAL = CLIENT_DIR / "run-goal.js"
 SUCCEEDED = executor_pb2.RUN_STATUS_SUCCEEDED
 NODE_SUCCEEDED = common_pb2.NODE_STATUS_SUCCEEDED
-#: run-goal.js exit statuses (see its header).
-EXIT_RUN_NOT_SUCCEEDED, EXIT_RPC_ERROR = 1, 3
+#: run-goal.js exit statuses (its header): the table of `trellis run`, mirrored.
+EXIT = ExitCode
+#: stdout closed by its reader: the status of a process ended by SIGPIPE.
+EXIT_STDOUT_CLOSED = 141
 
 
 def require_node() -> str:
@@ -219,14 +224,14 @@ async def test_invalid_request_exits_non_zero_naming_code_and_reason(
     args = tuple(plan if a == "UNKNOWN_TOOL_PLAN" else a for a in args)
 
     human = await run_client(stack, "--run-id", "rejected-1", *args)
-    assert human.returncode == EXIT_RPC_ERROR, human
+    assert human.returncode == EXIT.FAILED, human
     assert human.stdout == ""
     assert "error: INVALID_ARGUMENT: " in human.stderr
     assert f"reason: {reason} (trellis.dev)" in human.stderr
     assert f"  {violation}: " in human.stderr
 
     machine = await run_client(stack, "--json", "--run-id", "rejected-2", *args)
-    assert machine.returncode == EXIT_RPC_ERROR, machine
+    assert machine.returncode == EXIT.FAILED, machine
     error = json.loads(machine.stderr)["error"]
     assert error["code"] == "INVALID_ARGUMENT" and error["details_decoded"] is True
     assert error["reason"] == reason and error["domain"] == "trellis.dev"
@@ -263,7 +268,7 @@ async def test_the_callers_deadline_ends_the_run_failed_deadline_exceeded(
         stack, "--json", "--timeout-ms", "1500", "--run-id", "late-1", "--plan-file", plan
     )
     # The run's deadline is the caller's, a little earlier: its ending reaches the client.
-    assert result.returncode == EXIT_RUN_NOT_SUCCEEDED, result
+    assert result.returncode == EXIT.FAILED, result
     finished = result.events()[-1].finished
     assert (finished.status, finished.error.code) == (
         executor_pb2.RUN_STATUS_FAILED,
@@ -293,7 +298,7 @@ async def test_a_run_that_does_not_succeed_exits_non_zero(
             seen.append(kind(json_format.Parse(line, executor_pb2.RunResponse())))
     await executor.cancel_run("cancel-1")
     result = await finish(process)
-    assert result.returncode == EXIT_RUN_NOT_SUCCEEDED, result
+    assert result.returncode == EXIT.CANCELLED, result
     finished = result.events()[-1].finished
     assert finished.status == executor_pb2.RUN_STATUS_CANCELLED
 
@@ -304,7 +309,7 @@ async def test_api_key_is_sent_and_decides_the_tenant(tmp_path: Path, channels) 
     secured = await start_stack(database_url=f"sqlite:///{tmp_path}/a.db", auth=True, api_keys=keys)
     try:
         refused = await run_client(secured, "--json", DEMO_GOAL)
-        assert refused.returncode == EXIT_RPC_ERROR, refused
+        assert refused.returncode == EXIT.REFUSED, refused
         error = json.loads(refused.stderr)["error"]
         assert (error["code"], error["reason"]) == ("UNAUTHENTICATED", "API_KEY_MISSING")
 
@@ -391,3 +396,130 @@ def test_the_client_reads_google_rpc_from_third_party_protos(tmp_path: Path) -> 
         rich_status(), {"TRELLIS_THIRD_PARTY_PROTOS_DIR": str(tmp_path / "copy")}
     )
     assert result.returncode == 0 and json.loads(result.stdout)["reason"] == "RUN_CAPACITY"
+
+
+def test_exit_statuses_mirror_the_python_cli() -> None:
+    script = "process.stdout.write(JSON.stringify(require(process.argv[1]).EXIT))"
+    out = subprocess.run(
+        [require_node(), "-e", script, str(RUN_GOAL)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert json.loads(out) == {code.name: int(code) for code in ExitCode}
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        ("RUN_STATUS_SUCCEEDED", EXIT.SUCCEEDED),
+        ("RUN_STATUS_FAILED", EXIT.FAILED),
+        ("RUN_STATUS_PARTIAL", EXIT.PARTIAL),
+        ("RUN_STATUS_CANCELLED", EXIT.CANCELLED),
+        ("RUN_STATUS_RUNNING", EXIT.FAILED),
+        (None, EXIT.FAILED),  # no `finished` event
+    ],
+)
+def test_run_status_decides_the_exit_status(status: str | None, code: ExitCode) -> None:
+    finished = "null" if status is None else json.dumps({"status": status})
+    script = (
+        f"const m = require(process.argv[1]);process.stdout.write(String(m.exitForRun({finished})))"
+    )
+    out = subprocess.run(
+        [require_node(), "-e", script, str(RUN_GOAL)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert int(out) == code
+
+
+async def test_unreachable_executor_exits_5_and_names_it() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{sock.getsockname()[1]}"  # nothing listens once it is closed
+    args = ("--target", target, "--timeout-ms", "10000", "What is 2+2?")
+    human = await finish(await _start(*args))
+    assert human.returncode == EXIT.UNREACHABLE, human
+    assert human.stderr.splitlines() == [
+        f"error: UNAVAILABLE: cannot reach the executor at {target}; is the stack running?"
+        " Start it with `trellis up` (or `make up`), or set --target/TRELLIS_EXECUTOR_TARGET"
+    ]
+    machine = await finish(await _start("--json", *args))
+    assert machine.returncode == EXIT.UNREACHABLE, machine
+    error = json.loads(machine.stderr)["error"]
+    assert error["code"] == "UNAVAILABLE" and target in error["message"]
+    for text in ("ECONNREFUSED", "ipv4", "Last error"):
+        assert text not in human.stderr + machine.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "cannot read it (no such file)"),
+        ("[{", "not JSON ("),
+        ('{"node_id": "a"}', "expected a JSON list of ToolCall objects"),
+        (
+            '[{"node_id": 1, "tool": "echo", "depends_on": "a"}]',
+            "plan[0].node_id: must be a string",
+        ),
+        ('[{"node_id": "a", "tool": "echo", "tol": 1}]', "plan[0].tol: not a ToolCall field"),
+    ],
+)
+async def test_a_bad_plan_file_exits_2_with_one_line_naming_it(
+    tmp_path: Path, content: str | None, problem: str
+) -> None:
+    path = tmp_path / "plan.json"
+    if content is not None:
+        path.write_text(content)
+    result = await finish(await _start("--target", "127.0.0.1:1", "--plan-file", str(path)))
+    assert result.returncode == EXIT.USAGE, result
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"{path}: ") and problem in line, line
+    assert result.stdout == ""
+
+
+async def test_stdout_closed_by_head_stops_quietly_and_cancels_the_run(
+    stack: Stack, executor: ExecutorClient, tmp_path: Path
+) -> None:
+    plan = write_plan(tmp_path, {"node_id": "s", "tool": "sleep", "args": {"ms": 3000}})
+    command = (
+        f"{shlex.quote(require_node())} {shlex.quote(str(RUN_GOAL))}"
+        f" --target {stack.executor_target} --json --run-id piped --plan-file {shlex.quote(plan)}"
+        " | head -1; exit ${PIPESTATUS[0]}"
+    )
+    process = await asyncio.create_subprocess_exec(
+        "bash",
+        "-c",
+        command,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_env(),
+    )
+    result = await finish(process)
+    assert result.returncode == EXIT_STDOUT_CLOSED, result
+    assert result.stderr == ""  # no EPIPE stack trace, nothing at all
+    [line] = result.stdout.splitlines()
+    assert kind(json_format.Parse(line, executor_pb2.RunResponse())) == "started"
+    for _ in range(100):  # the client went away: the executor cancels the run
+        stored = await executor.get_run("piped")
+        if stored.status != executor_pb2.RUN_STATUS_RUNNING:
+            break
+        await asyncio.sleep(0.05)
+    assert stored.status == executor_pb2.RUN_STATUS_CANCELLED, stored
+
+
+async def _start(*args: str) -> asyncio.subprocess.Process:
+    """run-goal.js with exactly ``args`` (no --target added)."""
+    return await asyncio.create_subprocess_exec(
+        require_node(),
+        str(RUN_GOAL),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_env(),
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -12,16 +11,19 @@ import typer
 from rich.console import Console
 
 from trellis.cli import costs as costs_module
+from trellis.cli import exits
 from trellis.cli import keys as keys_module
 from trellis.cli import up as up_module
+from trellis.cli.exits import ExitCode
+from trellis.cli.plan_file import PlanFileError, read_plan
 from trellis.cli.runs import client_channels, show_run
+from trellis.cli.view import RunView
 from trellis.clients.executor import ExecutorClient
-from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import context
-from trellis.runtime.convert import to_struct
 from trellis.runtime.errors import TrellisError
 from trellis.runtime.logs import setup_logging
+from trellis.runtime.settings import StartupError
 from trellis.runtime.sqlite import DEFAULT_DATABASE_URL
 
 DEMO_GOAL = "Report this machine's OS, disk usage and uptime"
@@ -31,18 +33,29 @@ console = Console()
 
 
 def _request(goal: str, plan_file: Path | None) -> executor_pb2.RunRequest:
+    """The RunRequest; a bad plan file exits 2 with one line naming it."""
     request = executor_pb2.RunRequest(goal=goal)
     if plan_file is not None:
-        for node in json.loads(plan_file.read_text()):
-            request.plan.append(
-                common_pb2.ToolCall(
-                    node_id=node["node_id"],
-                    tool=node["tool"],
-                    args=to_struct(node.get("args")),
-                    depends_on=node.get("depends_on", []),
-                )
-            )
+        try:
+            request.plan.extend(read_plan(plan_file))
+        except PlanFileError as error:
+            raise exits.fail(str(error), ExitCode.USAGE) from None
     return request
+
+
+async def _run_to_end(
+    client: ExecutorClient, request: executor_pb2.RunRequest, where: exits.Target
+) -> ExitCode:
+    """Show one run; its exit code. An error after ``finished`` is printed, and the run's
+    status decides; an error before it is the caller's to report (``exits.reported``)."""
+    view = RunView()
+    try:
+        await show_run(client, request, console, view)
+    except TrellisError as error:
+        if view.finished is None:
+            raise
+        exits.print_error(exits.describe(error, where))
+    return exits.for_run(view.finished)
 
 
 @app.command()
@@ -57,20 +70,28 @@ def demo(
     setup_logging(os.environ.get("TRELLIS_LOG_LEVEL", "warning"))
     database_url = os.environ.get("TRELLIS_DATABASE_URL", DEFAULT_DATABASE_URL)
 
-    async def main() -> None:
-        stack = await start_stack(database_url=database_url, model_delay_ms=pace_ms)
+    async def main() -> ExitCode:
+        try:
+            stack = await start_stack(database_url=database_url, model_delay_ms=pace_ms)
+        except StartupError as error:
+            raise exits.fail(str(error), ExitCode.USAGE) from None
         channels = client_channels()
+        where = exits.Target("embedded executor", stack.executor_target)
+        code = ExitCode.SUCCEEDED
         try:
             console.print(f"[bold]Trellis embedded stack[/] — executor at {stack.executor_target}")
             client = ExecutorClient(channels.get(stack.executor_target))
-            for attempt in range(1, times + 1):
-                console.rule(f"[bold]run {attempt} of {times}[/]: {goal}")
-                await show_run(client, _request(goal, None), console)
+            with exits.reported(where):
+                for attempt in range(1, times + 1):
+                    console.rule(f"[bold]run {attempt} of {times}[/]: {goal}")
+                    ended = await _run_to_end(client, _request(goal, None), where)
+                    code = ended if code == ExitCode.SUCCEEDED else code  # the first miss
         finally:
             await channels.close()
             await stack.stop()
+        return code
 
-    _run_async(main())
+    raise typer.Exit(asyncio.run(main()))
 
 
 @app.command()
@@ -89,43 +110,65 @@ def run(
             help="API key (executor with auth on; its tenant replaces --tenant).",
         ),
     ] = "",
+    run_id: Annotated[
+        str, typer.Option(help="Choose the run's id (idempotent); default: the executor does.")
+    ] = "",
 ) -> None:
-    """Run a goal (or an explicit plan) against a running stack."""
+    """Run a goal (or an explicit plan) against a running stack.
+
+    Exit status: 0 succeeded, 1 failed (or the service answered an error), 2 bad
+    arguments or plan file, 3 partial, 4 cancelled, 5 executor unreachable, 6 refused
+    (API key missing or not valid, or not allowed).
+    """
     if not goal and plan_file is None:
         raise typer.BadParameter("give a goal or --plan-file")
+    request = _request(goal, plan_file)
+    request.run_id = run_id
     setup_logging("warning")
+    where = exits.Target("executor", target, "--target/TRELLIS_EXECUTOR_TARGET")
 
-    async def main() -> None:
+    async def main() -> ExitCode:
         channels = client_channels()
         try:
             with context.request_scope(timeout=timeout, tenant_id=tenant):
                 client = ExecutorClient(channels.get(target), api_key=api_key or None)
-                view = await show_run(client, _request(goal, plan_file), console)
-            if view.finished is None or view.finished.status != executor_pb2.RUN_STATUS_SUCCEEDED:
-                raise typer.Exit(1)
+                return await _run_to_end(client, request, where)
         finally:
             await channels.close()
 
-    _run_async(main())
+    with exits.reported(where):
+        code = asyncio.run(main())
+    raise typer.Exit(code)
 
 
 @app.command()
-def up() -> None:
-    """Start the five services as separate processes on their default ports."""
-    raise typer.Exit(asyncio.run(up_module.up(echo=console.print)))
+def up(
+    port_base: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535 - up_module.PORT_BLOCK + 1,
+            help="Move the whole stack to a block of ports: the offline model on N, the"
+            " services' gRPC ports N+1..N+5 (executor, planner, toolgateway, cache, costs),"
+            " their metrics ports N+11..N+15.",
+        ),
+    ] = None,
+) -> None:
+    """Start the five services (and the offline model) as processes, on their default ports
+    or from --port-base; refuses with one line if any of those ports is in use."""
+    code = asyncio.run(
+        up_module.up(
+            echo=console.print,
+            fail=lambda line: exits.print_error([line]),
+            port_base=port_base,
+        )
+    )
+    raise typer.Exit(code)
 
 
 app.command()(costs_module.costs)
 app.add_typer(costs_module.budget_app, name="budget")
 app.add_typer(keys_module.keys_app, name="keys")
-
-
-def _run_async(coro: object) -> None:
-    try:
-        asyncio.run(coro)  # type: ignore[arg-type]
-    except TrellisError as error:
-        console.print(f"[red]error[/] {error.reason}: {error.message}")
-        raise typer.Exit(1) from None
 
 
 def main() -> None:

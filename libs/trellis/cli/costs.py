@@ -18,17 +18,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from trellis.cli import exits
 from trellis.clients.costs import CostsClient
 from trellis.costs.v1 import costs_pb2
 from trellis.runtime import context
 from trellis.runtime.channels import Channels
-from trellis.runtime.errors import TrellisError
 from trellis.runtime.settings import ServiceSettings
 
 T = TypeVar("T")
 
 NANO_PER_USD = 10**9
 DEFAULT_TARGET = str(ServiceSettings.model_fields["costs_target"].default)
+TARGET_OPTION = "--target/TRELLIS_COSTS_TARGET"
 
 console = Console()
 budget_app = typer.Typer(help="Tenants' spending limits.", no_args_is_help=True)
@@ -119,7 +120,8 @@ def report_table(report: costs_pb2.GetUsageResponse, title: str) -> Table:
 def _call(
     target: str, tenant: str, timeout: float, use: Callable[[CostsClient], Awaitable[T]]
 ) -> T:
-    """Run one client call as ``tenant``; a service error is one red line and exit 1."""
+    """Run one client call as ``tenant``; an error is reported as by every command
+    (``trellis.cli.exits``)."""
 
     async def main() -> T:
         channels = Channels()
@@ -129,12 +131,8 @@ def _call(
         finally:
             await channels.close()
 
-    try:
+    with exits.reported(exits.Target("cost accounting", target, TARGET_OPTION)):
         return asyncio.run(main())
-    except TrellisError as error:
-        fields = "".join(f"\n  {v.field}: {v.description}" for v in error.violations)
-        console.print(f"[red]error[/] {error.reason}: {error.message}{fields}")
-        raise typer.Exit(1) from None
 
 
 def costs(

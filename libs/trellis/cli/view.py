@@ -10,6 +10,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from trellis.cli.exits import plain
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.convert import from_struct, from_value, seconds, timestamp_seconds
@@ -79,7 +80,7 @@ class RunView:
         if outcome.status == common_pb2.NODE_STATUS_SUCCEEDED:
             row.detail = short(from_value(outcome.output))
         else:
-            row.detail = f"{outcome.error.code}: {outcome.error.message}"
+            row.detail = f"{outcome.error.code}: {plain(outcome.error.message)}"
 
     def table(self) -> Table:
         table = Table(title=f"run {self.run_id}", title_justify="left", expand=False)
@@ -106,14 +107,18 @@ class RunView:
         return Group(*parts)
 
     def summary(self) -> list[str]:
-        """Closing lines: status, tokens, cost, cache hits, duration, trace id."""
+        """Closing lines: status (with the count of failed nodes, e.g. ``status: partial
+        (2 nodes failed)``), the run's error, tokens, cost, cache hits, duration, trace id."""
         f = self.finished
         if f is None:
             return [f"run {self.run_id} ended without a result", f"trace_id: {self.trace_id}"]
         status = executor_pb2.RunStatus.Name(f.status).removeprefix("RUN_STATUS_").lower()
+        if f.failed_nodes:
+            nodes = "node" if f.failed_nodes == 1 else "nodes"
+            status += f" ({f.failed_nodes} {nodes} failed)"
         lines = [f"status: {status}"]
         if f.error.code:
-            lines.append(f"error: {f.error.code}: {f.error.message}")
+            lines.append(f"error: {f.error.code}: {plain(f.error.message)}")
         tokens = (
             f"{f.usage.input_tokens} in / {f.usage.output_tokens} out ({f.usage.model})"
             if f.usage.model

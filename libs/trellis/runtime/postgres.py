@@ -19,7 +19,9 @@ INSERT may have committed before its connection dropped: its caller passes
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -28,6 +30,8 @@ import asyncpg
 
 from trellis.runtime.errors import Unavailable
 from trellis.runtime.logs import get_logger
+from trellis.runtime.redact import redact_url
+from trellis.runtime.settings import StartupError
 
 log = get_logger(__name__)
 
@@ -117,16 +121,50 @@ class ReconnectingPool:
 
 
 async def open_pool(
-    url: str, schema: str, *, schema_lock: int, min_size: int = 1, max_size: int = 10
+    url: str,
+    schema: str,
+    *,
+    schema_lock: int,
+    min_size: int = 1,
+    max_size: int = 10,
+    setting: str = "TRELLIS_DATABASE_URL",
 ) -> asyncpg.Pool:
     """A pool to ``url`` with ``schema`` applied, under a transaction-scoped advisory lock
-    (``schema_lock``) so replicas starting together do not race on CREATE IF NOT EXISTS."""
-    pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+    (``schema_lock``) so replicas starting together do not race on CREATE IF NOT EXISTS.
+
+    A URL that cannot be used (refused connection, unknown host, no such database or
+    role, wrong password, no right to create the schema) is a ``StartupError`` naming
+    ``setting`` and the URL without its password: the service stops with one line.
+    """
+    try:
+        pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as error:
+        raise StartupError(f"{setting}={redact_url(url)}: {_why(error)}") from error
     try:
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", schema_lock)
             await conn.execute(schema)
+    except asyncpg.PostgresError as error:
+        await pool.close()
+        raise StartupError(
+            f"{setting}={redact_url(url)}: cannot create the tables ({_why(error)})"
+        ) from error
     except BaseException:
         await pool.close()
         raise
     return pool
+
+
+def _why(error: BaseException) -> str:
+    """What went wrong connecting, in words (asyncpg's own message for server errors)."""
+    if isinstance(error, ConnectionRefusedError) or getattr(error, "errno", None) == (
+        errno.ECONNREFUSED
+    ):
+        return "connection refused"
+    if isinstance(error, socket.gaierror):
+        return f"unknown host ({error.strerror})"
+    if isinstance(error, TimeoutError):
+        return "connection timed out"
+    if isinstance(error, OSError) and "Connect call failed" in str(error):
+        return "connection refused"  # asyncpg tried several addresses (localhost)
+    return " ".join(str(error).split()) or type(error).__name__

@@ -38,6 +38,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
+from urllib.parse import unquote
 
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.trace import Status
@@ -65,6 +66,10 @@ _SHAPES = (
     r"(?P<scheme>\b[Bb]earer\s+)[A-Za-z0-9\-._~+/]{8,}=*",
     r"\bsk-[A-Za-z0-9_\-]{16,}",
 )
+
+#: ``scheme://user:password@`` and ``?key=value`` / ``&key=value`` of a URL.
+_URL_PASSWORD = re.compile(r"^(?P<user>[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@]*):[^/?#]*@")
+_URL_PARAMETER = re.compile(r"(?P<sep>[?&])(?P<key>[^=&#]+)=[^&#]*")
 
 _lock = threading.Lock()
 _secrets: frozenset[str] = frozenset()
@@ -164,6 +169,19 @@ def contains_secret(data: bytes | str) -> bool:
     if isinstance(data, str):
         data = data.encode()
     return pattern.search(data) is not None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (in the authority or a query parameter such as
+    ``?password=``) replaced by ``[redacted]``; user, host, path and the rest stay as
+    written, so a message about a connection can still say which one."""
+    url = _URL_PASSWORD.sub(rf"\g<user>:{REDACTED}@", url, count=1)
+
+    def query(match: re.Match[str]) -> str:
+        key = match.group("key")
+        return f"{match.group('sep')}{key}={REDACTED}" if sensitive_key(unquote(key)) else match[0]
+
+    return _URL_PARAMETER.sub(query, url)
 
 
 def _masked(value: Any) -> Any:
@@ -302,6 +320,7 @@ __all__ = [
     "redact_event",
     "redact_span",
     "redact_text",
+    "redact_url",
     "redact_value",
     "register_secret",
     "register_settings",

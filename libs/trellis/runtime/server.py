@@ -7,6 +7,11 @@ keepalive, tracing and the runtime's rules interceptor. On SIGTERM/SIGINT health
 turns NOT_SERVING first, so load balancers stop sending, then in-flight RPCs get
 ``grace_seconds`` to finish.
 
+A server owns its port: SO_REUSEPORT (on by default in gRPC) is turned off, so a second
+process started on the same port stops with one line (``TRELLIS_PORT=50054: port already
+in use``, exit code 2) instead of sharing it. The ports are checked before the service is
+built (``trellis.runtime.ports``).
+
 With ``TRELLIS_TLS_*`` set the port is mTLS (``trellis.runtime.tls``) and the service's
 channels dial with the same certificate. A service that gives ``api_keys`` (the
 executor, with auth on) gets every call of its own RPCs authenticated by the rules
@@ -17,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,7 +31,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import SpanProcessor
 
-from trellis.runtime import tls
+from trellis.runtime import ports, tls
 from trellis.runtime.auth import ApiKeys
 from trellis.runtime.channels import Channels
 from trellis.runtime.interceptors import ServerRulesInterceptor
@@ -35,7 +39,13 @@ from trellis.runtime.logs import get_logger, setup_logging
 from trellis.runtime.metrics import serve_metrics
 from trellis.runtime.redact import register_settings
 from trellis.runtime.reflection import MethodSymbolPool
-from trellis.runtime.settings import ConfigError, ServiceSettings, load_settings
+from trellis.runtime.settings import (
+    ServiceSettings,
+    StartupError,
+    env_name,
+    load_settings,
+    startup_errors_exit,
+)
 from trellis.runtime.telemetry import Telemetry, setup_telemetry
 
 log = get_logger(__name__)
@@ -71,13 +81,14 @@ Builder = Callable[[ServiceSettings, Telemetry, Channels], Awaitable[Service]]
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, object]]:
-    """Message bounds, keepalive, and a maximum connection age.
+    """Exclusive port, message bounds, keepalive, and a maximum connection age.
 
     The age makes clients reconnect (GOAWAY) now and then, and a ``dns:///`` client then
     resolves again, so replicas added by an autoscaler get traffic; the grace after it is
     gRPC's default (unbounded), so a long Run stream is never cut.
     """
     options: list[tuple[str, object]] = [
+        ("grpc.so_reuseport", 0),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", 60_000),
@@ -157,12 +168,12 @@ async def start_server(
         server,
         pool=MethodSymbolPool(),  # `grpcurl describe <Service>.<Method>` works too
     )
-    address = f"{settings.host}:{settings.port}"
     files = tls.from_settings(settings)
-    if files is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, files.server_credentials())
+    try:
+        port = _bind(server, settings, files)
+    except BaseException:
+        await service.aclose()
+        raise
     await server.start()
     log.info(
         "serving",
@@ -172,6 +183,36 @@ async def start_server(
         auth=service.api_keys is not None,
     )
     return RunningServer(service, server, health, port, settings.grace_seconds, telemetry, channels)
+
+
+def _bind(server: aio.Server, settings: ServiceSettings, files: tls.TlsFiles | None) -> int:
+    """Add the listening port; a port taken since it was checked is a ``StartupError``."""
+    address = f"{settings.host}:{settings.port}"
+    try:
+        if files is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, files.server_credentials())
+    except RuntimeError:  # gRPC says "Failed to bind"; the probe says why
+        ports.check_port(settings.host, settings.port, env_name(type(settings), "port"))
+        raise
+
+
+def check_ports(settings: ServiceSettings) -> None:
+    """Both ports the service will listen on are free, or a ``StartupError`` naming one."""
+    cls = type(settings)
+    ports.check_port(settings.host, settings.port, env_name(cls, "port"))
+    ports.check_port(settings.host, settings.metrics_port, env_name(cls, "metrics_port"))
+
+
+def start_metrics(settings: ServiceSettings) -> int | None:
+    """``serve_metrics`` with a port taken since it was checked as a ``StartupError``."""
+    try:
+        return serve_metrics(settings.metrics_port, settings.host)
+    except OSError as error:
+        variable = env_name(type(settings), "metrics_port")
+        raise StartupError(
+            ports.describe(variable, settings.host, settings.metrics_port, error)
+        ) from None
 
 
 async def start_service(
@@ -209,21 +250,21 @@ def run_service(
 ) -> None:
     """Entry point body of every service's ``__main__``.
 
-    A ``ConfigError`` raised while the service is built stops the process like a bad
-    variable: one line on stderr, exit code 2.
+    A ``StartupError`` raised while the service starts (a busy port, a database that
+    refuses its URL, a ``ConfigError`` found while it is built) stops the process like a
+    bad variable: one line on stderr, exit code 2. The ports are checked first, before
+    anything is built or logged.
     """
     settings = load_settings(settings_cls, program)
     setup_logging(settings.log_level, service=name)
 
     async def serve() -> None:
+        check_ports(settings)
         running = await start_service(settings, name, builder)
-        serve_metrics(settings.metrics_port, settings.host)
+        start_metrics(settings)
         await wait_for_signal()
         log.info("stopping", service=name, grace=settings.grace_seconds)
         await running.stop()
 
-    try:
+    with startup_errors_exit(program):
         asyncio.run(serve())
-    except ConfigError as error:
-        print(f"{program}: invalid configuration: {error}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -92,9 +93,27 @@ class ServiceSettings(BaseSettings):
         return self
 
 
-class ConfigError(ValueError):
+class StartupError(Exception):
+    """Something a setting names cannot be used while a service starts (a busy port, a
+    database that refuses the URL): the process stops with one line naming the setting,
+    exit code 2, like a bad variable."""
+
+
+class ConfigError(StartupError, ValueError):
     """A configuration problem found while a service starts, after its variables parsed
     (e.g. auth on without keys): the process stops with one line, exit code 2."""
+
+
+@contextmanager
+def startup_errors_exit(program: str) -> Iterator[None]:
+    """Around a service's start: a ``StartupError`` becomes one line on stderr
+    (``<program>: ...``; ``invalid configuration:`` for a ``ConfigError``) and exit code 2."""
+    try:
+        yield
+    except StartupError as error:
+        kind = "invalid configuration: " if isinstance(error, ConfigError) else ""
+        print(f"{program}: {kind}{error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 S = TypeVar("S", bound=BaseSettings)

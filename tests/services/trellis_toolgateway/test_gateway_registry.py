@@ -51,7 +51,9 @@ def test_builtins_are_registered_with_valid_specs() -> None:
     ]  # fmt: skip
     for spec in registry.specs():
         proto = spec.to_proto()
-        assert proto.name == spec.name and proto.version == "1"
+        assert proto.name == spec.name and proto.version == (
+            "2" if spec.name == "arithmetic" else "1"
+        )
         assert proto.input_schema["type"] == "object"
         assert not proto.side_effects
 

@@ -221,3 +221,23 @@ class _FakeRpcError(grpc.RpcError):
 
     def trailing_metadata(self):
         return self._status.trailing_metadata
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://bob:s3cret@db:5432/runs", "postgresql://bob:[redacted]@db:5432/runs"),
+        ("postgresql://u:p@ss@db/runs", "postgresql://u:[redacted]@db/runs"),
+        (
+            "postgres://db/runs?password=s3cret&sslmode=require",
+            "postgres://db/runs?password=[redacted]&sslmode=require",
+        ),
+        ("postgresql://bob@db/runs", "postgresql://bob@db/runs"),
+        (
+            "postgresql:///runs?host=/var/run/postgresql",
+            "postgresql:///runs?host=/var/run/postgresql",
+        ),
+    ],
+)
+def test_urls_lose_their_password_and_keep_the_rest(url: str, shown: str) -> None:
+    assert redact.redact_url(url) == shown
