@@ -484,7 +484,14 @@ async def test_a_bad_plan_file_exits_2_with_one_line_naming_it(
 async def test_stdout_closed_by_head_stops_quietly_and_cancels_the_run(
     stack: Stack, executor: ExecutorClient, tmp_path: Path
 ) -> None:
-    plan = write_plan(tmp_path, {"node_id": "s", "tool": "sleep", "args": {"ms": 3000}})
+    # A chain of short naps: an event every 100 ms, so the client writes again soon
+    # after `head` has gone (the first writes may all fit in the pipe before it exits).
+    naps = [
+        {"node_id": f"s{i}", "tool": "sleep", "args": {"ms": 100}}
+        | ({"depends_on": [f"s{i - 1}"]} if i else {})
+        for i in range(40)
+    ]
+    plan = write_plan(tmp_path, *naps)
     command = (
         f"{shlex.quote(require_node())} {shlex.quote(str(RUN_GOAL))}"
         f" --target {stack.executor_target} --json --run-id piped --plan-file {shlex.quote(plan)}"

@@ -169,7 +169,7 @@ async def test_nul_in_goal_run_id_or_node_id_is_invalid_argument_on_postgres(
         invalid(await refused(lookup), "INVALID_ID", "run_id")
     assert await stored_runs(postgres_url) == 0
     # the store is fine: a good run goes through
-    events = await run(stub, executor_pb2.RunRequest(run_id="after-nul", plan=[node("a", v=1)]))
+    events = await run(stub, executor_pb2.RunRequest(run_id="after-nul", plan=[node("a", value=1)]))
     assert events[-1].finished.status == SUCCEEDED
     assert await stored_runs(postgres_url) == 1
 

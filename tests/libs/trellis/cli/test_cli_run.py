@@ -1,10 +1,10 @@
 """`trellis run` as a person uses it: a subprocess against a stack over real gRPC.
 
-Each exit code it can produce today with real inputs (0 succeeded, 1 failed / a service's
-error, 2 bad plan file, 4 cancelled, 5 executor unreachable, 6 API key refused), the one
-line each error prints, and no gRPC diagnostics or internal addresses in any of them.
-PARTIAL runs come from the executor's join; the mapping and the status line are checked
-directly (``exits.for_run``, ``RunView.summary``).
+Each exit code with real inputs (0 succeeded, 1 failed / a service's error, 2 bad plan
+file, 3 partial, 4 cancelled, 5 executor unreachable, 6 API key refused), the one line
+each error prints, and no gRPC diagnostics or internal addresses in any of them; the
+mapping and the status line are also checked directly (``exits.for_run``,
+``RunView.summary``).
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ async def test_a_service_error_exits_1_with_its_reason_and_fields(
     result = await trellis_run("--target", stack.executor_target, "--plan-file", str(path))
     assert result.code == ExitCode.FAILED, result
     assert result.error_lines == [
-        "error INVALID_PLAN: invalid plan node n1: plan[0].tool: unknown tool 'no_such_tool'",
+        "error INVALID_PLAN: invalid plan node plan[0]: plan[0].tool: unknown tool 'no_such_tool'",
         "  plan[0].tool: unknown tool 'no_such_tool'",
     ]
     assert result.stdout == ""  # refused before the run started: no table
@@ -318,6 +318,32 @@ async def test_a_failed_run_exits_1_and_prints_its_error(tmp_path: Path) -> None
     assert result.code == ExitCode.FAILED, result
     assert "status: failed" in result.stdout
     assert "error: RUN_COST_EXCEEDED: " in result.stdout
+
+
+async def test_an_explicit_plan_with_a_failed_node_exits_1_naming_it(
+    stack: Stack, tmp_path: Path
+) -> None:
+    path = plan_file(
+        tmp_path, [{"node_id": "zero", "tool": "arithmetic", "args": {"expression": "1/0"}}]
+    )
+    result = await trellis_run("--target", stack.executor_target, "--plan-file", str(path))
+    assert result.code == ExitCode.FAILED, result
+    assert "status: failed (1 node failed)" in result.stdout
+    assert "error: ARITHMETIC_ERROR: node zero (arithmetic) failed" in result.stdout
+
+
+async def test_a_goal_run_that_answered_with_a_failed_node_exits_3(
+    stack: Stack, tmp_path: Path
+) -> None:
+    assert stack.model is not None
+    stack.model.script.reply(
+        '{"node_id": "n1", "tool": "arithmetic", "args": {"expression": "1/0"}}\n'
+    )
+    stack.model.script.reply("It cannot be computed: division by zero.")
+    result = await trellis_run("--target", stack.executor_target, "What is 1/0?")
+    assert result.code == ExitCode.PARTIAL, result
+    assert "status: partial (1 node failed)" in result.stdout
+    assert "It cannot be computed" in result.stdout
 
 
 async def test_a_cancelled_run_exits_4(stack: Stack, channels, tmp_path: Path) -> None:
