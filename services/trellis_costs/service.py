@@ -22,11 +22,7 @@ SERVICE_NAME = costs_pb2.DESCRIPTOR.services_by_name["CostAccountingService"].fu
 async def build(settings: CostsSettings, telemetry: Telemetry, channels: Channels) -> Service:
     prices = PriceTable.load(settings.prices_file)
     ledger = await open_ledger(settings.database_url, prices)
-    budgets = Budgets(
-        ledger,
-        reservation_seconds=settings.budget_reservation_seconds,
-        refresh_seconds=settings.budget_refresh_seconds,
-    )
+    budgets = Budgets(ledger, reservation_seconds=settings.budget_reservation_seconds)
     servicer = CostAccountingServicer(
         ledger,
         budgets,
