@@ -292,16 +292,27 @@ RUN_COLUMNS = (
 
 def run_usage(rows: Iterable[tuple[str, str, str, int, int, int, int, bool]]) -> RunUsage:
     """The totals of a run's rows (RUN_COLUMNS, oldest first)."""
-    model, tokens, model_cost, estimated, tool_cost = "", [0, 0, 0], 0, False, 0
-    usage_ids = []
-    for usage_id, kind, name, input_tokens, output_tokens, cached, cost, guessed in rows:
+    usage_ids: list[str] = []
+    model, model_cost, tool_cost, estimated = "", 0, 0, False
+    input_tokens = output_tokens = cached_input_tokens = 0
+    for usage_id, kind, name, tokens_in, tokens_out, cached, cost, guessed in rows:
         usage_ids.append(usage_id)
         if kind == UsageKind.TOOL:
             tool_cost += cost
             continue
-        model = name
-        for i, count in enumerate((input_tokens, output_tokens, cached)):
-            tokens[i] += count
+        model = name  # oldest first: the latest model row's model stays
+        input_tokens += tokens_in
+        output_tokens += tokens_out
+        cached_input_tokens += cached
         model_cost += cost
         estimated = estimated or bool(guessed)
-    return RunUsage(model, *tokens, model_cost, estimated, tool_cost, tuple(usage_ids))
+    return RunUsage(
+        model=model,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_input_tokens=cached_input_tokens,
+        model_cost_nano_usd=model_cost,
+        estimated=estimated,
+        tool_cost_nano_usd=tool_cost,
+        usage_ids=tuple(usage_ids),
+    )
