@@ -150,6 +150,12 @@ class Budgets:
         now = self._clock()
         return headroom(await self._ledger.standing(tenant_id, utc_day(now), now))
 
+    async def headrooms(self) -> dict[str, int]:
+        """``headroom`` of every tenant that has a budget."""
+        now = self._clock()
+        standings = await self._ledger.standings(utc_day(now), now)
+        return {s.budget.tenant_id: headroom(s) or 0 for s in standings}
+
     async def set_budget(self, budget: Budget, limits: Collection[str] = BUDGET_LIMITS) -> Budget:
         """Store the ``limits`` of ``budget`` (the others keep their value; both 0 remove
         the budget); every later check uses it. Returns the budget now stored."""

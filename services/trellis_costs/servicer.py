@@ -7,7 +7,7 @@ RUN_ID_REQUIRED). The tenant comes from the request scope (``x-tenant-id``). Row
 written through ``Budgets`` so each settles its call's hold. Prometheus cost and token
 counters move only when a new ledger row is written, so retries and resumes never
 inflate them; ``trellis_budget_remaining_usd{tenant}`` follows tenants that have a
-budget.
+budget (``headroom.py``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from trellis.costs.v1 import costs_pb2, costs_pb2_grpc
 from trellis.runtime.context import tenant as current_tenant
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.runtime.logs import get_logger
-from trellis.runtime.metrics import BUDGET_REMAINING_USD, COST_USD, TOKENS, UNKNOWN_MODEL_PRICES
+from trellis.runtime.metrics import COST_USD, TOKENS, UNKNOWN_MODEL_PRICES
 from trellis_costs.budgets import Budgets
+from trellis_costs.headroom import HeadroomGauge
 from trellis_costs.ledger import (
     BUDGET_LIMITS,
     Budget,
@@ -48,6 +49,7 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
         ledger: Ledger,
         budgets: Budgets,
         prices: PriceTable,
+        headroom: HeadroomGauge,
         *,
         tenant_label: bool = False,
         tracer: trace.Tracer | None = None,
@@ -55,6 +57,7 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
         self._ledger = ledger
         self._tracer = tracer or trace.NoOpTracer()
         self._budgets = budgets
+        self._headroom = headroom
         self._prices = prices
         self._tenant_label = tenant_label
         self._warned_models: set[str] = set()
@@ -83,7 +86,7 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
             if not recorded.price_known:
                 UNKNOWN_MODEL_PRICES.labels(model=event.model).inc()
                 self._warn_unknown_model(event)
-        self._publish(event.tenant_id, await self._budgets.headroom(event.tenant_id))
+        self._headroom.publish(event.tenant_id, await self._budgets.headroom(event.tenant_id))
         return costs_pb2.RecordUsageResponse(
             cost_nano_usd=recorded.cost_nano_usd, duplicate=recorded.duplicate
         )
@@ -97,7 +100,7 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
         tenant_id = current_tenant()
         estimate = _estimate(request, self._prices)
         check = await self._budgets.check(tenant_id, estimate, request.reservation_id)
-        self._publish(tenant_id, check.headroom_after)
+        self._headroom.publish(tenant_id, check.headroom_after)
         return costs_pb2.CheckBudgetResponse(
             allowed=check.allowed,
             daily_limit_nano_usd=check.daily_limit_nano_usd,
@@ -121,7 +124,7 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
             Budget(tenant_id, request.daily_limit_nano_usd, request.monthly_limit_nano_usd),
             limits,
         )
-        self._publish(tenant_id, await self._budgets.headroom(tenant_id))
+        self._headroom.publish(tenant_id, await self._budgets.headroom(tenant_id))
         return costs_pb2.SetBudgetResponse()
 
     async def GetUsage(
@@ -162,13 +165,6 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
             cost_nano_usd=run.cost_nano_usd,
             usage_ids=run.usage_ids,
         )
-
-    @staticmethod
-    def _publish(tenant_id: str, headroom: int | None) -> None:
-        if headroom is None:
-            BUDGET_REMAINING_USD.remove(tenant_id)
-        else:
-            BUDGET_REMAINING_USD.labels(tenant=tenant_id).set(headroom / 1e9)
 
     def _warn_unknown_model(self, event: UsageEvent) -> None:
         if event.model in self._warned_models:

@@ -191,6 +191,25 @@ class Standing:
     held_nano_usd: int = 0
 
 
+def standing_of(
+    tenant_id: str,
+    daily: int | None,
+    monthly: int | None,
+    today: int | None,
+    month: int | None,
+    reserved: int | None,
+    held: int | None = 0,
+) -> Standing:
+    """A Standing from the figures SQL gives (NULL: no budget, no spend, no hold)."""
+    return Standing(
+        Budget(tenant_id, int(daily or 0), int(monthly or 0)),
+        spent_today_nano_usd=int(today or 0),
+        spent_this_month_nano_usd=int(month or 0),
+        reserved_nano_usd=int(reserved or 0),
+        held_nano_usd=int(held or 0),
+    )
+
+
 class Decision(Protocol):
     """What a budget check decided, as far as the ledger must act on it."""
 
@@ -232,6 +251,10 @@ class Ledger(Protocol):
     ) -> Standing:
         """The tenant's limits, spend on ``day`` and its month, and holds unexpired at
         ``now``, in one snapshot (no lock: for reports and gauges)."""
+        ...
+
+    async def standings(self, day: str, now: datetime) -> list[Standing]:
+        """``standing`` of every tenant that has a budget, in one snapshot."""
         ...
 
     async def decide_and_hold(

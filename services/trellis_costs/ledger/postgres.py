@@ -40,6 +40,7 @@ from trellis_costs.ledger.base import (
     price,
     report,
     run_usage,
+    standing_of,
     usage_id_taken,
     utc_now,
 )
@@ -118,6 +119,18 @@ SELECT
     (SELECT amount_nano_usd FROM budget_holds
         WHERE tenant_id = $1 AND expires_at > $5 AND reservation_id = $6),
     EXISTS (SELECT 1 FROM budget_holds WHERE tenant_id = $1 AND expires_at <= $5)
+"""
+
+
+#: Every budgeted tenant's standing: $1 day, $2/$3 its month, $4 now.
+_STANDINGS = """
+SELECT b.tenant_id, b.daily_limit_nano_usd, b.monthly_limit_nano_usd,
+    (SELECT cost_nano_usd FROM spend_by_day WHERE tenant_id = b.tenant_id AND day = $1),
+    (SELECT SUM(cost_nano_usd) FROM spend_by_day
+        WHERE tenant_id = b.tenant_id AND day BETWEEN $2 AND $3)::bigint,
+    (SELECT SUM(amount_nano_usd) FROM budget_holds
+        WHERE tenant_id = b.tenant_id AND expires_at > $4)::bigint
+FROM budgets AS b
 """
 
 
@@ -264,6 +277,11 @@ class PostgresLedger:
 
         return await self._pool.run(read)
 
+    async def standings(self, day: str, now: datetime) -> list[Standing]:
+        first, last = month_of(day)
+        rows = await self._pool.fetch(_STANDINGS, _day(day), _day(first), _day(last), now)
+        return [standing_of(*row) for row in rows]
+
     async def decide_and_hold(
         self,
         tenant_id: str,
@@ -318,11 +336,4 @@ async def _standing(
         _STANDING, tenant_id, _day(day), _day(first), _day(last), now, reservation_id
     )
     daily, monthly, today, month, reserved, held, expired = row
-    standing = Standing(
-        Budget(tenant_id, daily or 0, monthly or 0),
-        spent_today_nano_usd=today or 0,
-        spent_this_month_nano_usd=month or 0,
-        reserved_nano_usd=reserved or 0,
-        held_nano_usd=held or 0,
-    )
-    return standing, bool(expired)
+    return standing_of(tenant_id, daily, monthly, today, month, reserved, held), bool(expired)

@@ -41,6 +41,7 @@ from trellis_costs.ledger.base import (
     price,
     report,
     run_usage,
+    standing_of,
     usage_id_taken,
     utc_now,
 )
@@ -111,6 +112,18 @@ SELECT
     (SELECT amount_nano_usd FROM budget_holds
         WHERE tenant_id = :tenant AND expires_at > :now AND reservation_id = :reservation),
     EXISTS (SELECT 1 FROM budget_holds WHERE tenant_id = :tenant AND expires_at <= :now)
+"""
+
+
+#: Every budgeted tenant's standing (see the PostgreSQL ledger's).
+_STANDINGS = """
+SELECT b.tenant_id, b.daily_limit_nano_usd, b.monthly_limit_nano_usd,
+    (SELECT cost_nano_usd FROM spend_by_day WHERE tenant_id = b.tenant_id AND day = :day),
+    (SELECT SUM(cost_nano_usd) FROM spend_by_day
+        WHERE tenant_id = b.tenant_id AND day BETWEEN :first AND :last),
+    (SELECT SUM(amount_nano_usd) FROM budget_holds
+        WHERE tenant_id = b.tenant_id AND expires_at > :now)
+FROM budgets AS b
 """
 
 
@@ -259,6 +272,11 @@ class SqliteLedger:
             standing, _expired = await _standing(self._db, tenant_id, day, now, reservation_id)
         return standing
 
+    async def standings(self, day: str, now: datetime) -> list[Standing]:
+        first, last = month_of(day)
+        args = {"day": day, "first": first, "last": last, "now": now.timestamp()}
+        return [standing_of(*row) for row in await self._fetchall(_STANDINGS, args)]
+
     async def decide_and_hold(
         self,
         tenant_id: str,
@@ -317,11 +335,4 @@ async def _standing(
         row = await cursor.fetchone()
     assert row is not None
     daily, monthly, today, month, reserved, held, expired = row
-    standing = Standing(
-        Budget(tenant_id, int(daily or 0), int(monthly or 0)),
-        spent_today_nano_usd=int(today or 0),
-        spent_this_month_nano_usd=int(month or 0),
-        reserved_nano_usd=int(reserved or 0),
-        held_nano_usd=int(held or 0),
-    )
-    return standing, bool(expired)
+    return standing_of(tenant_id, daily, monthly, today, month, reserved, held), bool(expired)

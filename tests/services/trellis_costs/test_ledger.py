@@ -369,3 +369,16 @@ def test_parse_day_accepts_real_days(text: str) -> None:
 def test_parse_day_rejects_anything_else(text: str) -> None:
     with pytest.raises(ValueError):
         parse_day(text)
+
+
+async def test_standings_are_every_budgeted_tenants(ledger: Ledger, clock: Clock) -> None:
+    await ledger.set_budget(Budget("t1", daily_limit_nano_usd=1_000))
+    await ledger.set_budget(Budget("t2", monthly_limit_nano_usd=5_000))
+    await ledger.record(tool_event("a", "x", 100))
+    await ledger.record(tool_event("b", "x", 7, tenant="t3"))  # no budget: not listed
+    await hold(ledger, clock, "r", 40, tenant="t2")
+    standings = sorted(await ledger.standings(DAY, clock.now), key=lambda s: s.budget.tenant_id)
+    assert standings == [
+        Standing(Budget("t1", 1_000, 0), 100, 100, 0),
+        Standing(Budget("t2", 0, 5_000), 0, 0, 40),
+    ]
