@@ -292,37 +292,40 @@ class PostgresLedger:
         decide: Callable[[Standing], D],
     ) -> D:
         async def check(conn: asyncpg.Connection) -> D:
-            # One round trip opens the transaction. A hold is worth no disk flush: lost
-            # in a database crash, it only lets one estimate through unheld. Should
-            # anything below fail, the pool rolls the transaction back on release.
-            await conn.execute("BEGIN; SET LOCAL synchronous_commit = off")
-            await conn.execute("SELECT 1 FROM budgets WHERE tenant_id = $1 FOR UPDATE", tenant_id)
-            standing, expired = await _standing(conn, tenant_id, day, now, reservation_id)
-            decision = decide(standing)
-            if expired:
+            async with conn.transaction():
+                # Lock the tenant's budget row (none: no budget, nothing to hold). A hold
+                # is worth no disk flush: lost in a database crash, it only lets one
+                # estimate through unheld.
                 await conn.execute(
-                    "DELETE FROM budget_holds WHERE tenant_id = $1 AND expires_at <= $2",
+                    "SELECT set_config('synchronous_commit', 'off', true),"
+                    " EXISTS (SELECT 1 FROM budgets WHERE tenant_id = $1 FOR UPDATE)",
                     tenant_id,
-                    now,
                 )
-            if decision.hold_nano_usd > 0:
-                await conn.execute(
-                    "INSERT INTO budget_holds (tenant_id, reservation_id, amount_nano_usd,"
-                    " expires_at) VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id,"
-                    " reservation_id) DO UPDATE SET amount_nano_usd = excluded.amount_nano_usd",
-                    tenant_id,
-                    reservation_id,
-                    decision.hold_nano_usd,
-                    expires_at,
-                )
-            elif standing.held_nano_usd:
-                await conn.execute(
-                    "DELETE FROM budget_holds WHERE tenant_id = $1 AND reservation_id = $2",
-                    tenant_id,
-                    reservation_id,
-                )
-            await conn.execute("COMMIT")
-            return decision
+                standing, expired = await _standing(conn, tenant_id, day, now, reservation_id)
+                decision = decide(standing)
+                if expired:
+                    await conn.execute(
+                        "DELETE FROM budget_holds WHERE tenant_id = $1 AND expires_at <= $2",
+                        tenant_id,
+                        now,
+                    )
+                if decision.hold_nano_usd > 0:
+                    await conn.execute(
+                        "INSERT INTO budget_holds (tenant_id, reservation_id, amount_nano_usd,"
+                        " expires_at) VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id,"
+                        " reservation_id) DO UPDATE SET amount_nano_usd = excluded.amount_nano_usd",
+                        tenant_id,
+                        reservation_id,
+                        decision.hold_nano_usd,
+                        expires_at,
+                    )
+                elif standing.held_nano_usd:
+                    await conn.execute(
+                        "DELETE FROM budget_holds WHERE tenant_id = $1 AND reservation_id = $2",
+                        tenant_id,
+                        reservation_id,
+                    )
+                return decision
 
         return await self._pool.run(check)
 
