@@ -2,12 +2,13 @@
 
 Contract checks live here because they name proto fields: a bad field is
 INVALID_ARGUMENT with a stable reason and BadRequest violations naming every bad field
-(INVALID_USAGE, USAGE_ID_REQUIRED, INVALID_ESTIMATE, INVALID_BUDGET, INVALID_DAY; an
-id against ``trellis.runtime.validation``'s rules is one of them, a bad tenant_id is
-INVALID_ID). The tenant comes from the request scope (``x-tenant-id``). Rows are written through
-``Budgets`` so its in-memory view counts each one. Prometheus cost and token counters
-move only when a new ledger row is written, so retries and resumes never inflate them;
-``trellis_budget_remaining_usd{tenant}`` follows tenants that have a budget.
+(INVALID_USAGE, USAGE_ID_REQUIRED, INVALID_ESTIMATE, INVALID_BUDGET, INVALID_DAY,
+RUN_ID_REQUIRED; an id against ``trellis.runtime.validation``'s rules is one of them, a
+bad tenant_id is INVALID_ID). The tenant comes from the request scope (``x-tenant-id``).
+Rows are written through ``Budgets`` so each settles its call's hold. Prometheus cost and
+token counters move only when a new ledger row is written, so retries and resumes never
+inflate them; ``trellis_budget_remaining_usd{tenant}`` follows tenants that have a
+budget (``headroom.py``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from datetime import UTC
 from grpc import aio
 from opentelemetry import trace
 
+from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2, costs_pb2_grpc
 from trellis.runtime.context import tenant as current_tenant
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.runtime.logs import get_logger
-from trellis.runtime.metrics import BUDGET_REMAINING_USD, COST_USD, TOKENS, UNKNOWN_MODEL_PRICES
+from trellis.runtime.metrics import COST_USD, TOKENS, UNKNOWN_MODEL_PRICES
 from trellis.runtime.validation import (
     MODEL_NAME,
     NODE_ID,
@@ -33,7 +35,16 @@ from trellis.runtime.validation import (
     id_violations,
 )
 from trellis_costs.budgets import Budgets
-from trellis_costs.ledger import Budget, Ledger, UsageEvent, UsageKind, UsageRow, parse_day
+from trellis_costs.headroom import HeadroomGauge
+from trellis_costs.ledger import (
+    BUDGET_LIMITS,
+    Budget,
+    Ledger,
+    UsageEvent,
+    UsageKind,
+    UsageRow,
+    parse_day,
+)
 from trellis_costs.prices import PriceTable
 
 log = get_logger(__name__)
@@ -49,6 +60,7 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
         ledger: Ledger,
         budgets: Budgets,
         prices: PriceTable,
+        headroom: HeadroomGauge,
         *,
         tenant_label: bool = False,
         tracer: trace.Tracer | None = None,
@@ -56,6 +68,7 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
         self._ledger = ledger
         self._tracer = tracer or trace.NoOpTracer()
         self._budgets = budgets
+        self._headroom = headroom
         self._prices = prices
         self._tenant_label = tenant_label
         self._warned_models: set[str] = set()
@@ -84,7 +97,7 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
             if not recorded.price_known:
                 UNKNOWN_MODEL_PRICES.labels(model=event.model).inc()
                 self._warn_unknown_model(event)
-        await self._publish_headroom(event.tenant_id)
+        self._headroom.publish(event.tenant_id, await self._budgets.headroom(event.tenant_id))
         return costs_pb2.RecordUsageResponse(
             cost_nano_usd=recorded.cost_nano_usd, duplicate=recorded.duplicate
         )
@@ -98,7 +111,7 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
         tenant_id = current_tenant()
         estimate = _estimate(request, self._prices)
         check = await self._budgets.check(tenant_id, estimate, request.reservation_id)
-        await self._publish_headroom(tenant_id)
+        self._headroom.publish(tenant_id, check.headroom_after)
         return costs_pb2.CheckBudgetResponse(
             allowed=check.allowed,
             daily_limit_nano_usd=check.daily_limit_nano_usd,
@@ -113,22 +126,16 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
     async def SetBudget(
         self, request: costs_pb2.SetBudgetRequest, context: aio.ServicerContext
     ) -> costs_pb2.SetBudgetResponse:
-        """Set the limits of ``tenant_id`` (empty: the caller's tenant); 0 means no
-        limit of that kind, and both 0 remove the budget."""
-        violations = [
-            FieldViolation(name, "must be >= 0 (0 = no limit)")
-            for name in ("daily_limit_nano_usd", "monthly_limit_nano_usd")
-            if getattr(request, name) < 0
-        ]
-        if violations:
-            raise InvalidArgument(
-                "budget limits must not be negative", reason="INVALID_BUDGET", violations=violations
-            )
+        """Set the limits of ``tenant_id`` (empty: the caller's tenant) that
+        ``update_mask`` names (empty: both); 0 means no limit of that kind, and a budget
+        left with both 0 is removed."""
+        limits = _budget_limits(request)
         tenant_id = _tenant(request.tenant_id)
         await self._budgets.set_budget(
-            Budget(tenant_id, request.daily_limit_nano_usd, request.monthly_limit_nano_usd)
+            Budget(tenant_id, request.daily_limit_nano_usd, request.monthly_limit_nano_usd),
+            limits,
         )
-        await self._publish_headroom(tenant_id)
+        self._headroom.publish(tenant_id, await self._budgets.headroom(tenant_id))
         return costs_pb2.SetBudgetResponse()
 
     async def GetUsage(
@@ -141,14 +148,37 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
         return costs_pb2.GetUsageResponse(
             rows=[_usage_row(row) for row in report.rows],
             total_cost_nano_usd=report.total_cost_nano_usd,
+            total_input_tokens=report.total_input_tokens,
+            total_output_tokens=report.total_output_tokens,
+            estimated_events=report.estimated_events,
         )
 
-    async def _publish_headroom(self, tenant_id: str) -> None:
-        headroom = await self._budgets.headroom(tenant_id)
-        if headroom is None:
-            BUDGET_REMAINING_USD.remove(tenant_id)
-        else:
-            BUDGET_REMAINING_USD.labels(tenant=tenant_id).set(headroom / 1e9)
+    async def GetRunUsage(
+        self, request: costs_pb2.GetRunUsageRequest, context: aio.ServicerContext
+    ) -> costs_pb2.GetRunUsageResponse:
+        """What the ledger holds for one run of the caller's tenant; another tenant's
+        run (or an unknown one) is an empty answer, not an error."""
+        if not request.run_id:
+            raise _invalid("run_id", "is required", reason="RUN_ID_REQUIRED")
+        problems = Problems()
+        problems.check_id("run_id", request.run_id, RUN_ID)
+        problems.refuse("request")
+        run = await self._ledger.run_usage(current_tenant(), request.run_id)
+        if not run.usage_ids:
+            return costs_pb2.GetRunUsageResponse()
+        return costs_pb2.GetRunUsageResponse(
+            model_usage=common_pb2.Usage(
+                model=run.model,
+                input_tokens=run.input_tokens,
+                output_tokens=run.output_tokens,
+                cached_input_tokens=run.cached_input_tokens,
+                cost_nano_usd=run.model_cost_nano_usd,
+                estimated=run.estimated,
+            ),
+            tool_cost_nano_usd=run.tool_cost_nano_usd,
+            cost_nano_usd=run.cost_nano_usd,
+            usage_ids=run.usage_ids,
+        )
 
     def _warn_unknown_model(self, event: UsageEvent) -> None:
         if event.model in self._warned_models:
@@ -276,6 +306,29 @@ def _estimate(request: costs_pb2.CheckBudgetRequest, prices: PriceTable) -> int:
     return request.estimated_cost_nano_usd + priced
 
 
+def _budget_limits(request: costs_pb2.SetBudgetRequest) -> tuple[str, ...]:
+    """The limits the request writes (its update_mask, or both), or InvalidArgument
+    naming unknown mask paths and negative limits."""
+    paths = tuple(request.update_mask.paths) or BUDGET_LIMITS
+    violations = [
+        FieldViolation(f"update_mask.paths[{i}]", f"{path!r} is not one of {BUDGET_LIMITS}")
+        for i, path in enumerate(request.update_mask.paths)
+        if path not in BUDGET_LIMITS
+    ]
+    violations += [
+        FieldViolation(name, "must be >= 0 (0 = no limit)")
+        for name in BUDGET_LIMITS
+        if name in paths and getattr(request, name) < 0
+    ]
+    if violations:
+        raise InvalidArgument(
+            "bad budget: limits must be >= 0 and update_mask may name only the limits",
+            reason="INVALID_BUDGET",
+            violations=violations,
+        )
+    return paths
+
+
 def _window(request: costs_pb2.GetUsageRequest, today: str) -> tuple[str, str]:
     days: dict[str, str] = {}
     violations: list[FieldViolation] = []
@@ -304,4 +357,7 @@ def _usage_row(row: UsageRow) -> costs_pb2.UsageRow:
         cached_input_tokens=row.cached_input_tokens,
         cost_nano_usd=row.cost_nano_usd,
         events=row.events,
+        estimated_events=row.estimated_events,
+        estimated_input_tokens=row.estimated_input_tokens,
+        estimated_output_tokens=row.estimated_output_tokens,
     )

@@ -9,7 +9,7 @@ from pydantic import Field, FilePath, field_validator
 from trellis.runtime.database import validate_database_url
 from trellis.runtime.settings import ServiceSettings
 from trellis.runtime.sqlite import DEFAULT_DATABASE_URL
-from trellis_costs.budgets import DEFAULT_REFRESH_SECONDS, DEFAULT_RESERVATION_SECONDS
+from trellis_costs.budgets import DEFAULT_RESERVATION_SECONDS
 from trellis_costs.prices import load_prices_file
 
 
@@ -18,8 +18,8 @@ class CostsSettings(ServiceSettings):
     metrics_port: int = Field(9105, ge=0, le=65535)
     database_url: str = Field(
         DEFAULT_DATABASE_URL,
-        description="Ledger and budgets: sqlite:///path or postgresql://user@host/db"
-        " (replicas share one PostgreSQL).",
+        description="Ledger, budgets and budget holds: sqlite:///path or"
+        " postgresql://user@host/db (replicas share one PostgreSQL).",
     )
     prices_file: FilePath | None = Field(
         None, description="LiteLLM-format prices whose entries override the bundled ones."
@@ -29,12 +29,6 @@ class CostsSettings(ServiceSettings):
         gt=0,
         description="An allowed CheckBudget with a reservation_id holds its estimate until"
         " the matching RecordUsage, or this long.",
-    )
-    budget_refresh_seconds: float = Field(
-        DEFAULT_REFRESH_SECONDS,
-        ge=0,
-        description="A tenant's in-memory spend and limits are reloaded from the ledger"
-        " when older than this (how soon other replicas' spend counts here).",
     )
     metrics_tenant_label: bool = Field(
         False,

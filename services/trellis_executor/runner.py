@@ -23,6 +23,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
+from trellis.budget_check import BudgetPolicy, require_budget
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import context
@@ -391,13 +392,11 @@ class Runner:
         tools = await self._catalog()
         if request.plan:
             _check_explicit_plan(request.plan, tools, limits.max_nodes)
-        budget = await self._budget.check_budget(0)
-        if not budget.allowed:
-            raise ResourceExhausted(
-                f"tenant {context.tenant()} is over its daily budget",
-                reason="BUDGET_EXCEEDED",
-                metadata={"limit_nano_usd": str(budget.daily_limit_nano_usd)},
-            )
+        await require_budget(
+            lambda: self._budget.check_budget(0),
+            BudgetPolicy.of(self._settings),
+            refused="no run started",
+        )
         span_context = span.get_span_context()
         write = asyncio.ensure_future(
             self._store.create(

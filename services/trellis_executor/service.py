@@ -36,7 +36,9 @@ async def build(settings: ExecutorSettings, telemetry: Telemetry, channels: Chan
             channels.get(settings.planner_target), timeout=settings.run_timeout_seconds
         ),
         gateway=ToolGatewayClient(channels.get(settings.toolgateway_target), timeout=timeout),
-        budget=costs,
+        budget=CostsClient(
+            channels.get(settings.costs_target), timeout=settings.budget_check_timeout_seconds
+        ),
         ledger=costs,
         store=store,
         tracer=telemetry.tracer,

@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
+from trellis.budget_check import BudgetCheckSettings
 from trellis.runtime.auth import ApiKeys, KeyConfigError, parse_key_map, read_keys_file
 from trellis.runtime.database import validate_database_url
 from trellis.runtime.settings import ConfigError, ServiceSettings
@@ -15,7 +16,7 @@ from trellis.runtime.sqlite import DEFAULT_DATABASE_URL
 from trellis.runtime.validation import DEFAULT_MAX_GOAL_BYTES
 
 
-class ExecutorSettings(ServiceSettings):
+class ExecutorSettings(ServiceSettings, BudgetCheckSettings):
     port: int = Field(50051, ge=0, le=65535)
     metrics_port: int = Field(9101, ge=0, le=65535)
     database_url: str = Field(

@@ -6,27 +6,21 @@ and cost accounting prices it. The check carries ``reservation_id``: the usage_i
 call will be recorded under (``usage.py``), so an allowed estimate is held against the
 budget until that usage is recorded, and concurrent calls cannot all spend the same
 headroom. The tenant travels as ``x-tenant-id`` on the channel, like every onward call.
-A refusal is RESOURCE_EXHAUSTED with reason BUDGET_EXCEEDED, the error the executor
-gives before a run starts.
 
-Fail open: when cost accounting cannot answer (down, too slow, not implementing
-CheckBudget) the call goes ahead and a warning is logged. The executor checks the same
-budget before each run and every call's usage is still recorded (kept in the outbox
-until cost accounting is back), so an outage can cost the calls made during it; failing
-closed would stop all planning whenever the ledger is unreachable.
+What a refusal or an unanswered check does is the shared policy of
+``trellis.budget_check`` (the executor's before a run is the same): BUDGET_EXCEEDED
+naming the limit hit; without an answer, the call goes ahead (TRELLIS_BUDGET_FAIL_OPEN,
+the default) or is refused BUDGET_UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+from trellis.budget_check import BudgetPolicy
+from trellis.budget_check import require_budget as require
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
-from trellis.runtime import context
-from trellis.runtime.errors import ResourceExhausted
-from trellis.runtime.logs import get_logger
-
-log = get_logger(__name__)
 
 
 class BudgetChecker(Protocol):
@@ -43,6 +37,7 @@ class BudgetChecker(Protocol):
 
 async def require_budget(
     checker: BudgetChecker,
+    policy: BudgetPolicy,
     model: str,
     *,
     input_tokens: int = 0,
@@ -50,29 +45,12 @@ async def require_budget(
     reservation_id: str = "",
 ) -> None:
     """Return if a call to ``model`` with about these tokens may be made (holding its
-    estimate under ``reservation_id``); raise BUDGET_EXCEEDED if not."""
+    estimate under ``reservation_id``); raise BUDGET_EXCEEDED (or BUDGET_UNAVAILABLE,
+    failing closed) if not."""
     estimate = common_pb2.Usage(model=model, input_tokens=input_tokens, output_tokens=output_tokens)
-    try:
-        budget = await checker.check_budget(
-            0, estimated_usage=estimate, reservation_id=reservation_id
-        )
-    except Exception as error:  # cost accounting unreachable: plan anyway (see above)
-        log.warning(
-            "budget not checked; calling the model anyway",
-            model=model,
-            tenant=context.tenant(),
-            reservation_id=reservation_id,
-            error=repr(error),
-        )
-        return
-    if not budget.allowed:
-        raise ResourceExhausted(
-            f"tenant {context.tenant()} is over its budget; model {model} not called",
-            reason="BUDGET_EXCEEDED",
-            metadata={
-                "model": model,
-                "limit_nano_usd": str(budget.daily_limit_nano_usd),
-                "spent_today_nano_usd": str(budget.spent_today_nano_usd),
-                "estimated_cost_nano_usd": str(budget.estimated_cost_nano_usd),
-            },
-        )
+    await require(
+        lambda: checker.check_budget(0, estimated_usage=estimate, reservation_id=reservation_id),
+        policy,
+        refused=f"model {model} not called",
+        metadata={"model": model, "reservation_id": reservation_id},
+    )

@@ -45,6 +45,7 @@ from openai import AsyncOpenAI
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from trellis.budget_check import BudgetPolicy
 from trellis.runtime import context
 from trellis.runtime.errors import (
     DeadlineExceeded,
@@ -129,6 +130,7 @@ class ChatCall:
         if model.budget is not None:
             await require_budget(
                 model.budget,
+                model.budget_policy,
                 self._models[0],
                 input_tokens=self._input_tokens,
                 output_tokens=model.expected_output_tokens,
@@ -324,7 +326,8 @@ class ChatCall:
 class ChatModel:
     """The planner's one ``AsyncOpenAI`` client (one connection pool per process), shared
     by all calls of the service, with the fallback models, rate limits and budget check
-    every call goes through (each optional: None/empty skips it).
+    every call goes through (each optional: None/empty skips it; ``budget_policy`` says
+    what a check cost accounting cannot answer does).
     ``expected_output_tokens`` is the output a call is estimated at for the budget."""
 
     def __init__(
@@ -336,6 +339,7 @@ class ChatModel:
         fallback_models: Sequence[str] = (),
         rate_limits: RateLimits | None = None,
         budget: BudgetChecker | None = None,
+        budget_policy: BudgetPolicy | None = None,
         expected_output_tokens: int = 0,
     ) -> None:
         self.client = client
@@ -344,6 +348,7 @@ class ChatModel:
         self.fallback_models = list(fallback_models)
         self.rate_limits = rate_limits
         self.budget = budget
+        self.budget_policy = budget_policy or BudgetPolicy()
         self.expected_output_tokens = expected_output_tokens
         url = urlsplit(str(client.base_url))
         self._server = {"server.address": url.hostname or ""}

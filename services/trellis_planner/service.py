@@ -13,6 +13,7 @@ from __future__ import annotations
 from grpc import aio
 from openai import AsyncOpenAI
 
+from trellis.budget_check import BudgetPolicy
 from trellis.clients.costs import CostsClient
 from trellis.outbox import UsageOutbox
 from trellis.planner.v1 import planner_pb2, planner_pb2_grpc
@@ -91,6 +92,7 @@ async def build(settings: PlannerSettings, telemetry: Telemetry, channels: Chann
         fallback_models=settings.fallback_models,
         rate_limits=rate_limits,
         budget=costs,
+        budget_policy=BudgetPolicy.of(settings),
         expected_output_tokens=settings.model_expected_output_tokens,
     )
     try:

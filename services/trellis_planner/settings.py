@@ -22,6 +22,7 @@ from typing import Annotated
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from trellis.budget_check import BudgetCheckSettings
 from trellis.outbox import default_outbox_path, validate_outbox_path
 from trellis.runtime.settings import ServiceSettings, validate_redis_url
 from trellis.runtime.validation import DEFAULT_MAX_GOAL_BYTES
@@ -39,7 +40,7 @@ class ModelRateLimit(BaseModel):
     tpm: int | None = Field(None, ge=0, description="Tokens per minute; 0 = unlimited.")
 
 
-class PlannerSettings(ServiceSettings):
+class PlannerSettings(ServiceSettings, BudgetCheckSettings):
     # Field names stay usable as keyword arguments next to the unprefixed aliases.
     model_config = SettingsConfigDict(validate_by_name=True, validate_by_alias=True)
 

@@ -6,10 +6,11 @@ KUBERNETES_VERSION schemas in strict mode (an unknown or misspelt field fails). 
 properties are then read from the rendered objects, not from the text: native gRPC
 probes on the gRPC port, termination grace above the server's stop grace, requests and
 limits, a non-root read-only security context, headless Services, autoscalers, disruption
-budgets, settings each service really reads (and accepts), targets and URLs that reach
-a Service of the overlay, which backends each overlay runs, and the versions of the root
-.env. Each check is a function returning its problems; ``test_checks_catch_*`` break a
-rendered overlay on purpose and expect the matching check to say so.
+budgets, at least two replicas of every service in production, settings each service
+really reads (and accepts), targets and URLs that reach a Service of the overlay, which
+backends each overlay runs, and the versions of the root .env. Each check is a function
+returning its problems; ``test_checks_catch_*`` break a rendered overlay on purpose and
+expect the matching check to say so.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ KUBERNETES_VERSION = "1.30"
 
 #: The five gRPC services: Deployment and Service name = settings name, command trellis-<name>.
 GRPC_SERVICES = ("executor", "planner", "toolgateway", "cache", "costs")
-AUTOSCALED = {"executor", "toolgateway"}
+AUTOSCALED = {"executor", "toolgateway", "costs"}
 #: Keys of the Secret that production creates outside git (deploy/k8s/README.md).
 EXTERNAL_SECRET = "trellis-secrets"
 EXTERNAL_SECRET_EXAMPLE = {
@@ -433,6 +434,23 @@ def disruption_problems(docs: list[Doc]) -> list[str]:
     return problems
 
 
+def redundancy_problems(docs: list[Doc]) -> list[str]:
+    """No single point of failure: every gRPC service runs at least two pods (its HPA's
+    floor when it has one, else its replica count)."""
+    hpas = {
+        h["spec"]["scaleTargetRef"]["name"]: h
+        for h in of_kind(docs, "HorizontalPodAutoscaler").values()
+    }
+    problems = []
+    for name in GRPC_SERVICES:
+        deployment, _ = service_container(docs, name)
+        hpa = hpas.get(name)
+        floor = hpa["spec"].get("minReplicas", 1) if hpa else deployment["spec"].get("replicas", 1)
+        if floor < 2:
+            problems.append(f"{name}: runs as few as {floor} replica(s)")
+    return problems
+
+
 def settings_problems(docs: list[Doc], tmp: Path) -> list[str]:
     """Every TRELLIS_*/OPENAI_* variable is one the service reads, and it accepts the value."""
     problems = []
@@ -620,8 +638,14 @@ def test_grpc_services_are_headless_and_scraped(docs: list[Doc]) -> None:
     assert service_problems(docs) == []
 
 
-def test_executor_and_toolgateway_autoscale(docs: list[Doc]) -> None:
+def test_executor_toolgateway_and_costs_autoscale(docs: list[Doc]) -> None:
     assert autoscaling_problems(docs) == []
+
+
+def test_production_runs_every_service_on_two_pods_or_more() -> None:
+    assert redundancy_problems(render("production")) == []
+    # dev is a laptop cluster: one pod each is fine there.
+    assert redundancy_problems(render("dev"))
 
 
 def test_multi_replica_services_have_disruption_budgets(docs: list[Doc]) -> None:
@@ -795,6 +819,21 @@ BREAKAGES: dict[str, tuple[Callable[[list[Doc]], None], Check]] = {
     "no executor PDB": (
         lambda d: _drop(d, "PodDisruptionBudget", "executor"),
         disruption_problems,
+    ),
+    "no costs HPA": (
+        lambda d: _drop(d, "HorizontalPodAutoscaler", "costs"),
+        autoscaling_problems,
+    ),
+    "no costs PDB": (
+        lambda d: _drop(d, "PodDisruptionBudget", "costs"),
+        disruption_problems,
+    ),
+    "costs back to one replica": (
+        lambda d: (
+            _drop(d, "HorizontalPodAutoscaler", "costs"),
+            _deployment(d, "costs")["spec"].update(replicas=1),
+        ),
+        redundancy_problems,
     ),
     "setting of another service": (
         lambda d: _env(d, "cache", "TRELLIS_MODEL", "gpt-4o"),

@@ -2,7 +2,9 @@
 cost-accounting service.
 
 Money is shown exactly: nano-USD integers become decimal dollars with nine places,
-never through a float. ``--json`` prints the same report for programs.
+never through a float. Rows holding events whose tokens were estimated (a stream cut
+midway) say how many in the ``est.`` column. ``--json`` prints the same report for
+programs.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def report_json(report: costs_pb2.GetUsageResponse, start: str, end: str) -> dic
             "output_tokens": row.output_tokens,
             "cached_input_tokens": row.cached_input_tokens,
             "events": row.events,
+            "estimated_events": row.estimated_events,
+            "estimated_input_tokens": row.estimated_input_tokens,
+            "estimated_output_tokens": row.estimated_output_tokens,
             "cost_nano_usd": row.cost_nano_usd,
             "cost_usd": usd(row.cost_nano_usd),
         }
@@ -81,9 +86,17 @@ def report_json(report: costs_pb2.GetUsageResponse, start: str, end: str) -> dic
         "from": start,
         "to": end,
         "rows": rows,
+        "total_input_tokens": report.total_input_tokens,
+        "total_output_tokens": report.total_output_tokens,
+        "estimated_events": report.estimated_events,
         "total_cost_nano_usd": report.total_cost_nano_usd,
         "total_cost_usd": usd(report.total_cost_nano_usd),
     }
+
+
+def _estimated(events: int) -> str:
+    """The ``est.`` cell: how many events were estimated, blank when none."""
+    return f"{events:,}" if events else ""
 
 
 def report_table(report: costs_pb2.GetUsageResponse, title: str) -> Table:
@@ -99,6 +112,7 @@ def report_table(report: costs_pb2.GetUsageResponse, title: str) -> Table:
             f"{row.output_tokens:,}",
             f"{row.cached_input_tokens:,}",
             f"{row.events:,}",
+            _estimated(row.estimated_events),
             usd(row.cost_nano_usd),
         ]
         for row in rows
@@ -107,9 +121,16 @@ def report_table(report: costs_pb2.GetUsageResponse, title: str) -> Table:
         f"{sum(getattr(row, name) for row in rows):,}"
         for name in ("input_tokens", "output_tokens", "cached_input_tokens", "events")
     ]
-    total.append(usd(report.total_cost_nano_usd))
-    table = Table(title=title, show_footer=True)
-    headers = ["day", "tenant", "kind", "model/tool", "input", "output", "cached", "events", "USD"]
+    total += [_estimated(report.estimated_events), usd(report.total_cost_nano_usd)]
+    caption = (
+        "est.: events whose tokens were estimated (a stream cut midway)"
+        if report.estimated_events
+        else None
+    )
+    table = Table(title=title, caption=caption, show_footer=True)
+    headers = [
+        "day", "tenant", "kind", "model/tool", "input", "output", "cached", "events", "est.", "USD"
+    ]  # fmt: skip
     for i, header in enumerate(headers):
         table.add_column(header, total[i], justify="right" if i >= 4 else "left", no_wrap=True)
     for line in cells:
@@ -163,19 +184,36 @@ def costs(
 @budget_app.command("set")
 def budget_set(
     tenant: Tenant = context.DEFAULT_TENANT,
-    daily: Annotated[str, typer.Option(help="Daily limit in USD (0 = none).")] = "0",
-    monthly: Annotated[str, typer.Option(help="Monthly limit in USD (0 = none).")] = "0",
+    daily: Annotated[
+        str | None, typer.Option(help="Daily limit in USD (0 removes it; not given: kept).")
+    ] = None,
+    monthly: Annotated[
+        str | None, typer.Option(help="Monthly limit in USD (0 removes it; not given: kept).")
+    ] = None,
     target: Target = DEFAULT_TARGET,
     timeout: Timeout = 10.0,
 ) -> None:
-    """Set a tenant's daily and monthly limits (both replaced; both 0 remove the budget)."""
-    request = costs_pb2.SetBudgetRequest(
-        tenant_id=tenant,
-        daily_limit_nano_usd=nano_usd(daily),
-        monthly_limit_nano_usd=nano_usd(monthly),
-    )
+    """Set a tenant's daily and/or monthly limit; a limit not given keeps its value (both
+    0 remove the budget)."""
+    request = budget_request(tenant, daily, monthly)
     _call(target, tenant, timeout, lambda c: c.set_budget(request))
     _show(_call(target, tenant, timeout, lambda c: c.check_budget(0)), tenant)
+
+
+def budget_request(
+    tenant: str, daily: str | None, monthly: str | None
+) -> costs_pb2.SetBudgetRequest:
+    """A SetBudget of the limits given, named in its update_mask (the others are kept)."""
+    given = {
+        name: nano_usd(text)
+        for name, text in (("daily_limit_nano_usd", daily), ("monthly_limit_nano_usd", monthly))
+        if text is not None
+    }
+    if not given:
+        raise typer.BadParameter("give --daily, --monthly or both (0 removes a limit)")
+    request = costs_pb2.SetBudgetRequest(tenant_id=tenant, **given)
+    request.update_mask.paths.extend(given)
+    return request
 
 
 @budget_app.command("show")

@@ -40,8 +40,15 @@ class CostsClient:
             return await self._stub.CheckBudget(request, timeout=self._timeout)
 
     async def set_budget(self, request: costs_pb2.SetBudgetRequest) -> None:
+        """Set the limits the request's update_mask names (empty mask: both)."""
         with translated_rpc_errors():
             await self._stub.SetBudget(request, timeout=self._timeout)
+
+    async def get_run_usage(self, run_id: str) -> costs_pb2.GetRunUsageResponse:
+        """What the ledger holds for one run of the caller's tenant (empty if none)."""
+        request = costs_pb2.GetRunUsageRequest(run_id=run_id)
+        with translated_rpc_errors():
+            return await self._stub.GetRunUsage(request, timeout=self._timeout)
 
     async def get_usage(
         self, tenant_id: str = "", start_day: str = "", end_day: str = ""
@@ -51,9 +58,3 @@ class CostsClient:
         )
         with translated_rpc_errors():
             return await self._stub.GetUsage(request, timeout=self._timeout)
-
-    async def get_run_usage(self, run_id: str) -> costs_pb2.GetRunUsageResponse:
-        """What the ledger holds for one run of the caller's tenant."""
-        request = costs_pb2.GetRunUsageRequest(run_id=run_id)
-        with translated_rpc_errors():
-            return await self._stub.GetRunUsage(request, timeout=self._timeout)

@@ -97,6 +97,13 @@ BUDGET_REMAINING_USD = Gauge(
     " (tenants with a budget only).",
     ["tenant"],
 )
+BUDGET_CHECKS = Counter(
+    "trellis_budget_checks",
+    "Budget checks made before a run or a model call, by outcome: allowed, denied (over"
+    " budget), unavailable_allowed / unavailable_denied (cost accounting did not answer;"
+    " TRELLIS_BUDGET_FAIL_OPEN decided).",
+    ["outcome"],
+)
 USAGE_OUTBOX_PENDING = Gauge(
     "trellis_usage_outbox_pending",
     "Usage events waiting in this process's durable outbox for cost accounting.",

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from trellis.runtime.database import is_postgres, validate_database_url
 from trellis_costs.ledger.base import (
+    BUDGET_LIMITS,
     Budget,
     Clock,
+    Decision,
     Ledger,
     Recorded,
-    Spending,
+    RunUsage,
+    Standing,
     UsageEvent,
     UsageKind,
     UsageReport,
@@ -27,12 +30,15 @@ from trellis_costs.ledger.sqlite import SqliteLedger
 from trellis_costs.prices import PriceTable
 
 __all__ = [
+    "BUDGET_LIMITS",
     "Budget",
+    "Decision",
     "Ledger",
     "PostgresLedger",
     "Recorded",
-    "Spending",
+    "RunUsage",
     "SqliteLedger",
+    "Standing",
     "UsageEvent",
     "UsageKind",
     "UsageReport",

@@ -8,17 +8,28 @@ AlreadyExists(reason="USAGE_ID_TAKEN"). Costs are computed once, at insert time,
 with the prices then in force, and stored as integer nano-USD; reports and budgets
 only sum them. A row's day is the UTC day of its ``occurred_at``, ``YYYY-MM-DD``.
 Every write is committed when its method returns.
+
+Budgets live in the same database, so every replica decides from the same figures:
+``spend_by_day`` is a running total per tenant and day that an insert trigger keeps in
+the insert's own transaction (whoever inserts: any replica, any version), so a check
+sums at most 31 rows however many events a month holds; ``budget_holds`` are the
+estimates allowed checks hold until their usage is recorded. A check
+(``decide_and_hold``) locks the tenant's budget row, reads spend and holds in one
+statement (one snapshot: a recording that settles a hold is seen whole or not at all),
+lets the caller decide and writes the hold, all in one transaction, so checks of one
+tenant serialize across replicas. Recording a usage_id deletes the hold of that
+reservation in the insert's transaction.
 """
 
 from __future__ import annotations
 
 import calendar
 import re
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from trellis.runtime.errors import AlreadyExists
 from trellis_costs.prices import PriceTable
@@ -115,12 +126,43 @@ class UsageRow:
     cached_input_tokens: int
     cost_nano_usd: int
     events: int
+    #: Events whose tokens were estimated (a cut stream), and the tokens they hold.
+    estimated_events: int = 0
+    estimated_input_tokens: int = 0
+    estimated_output_tokens: int = 0
 
 
 @dataclass(frozen=True)
 class UsageReport:
-    rows: list[UsageRow] = field(default_factory=list)
-    total_cost_nano_usd: int = 0
+    rows: list[UsageRow]
+    total_cost_nano_usd: int
+    total_input_tokens: int
+    total_output_tokens: int
+    estimated_events: int
+
+
+@dataclass(frozen=True)
+class RunUsage:
+    """What the ledger holds for one run: its model calls, its tool calls, their ids."""
+
+    #: The model of the run's model rows (the latest one when it used several).
+    model: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    model_cost_nano_usd: int = 0
+    #: Some model row's tokens are estimated.
+    estimated: bool = False
+    tool_cost_nano_usd: int = 0
+    usage_ids: tuple[str, ...] = ()
+
+    @property
+    def cost_nano_usd(self) -> int:
+        return self.model_cost_nano_usd + self.tool_cost_nano_usd
+
+
+#: The limits of a budget, by their field names (also SetBudget's update_mask paths).
+BUDGET_LIMITS = ("daily_limit_nano_usd", "monthly_limit_nano_usd")
 
 
 @dataclass(frozen=True)
@@ -137,14 +179,47 @@ class Budget:
 
 
 @dataclass(frozen=True)
-class Spending:
-    """What a budget view loads: a tenant's limits and spend on a day and its month."""
+class Standing:
+    """A tenant's budget figures on a day, read in one snapshot."""
 
     budget: Budget
     spent_today_nano_usd: int
     spent_this_month_nano_usd: int
-    #: Those of the asked usage ids that are in the ledger (their calls were recorded).
-    recorded: frozenset[str] = frozenset()
+    #: Unexpired holds of every reservation but the one asked about.
+    reserved_nano_usd: int
+    #: The unexpired hold of the reservation asked about (0: none).
+    held_nano_usd: int = 0
+
+
+def standing_of(
+    tenant_id: str,
+    daily: int | None,
+    monthly: int | None,
+    today: int | None,
+    month: int | None,
+    reserved: int | None,
+    held: int | None = 0,
+) -> Standing:
+    """A Standing from the figures SQL gives (NULL: no budget, no spend, no hold)."""
+    return Standing(
+        Budget(tenant_id, int(daily or 0), int(monthly or 0)),
+        spent_today_nano_usd=int(today or 0),
+        spent_this_month_nano_usd=int(month or 0),
+        reserved_nano_usd=int(reserved or 0),
+        held_nano_usd=int(held or 0),
+    )
+
+
+class Decision(Protocol):
+    """What a budget check decided, as far as the ledger must act on it."""
+
+    @property
+    def hold_nano_usd(self) -> int:
+        """The estimate to hold under the reservation; 0 releases its hold."""
+        ...
+
+
+D = TypeVar("D", bound=Decision)
 
 
 class Ledger(Protocol):
@@ -152,25 +227,49 @@ class Ledger(Protocol):
 
     async def record(self, event: UsageEvent) -> Recorded:
         """Store ``event`` once; a repeated usage_id returns the stored cost, uncounted.
-        AlreadyExists(reason="USAGE_ID_TAKEN") when another tenant used the id."""
+        AlreadyExists(reason="USAGE_ID_TAKEN") when another tenant used the id. The
+        tenant's hold whose reservation id is the usage_id goes in the same transaction."""
         ...
 
     async def usage(self, tenant_id: str, start_day: str, end_day: str) -> UsageReport:
         """Totals by day, kind and model-or-tool over the inclusive window of days."""
         ...
 
-    async def set_budget(self, budget: Budget) -> None:
-        """Set a tenant's limits; both limits 0 removes its budget."""
+    async def run_usage(self, tenant_id: str, run_id: str) -> RunUsage:
+        """What the tenant's rows of ``run_id`` add up to (empty for another tenant's run)."""
+        ...
+
+    async def set_budget(self, budget: Budget, limits: Collection[str] = BUDGET_LIMITS) -> Budget:
+        """Write the ``limits`` (of BUDGET_LIMITS) of ``budget``, keeping the others as
+        stored; return the budget now stored. Both limits 0 remove the budget."""
         ...
 
     async def get_budget(self, tenant_id: str) -> Budget | None: ...
 
-    async def spending(self, tenant_id: str, day: str, usage_ids: Collection[str] = ()) -> Spending:
-        """The tenant's budget and what it spent on ``day`` and in its whole month.
+    async def standing(
+        self, tenant_id: str, day: str, now: datetime, reservation_id: str = ""
+    ) -> Standing:
+        """The tenant's limits, spend on ``day`` and its month, and holds unexpired at
+        ``now``, in one snapshot (no lock: for reports and gauges)."""
+        ...
 
-        ``usage_ids`` found in the ledger come back in ``recorded``; they are looked up
-        before the sums, so a call found recorded is in them.
-        """
+    async def standings(self, day: str, now: datetime) -> list[Standing]:
+        """``standing`` of every tenant that has a budget, in one snapshot."""
+        ...
+
+    async def decide_and_hold(
+        self,
+        tenant_id: str,
+        day: str,
+        now: datetime,
+        reservation_id: str,
+        expires_at: datetime,
+        decide: Callable[[Standing], D],
+    ) -> D:
+        """One budget check, atomic across replicas: with the tenant's budget locked,
+        drop its expired holds, read its ``standing``, ``decide``, and hold the
+        decision's ``hold_nano_usd`` under ``reservation_id`` (an unexpired hold keeps
+        its expiry, a new one gets ``expires_at``; 0 releases it) before committing."""
         ...
 
 
@@ -183,8 +282,11 @@ def price(prices: PriceTable, event: UsageEvent) -> tuple[int, bool]:
     )
 
 
-def check_limits(budget: Budget) -> None:
-    if budget.daily_limit_nano_usd < 0 or budget.monthly_limit_nano_usd < 0:
+def check_limits(budget: Budget, limits: Collection[str]) -> None:
+    unknown = set(limits) - set(BUDGET_LIMITS)
+    if unknown:
+        raise ValueError(f"not a budget limit: {', '.join(sorted(unknown))}")
+    if any(getattr(budget, name) < 0 for name in limits):
         raise ValueError("budget limits must not be negative")
 
 
@@ -195,4 +297,45 @@ def usage_id_taken(usage_id: str) -> AlreadyExists:
 
 
 def report(rows: list[UsageRow]) -> UsageReport:
-    return UsageReport(rows, sum(row.cost_nano_usd for row in rows))
+    return UsageReport(
+        rows,
+        total_cost_nano_usd=sum(row.cost_nano_usd for row in rows),
+        total_input_tokens=sum(row.input_tokens for row in rows),
+        total_output_tokens=sum(row.output_tokens for row in rows),
+        estimated_events=sum(row.estimated_events for row in rows),
+    )
+
+
+#: The columns ``run_usage`` adds up, in this order, oldest row first.
+RUN_COLUMNS = (
+    "usage_id, kind, model, input_tokens, output_tokens, cached_input_tokens,"
+    " cost_nano_usd, estimated"
+)
+
+
+def run_usage(rows: Iterable[tuple[str, str, str, int, int, int, int, bool]]) -> RunUsage:
+    """The totals of a run's rows (RUN_COLUMNS, oldest first)."""
+    usage_ids: list[str] = []
+    model, model_cost, tool_cost, estimated = "", 0, 0, False
+    input_tokens = output_tokens = cached_input_tokens = 0
+    for usage_id, kind, name, tokens_in, tokens_out, cached, cost, guessed in rows:
+        usage_ids.append(usage_id)
+        if kind == UsageKind.TOOL:
+            tool_cost += cost
+            continue
+        model = name  # oldest first: the latest model row's model stays
+        input_tokens += tokens_in
+        output_tokens += tokens_out
+        cached_input_tokens += cached
+        model_cost += cost
+        estimated = estimated or bool(guessed)
+    return RunUsage(
+        model=model,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_input_tokens=cached_input_tokens,
+        model_cost_nano_usd=model_cost,
+        estimated=estimated,
+        tool_cost_nano_usd=tool_cost,
+        usage_ids=tuple(usage_ids),
+    )

@@ -1,25 +1,36 @@
 """The SQLite ledger: the embedded default.
 
-One connection per process in autocommit mode: every write is one statement, so it
-is durable when its ``execute`` returns. WAL plus a busy timeout
+One connection per process in autocommit mode; a write of several statements (a
+recording and the end of its hold, a budget check and its hold) is one ``BEGIN
+IMMEDIATE`` transaction, which also takes the database's write lock, so checks
+serialize across processes sharing the file as they do across PostgreSQL replicas.
+Statements of one connection would otherwise join another coroutine's open transaction,
+so every method runs under the connection's lock. WAL plus a busy timeout
 (``trellis.runtime.sqlite.connect``) let several processes share a file (``trellis
 up`` puts the run store and the ledger in one). Timestamps are ISO 8601 text and days
-``YYYY-MM-DD`` text, which compare and group correctly as text.
+``YYYY-MM-DD`` text, which compare and group correctly as text; hold expiries are Unix
+seconds.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Collection
+import asyncio
+from collections.abc import AsyncIterator, Callable, Collection
+from contextlib import asynccontextmanager
+from datetime import datetime
 
 import aiosqlite
 
 from trellis.runtime import sqlite
 from trellis_costs.ledger.base import (
+    BUDGET_LIMITS,
+    RUN_COLUMNS,
     Budget,
     Clock,
+    D,
     Recorded,
-    Spending,
+    RunUsage,
+    Standing,
     UsageEvent,
     UsageKind,
     UsageReport,
@@ -29,12 +40,15 @@ from trellis_costs.ledger.base import (
     month_of,
     price,
     report,
+    run_usage,
+    standing_of,
     usage_id_taken,
     utc_now,
 )
 from trellis_costs.prices import PriceTable
 
 SCHEMA = """
+BEGIN IMMEDIATE;
 CREATE TABLE IF NOT EXISTS usage (
     usage_id TEXT PRIMARY KEY,
     tenant_id TEXT NOT NULL,
@@ -52,21 +66,75 @@ CREATE TABLE IF NOT EXISTS usage (
     day TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_tenant_day ON usage (tenant_id, day);
+CREATE INDEX IF NOT EXISTS usage_tenant_run ON usage (tenant_id, run_id);
 CREATE TABLE IF NOT EXISTS budgets (
     tenant_id TEXT PRIMARY KEY,
     daily_limit_nano_usd INTEGER NOT NULL DEFAULT 0,
     monthly_limit_nano_usd INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS budget_holds (
+    tenant_id TEXT NOT NULL,
+    reservation_id TEXT NOT NULL,
+    amount_nano_usd INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (tenant_id, reservation_id)
+);
+CREATE TABLE IF NOT EXISTS spend_by_day (
+    tenant_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    cost_nano_usd INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, day)
+);
+-- A ledger from before the running totals: fill them once (in this transaction, with
+-- the trigger, so every row is counted once).
+INSERT INTO spend_by_day (tenant_id, day, cost_nano_usd)
+SELECT tenant_id, day, SUM(cost_nano_usd) FROM usage
+WHERE NOT EXISTS (SELECT 1 FROM spend_by_day) GROUP BY tenant_id, day;
+CREATE TRIGGER IF NOT EXISTS usage_count_spend AFTER INSERT ON usage BEGIN
+    INSERT INTO spend_by_day (tenant_id, day, cost_nano_usd)
+    VALUES (NEW.tenant_id, NEW.day, NEW.cost_nano_usd)
+    ON CONFLICT (tenant_id, day)
+    DO UPDATE SET cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd;
+END;
+COMMIT;
+"""
+
+#: A tenant's standing in one statement (see the PostgreSQL ledger's).
+_STANDING = """
+SELECT
+    (SELECT daily_limit_nano_usd FROM budgets WHERE tenant_id = :tenant),
+    (SELECT monthly_limit_nano_usd FROM budgets WHERE tenant_id = :tenant),
+    (SELECT cost_nano_usd FROM spend_by_day WHERE tenant_id = :tenant AND day = :day),
+    (SELECT SUM(cost_nano_usd) FROM spend_by_day
+        WHERE tenant_id = :tenant AND day BETWEEN :first AND :last),
+    (SELECT SUM(amount_nano_usd) FROM budget_holds
+        WHERE tenant_id = :tenant AND expires_at > :now AND reservation_id <> :reservation),
+    (SELECT amount_nano_usd FROM budget_holds
+        WHERE tenant_id = :tenant AND expires_at > :now AND reservation_id = :reservation),
+    EXISTS (SELECT 1 FROM budget_holds WHERE tenant_id = :tenant AND expires_at <= :now)
+"""
+
+
+#: Every budgeted tenant's standing (see the PostgreSQL ledger's).
+_STANDINGS = """
+SELECT b.tenant_id, b.daily_limit_nano_usd, b.monthly_limit_nano_usd,
+    (SELECT cost_nano_usd FROM spend_by_day WHERE tenant_id = b.tenant_id AND day = :day),
+    (SELECT SUM(cost_nano_usd) FROM spend_by_day
+        WHERE tenant_id = b.tenant_id AND day BETWEEN :first AND :last),
+    (SELECT SUM(amount_nano_usd) FROM budget_holds
+        WHERE tenant_id = b.tenant_id AND expires_at > :now)
+FROM budgets AS b
 """
 
 
 class SqliteLedger:
-    """Usage rows and budgets over one SQLite connection."""
+    """Usage rows, budgets and holds over one SQLite connection."""
 
     def __init__(self, db: aiosqlite.Connection, prices: PriceTable, clock: Clock) -> None:
         self._db = db
         self._prices = prices
         self._clock = clock
+        self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, url: str, prices: PriceTable, *, clock: Clock = utc_now) -> SqliteLedger:
@@ -82,96 +150,189 @@ class SqliteLedger:
     async def close(self) -> None:
         await self._db.close()
 
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection, alone, in a write transaction committed on success.
+
+        aiosqlite runs statements in order on its thread even when their caller is
+        cancelled, so BEGIN is inside the ``try``: a cancelled caller still queues the
+        rollback behind it, and the next transaction starts clean.
+        """
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+            except BaseException:
+                await self._db.rollback()
+                raise
+            await self._db.commit()
+
+    async def _fetchall(self, sql: str, args: object = ()) -> list[tuple]:
+        async with self._lock, self._db.execute(sql, args) as cursor:  # type: ignore[arg-type]
+            return list(await cursor.fetchall())  # type: ignore[arg-type]
+
     async def record(self, event: UsageEvent) -> Recorded:
         cost, known = price(self._prices, event)
         when = as_utc(event.occurred_at or self._clock())
         day = when.date().isoformat()
-        cursor = await self._db.execute(
-            "INSERT INTO usage (usage_id, tenant_id, run_id, node_id, kind, model, tool,"
-            " input_tokens, output_tokens, cached_input_tokens, cost_nano_usd, estimated,"
-            " occurred_at, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (usage_id) DO NOTHING",
-            (
-                event.usage_id,
-                event.tenant_id,
-                event.run_id,
-                event.node_id,
-                event.kind.value,
-                event.model,
-                event.tool,
-                event.input_tokens,
-                event.output_tokens,
-                event.cached_input_tokens,
-                cost,
-                int(event.estimated),
-                when.isoformat(),
-                day,
-            ),
-        )
-        inserted = cursor.rowcount == 1
-        await cursor.close()
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO usage (usage_id, tenant_id, run_id, node_id, kind, model, tool,"
+                " input_tokens, output_tokens, cached_input_tokens, cost_nano_usd, estimated,"
+                " occurred_at, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (usage_id) DO NOTHING",
+                (
+                    event.usage_id,
+                    event.tenant_id,
+                    event.run_id,
+                    event.node_id,
+                    event.kind.value,
+                    event.model,
+                    event.tool,
+                    event.input_tokens,
+                    event.output_tokens,
+                    event.cached_input_tokens,
+                    cost,
+                    int(event.estimated),
+                    when.isoformat(),
+                    day,
+                ),
+            )
+            inserted = cursor.rowcount == 1
+            await cursor.close()
+            await db.execute(
+                "DELETE FROM budget_holds WHERE tenant_id = ? AND reservation_id = ?",
+                (event.tenant_id, event.usage_id),
+            )
+            if not inserted:
+                async with db.execute(
+                    "SELECT tenant_id, cost_nano_usd, day FROM usage WHERE usage_id = ?",
+                    (event.usage_id,),
+                ) as rows:
+                    tenant_id, stored_cost, stored_day = await rows.fetchone()  # type: ignore[misc]
         if inserted:
             return Recorded(cost, duplicate=False, day=day, price_known=known)
-        async with self._db.execute(
-            "SELECT tenant_id, cost_nano_usd, day FROM usage WHERE usage_id = ?",
-            (event.usage_id,),
-        ) as rows:
-            tenant_id, stored_cost, stored_day = await rows.fetchone()  # type: ignore[misc]
         if tenant_id != event.tenant_id:
             raise usage_id_taken(event.usage_id)
         return Recorded(int(stored_cost), duplicate=True, day=stored_day)
 
     async def usage(self, tenant_id: str, start_day: str, end_day: str) -> UsageReport:
-        async with self._db.execute(
+        rows = await self._fetchall(
             "SELECT day, kind, CASE kind WHEN 'tool' THEN tool ELSE model END AS name,"
             " SUM(input_tokens), SUM(output_tokens), SUM(cached_input_tokens),"
-            " SUM(cost_nano_usd), COUNT(*)"
+            " SUM(cost_nano_usd), COUNT(*), SUM(estimated), SUM(estimated * input_tokens),"
+            " SUM(estimated * output_tokens)"
             " FROM usage WHERE tenant_id = ? AND day BETWEEN ? AND ?"
             " GROUP BY day, kind, name ORDER BY day, kind, name",
             (tenant_id, start_day, end_day),
-        ) as cursor:
-            rows = [
+        )
+        return report(
+            [
                 UsageRow(tenant_id, day, UsageKind(kind), name, *map(int, sums))
-                for day, kind, name, *sums in await cursor.fetchall()
+                for day, kind, name, *sums in rows
             ]
-        return report(rows)
-
-    async def set_budget(self, budget: Budget) -> None:
-        check_limits(budget)
-        if not budget.limited:
-            await self._db.execute("DELETE FROM budgets WHERE tenant_id = ?", (budget.tenant_id,))
-            return
-        await self._db.execute(
-            "INSERT INTO budgets (tenant_id, daily_limit_nano_usd, monthly_limit_nano_usd)"
-            " VALUES (?, ?, ?) ON CONFLICT (tenant_id) DO UPDATE SET"
-            " daily_limit_nano_usd = excluded.daily_limit_nano_usd,"
-            " monthly_limit_nano_usd = excluded.monthly_limit_nano_usd",
-            (budget.tenant_id, budget.daily_limit_nano_usd, budget.monthly_limit_nano_usd),
         )
 
-    async def get_budget(self, tenant_id: str) -> Budget | None:
-        async with self._db.execute(
-            "SELECT daily_limit_nano_usd, monthly_limit_nano_usd FROM budgets WHERE tenant_id = ?",
-            (tenant_id,),
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else Budget(tenant_id, int(row[0]), int(row[1]))
+    async def run_usage(self, tenant_id: str, run_id: str) -> RunUsage:
+        rows = await self._fetchall(
+            f"SELECT {RUN_COLUMNS} FROM usage WHERE tenant_id = ? AND run_id = ?"
+            " ORDER BY occurred_at, usage_id",
+            (tenant_id, run_id),
+        )
+        return run_usage(rows)
 
-    async def spending(self, tenant_id: str, day: str, usage_ids: Collection[str] = ()) -> Spending:
-        recorded: frozenset[str] = frozenset()
-        if usage_ids:
-            async with self._db.execute(
-                "SELECT usage_id FROM usage WHERE tenant_id = ?"
-                " AND usage_id IN (SELECT value FROM json_each(?))",
-                (tenant_id, json.dumps(list(usage_ids))),
-            ) as cursor:
-                recorded = frozenset(row[0] for row in await cursor.fetchall())
-        async with self._db.execute(
-            "SELECT COALESCE(SUM(CASE WHEN day = ? THEN cost_nano_usd ELSE 0 END), 0),"
-            " COALESCE(SUM(cost_nano_usd), 0)"
-            " FROM usage WHERE tenant_id = ? AND day BETWEEN ? AND ?",
-            (day, tenant_id, *month_of(day)),
-        ) as cursor:
-            today, month = map(int, await cursor.fetchone())  # type: ignore[arg-type]
-        budget = await self.get_budget(tenant_id) or Budget(tenant_id)
-        return Spending(budget, today, month, recorded)
+    async def set_budget(self, budget: Budget, limits: Collection[str] = BUDGET_LIMITS) -> Budget:
+        check_limits(budget, limits)
+        async with self._transaction() as db:
+            stored = await _budget(db, budget.tenant_id) or Budget(budget.tenant_id)
+            new = Budget(
+                budget.tenant_id,
+                *(getattr(budget if name in limits else stored, name) for name in BUDGET_LIMITS),
+            )
+            if new.limited:
+                await db.execute(
+                    "INSERT INTO budgets (tenant_id, daily_limit_nano_usd,"
+                    " monthly_limit_nano_usd) VALUES (?, ?, ?) ON CONFLICT (tenant_id)"
+                    " DO UPDATE SET daily_limit_nano_usd = excluded.daily_limit_nano_usd,"
+                    " monthly_limit_nano_usd = excluded.monthly_limit_nano_usd",
+                    (new.tenant_id, new.daily_limit_nano_usd, new.monthly_limit_nano_usd),
+                )
+            else:
+                await db.execute("DELETE FROM budgets WHERE tenant_id = ?", (new.tenant_id,))
+        return new
+
+    async def get_budget(self, tenant_id: str) -> Budget | None:
+        async with self._lock:
+            return await _budget(self._db, tenant_id)
+
+    async def standing(
+        self, tenant_id: str, day: str, now: datetime, reservation_id: str = ""
+    ) -> Standing:
+        async with self._lock:
+            standing, _expired = await _standing(self._db, tenant_id, day, now, reservation_id)
+        return standing
+
+    async def standings(self, day: str, now: datetime) -> list[Standing]:
+        first, last = month_of(day)
+        args = {"day": day, "first": first, "last": last, "now": now.timestamp()}
+        return [standing_of(*row) for row in await self._fetchall(_STANDINGS, args)]
+
+    async def decide_and_hold(
+        self,
+        tenant_id: str,
+        day: str,
+        now: datetime,
+        reservation_id: str,
+        expires_at: datetime,
+        decide: Callable[[Standing], D],
+    ) -> D:
+        async with self._transaction() as db:
+            standing, expired = await _standing(db, tenant_id, day, now, reservation_id)
+            decision = decide(standing)
+            if expired:
+                await db.execute(
+                    "DELETE FROM budget_holds WHERE tenant_id = ? AND expires_at <= ?",
+                    (tenant_id, now.timestamp()),
+                )
+            if decision.hold_nano_usd > 0:
+                await db.execute(
+                    "INSERT INTO budget_holds (tenant_id, reservation_id, amount_nano_usd,"
+                    " expires_at) VALUES (?, ?, ?, ?) ON CONFLICT (tenant_id, reservation_id)"
+                    " DO UPDATE SET amount_nano_usd = excluded.amount_nano_usd",
+                    (tenant_id, reservation_id, decision.hold_nano_usd, expires_at.timestamp()),
+                )
+            elif standing.held_nano_usd:
+                await db.execute(
+                    "DELETE FROM budget_holds WHERE tenant_id = ? AND reservation_id = ?",
+                    (tenant_id, reservation_id),
+                )
+        return decision
+
+
+async def _budget(db: aiosqlite.Connection, tenant_id: str) -> Budget | None:
+    async with db.execute(
+        "SELECT daily_limit_nano_usd, monthly_limit_nano_usd FROM budgets WHERE tenant_id = ?",
+        (tenant_id,),
+    ) as cursor:
+        row = await cursor.fetchone()
+    return None if row is None else Budget(tenant_id, int(row[0]), int(row[1]))
+
+
+async def _standing(
+    db: aiosqlite.Connection, tenant_id: str, day: str, now: datetime, reservation_id: str
+) -> tuple[Standing, bool]:
+    """The standing, and whether the tenant has expired holds to delete."""
+    first, last = month_of(day)
+    args = {
+        "tenant": tenant_id,
+        "day": day,
+        "first": first,
+        "last": last,
+        "now": now.timestamp(),
+        "reservation": reservation_id,
+    }
+    async with db.execute(_STANDING, args) as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    daily, monthly, today, month, reserved, held, expired = row
+    return standing_of(tenant_id, daily, monthly, today, month, reserved, held), bool(expired)

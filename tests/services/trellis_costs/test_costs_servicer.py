@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
 from prometheus_client import REGISTRY
 
 from trellis.clients.costs import CostsClient
@@ -107,6 +108,64 @@ async def test_get_usage_totals_models_and_tools_over_a_window(costs: CostsClien
     assert only_first.total_cost_nano_usd == MINI_1000_100
 
 
+async def test_get_usage_shows_estimated_events_per_row_and_in_total(costs: CostsClient) -> None:
+    await costs.record_usage(model_usage("exact"))
+    await costs.record_usage(model_usage("cut", input_tokens=300, output_tokens=40, estimated=True))
+    tool = costs_pb2.RecordUsageRequest(usage_id="t", kind=TOOL, tool="echo", tool_cost_nano_usd=1)
+    await costs.record_usage(tool)
+    report = await costs.get_usage()
+    assert [
+        (
+            r.model or r.tool,
+            r.events,
+            r.estimated_events,
+            r.estimated_input_tokens,
+            r.estimated_output_tokens,
+        )
+        for r in report.rows
+    ] == [("gpt-4o-mini", 2, 1, 300, 40), ("echo", 1, 0, 0, 0)]
+    assert (report.total_input_tokens, report.total_output_tokens, report.estimated_events) == (
+        1_300,
+        140,
+        1,
+    )
+
+
+async def test_get_run_usage_is_the_ledger_of_one_run_of_the_callers_tenant(
+    costs: CostsClient,
+) -> None:
+    with request_scope(tenant_id="acme"):
+        await costs.record_usage(model_usage("r1/plan/0", run_id="r1", cached=200))
+        tool = costs_pb2.RecordUsageRequest(
+            usage_id="r1/n1/tool/x", run_id="r1", kind=TOOL, tool="echo", tool_cost_nano_usd=700
+        )
+        await costs.record_usage(tool)
+        await costs.record_usage(
+            model_usage("r1/join/0", run_id="r1", input_tokens=10, output_tokens=5, estimated=True)
+        )
+        await costs.record_usage(model_usage("r2/plan/0", run_id="r2"))
+        run = await costs.get_run_usage("r1")
+    plan = 800 * 150 + 200 * 75 + 100 * 600
+    join = 10 * 150 + 5 * 600
+    assert run.model_usage == common_pb2.Usage(
+        model="gpt-4o-mini",
+        input_tokens=1_010,
+        output_tokens=105,
+        cached_input_tokens=200,
+        cost_nano_usd=plan + join,
+        estimated=True,
+    )
+    assert (run.tool_cost_nano_usd, run.cost_nano_usd) == (700, plan + join + 700)
+    assert sorted(run.usage_ids) == ["r1/join/0", "r1/n1/tool/x", "r1/plan/0"]
+    # Another tenant asking for the run gets nothing back, not an error.
+    with request_scope(tenant_id="intruder"):
+        assert await costs.get_run_usage("r1") == costs_pb2.GetRunUsageResponse()
+    with pytest.raises(InvalidArgument) as raised:
+        await costs.get_run_usage("")
+    assert raised.value.reason == "RUN_ID_REQUIRED"
+    assert [v.field for v in raised.value.violations] == ["run_id"]
+
+
 async def test_tenant_comes_from_metadata(costs: CostsClient) -> None:
     with request_scope(tenant_id="acme"):
         await costs.record_usage(model_usage("u1"))
@@ -146,6 +205,41 @@ async def test_budget_round_trip_per_tenant(costs: CostsClient) -> None:
     await costs.set_budget(costs_pb2.SetBudgetRequest(tenant_id="acme", daily_limit_nano_usd=0))
     with request_scope(tenant_id="acme"):
         assert (await costs.check_budget(10**12)).allowed
+
+
+async def test_set_budget_with_a_mask_changes_only_the_named_limits(costs: CostsClient) -> None:
+    def masked(*paths: str, **limits: int) -> costs_pb2.SetBudgetRequest:
+        return costs_pb2.SetBudgetRequest(update_mask=FieldMask(paths=paths), **limits)
+
+    async def limits() -> tuple[int, int]:
+        check = await costs.check_budget(0)
+        return check.daily_limit_nano_usd, check.monthly_limit_nano_usd
+
+    with request_scope(tenant_id="masked"):
+        await costs.set_budget(
+            costs_pb2.SetBudgetRequest(daily_limit_nano_usd=10, monthly_limit_nano_usd=100)
+        )
+        # Only the monthly limit is named: the daily one stays (and its -1 is not looked at).
+        await costs.set_budget(
+            masked("monthly_limit_nano_usd", daily_limit_nano_usd=-1, monthly_limit_nano_usd=200)
+        )
+        assert await limits() == (10, 200)
+        await costs.set_budget(masked("daily_limit_nano_usd"))  # 0: that limit goes
+        assert await limits() == (0, 200)
+        # An empty mask replaces both, as before masks existed.
+        await costs.set_budget(costs_pb2.SetBudgetRequest(daily_limit_nano_usd=5))
+        assert await limits() == (5, 0)
+
+        with pytest.raises(InvalidArgument) as raised:
+            await costs.set_budget(
+                masked("daily_limit_nano_usd", "weekly_limit", daily_limit_nano_usd=-3)
+            )
+        assert raised.value.reason == "INVALID_BUDGET"
+        assert [v.field for v in raised.value.violations] == [
+            "update_mask.paths[1]",
+            "daily_limit_nano_usd",
+        ]
+        assert await limits() == (5, 0)  # nothing changed
 
 
 async def test_estimated_usage_is_priced_and_added_to_the_estimate(costs: CostsClient) -> None:

@@ -1,7 +1,9 @@
 """The ledger contract, checked against every backend (SQLite and PostgreSQL):
-idempotency, tenants, grouping, days, budgets and the sums budget views load."""
+idempotency, tenants, grouping, days, estimated figures, runs, budgets (partial
+updates), the standing a check reads and the holds it writes."""
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -11,13 +13,17 @@ from trellis_costs.ledger import (
     Budget,
     Ledger,
     PostgresLedger,
+    RunUsage,
     SqliteLedger,
+    Standing,
     UsageEvent,
     UsageKind,
     open_ledger,
     parse_day,
 )
 from trellis_costs.prices import PriceTable
+
+DAY = "2025-03-15"
 
 
 class Clock:
@@ -147,18 +153,85 @@ async def test_day_is_the_utc_day_of_an_aware_timestamp(ledger: Ledger) -> None:
     assert (await ledger.record(model_event("u2", occurred_at=naive))).day == "2025-03-16"
 
 
+async def test_usage_counts_estimated_events_and_their_tokens(ledger: Ledger) -> None:
+    await ledger.record(model_event("exact"))
+    await ledger.record(model_event("cut", input_tokens=300, output_tokens=40, estimated=True))
+    await ledger.record(model_event("other", model="gpt-4o", estimated=True))
+    await ledger.record(tool_event("t", "echo", 5))
+    report = await ledger.usage("t1", DAY, DAY)
+    got = {
+        r.name: (r.events, r.estimated_events, r.estimated_input_tokens, r.estimated_output_tokens)
+        for r in report.rows
+    }
+    assert got == {
+        "gpt-4o": (1, 1, 1_000, 100),
+        "gpt-4o-mini": (2, 1, 300, 40),
+        "echo": (1, 0, 0, 0),
+    }
+    assert (report.total_input_tokens, report.total_output_tokens) == (2_300, 240)
+    assert report.estimated_events == 2
+
+
+async def test_run_usage_adds_up_the_tenants_rows_of_one_run(ledger: Ledger, clock: Clock) -> None:
+    await ledger.record(model_event("r1/plan/0", run_id="r1", model="gpt-4o"))
+    clock.now += timedelta(seconds=1)
+    await ledger.record(tool_event("r1/n1/tool/a", "echo", 700, run_id="r1", node_id="n1"))
+    clock.now += timedelta(seconds=1)
+    await ledger.record(
+        model_event("r1/join/0", run_id="r1", input_tokens=10, output_tokens=5, estimated=True)
+    )
+    await ledger.record(model_event("r2/plan/0", run_id="r2"))
+    await ledger.record(model_event("x/plan/0", run_id="r1-other-tenant", tenant="t2"))
+    run = await ledger.run_usage("t1", "r1")
+    gpt4o = 1_000 * 2_500 + 100 * 10_000
+    mini = 10 * 150 + 5 * 600
+    assert run == RunUsage(
+        model="gpt-4o-mini",  # the latest model row's
+        input_tokens=1_010,
+        output_tokens=105,
+        cached_input_tokens=0,
+        model_cost_nano_usd=gpt4o + mini,
+        estimated=True,
+        tool_cost_nano_usd=700,
+        usage_ids=("r1/plan/0", "r1/n1/tool/a", "r1/join/0"),
+    )
+    assert run.cost_nano_usd == gpt4o + mini + 700
+    assert await ledger.run_usage("t2", "r1") == RunUsage()  # another tenant's run: nothing
+    assert await ledger.run_usage("t1", "nope") == RunUsage()
+
+
 async def test_set_budget_replaces_and_zero_limits_remove_it(ledger: Ledger) -> None:
     assert await ledger.get_budget("t1") is None
-    await ledger.set_budget(Budget("t1", 10, 100))
+    assert await ledger.set_budget(Budget("t1", 10, 100)) == Budget("t1", 10, 100)
     await ledger.set_budget(Budget("t1", 20, 200))
     assert await ledger.get_budget("t1") == Budget("t1", 20, 200)
-    await ledger.set_budget(Budget("t1", 0, 0))
+    assert await ledger.set_budget(Budget("t1", 0, 0)) == Budget("t1")
     assert await ledger.get_budget("t1") is None
     with pytest.raises(ValueError):
         await ledger.set_budget(Budget("t1", -1, 0))
 
 
-async def test_spending_sums_the_day_and_its_whole_month(ledger: Ledger) -> None:
+async def test_set_budget_writes_only_the_named_limits(ledger: Ledger) -> None:
+    await ledger.set_budget(Budget("t1", 10, 100))
+    monthly = await ledger.set_budget(Budget("t1", 0, 200), ["monthly_limit_nano_usd"])
+    assert monthly == Budget("t1", 10, 200) == await ledger.get_budget("t1")
+    daily = await ledger.set_budget(Budget("t1", 30, 0), ["daily_limit_nano_usd"])
+    assert daily == Budget("t1", 30, 200)
+    # A new tenant's unnamed limit is 0; naming a limit with 0 removes that one.
+    assert await ledger.set_budget(Budget("t2", 5, 9), ["daily_limit_nano_usd"]) == Budget(
+        "t2", 5, 0
+    )
+    assert await ledger.set_budget(Budget("t1", 0, 0), ["daily_limit_nano_usd"]) == Budget(
+        "t1", 0, 200
+    )
+    # Removing the last limit removes the budget.
+    await ledger.set_budget(Budget("t1"), ["monthly_limit_nano_usd"])
+    assert await ledger.get_budget("t1") is None
+    with pytest.raises(ValueError, match="not a budget limit"):
+        await ledger.set_budget(Budget("t1", 1, 1), ["weekly_limit_nano_usd"])
+
+
+async def test_standing_sums_the_day_and_its_whole_month(ledger: Ledger, clock: Clock) -> None:
     await ledger.set_budget(Budget("t1", daily_limit_nano_usd=5, monthly_limit_nano_usd=50))
     for usage_id, cost, when in [
         ("feb", 1, datetime(2025, 2, 28, 23, 59, tzinfo=UTC)),
@@ -171,26 +244,109 @@ async def test_spending_sums_the_day_and_its_whole_month(ledger: Ledger) -> None
         await ledger.record(tool_event(usage_id, "x", cost, occurred_at=when))
     await ledger.record(tool_event("other-tenant", "x", 7, tenant="t2"))
 
-    spending = await ledger.spending("t1", "2025-03-15")
-    assert spending.budget == Budget("t1", 5, 50)
-    assert (spending.spent_today_nano_usd, spending.spent_this_month_nano_usd) == (
-        1_100,
-        11_110,
+    assert await ledger.standing("t1", DAY, clock.now) == Standing(
+        Budget("t1", 5, 50), 1_100, 11_110, 0
     )
-    assert spending.recorded == frozenset()
-    empty = await ledger.spending("nobody", "2025-03-15")
-    assert (empty.budget, empty.spent_today_nano_usd, empty.spent_this_month_nano_usd) == (
-        Budget("nobody"),
-        0,
-        0,
-    )
+    assert await ledger.standing("nobody", DAY, clock.now) == Standing(Budget("nobody"), 0, 0, 0)
 
 
-async def test_spending_says_which_usage_ids_are_recorded(ledger: Ledger) -> None:
-    await ledger.record(tool_event("a", "x", 1))
-    await ledger.record(tool_event("b", "x", 1, tenant="t2"))
-    spending = await ledger.spending("t1", "2025-03-15", ["a", "b", "never"])
-    assert spending.recorded == frozenset({"a"})  # another tenant's id is not this one's
+@dataclass(frozen=True)
+class Hold:
+    """A decision that holds a fixed amount (what ``Budgets`` decides is tested there)."""
+
+    hold_nano_usd: int
+
+
+async def hold(ledger: Ledger, clock: Clock, reservation: str, amount: int, *, tenant="t1"):
+    """Hold ``amount`` under ``reservation`` for 60 s; the standing the check saw."""
+    seen: list[Standing] = []
+
+    def decide(standing: Standing) -> Hold:
+        seen.append(standing)
+        return Hold(amount)
+
+    await ledger.decide_and_hold(
+        tenant, DAY, clock.now, reservation, clock.now + timedelta(seconds=60), decide
+    )
+    return seen[0]
+
+
+async def test_holds_count_for_others_until_recorded_or_expired(
+    ledger: Ledger, clock: Clock
+) -> None:
+    await ledger.set_budget(Budget("t1", daily_limit_nano_usd=1_000))
+    assert (await hold(ledger, clock, "a", 300)).reserved_nano_usd == 0
+    seen = await hold(ledger, clock, "b", 200)
+    assert (seen.reserved_nano_usd, seen.held_nano_usd) == (300, 0)
+    # Asked again, a reservation sees the others' holds and its own apart.
+    again = await hold(ledger, clock, "a", 400)
+    assert (again.reserved_nano_usd, again.held_nano_usd) == (200, 300)
+    assert (await ledger.standing("t1", DAY, clock.now)).reserved_nano_usd == 600
+    assert (await ledger.standing("t2", DAY, clock.now)).reserved_nano_usd == 0  # per tenant
+
+    # Recording a reservation's usage ends its hold; the real cost counts instead.
+    await ledger.record(tool_event("a", "x", 250))
+    standing = await ledger.standing("t1", DAY, clock.now)
+    assert (standing.spent_today_nano_usd, standing.reserved_nano_usd) == (250, 200)
+    await ledger.record(tool_event("a", "x", 250))  # a duplicate changes nothing
+    assert await ledger.standing("t1", DAY, clock.now) == standing
+
+    # A hold of 0 lets it go; an expired one no longer counts, and renewing it restarts it.
+    await hold(ledger, clock, "b", 0)
+    assert (await ledger.standing("t1", DAY, clock.now)).reserved_nano_usd == 0
+    await hold(ledger, clock, "c", 100)
+    clock.now += timedelta(seconds=30)
+    await hold(ledger, clock, "c", 150)  # the same hold: it keeps its expiry
+    clock.now += timedelta(seconds=30)
+    assert (await ledger.standing("t1", DAY, clock.now)).reserved_nano_usd == 0
+    assert (await hold(ledger, clock, "c", 100)).held_nano_usd == 0  # expired: a new one
+    clock.now += timedelta(seconds=59)
+    assert (await ledger.standing("t1", DAY, clock.now)).reserved_nano_usd == 100
+
+
+async def test_running_totals_are_filled_for_a_ledger_from_before_them(
+    ledger_url: str, clock: Clock
+) -> None:
+    """A ledger whose usage rows were written before spend_by_day existed gets its
+    totals once, at open; rows written afterwards are added once."""
+    first = await open_ledger(ledger_url, PriceTable.load(), clock=clock)
+    await first.record(tool_event("a", "x", 100))
+    await first.record(tool_event("b", "x", 20, occurred_at=datetime(2025, 3, 1, tzinfo=UTC)))
+    await first.close()
+    await _forget_running_totals(ledger_url)
+    second = await open_ledger(ledger_url, PriceTable.load(), clock=clock)
+    try:
+        assert await second.standing("t1", DAY, clock.now) == Standing(Budget("t1"), 100, 120, 0)
+        await second.record(tool_event("c", "x", 3))
+    finally:
+        await second.close()
+    third = await open_ledger(ledger_url, PriceTable.load(), clock=clock)  # no second fill
+    try:
+        assert await third.standing("t1", DAY, clock.now) == Standing(Budget("t1"), 103, 123, 0)
+    finally:
+        await third.close()
+
+
+async def _forget_running_totals(url: str) -> None:
+    """Make ``url`` look like a ledger from before running totals: no table, no trigger."""
+    if url.startswith("sqlite"):
+        import aiosqlite
+
+        async with aiosqlite.connect(url.removeprefix("sqlite:///")) as db:
+            await db.executescript(
+                "DROP TRIGGER usage_count_spend; DROP TABLE spend_by_day; DROP TABLE budget_holds;"
+            )
+        return
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "DROP TRIGGER usage_count_spend ON usage; DROP FUNCTION ledger_count_spend();"
+            " DROP TABLE spend_by_day; DROP TABLE budget_holds;"
+        )
+    finally:
+        await conn.close()
 
 
 async def test_rows_survive_reopening_the_database(ledger_url: str, clock: Clock) -> None:
@@ -213,3 +369,16 @@ def test_parse_day_accepts_real_days(text: str) -> None:
 def test_parse_day_rejects_anything_else(text: str) -> None:
     with pytest.raises(ValueError):
         parse_day(text)
+
+
+async def test_standings_are_every_budgeted_tenants(ledger: Ledger, clock: Clock) -> None:
+    await ledger.set_budget(Budget("t1", daily_limit_nano_usd=1_000))
+    await ledger.set_budget(Budget("t2", monthly_limit_nano_usd=5_000))
+    await ledger.record(tool_event("a", "x", 100))
+    await ledger.record(tool_event("b", "x", 7, tenant="t3"))  # no budget: not listed
+    await hold(ledger, clock, "r", 40, tenant="t2")
+    standings = sorted(await ledger.standings(DAY, clock.now), key=lambda s: s.budget.tenant_id)
+    assert standings == [
+        Standing(Budget("t1", 1_000, 0), 100, 100, 0),
+        Standing(Budget("t2", 0, 5_000), 0, 0, 40),
+    ]

@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from trellis.common.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
@@ -81,14 +82,16 @@ class CheckBudgetResponse(_message.Message):
     def __init__(self, allowed: _Optional[bool] = ..., daily_limit_nano_usd: _Optional[int] = ..., spent_today_nano_usd: _Optional[int] = ..., remaining_nano_usd: _Optional[int] = ..., monthly_limit_nano_usd: _Optional[int] = ..., spent_this_month_nano_usd: _Optional[int] = ..., reserved_nano_usd: _Optional[int] = ..., estimated_cost_nano_usd: _Optional[int] = ...) -> None: ...
 
 class SetBudgetRequest(_message.Message):
-    __slots__ = ("tenant_id", "daily_limit_nano_usd", "monthly_limit_nano_usd")
+    __slots__ = ("tenant_id", "daily_limit_nano_usd", "monthly_limit_nano_usd", "update_mask")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     DAILY_LIMIT_NANO_USD_FIELD_NUMBER: _ClassVar[int]
     MONTHLY_LIMIT_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     daily_limit_nano_usd: int
     monthly_limit_nano_usd: int
-    def __init__(self, tenant_id: _Optional[str] = ..., daily_limit_nano_usd: _Optional[int] = ..., monthly_limit_nano_usd: _Optional[int] = ...) -> None: ...
+    update_mask: _field_mask_pb2.FieldMask
+    def __init__(self, tenant_id: _Optional[str] = ..., daily_limit_nano_usd: _Optional[int] = ..., monthly_limit_nano_usd: _Optional[int] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
 class SetBudgetResponse(_message.Message):
     __slots__ = ()

@@ -113,13 +113,55 @@ async def test_costs_json_over_a_window_and_target_from_the_environment(
                 "output_tokens": 0,
                 "cached_input_tokens": 0,
                 "events": 1,
+                "estimated_events": 0,
+                "estimated_input_tokens": 0,
+                "estimated_output_tokens": 0,
                 "cost_nano_usd": 7,
                 "cost_usd": "0.000000007",
             }
         ],
+        "total_input_tokens": 0,
+        "total_output_tokens": 0,
+        "estimated_events": 0,
         "total_cost_nano_usd": 7,
         "total_cost_usd": "0.000000007",
     }
+
+
+async def test_estimated_events_are_marked_in_the_table_and_the_json(
+    client: CostsClient, costs_target: str
+) -> None:
+    await seed(client)
+    cut = common_pb2.Usage(model="gpt-4o-mini", input_tokens=300, output_tokens=20)
+    with request_scope(tenant_id=TENANT):
+        await client.record_usage(
+            costs_pb2.RecordUsageRequest(
+                usage_id="m2", kind=costs_pb2.USAGE_KIND_MODEL, usage=cut, estimated=True
+            )
+        )
+    result = await trellis("costs", "--tenant", TENANT, "--target", costs_target)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = next(line for line in lines if "model/tool" in line)
+    assert "est." in header
+    model = next(line for line in lines if "gpt-4o-mini" in line).split()
+    assert [c for c in model if c not in "│┃"][4:] == [
+        "1,300", "120", "0", "2", "1", f"{(MINI_1000_100 + 300 * 150 + 20 * 600) / 1e9:.9f}"
+    ]  # fmt: skip
+    tool = next(line for line in lines if "web_search" in line).split()
+    assert len([c for c in tool if c not in "│┃"]) == 9  # no est. cell: nothing estimated
+    total = next(line for line in lines if "total" in line).split()
+    assert [c for c in total if c not in "│┃"][1:6] == ["1,300", "120", "0", "3", "1"]
+    assert "estimated" in result.output  # the caption says what est. means
+
+    as_json = json.loads(
+        (await trellis("costs", "--tenant", TENANT, "--target", costs_target, "--json")).output
+    )
+    [row] = [r for r in as_json["rows"] if r["name"] == "gpt-4o-mini"]
+    assert (row["events"], row["estimated_events"]) == (2, 1)
+    assert (row["estimated_input_tokens"], row["estimated_output_tokens"]) == (300, 20)
+    totals = ("total_input_tokens", "total_output_tokens", "estimated_events")
+    assert [as_json[k] for k in totals] == [1_300, 120, 1]
 
 
 async def test_bad_days_are_reported_by_field(costs_target: str) -> None:
@@ -147,8 +189,32 @@ async def test_budget_set_and_show(client: CostsClient, costs_target: str) -> No
     shown = await trellis("budget", "show", "--tenant", TENANT, "--target", costs_target)
     assert shown.exit_code == 0 and "10.000000000" in shown.output
 
-    removed = await trellis("budget", "set", "--tenant", TENANT, "--target", costs_target)
+    removed = await trellis(
+        "budget", "set", "--tenant", TENANT, "--daily", "0", "--monthly", "0",
+        "--target", costs_target,
+    )  # fmt: skip
     assert removed.exit_code == 0 and f"{TENANT}: no budget" in removed.output
+
+
+async def test_budget_set_keeps_the_limit_it_is_not_given(
+    client: CostsClient, costs_target: str
+) -> None:
+    async def limits() -> tuple[int, int]:
+        with request_scope(tenant_id=TENANT):
+            check = await client.check_budget(0)
+        return check.daily_limit_nano_usd, check.monthly_limit_nano_usd
+
+    async def budget_set(*args: str) -> Result:
+        return await trellis("budget", "set", "--tenant", TENANT, *args, "--target", costs_target)
+
+    assert (await budget_set("--daily", "5")).exit_code == 0
+    assert (await budget_set("--monthly", "200")).exit_code == 0
+    assert await limits() == (5 * 10**9, 200 * 10**9)  # the daily limit stayed
+    assert (await budget_set("--daily", "0")).exit_code == 0  # explicitly removed
+    assert await limits() == (0, 200 * 10**9)
+    nothing = await budget_set()
+    assert nothing.exit_code == 2 and "--daily" in nothing.output
+    assert await limits() == (0, 200 * 10**9)
 
 
 @pytest.mark.parametrize(
