@@ -14,12 +14,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from trellis.cli.stack import Stack, start_stack
+from trellis.clients.costs import CostsClient
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.convert import from_value, to_struct, to_value
 from trellis.runtime.errors import InvalidArgument, NotFound, Unavailable
 from trellis.runtime.server import RunningServer
+from trellis_costs.ledger import UsageEvent, UsageKind, open_ledger
+from trellis_costs.prices import PriceTable
 from trellis_executor.service import build as build_executor
 from trellis_executor.settings import ExecutorSettings
 from trellis_executor.store import Progress, open_store
@@ -27,6 +30,7 @@ from trellis_executor.store import Progress, open_store
 SUCCEEDED = executor_pb2.RUN_STATUS_SUCCEEDED
 RUNNING = executor_pb2.RUN_STATUS_RUNNING
 DONE = common_pb2.NODE_STATUS_SUCCEEDED
+MODEL = "trellis-offline-rules-v1"
 
 
 def node(node_id: str, tool: str, deps: tuple[str, ...] = (), **args) -> common_pb2.ToolCall:
@@ -141,14 +145,25 @@ async def test_resumed_explicit_plan_reruns_only_unfinished_nodes(db_url, channe
 async def test_resumed_goal_run_in_its_join_does_not_plan_again(db_url, channels, model) -> None:
     plan = [node("n1", "arithmetic", expression="6*7")]
     request = executor_pb2.RunRequest(run_id="joining", goal="What is 6*7?")
-    usage = common_pb2.Usage(input_tokens=100, output_tokens=20)
+    usage = common_pb2.Usage(model=MODEL, input_tokens=100, output_tokens=20)
     progress = Progress(round=0, joining=True, usage=usage)
     await crashed_run(db_url, request, plan, {"n1": {"result": 42}}, progress)
+    ledger = await open_ledger(
+        db_url, PriceTable.load()
+    )  # the dead replica's plan call is in the ledger
+    try:
+        await ledger.record(
+            UsageEvent("joining/plan/0", "default", UsageKind.MODEL, run_id="joining",
+                       model=MODEL, input_tokens=100, output_tokens=20)
+        )  # fmt: skip
+    finally:
+        await ledger.close()
 
     stack = await start_stack(database_url=db_url, model_base_url=model.base_url)
     try:
         client = ExecutorClient(channels.get(stack.executor_target))
         events = await collect(client.resume_run("joining"))
+        held = await CostsClient(channels.get(stack.target("costs"))).get_run_usage("joining")
     finally:
         await stack.stop()
 
@@ -156,7 +171,10 @@ async def test_resumed_goal_run_in_its_join_does_not_plan_again(db_url, channels
     assert finished.status == SUCCEEDED and "42" in finished.answer
     prompts = [json.dumps(r["messages"]) for r in model.requests]
     assert len(prompts) == 1 and "## Outcomes" in prompts[0]  # one join, no new plan
-    assert finished.usage.input_tokens > 100  # the saved planning usage is kept
+    # what the run reports is what the ledger holds: the earlier replica's plan call too
+    assert sorted(held.usage_ids) == ["joining/join/0/1", "joining/plan/0"]
+    assert finished.usage.input_tokens > 100
+    assert (finished.usage, finished.cost_nano_usd) == (held.model_usage, held.cost_nano_usd)
 
 
 async def test_stopping_executor_hands_its_run_over_to_the_next(
