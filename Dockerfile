@@ -11,6 +11,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY libs ./libs
 COPY services ./services
+COPY app ./app
 RUN python -m venv /opt/trellis && /opt/trellis/bin/pip install --no-compile .
 
 FROM ${PYTHON_IMAGE}

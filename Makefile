@@ -13,7 +13,7 @@ help:
 	@echo "make run    - install, start the embedded stack, run an example goal"
 	@echo "make test   - install, run every test (unit, integration, end-to-end, stubs, buf)"
 	@echo "make proto  - regenerate the committed Python stubs from protos/"
-	@echo "make lint   - buf lint, buf format, buf breaking (vs main), ruff"
+	@echo "make lint   - buf lint, buf format, buf breaking (vs main), ruff, lint-imports (layers)"
 	@echo "make up     - start the five services as processes on their default ports"
 	@echo "make bench  - cache, single-flight and executor figures into bench/results/latest.json"
 	@echo "make soak   - SOAK_CLIENTS (50) clients x SOAK_SECONDS (60) s against the stack as processes"
@@ -66,7 +66,9 @@ SOAK_SECONDS ?= 60
 soak: $(INSTALLED)
 	$(PY) -m soak --clients $(SOAK_CLIENTS) --seconds $(SOAK_SECONDS) --out soak/results/latest.json
 
+# The layering contract first (seconds): a broken layer fails before the long suite runs.
 test: install
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest
 
 proto: $(INSTALLED)
@@ -80,6 +82,7 @@ lint: install
 	else echo "buf breaking: main has no protos yet, skipped"; fi
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) node_modules .trellis .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """Executor figures (issue 4), timed at a gRPC client of the full embedded stack.
 
-One ``trellis.cli.stack.start_stack`` (five services + the offline model, real gRPC between
+One ``trellis_cli.stack.start_stack`` (five services + the offline model, real gRPC between
 them, SQLite run store in a temporary directory) serves every section; tracing is on
 throughout (every service's spans go to an in-memory exporter through a
 ``BatchSpanProcessor``). Runs use explicit plans (``RunRequest.plan``) except
@@ -42,12 +42,12 @@ from bench.dag_common import (
     skewed_plan,
     timed_run,
 )
-from trellis.cli.stack import start_stack
 from trellis.clients.executor import ExecutorClient
 from trellis.clients.toolgateway import ToolGatewayClient
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.channels import Channels
 from trellis.toolgateway.v1 import toolgateway_pb2
+from trellis_cli.stack import start_stack
 
 #: figure -> (comparison, bound)
 TARGETS: dict[str, tuple[str, float]] = {

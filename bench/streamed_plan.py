@@ -31,10 +31,11 @@ import time
 from typing import Any
 
 from bench.dag_common import SKEWED_CRITICAL_MS, median, percentile_ms, r, skewed_nodes, timed_run
-from trellis.cli.stack import Stack
 from trellis.clients.executor import ExecutorClient
 from trellis.executor.v1 import executor_pb2
+from trellis_cli.stack import Stack
 from trellis_executor.scheduler import DagScheduler
+from trellis_offline_model.behaviour import Behaviour
 
 LINE_INTERVAL_MS = 200
 
@@ -73,7 +74,8 @@ class PacedPlan:
         self.emitted_perf.clear()
         self.emitted_wall.clear()
         self.admitted.clear()
-        self.state.script.reply(self.text)
+        once = [Behaviour(text=self.text)]  # the next request (the plan): then the rules
+        self.state.next_behaviour = lambda: once.pop() if once else None
 
     def _emitted(self, line: str) -> None:
         """The model server's hook: ``line`` has just been written to the stream."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from trellis.cli.up import MODEL, SERVICES, stop_all, wait_http, wait_serving
+from trellis_cli.up import MODEL, SERVICES, stop_all, wait_http, wait_serving
 
 #: Seconds each process gets to report ready.
 STARTUP_SECONDS = 60.0

@@ -5,15 +5,15 @@ import re
 import subprocess
 from pathlib import Path
 
-from trellis.cli.app import app
-from trellis.cli.config_table import markdown
+from trellis_cli.app import app
+from trellis_cli.config_table import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
 def test_configuration_table_matches_settings() -> None:
-    assert markdown() in README, "regenerate with: python -m trellis.cli.config_table"
+    assert markdown() in README, "regenerate with: python -m trellis_cli.config_table"
 
 
 def test_make_targets_in_readme_exist() -> None:

@@ -18,7 +18,7 @@
  * --json        one RunResponse per line on stdout in the proto3 JSON mapping with the
  *               .proto field names; an RPC error is one {"error": {...}} line on stderr
  *
- * Exit status (the table of `trellis run`, libs/trellis/cli/exits.py, mirrored in EXIT):
+ * Exit status (the table of `trellis run`, app/trellis_cli/exits.py, mirrored in EXIT):
  *   0 the run SUCCEEDED; 1 it FAILED, or ended without a `finished` event, or the call failed
  *   with an error the executor answered; 2 bad command line or plan file (nothing was sent);
  *   3 the run was PARTIAL (answered although nodes failed); 4 it was CANCELLED; 5 the executor
@@ -33,7 +33,7 @@ const { parseArgs } = require('node:util');
 const grpc = require('@grpc/grpc-js');
 const trellis = require('./trellis-client');
 
-/** Exit statuses: libs/trellis/cli/exits.py ExitCode, mirrored. */
+/** Exit statuses: app/trellis_cli/exits.py ExitCode, mirrored. */
 const EXIT = Object.freeze({
   SUCCEEDED: 0,
   FAILED: 1,

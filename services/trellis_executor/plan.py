@@ -14,7 +14,7 @@ from collections.abc import Collection, Sequence
 from graphlib import CycleError, TopologicalSorter
 
 from trellis.common.v1 import common_pb2
-from trellis.refs import referenced_nodes
+from trellis.contract.refs import referenced_nodes
 from trellis.runtime.convert import from_struct
 from trellis.runtime.errors import FieldViolation, InvalidArgument, quote
 from trellis.runtime.validation import call_violations

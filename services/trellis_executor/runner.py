@@ -23,7 +23,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from trellis.budget_check import BudgetPolicy, require_budget
+from trellis.clients.budget_check import BudgetPolicy, require_budget
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import context

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from typing import Any
 
 from trellis.common.v1 import common_pb2
-from trellis.refs import resolve
+from trellis.contract.refs import resolve
 from trellis.runtime import context
 from trellis.runtime.convert import from_struct, from_value, timestamp, to_struct
 from trellis.runtime.errors import TrellisError

@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
-from trellis.budget_check import BudgetCheckSettings
+from trellis.clients.budget_check import BudgetCheckSettings
 from trellis.runtime.auth import ApiKeys, KeyConfigError, parse_key_map, read_keys_file
 from trellis.runtime.database import validate_database_url
 from trellis.runtime.settings import ConfigError, ServiceSettings

@@ -3,12 +3,12 @@
 Cost accounting owns the prices, so the planner sends what the call is about to use,
 ``estimated_usage`` (the model, its estimated input tokens, the expected output tokens),
 and cost accounting prices it. The check carries ``reservation_id``: the usage_id the
-call will be recorded under (``usage.py``), so an allowed estimate is held against the
+call will be recorded under (``model_usage.py``), so an allowed estimate is held against the
 budget until that usage is recorded, and concurrent calls cannot all spend the same
 headroom. The tenant travels as ``x-tenant-id`` on the channel, like every onward call.
 
 What a refusal or an unanswered check does is the shared policy of
-``trellis.budget_check`` (the executor's before a run is the same): BUDGET_EXCEEDED
+``trellis.clients.budget_check`` (the executor's before a run is the same): BUDGET_EXCEEDED
 naming the limit hit; without an answer, the call goes ahead (TRELLIS_BUDGET_FAIL_OPEN,
 the default) or is refused BUDGET_UNAVAILABLE.
 """
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from trellis.budget_check import BudgetPolicy
-from trellis.budget_check import require_budget as require
+from trellis.clients.budget_check import BudgetPolicy
+from trellis.clients.budget_check import require_budget as require
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
 

@@ -26,7 +26,7 @@ a line is off track, and quoting it back would only make the repair call as larg
 Every model call is recorded with cost accounting: valid or not, finished or failed,
 and also when the client goes away mid-stream (tokens estimated from the text so far,
 marked estimated); the ledger write is shielded from that cancellation, and kept in the
-durable usage outbox when cost accounting is out of reach (``usage.py``). A call's
+durable usage outbox when cost accounting is out of reach (``model_usage.py``). A call's
 usage_id is decided before it is made, so its budget reservation and its ledger row
 carry the same id.
 """
@@ -43,9 +43,10 @@ from trellis.planner.v1 import planner_pb2
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.runtime.logs import get_logger
 from trellis.runtime.validation import DEFAULT_MAX_GOAL_BYTES
-from trellis_planner import usage as usage_mod
+from trellis_planner import model_usage
 from trellis_planner.jsonl import JsonLine, JsonLinesParser, LineTooLong
 from trellis_planner.model import ChatCall, ChatModel
+from trellis_planner.model_usage import UsageSender
 from trellis_planner.prompts import (
     Message,
     RejectedLine,
@@ -54,7 +55,6 @@ from trellis_planner.prompts import (
     repair_messages,
 )
 from trellis_planner.replan import ReplanGate
-from trellis_planner.usage import UsageSender
 from trellis_planner.validation import PlanValidator, check_request, invalid_plan
 
 log = get_logger(__name__)
@@ -310,7 +310,7 @@ class Planner:
             model=request.model or self._default_model,
             run_id=request.run_id,
             step=step,
-            usage_id=usage_mod.usage_id(request.run_id, step, request.round, request.attempt),
+            usage_id=model_usage.usage_id(request.run_id, step, request.round, request.attempt),
         )
 
     async def _record(
@@ -325,7 +325,7 @@ class Planner:
             usage.output_tokens = result.output_tokens
             usage.cached_input_tokens = result.cached_input_tokens
             usage.estimated = result.estimated
-        cost = await usage_mod.record(
+        cost = await model_usage.record(
             self._usage,
             usage_id=call.usage_id,
             run_id=request.run_id,

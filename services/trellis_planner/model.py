@@ -45,7 +45,7 @@ from openai import AsyncOpenAI
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from trellis.budget_check import BudgetPolicy
+from trellis.clients.budget_check import BudgetPolicy
 from trellis.runtime import context
 from trellis.runtime.errors import (
     DeadlineExceeded,

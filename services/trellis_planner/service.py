@@ -13,9 +13,9 @@ from __future__ import annotations
 from grpc import aio
 from openai import AsyncOpenAI
 
-from trellis.budget_check import BudgetPolicy
+from trellis.clients.budget_check import BudgetPolicy
 from trellis.clients.costs import CostsClient
-from trellis.outbox import UsageOutbox
+from trellis.clients.usage_outbox import UsageOutbox
 from trellis.planner.v1 import planner_pb2, planner_pb2_grpc
 from trellis.runtime.channels import Channels
 from trellis.runtime.logs import get_logger

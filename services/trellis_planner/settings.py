@@ -10,7 +10,7 @@ Model access: ``TRELLIS_FALLBACK_MODELS`` is a comma-separated list (or a JSON l
 ``{"gpt-4o": {"rpm": 500, "tpm": 30000}}`` (a missing key keeps the default).
 ``TRELLIS_REDIS_URL`` shares the limits between replicas; empty keeps them per process.
 ``TRELLIS_OUTBOX_PATH`` is the SQLite file keeping usage events cost accounting could
-not take yet (``trellis.outbox``); one per process, on a volume that outlives it.
+not take yet (``trellis.clients.usage_outbox``); one per process, on a volume that outlives it.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Annotated
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from trellis.budget_check import BudgetCheckSettings
-from trellis.outbox import default_outbox_path, validate_outbox_path
+from trellis.clients.budget_check import BudgetCheckSettings
+from trellis.clients.usage_outbox import default_outbox_path, validate_outbox_path
 from trellis.runtime.settings import ServiceSettings, validate_redis_url
 from trellis.runtime.validation import DEFAULT_MAX_GOAL_BYTES
 

@@ -25,7 +25,7 @@ from jsonschema import Draft202012Validator, SchemaError, ValidationError, valid
 from jsonschema.protocols import Validator
 
 from trellis.common.v1 import common_pb2
-from trellis.refs import referenced_nodes
+from trellis.contract.refs import referenced_nodes
 from trellis.runtime.convert import from_struct, to_struct
 from trellis.runtime.errors import FieldViolation, InvalidArgument, quote
 from trellis.runtime.logs import get_logger

@@ -37,7 +37,7 @@ from trellis_toolgateway.policy.clock import Clock, Sleep
 from trellis_toolgateway.policy.concurrency import Limiters
 from trellis_toolgateway.policy.retry import Backoff
 from trellis_toolgateway.registry import Entry
-from trellis_toolgateway.tools.base import Json, Spec, ToolError
+from trellis_toolgateway.tools.base import DEFAULT_MAX_RESULT_BYTES, Json, Spec, ToolError
 
 log = get_logger(__name__)
 
@@ -48,10 +48,6 @@ NodeOutcome = common_pb2.NodeOutcome
 #: Span attributes set here.
 ATTR_BREAKER = "trellis.breaker.state"
 
-#: Output cap of a tool whose spec sets none (TRELLIS_TOOL_MAX_RESULT_BYTES's default).
-DEFAULT_MAX_RESULT_BYTES = 2 * 1024 * 1024
-#: Room kept in a gRPC message for what surrounds an output (outcome, ids, times, error).
-MESSAGE_ENVELOPE_BYTES = 16 * 1024
 OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
 #: A call cut short by its caller's deadline (the caller's limit, not the tool's fault).
 DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"

@@ -8,7 +8,7 @@ take one of three paths:
   key); a repeat gets the first outcome back, waiting for it if the first call still
   runs, or FAILED ``IDEMPOTENCY_UNKNOWN`` if the first call's owner stopped without an
   outcome (a gateway killed mid-call: the effect may have happened). The store is
-  in-process or shared in Redis (``trellis_toolgateway.idempotency``); with the store
+  in-process or shared in Redis (``trellis_toolgateway.redis_idempotency``); with the store
   unreachable the call is refused ``UNAVAILABLE``/``IDEMPOTENCY_STORE_UNAVAILABLE``;
 - cacheable tool: identical concurrent calls share one flight (``policy.singleflight``)
   which reads the result cache, runs the tool on a miss and stores a success;
@@ -102,7 +102,7 @@ ATTR_REPLAY = "trellis.idempotent_replay"
 
 
 class UsageSink(Protocol):
-    """Where executions are reported for costing (``trellis_toolgateway.usage.ToolUsage``);
+    """Where executions are reported for costing (``trellis_toolgateway.tool_usage.ToolUsage``);
     it must not block the call."""
 
     def executed(self, *, tool: str, run_id: str, node_id: str, outcome: NodeOutcome) -> None: ...

@@ -34,10 +34,15 @@ from pydantic import ValidationError
 
 from trellis.runtime.channels import Channels
 from trellis.runtime.logs import get_logger
-from trellis_toolgateway.execution import DEFAULT_MAX_RESULT_BYTES, MESSAGE_ENVELOPE_BYTES
 from trellis_toolgateway.registry import SourceHandle, ToolRegistry, close_sources
 from trellis_toolgateway.tools.arithmetic import ArithmeticTool
-from trellis_toolgateway.tools.base import Spec, Tool, ToolSource
+from trellis_toolgateway.tools.base import (
+    DEFAULT_MAX_RESULT_BYTES,
+    MESSAGE_ENVELOPE_BYTES,
+    Spec,
+    Tool,
+    ToolSource,
+)
 from trellis_toolgateway.tools.basic import EchoTool, SleepTool
 from trellis_toolgateway.tools.command import CommandTool, Launcher, Template
 from trellis_toolgateway.tools.config import (
@@ -424,10 +429,3 @@ async def build_registry(
         await close_sources([h.source for h in registry.sources if id(h.source) not in kept])
         raise
     return registry
-
-
-async def load_registry(
-    path: str | os.PathLike[str], options: LoadOptions, *, previous: ToolRegistry | None = None
-) -> ToolRegistry:
-    """Read ``path`` and build its full registry (see ``build_registry``)."""
-    return await build_registry(read_tools_file(path), path, options, previous=previous)

@@ -22,7 +22,6 @@ from jsonschema import Draft202012Validator
 from trellis.runtime.logs import get_logger
 from trellis.runtime.validation import TOOL_NAME
 from trellis_toolgateway.tools.base import Spec, Tool, ToolSource
-from trellis_toolgateway.tools.command import Launcher
 
 log = get_logger(__name__)
 
@@ -170,23 +169,3 @@ class RegistryHolder:
                 await task
             await close_sources(sources)  # ToolSource.aclose is safe to repeat
         await self.current.aclose()
-
-
-def builtin_registry(
-    *,
-    command_timeout: float = 10.0,
-    command_max_output_bytes: int = 64 * 1024,
-    launcher: Launcher | None = None,
-) -> ToolRegistry:
-    """The tools of the bundled tools file (builtins and ``run_command``), no network.
-
-    Kept for tests and embedding; the service loads ``TRELLIS_TOOLS_FILE`` instead.
-    """
-    from trellis_toolgateway.loader import BUNDLED_TOOLS_FILE, LoadOptions, declared_registry
-
-    options = LoadOptions(
-        command_timeout=command_timeout,
-        command_max_output_bytes=command_max_output_bytes,
-        launcher=launcher,
-    )
-    return declared_registry(BUNDLED_TOOLS_FILE, options)

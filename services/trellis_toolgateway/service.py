@@ -20,22 +20,22 @@ from grpc import aio
 
 from trellis.clients.cache import CacheClient
 from trellis.clients.costs import CostsClient
-from trellis.outbox import UsageOutbox
+from trellis.clients.usage_outbox import UsageOutbox
 from trellis.runtime.channels import Channels
 from trellis.runtime.logs import get_logger
 from trellis.runtime.server import Service
 from trellis.runtime.telemetry import Telemetry
 from trellis.toolgateway.v1 import toolgateway_pb2, toolgateway_pb2_grpc
-from trellis_toolgateway.idempotency import RedisIdempotencyStore, open_idempotency_store
 from trellis_toolgateway.invoker import Invoker
 from trellis_toolgateway.loader import LoadOptions
 from trellis_toolgateway.policy.breaker import BreakerConfig
 from trellis_toolgateway.policy.idempotency import StoreUnavailable
+from trellis_toolgateway.redis_idempotency import RedisIdempotencyStore, open_idempotency_store
 from trellis_toolgateway.reload import ToolsFileWatcher
 from trellis_toolgateway.servicer import ToolGatewayServicer
 from trellis_toolgateway.settings import GatewaySettings
 from trellis_toolgateway.tenancy import TenantTools
-from trellis_toolgateway.usage import ToolUsage
+from trellis_toolgateway.tool_usage import ToolUsage
 
 log = get_logger(__name__)
 

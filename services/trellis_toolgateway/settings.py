@@ -6,10 +6,10 @@ exactly like a bad variable. Later edits are checked by the reloader instead, wh
 keeps the last good registry rather than stopping anything.
 
 ``TRELLIS_REDIS_URL`` moves the idempotency keys of side-effecting tools to Redis
-(``trellis_toolgateway.idempotency``), so replicas and restarts share them.
+(``trellis_toolgateway.redis_idempotency``), so replicas and restarts share them.
 
 ``TRELLIS_OUTBOX_PATH`` is the SQLite file keeping tool usage cost accounting could not
-take yet (``trellis.outbox``); one per process, on a volume that outlives it.
+take yet (``trellis.clients.usage_outbox``); one per process, on a volume that outlives it.
 """
 
 from pathlib import Path
@@ -18,7 +18,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
-from trellis.outbox import default_outbox_path, validate_outbox_path
+from trellis.clients.usage_outbox import default_outbox_path, validate_outbox_path
 from trellis.runtime.settings import ServiceSettings, validate_redis_url
 from trellis_toolgateway.tenancy import parse_tenant_tools
 

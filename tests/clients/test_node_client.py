@@ -27,14 +27,14 @@ import pytest
 from google.protobuf import any_pb2, duration_pb2, json_format
 from google.rpc import error_details_pb2, status_pb2
 
-from trellis.cli.app import DEMO_GOAL
-from trellis.cli.exits import ExitCode
-from trellis.cli.stack import Stack, start_stack
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import auth, context
 from trellis.runtime.errors import NotFound
+from trellis_cli.app import DEMO_GOAL
+from trellis_cli.exits import ExitCode
+from trellis_cli.stack import Stack, start_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_DIR = ROOT / "clients" / "node"

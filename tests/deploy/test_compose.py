@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trellis.cli.config_table import SERVICES
 from trellis.runtime.settings import env_names
+from trellis_cli.config_table import SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Compose service -> its command (a console script of this package).

@@ -32,8 +32,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from trellis.cli.config_table import SERVICES as SETTINGS
 from trellis.runtime.settings import env_names
+from trellis_cli.config_table import SERVICES as SETTINGS
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy/k8s"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from trellis.cli.stack import Stack, start_stack
 from trellis.clients.executor import ExecutorClient
+from trellis_cli.stack import Stack, start_stack
 
 
 @pytest.fixture

@@ -19,13 +19,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from trellis.cli.stack import Stack, start_stack
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
 from trellis.runtime import auth, context
 from trellis.runtime.convert import to_struct
 from trellis.runtime.errors import InvalidArgument, NotFound, TrellisError, Unauthenticated
+from trellis_cli.stack import Stack, start_stack
 
 EXECUTOR_SERVICE = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 SUCCEEDED = executor_pb2.RUN_STATUS_SUCCEEDED

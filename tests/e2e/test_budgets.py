@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from trellis.cli.stack import start_stack
 from trellis.clients.costs import CostsClient
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
@@ -31,6 +30,7 @@ from trellis.executor.v1 import executor_pb2
 from trellis.runtime import context
 from trellis.runtime.convert import to_struct
 from trellis.runtime.errors import NotFound, ResourceExhausted, Unavailable
+from trellis_cli.stack import start_stack
 
 SUCCEEDED = executor_pb2.RUN_STATUS_SUCCEEDED
 TENANT = "frugal"

@@ -17,7 +17,6 @@ from grpc import aio
 
 from tests.malformed import CORRUPT, TRUNCATED, deep_struct, field, invalid_utf8
 from trellis.cache.v1 import cache_pb2, cache_pb2_grpc
-from trellis.cli.stack import Stack, start_stack
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2, costs_pb2_grpc
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
@@ -25,6 +24,7 @@ from trellis.planner.v1 import planner_pb2, planner_pb2_grpc
 from trellis.runtime.convert import from_value, to_struct
 from trellis.runtime.errors import InvalidArgument, NotFound, from_rpc_error
 from trellis.toolgateway.v1 import toolgateway_pb2, toolgateway_pb2_grpc
+from trellis_cli.stack import Stack, start_stack
 
 SUCCEEDED = executor_pb2.RUN_STATUS_SUCCEEDED
 #: gRPC clients drop a status whose metadata is over 8 KiB (their default limit).

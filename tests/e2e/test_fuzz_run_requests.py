@@ -26,11 +26,11 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.malformed import deep_struct, field
-from trellis.cli.stack import Stack, start_stack
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.errors import from_rpc_error
 from trellis.runtime.validation import MAX_ARGS_DEPTH
+from trellis_cli.stack import Stack, start_stack
 
 SEED = int(os.environ.get("TRELLIS_FUZZ_SEED", "14"))
 REQUESTS = 200

@@ -14,14 +14,15 @@ import grpc
 import pytest
 from grpc import aio
 
-from trellis.cli.app import DEMO_GOAL
-from trellis.cli.stack import Stack, start_stack
+from tests.support.model_script import script_of
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
 from trellis.runtime.convert import to_struct
 from trellis.runtime.errors import InvalidArgument, NotFound
-from trellis_offline_model.script import Behaviour
+from trellis_cli.app import DEMO_GOAL
+from trellis_cli.stack import Stack, start_stack
+from trellis_offline_model.behaviour import Behaviour
 
 FAILED = executor_pb2.RUN_STATUS_FAILED
 SUCCEEDED = executor_pb2.RUN_STATUS_SUCCEEDED
@@ -234,7 +235,7 @@ async def test_no_replan_beyond_max_replans_the_join_must_answer(capped, channel
     # TRELLIS_MAX_REPLANS=0 is the ceiling: a run asking for 3 rounds gets none.
     # (tests/services/trellis_planner/test_planner_replan.py runs max_replans=1 to its end.)
     assert capped.model is not None
-    capped.model.script.push(Behaviour(), Behaviour(text="REPLAN: need more"))
+    script_of(capped.model).push(Behaviour(), Behaviour(text="REPLAN: need more"))
     before = len(capped.model.requests)
     request = executor_pb2.RunRequest(goal="What is 2+3?", options=options(max_replans=3))
     finished = (await collect(client(capped, channels), request))[-1].finished

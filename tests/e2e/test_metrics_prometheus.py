@@ -27,12 +27,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trellis.cli.app import DEMO_GOAL
 from trellis.clients.costs import CostsClient
 from trellis.clients.executor import ExecutorClient
 from trellis.costs.v1 import costs_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import context
+from trellis_cli.app import DEMO_GOAL
 
 pytestmark = pytest.mark.timeout(180)
 

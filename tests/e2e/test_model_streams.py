@@ -14,6 +14,7 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+from tests.support.model_script import script_of
 from trellis.clients.executor import ExecutorClient
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.errors import InvalidArgument
@@ -47,7 +48,7 @@ async def test_broken_stream_and_long_line_end_runs_with_clear_reasons(
     stack = await process_stack(per_service={"planner": {"TRELLIS_MAX_PLAN_LINE_BYTES": "4096"}})
     client = ExecutorClient(channels.get(stack.executor_target), timeout=60)
 
-    model.script.break_stream(after_pieces=8)  # the rules' plan for the goal, cut short
+    script_of(model).break_stream(after_pieces=8)  # the rules' plan for the goal, cut short
     events, error = await run(client, "broken", "What is (17*23)+4?")
     assert error is None  # a failed run, not a failed call: the error is in ``finished``
     finished = events[-1].finished
@@ -63,7 +64,7 @@ async def test_broken_stream_and_long_line_end_runs_with_clear_reasons(
 
     first = '{"node_id": "n1", "tool": "echo", "args": {"value": "before"}}\n'
     long_line = '{"node_id": "n2", "tool": "echo", "args": {"value": "' + "x" * 20_000 + '"}}\n'
-    model.script.reply(first + long_line)
+    script_of(model).reply(first + long_line)
     events, error = await run(client, "long", "Echo a very long value")
     assert isinstance(error, InvalidArgument), error
     assert error.reason == "INVALID_PLAN"

@@ -5,7 +5,6 @@ import re
 
 import pytest
 
-from trellis.cli.app import DEMO_GOAL
 from trellis.clients.costs import CostsClient
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
@@ -14,6 +13,7 @@ from trellis.executor.v1 import executor_pb2
 from trellis.runtime import context
 from trellis.runtime.convert import from_struct, from_value, timestamp_seconds, to_struct
 from trellis.runtime.errors import InvalidArgument, NotFound, ResourceExhausted
+from trellis_cli.app import DEMO_GOAL
 
 SUCCEEDED = common_pb2.NODE_STATUS_SUCCEEDED
 

@@ -13,7 +13,7 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from trellis.cli.stack import Stack, start_stack
+from tests.support.model_script import script_of
 from trellis.clients.costs import CostsClient
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
@@ -21,6 +21,7 @@ from trellis.executor.v1 import executor_pb2
 from trellis.runtime.convert import from_value, to_struct, to_value
 from trellis.runtime.errors import InvalidArgument, NotFound, Unavailable
 from trellis.runtime.server import RunningServer
+from trellis_cli.stack import Stack, start_stack
 from trellis_costs.ledger import UsageEvent, UsageKind, open_ledger
 from trellis_costs.prices import PriceTable
 from trellis_executor.service import build as build_executor
@@ -255,7 +256,7 @@ async def test_resume_run_errors(stack_on, channels) -> None:
 async def test_invalid_streamed_node_ends_the_call_with_invalid_argument(
     channels, model, tmp_path
 ) -> None:
-    model.script.reply(
+    script_of(model).reply(
         '{"node_id": "n1", "tool": "echo", "args": {"value": 1}, "depends_on": []}\n'
         '{"node_id": "n2", "tool": "rm_rf", "args": {}, "depends_on": []}\n',
         times=2,  # and the repair round

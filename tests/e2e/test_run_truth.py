@@ -22,6 +22,7 @@ import grpc
 import pytest
 from grpc import aio
 
+from tests.support.model_script import script_of
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
 from trellis.runtime.convert import to_struct
@@ -105,8 +106,8 @@ async def test_an_explicit_plan_with_a_failed_node_fails_naming_it(stub) -> None
 
 
 async def test_a_goal_run_that_answered_although_a_node_failed_is_partial(stub, model) -> None:
-    model.script.reply(line("n1", "arithmetic", expression="1/0"))
-    model.script.reply("I could not compute it: division by zero.")
+    script_of(model).reply(line("n1", "arithmetic", expression="1/0"))
+    script_of(model).reply("I could not compute it: division by zero.")
     events, _ = await run(stub, executor_pb2.RunRequest(goal="What is 1/0?"))
     finished = events[-1].finished
     assert (finished.status, finished.failed_nodes) == (PARTIAL, 1)
@@ -118,10 +119,10 @@ async def test_a_goal_run_that_answered_although_a_node_failed_is_partial(stub, 
 
 
 async def test_a_failure_a_later_round_recovered_does_not_make_a_run_partial(stub, model) -> None:
-    model.script.reply(line("n1", "arithmetic", expression="1/0"))
-    model.script.reply("REPLAN: n1 divided by zero; compute 2+2 instead")
-    model.script.reply(line("n2", "arithmetic", expression="2+2"))
-    model.script.reply("It is 4.")
+    script_of(model).reply(line("n1", "arithmetic", expression="1/0"))
+    script_of(model).reply("REPLAN: n1 divided by zero; compute 2+2 instead")
+    script_of(model).reply(line("n2", "arithmetic", expression="2+2"))
+    script_of(model).reply("It is 4.")
     options = executor_pb2.RunOptions(max_replans=1)
     events, _ = await run(stub, executor_pb2.RunRequest(goal="What is 2+2?", options=options))
     finished = events[-1].finished
@@ -225,11 +226,11 @@ async def test_every_ending_reports_what_the_ledger_holds(stub, model, tmp_path:
         endings[name] = run_
 
     await ending("succeeded", executor_pb2.RunRequest(goal="What is 2+2?"))
-    model.script.reply(line("n1", "arithmetic", expression="1/0"))
+    script_of(model).reply(line("n1", "arithmetic", expression="1/0"))
     await ending("partial", executor_pb2.RunRequest(goal="What is 1/0?"))
-    model.script.reply(line("n1", "echo", value=1) + "not a plan\n")
+    script_of(model).reply(line("n1", "echo", value=1) + "not a plan\n")
     await ending("repaired", executor_pb2.RunRequest(goal="What is 5+5?"))
-    model.script.reply("not a plan\n", times=2)
+    script_of(model).reply("not a plan\n", times=2)
     await ending("invalid_plan", executor_pb2.RunRequest(goal="What is 6+6?"))
     capped = executor_pb2.RunOptions(max_cost_nano_usd=1)
     await ending("cost_cap", executor_pb2.RunRequest(goal="What is 7+7?", options=capped))

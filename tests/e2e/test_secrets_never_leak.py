@@ -36,11 +36,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY, generate_latest
 
-from trellis.cli.stack import start_stack
+from tests.support.model_script import script_of
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
 from trellis.runtime.convert import from_value, to_struct
 from trellis.runtime.logs import setup_logging
+from trellis_cli.stack import start_stack
 
 SENTINEL = f"SENTINEL{uuid.uuid4().hex}"
 UNREGISTERED = f"UNREGISTERED{uuid.uuid4().hex}"
@@ -206,7 +207,7 @@ async def test_a_sentinel_secret_never_leaks(tmp_path: Path, redis_server, chann
             seen_errors.append(rpc_error_text(refused.value))
 
             # 4. The model endpoint refuses the key and quotes it in its error.
-            stack.model.script.fail(401, message=f"Incorrect API key provided: {SENTINEL}")
+            script_of(stack.model).fail(401, message=f"Incorrect API key provided: {SENTINEL}")
             failed = await run(stub, executor_pb2.RunRequest(goal="What is 1+1?"))
             finished = failed[-1].finished
             assert finished.status == executor_pb2.RUN_STATUS_FAILED

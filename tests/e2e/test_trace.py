@@ -14,12 +14,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.e2e.trace_edges import EXPECTED_EDGES, REDIS_EDGES, cross_edges, node_name
-from trellis.cli.app import DEMO_GOAL
-from trellis.cli.stack import start_stack
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.convert import to_struct
+from trellis_cli.app import DEMO_GOAL
+from trellis_cli.stack import start_stack
 
 
 async def test_a_run_is_one_trace_across_all_five_services(tmp_path: Path, channels) -> None:

@@ -19,11 +19,11 @@ from grpc import aio
 
 from tests.e2e.otlp_receiver import OtlpReceiver, ReceivedSpan, SpanKind
 from tests.e2e.trace_edges import EXPECTED_EDGES, TOOL_RUN_EDGES, cross_edges, node_name
-from trellis.cli.app import DEMO_GOAL
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
 from trellis.runtime.context import TENANT_METADATA_KEY
 from trellis.runtime.convert import to_struct
+from trellis_cli.app import DEMO_GOAL
 
 TENANT = "acme"
 RUN_RPC = "/trellis.executor.v1.ExecutorService/Run"

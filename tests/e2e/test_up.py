@@ -18,11 +18,11 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from trellis.cli.up import MODEL, PORT_BLOCK, SERVICES
 from trellis.clients.executor import ExecutorClient
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.channels import Channels
 from trellis.runtime.ports import bind_error
+from trellis_cli.up import MODEL, PORT_BLOCK, SERVICES
 
 EXPECTED = {
     50051: "trellis.executor.v1.ExecutorService",

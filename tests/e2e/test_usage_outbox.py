@@ -26,10 +26,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from trellis.cli.stack import outbox_paths
 from trellis.clients.executor import ExecutorClient
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import context
+from trellis_cli.stack import outbox_paths
 
 SUCCEEDED = executor_pb2.RUN_STATUS_SUCCEEDED
 TENANT = "acme"

@@ -25,8 +25,8 @@ from tests.properties.strategies import (
     small_ids,
 )
 from trellis.common.v1 import common_pb2
+from trellis.contract.refs import referenced_nodes
 from trellis.planner.v1 import planner_pb2
-from trellis.refs import referenced_nodes
 from trellis.runtime.convert import from_struct, to_struct
 from trellis.runtime.errors import InvalidArgument
 from trellis_executor.plan import NodeChecker, order_explicit_plan

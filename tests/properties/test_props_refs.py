@@ -1,4 +1,4 @@
-"""Properties of argument references (trellis.refs): ``"$n1"`` and ``"${n1.path}"``.
+"""Properties of argument references (trellis.contract.refs): ``"$n1"`` and ``"${n1.path}"``.
 
 Whatever the args and the outputs, ``referenced_nodes`` never raises and ``resolve``
 raises only InvalidArgument ``REFERENCE_UNRESOLVED``; args without references are left
@@ -23,7 +23,7 @@ from tests.properties.strategies import (
     ref_values,
     reference_texts,
 )
-from trellis.refs import referenced_nodes, resolve
+from trellis.contract.refs import referenced_nodes, resolve
 from trellis.runtime.errors import InvalidArgument
 from trellis_planner.validation import is_whole_reference
 

@@ -282,7 +282,8 @@ def from_rpc_error(error: grpc.RpcError) -> TrellisError:
 
 
 def is_retryable_code(code: grpc.StatusCode) -> bool:
-    """Codes worth retrying (DESIGN.md): never INVALID_ARGUMENT and friends."""
+    """Codes worth retrying (docs/architecture.md, "Retries"): never INVALID_ARGUMENT
+    and friends."""
     return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 

@@ -201,12 +201,6 @@ def setup_telemetry(
     return Telemetry(service_name, provider)
 
 
-def current_trace_id() -> str:
-    """The current span's trace id as 32 hex digits ('' outside a span)."""
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
-
-
 _REDIS_MARK = "_trellis_redis_instrumented"
 
 

@@ -6,7 +6,7 @@ stores its outcome; any later call with the same key - even one arriving while t
 first still runs - gets that first outcome back instead of running the tool again.
 
 The store speaks bytes (a serialized outcome) behind a small Protocol, so a store
-shared by all gateway replicas (Redis: ``trellis_toolgateway.idempotency``) can
+shared by all gateway replicas (Redis: ``trellis_toolgateway.redis_idempotency``) can
 replace the in-memory one. A key reused with different arguments is a client bug,
 reported as a ``KeyConflict`` rather than silently answered with another call's result.
 

@@ -21,6 +21,11 @@ from trellis.runtime.convert import duration, to_struct
 #: A JSON value as Python sees it (dict, list, str, int, float, bool, None).
 Json = Any
 
+#: Output cap of a tool whose spec sets none (TRELLIS_TOOL_MAX_RESULT_BYTES's default).
+DEFAULT_MAX_RESULT_BYTES = 2 * 1024 * 1024
+#: Room kept in a gRPC message for what surrounds an output (outcome, ids, times, error).
+MESSAGE_ENVELOPE_BYTES = 16 * 1024
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -45,7 +50,7 @@ class Spec:
     #: Extra attempts after a retryable failure (ToolError(retryable=True), TOOL_TIMEOUT).
     retries: int = 0
     #: Largest output one call may return, serialized (bytes); beyond it the call fails
-    #: with OUTPUT_TOO_LARGE. 0 = the gateway's default (``execution.DEFAULT_MAX_RESULT_BYTES``
+    #: with OUTPUT_TOO_LARGE. 0 = the gateway's default (``DEFAULT_MAX_RESULT_BYTES``
     #: for tools registered by hand; the loader fills in TRELLIS_TOOL_MAX_RESULT_BYTES).
     max_result_bytes: int = 0
 

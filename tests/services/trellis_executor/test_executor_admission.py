@@ -12,11 +12,11 @@ import grpc
 import pytest
 from grpc import aio
 
-from trellis.cli.stack import Stack, start_stack
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
 from trellis.runtime.convert import to_struct
 from trellis.runtime.errors import from_rpc_error
+from trellis_cli.stack import Stack, start_stack
 
 #: The refused call's deadline: were it queued instead of refused, it would run into it.
 REFUSED_CALL_DEADLINE = 20.0

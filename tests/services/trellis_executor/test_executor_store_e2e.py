@@ -6,12 +6,12 @@ from pathlib import Path
 
 import asyncpg
 
-from trellis.cli.stack import start_stack
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import context
 from trellis.runtime.convert import to_struct
+from trellis_cli.stack import start_stack
 
 
 def node(node_id: str, tool: str, deps: tuple[str, ...] = (), **args) -> common_pb2.ToolCall:

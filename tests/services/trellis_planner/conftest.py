@@ -15,9 +15,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from trellis.clients.usage_outbox import Sender, UsageOutbox
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
-from trellis.outbox import Sender, UsageOutbox
 from trellis.runtime.convert import to_struct
 from trellis.runtime.errors import Unavailable
 from trellis_offline_model.server import RunningModel

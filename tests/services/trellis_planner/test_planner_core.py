@@ -7,6 +7,7 @@ import pytest
 from openai import AsyncOpenAI
 from opentelemetry.trace import SpanKind, StatusCode
 
+from tests.support.model_script import script_of
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
 from trellis.planner.v1 import planner_pb2
@@ -109,7 +110,7 @@ async def test_empty_goal_is_invalid(planner, tools):
 async def test_unknown_tool_is_an_invalid_plan_and_usage_is_still_recorded(
     planner, tools, model, recorder
 ):
-    model.script.reply(  # the repair call gets the same (still invalid) output
+    script_of(model).reply(  # the repair call gets the same (still invalid) output
         '{"node_id": "n1", "tool": "echo", "args": {"value": 1}, "depends_on": []}\n'
         '{"node_id": "n2", "tool": "rm_rf", "args": {}, "depends_on": []}\n',
         times=2,
@@ -128,7 +129,7 @@ async def test_unknown_tool_is_an_invalid_plan_and_usage_is_still_recorded(
 
 
 async def test_prose_instead_of_json_names_the_line(planner, tools, model):
-    model.script.reply(
+    script_of(model).reply(
         '```json\n{"node_id": "n1", "tool": "echo", "args": {"value": 1}}\nSure! Done.\n',
         times=2,
     )
@@ -175,11 +176,11 @@ async def test_model_span_has_genai_attributes(planner, tools, spans):
 
 
 async def test_5xx_after_retries_is_model_unavailable(planner, tools, model, spans, recorder):
-    model.script.fail(500, times=3, retry_after_ms=1)
+    script_of(model).fail(500, times=3, retry_after_ms=1)
     with pytest.raises(Unavailable) as raised:
         await collect(planner.plan(plan_request(DEMO, tools)))
     assert raised.value.reason == "MODEL_UNAVAILABLE"
-    assert len(model.script) == 0  # one call plus two retries
+    assert len(script_of(model)) == 0  # one call plus two retries
     [span] = spans.get_finished_spans()
     assert span.status.status_code == StatusCode.ERROR
     assert span.attributes["error.type"] == "MODEL_UNAVAILABLE"
@@ -190,7 +191,7 @@ async def test_5xx_after_retries_is_model_unavailable(planner, tools, model, spa
 
 
 async def test_429_is_model_rate_limited(planner, tools, model):
-    model.script.fail(429, times=3, retry_after_ms=1)
+    script_of(model).fail(429, times=3, retry_after_ms=1)
     with pytest.raises(ResourceExhausted) as raised:
         await collect(planner.plan(plan_request(DEMO, tools)))
     assert raised.value.reason == "MODEL_RATE_LIMITED"
@@ -220,7 +221,7 @@ async def test_slow_model_is_bounded_by_the_model_timeout(model, recorder, tools
     planner = Planner(
         chat, await make_outbox(recorder.record_usage), default_model=MODEL, max_nodes=50
     )
-    model.script.stall(5.0, times=3)
+    script_of(model).stall(5.0, times=3)
     started = time.monotonic()
     try:
         with pytest.raises(DeadlineExceeded) as raised:
@@ -292,11 +293,11 @@ async def test_join_streams_an_answer_and_finishes(planner, recorder):
 
 
 async def test_join_replans_only_when_allowed(planner, model):
-    model.script.reply("REPLAN: the load needs a second sample\n")
+    script_of(model).reply("REPLAN: the load needs a second sample\n")
     pieces, end = await collect(planner.join(join_request(allow_replan=True)))
     assert pieces == []
     assert end.replan and end.reason == "the load needs a second sample"
-    model.script.reply("REPLAN: again")
+    script_of(model).reply("REPLAN: again")
     pieces, end = await collect(planner.join(join_request(allow_replan=False)))
     assert "".join(pieces) == "REPLAN: again" and not end.replan
 

@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from prometheus_client import REGISTRY
 
+from tests.support.model_script import script_of
 from trellis.clients.costs import CostsClient
 from trellis.clients.planner import PlannerClient
 from trellis.costs.v1 import costs_pb2
@@ -118,7 +119,7 @@ def test_retry_count_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_429_with_retry_after_then_success(kit, model):
     name = unique()
     chat = kit.chat()
-    model.script.fail(429, retry_after_ms=400)
+    script_of(model).fail(429, retry_after_ms=400)
     started = time.monotonic()
     call = await complete(chat, name)
     assert time.monotonic() - started >= 0.4  # the client waited as Retry-After said
@@ -130,7 +131,7 @@ async def test_429_with_retry_after_then_success(kit, model):
 
 async def test_429_after_the_last_retry_carries_the_retry_after(kit, model):
     chat = kit.chat(max_retries=0)
-    model.script.fail(429, retry_after_ms=1500)
+    script_of(model).fail(429, retry_after_ms=1500)
     with pytest.raises(ResourceExhausted) as raised:
         await complete(chat, unique())
     assert raised.value.reason == "MODEL_RATE_LIMITED"
@@ -144,7 +145,7 @@ async def test_429_after_the_last_retry_carries_the_retry_after(kit, model):
 async def test_fallback_model_answers_when_the_primary_keeps_failing(kit, model):
     primary, backup = unique("primary"), unique("backup")
     chat = kit.chat(fallback_models=[backup])
-    model.script.fail(500, times=3, retry_after_ms=1)  # the call and both retries
+    script_of(model).fail(500, times=3, retry_after_ms=1)  # the call and both retries
     before = REGISTRY.get_sample_value(
         "trellis_model_fallbacks_total", {"model": primary, "fallback": backup}
     )
@@ -167,7 +168,7 @@ async def test_fallback_model_answers_when_the_primary_keeps_failing(kit, model)
 async def test_fallback_when_the_primary_times_out_before_answering(kit, model):
     primary, backup = unique("primary"), unique("backup")
     chat = kit.chat(max_retries=0, timeout=0.3, fallback_models=[backup])
-    model.script.stall(2.0)  # no response headers within the primary's timeout
+    script_of(model).stall(2.0)  # no response headers within the primary's timeout
     started = time.monotonic()
     call = await complete(chat, primary)
     assert time.monotonic() - started < 1.5
@@ -178,7 +179,7 @@ async def test_fallback_when_the_primary_times_out_before_answering(kit, model):
 async def test_every_model_failing_raises_the_last_failure(kit, model):
     primary, backup = unique("primary"), unique("backup")
     chat = kit.chat(max_retries=0, fallback_models=[backup, primary])  # primary not twice
-    model.script.fail(503, times=2, retry_after_ms=1)
+    script_of(model).fail(503, times=2, retry_after_ms=1)
     with pytest.raises(Unavailable) as raised:
         await complete(chat, primary)
     assert raised.value.reason == "MODEL_UNAVAILABLE"
@@ -206,7 +207,7 @@ async def test_no_fallback_once_tokens_have_streamed(kit, model):
 
 async def test_no_fallback_for_a_rejected_request(kit, model):
     chat = kit.chat(fallback_models=[unique("backup")])
-    model.script.fail(400, message="bad request")
+    script_of(model).fail(400, message="bad request")
     with pytest.raises(FailedPrecondition) as raised:
         await complete(chat, (primary := unique()))
     assert raised.value.reason == "MODEL_REJECTED"
@@ -323,7 +324,7 @@ async def test_genai_metrics_are_observed_per_call(kit, model):
     assert sample("gen_ai_client_operation_duration_seconds_count", ok) == 1
     assert 0 < sample("gen_ai_client_operation_duration_seconds_sum", ok) < 5
 
-    model.script.fail(500, times=3, retry_after_ms=1)
+    script_of(model).fail(500, times=3, retry_after_ms=1)
     with pytest.raises(Unavailable):
         await complete(kit.chat(), name)
     failed = {**labels, "gen_ai_response_model": name, "error_type": "MODEL_UNAVAILABLE"}

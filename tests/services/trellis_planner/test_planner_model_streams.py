@@ -11,6 +11,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
+from tests.support.model_script import script_of
 from trellis.planner.v1 import planner_pb2
 from trellis.runtime.errors import InvalidArgument, Unavailable
 from trellis_planner.core import CallStarted, CallUsage, PlanEnd, Planner
@@ -49,7 +50,7 @@ async def test_an_event_that_is_not_json_mid_plan_is_model_bad_response(
     planner, tools, model, recorder, spans
 ):
     two = node_line("n1") + node_line("n2")
-    model.script.break_stream(two, after_pieces=30)  # past n1's line, inside n2's
+    script_of(model).break_stream(two, after_pieces=30)  # past n1's line, inside n2's
     seen: list = []
     with pytest.raises(Unavailable) as raised:
         async for item in planner.plan(plan_request(tools)):
@@ -71,7 +72,7 @@ async def test_an_event_that_is_not_json_mid_plan_is_model_bad_response(
 async def test_a_broken_join_stream_is_model_bad_response_with_estimated_usage(
     planner, model, recorder
 ):
-    model.script.break_stream("The answer is forty two.", after_pieces=3)
+    script_of(model).break_stream("The answer is forty two.", after_pieces=3)
     request = planner_pb2.JoinRequest(run_id="run-1", goal="g", round=1)
     seen: list = []
     with pytest.raises(Unavailable) as raised:
@@ -104,7 +105,7 @@ async def test_a_broken_join_stream_is_model_bad_response_with_estimated_usage(
 async def test_json_that_is_not_a_chunk_is_model_bad_response(
     chat_model, model, event: str, problem: str
 ):
-    model.script.break_stream("some text here", after_pieces=2, event=event)
+    script_of(model).break_stream("some text here", after_pieces=2, event=event)
     call = chat_model.chat([{"role": "user", "content": "hi"}], model=MODEL)
     with pytest.raises(Unavailable) as raised:
         async with call:
@@ -119,7 +120,7 @@ async def test_a_chunk_with_only_unusual_fields_still_works(chat_model, model):
     # Fields the planner does not read are not checked: a provider's own finish reason
     # and a chunk without id/created are fine.
     event = '{"choices": [{"delta": {"content": "!"}, "finish_reason": "eos"}]}'
-    model.script.break_stream("ok", after_pieces=5, event=event)  # after all of "ok"
+    script_of(model).break_stream("ok", after_pieces=5, event=event)  # after all of "ok"
     call = chat_model.chat([{"role": "user", "content": "hi"}], model=MODEL)
     async with call:
         text = "".join([piece async for piece in call.deltas()])
@@ -135,7 +136,7 @@ async def test_no_fallback_model_once_the_stream_broke(model, spans):
         make_client(settings), provider.get_tracer("t"), timeout=10, fallback_models=["backup"]
     )
     try:
-        model.script.break_stream("partial answer", after_pieces=1)
+        script_of(model).break_stream("partial answer", after_pieces=1)
         call = chat.chat([{"role": "user", "content": "hi"}], model="primary")
         with pytest.raises(Unavailable) as raised:
             async with call:
@@ -158,7 +159,7 @@ async def limited(chat_model, recorder, make_outbox) -> Planner:
 
 async def test_a_600_kb_plan_line_is_refused_at_the_limit(limited, tools, model, recorder):
     words = '"' + ("x" * 499 + " ") * 1200 + '"'  # 600 KB in 1200 stream pieces
-    model.script.reply(node_line("n1") + node_line("n2", words) + node_line("n3"))
+    script_of(model).reply(node_line("n1") + node_line("n2", words) + node_line("n3"))
     seen: list = []
     with pytest.raises(InvalidArgument) as raised:
         async for item in limited.plan(plan_request(tools)):
@@ -179,7 +180,7 @@ async def test_a_600_kb_plan_line_is_refused_at_the_limit(limited, tools, model,
 
 async def test_lines_within_the_limit_plan_as_usual(limited, tools, model):
     value = '"' + "x" * 60_000 + '"'
-    model.script.reply(node_line("n1", value) + node_line("n2"))
+    script_of(model).reply(node_line("n1", value) + node_line("n2"))
     items = await drain(limited.plan(plan_request(tools)))
     assert [n.node_id for n in content(items)[:-1]] == ["n1", "n2"]
     assert isinstance(items[-1], PlanEnd)

@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from tests.support.model_script import script_of
 from trellis.clients.costs import CostsClient
 from trellis.clients.planner import PlannerClient
 from trellis.common.v1 import common_pb2
@@ -59,7 +60,7 @@ def brief(nodes) -> list[tuple[str, str, dict, list[str]]]:
 
 
 async def test_malformed_plan_is_repaired_in_one_round(planner, tools, model, recorder):
-    model.script.reply(
+    script_of(model).reply(
         line("n1", "run_command", {"command": "uname -a"})
         + "Sure! Here is the rest of the plan:\n"
         + line("n2", "run_commandz", {"command": "df -h"})
@@ -67,7 +68,7 @@ async def test_malformed_plan_is_repaired_in_one_round(planner, tools, model, re
         + line("n4", "echo", {"value": "$n2"}, ["n2"])
         + line("n5", "arithmetic", {"expression": "1+1"})
     )
-    model.script.reply(
+    script_of(model).reply(
         line("n1", "run_command", {"command": "uname -a"})  # repeated unchanged: skipped
         + line("n2", "run_command", {"command": "df -h"})
         + line("n3", "sleep", {"ms": 10})
@@ -114,8 +115,8 @@ async def test_malformed_plan_is_repaired_in_one_round(planner, tools, model, re
 async def test_plan_still_invalid_after_the_repair_is_invalid_argument(
     planner, tools, model, recorder
 ):
-    model.script.reply(line("n1", "echo", {"value": 1}) + line("n2", "nope", {}))
-    model.script.reply(line("n2", "echo", {}) + line("n3", "echo", {"value": 3}))
+    script_of(model).reply(line("n1", "echo", {"value": 1}) + line("n2", "nope", {}))
+    script_of(model).reply(line("n2", "echo", {}) + line("n3", "echo", {"value": 3}))
     streamed = []
     with pytest.raises(InvalidArgument) as raised:
         async for item in planner.plan(request("anything", tools)):
@@ -142,7 +143,7 @@ async def test_the_rules_model_answers_a_repair_with_the_rest_of_the_plan(
     planner, tools, model, recorder
 ):
     # only the first reply is scripted: the offline rules answer the repair request
-    model.script.reply(line("n1", "run_command", {"command": "uname -a"}) + "{oops\n")
+    script_of(model).reply(line("n1", "run_command", {"command": "uname -a"}) + "{oops\n")
     nodes, [_] = await run(planner, request(DEMO, tools))
     assert brief(nodes) == [
         ("n1", "run_command", {"command": "uname -a"}, []),
@@ -153,7 +154,7 @@ async def test_the_rules_model_answers_a_repair_with_the_rest_of_the_plan(
 
 
 async def test_a_reference_may_stand_where_a_value_is_expected(planner, tools, model, recorder):
-    model.script.reply(
+    script_of(model).reply(
         line("n1", "sleep", {"ms": 5})
         + line("n2", "sleep", {"ms": "${n1.slept_ms}"})
         + line("n3", "run_command", {"command": "$n1"})
@@ -182,7 +183,7 @@ async def test_over_max_nodes_is_not_repaired(planner, tools, model, recorder):
 
 
 async def test_a_full_plan_with_rejected_lines_is_not_repaired(planner, tools, model):
-    model.script.reply(
+    script_of(model).reply(
         line("n1", "echo", {"value": 1}) + line("n2", "x", {}) + line("n3", "echo", {"value": 3})
     )
     with pytest.raises(InvalidArgument) as raised:
@@ -202,8 +203,8 @@ async def test_repair_over_grpc(serve, channels, model, tools, tmp_path):
     )
     server = await serve(NAME, build, settings)
     client = PlannerClient(channels.get(server.target), timeout=30)
-    model.script.reply("not a plan\n")
-    model.script.reply(line("n1", "arithmetic", {"expression": "2+3"}))
+    script_of(model).reply("not a plan\n")
+    script_of(model).reply(line("n1", "arithmetic", {"expression": "2+3"}))
     responses = [r async for r in client.plan(request("What is 2+3?", tools))]
     assert [r.WhichOneof("event") for r in responses] == ["usage"] * 3 + ["node", "usage", "done"]
     plan, repair = responses[1].usage, responses[4].usage
@@ -218,8 +219,8 @@ async def test_repair_over_grpc(serve, channels, model, tools, tmp_path):
 
 
 async def test_an_output_far_off_track_is_cut_short(planner, tools, model, recorder):
-    model.script.reply("".join(f"Step {i}: think about it.\n" for i in range(1, 31)))
-    model.script.reply(line("n1", "arithmetic", {"expression": "1+1"}))
+    script_of(model).reply("".join(f"Step {i}: think about it.\n" for i in range(1, 31)))
+    script_of(model).reply(line("n1", "arithmetic", {"expression": "1+1"}))
     nodes, [_] = await run(planner, request("anything", tools))
     assert len(nodes) == 1
     repair_prompt = model.requests[1]["messages"][-1]["content"]
@@ -231,8 +232,8 @@ async def test_a_replan_round_is_repaired_under_its_own_round(planner, tools, mo
     earlier = common_pb2.ToolCall(
         node_id="n1", tool="arithmetic", args=to_struct({"expression": "1+1"})
     )
-    model.script.reply(line("n1", "echo", {"value": "$n1"}))  # reuses an earlier round's id
-    model.script.reply(line("n2", "echo", {"value": "$n1"}))  # may depend on it
+    script_of(model).reply(line("n1", "echo", {"value": "$n1"}))  # reuses an earlier round's id
+    script_of(model).reply(line("n2", "echo", {"value": "$n1"}))  # may depend on it
     nodes, [_] = await run(
         planner, request("anything", tools, round=1, previous_plan=[earlier], attempt=2)
     )

@@ -2,11 +2,12 @@
 
 import sqlite3
 
-from trellis.cli.stack import start_stack
+from tests.support.model_script import script_of
 from trellis.clients.executor import ExecutorClient
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.channels import Channels
-from trellis_offline_model.script import Behaviour
+from trellis_cli.stack import start_stack
+from trellis_offline_model.behaviour import Behaviour
 from trellis_planner.replan import ReplanGate
 
 
@@ -52,7 +53,7 @@ async def test_a_run_replans_at_most_max_replans_times_then_must_answer(tmp_path
         assert stack.model is not None
         model = stack.model
         # plan (rules) · join: REPLAN · plan (rules) · join: REPLAN again, on the last round
-        model.script.push(
+        script_of(model).push(
             Behaviour(),
             Behaviour(text="REPLAN: need the sum as well"),
             Behaviour(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from grpc import aio
 
+from tests.support.model_script import script_of
 from trellis.clients.planner import PlannerClient
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2, costs_pb2_grpc
@@ -126,7 +127,7 @@ async def test_join_answers_and_finishes(planner):
 
 
 async def test_scripted_replan(planner, model):
-    model.script.reply("REPLAN: need more data")
+    script_of(model).reply("REPLAN: need more data")
     request = planner_pb2.JoinRequest(run_id="r4", goal="g", allow_replan=True)
     deltas, last = await responses(planner.join(request))
     assert deltas == []
@@ -138,7 +139,7 @@ async def test_scripted_replan(planner, model):
 
 async def test_scripted_unknown_tool_is_invalid_plan(planner, tools, model):
     bad = '{"node_id": "n1", "tool": "format_disk", "args": {}, "depends_on": []}\n'
-    model.script.reply(bad, times=2)  # the plan, then the repair
+    script_of(model).reply(bad, times=2)  # the plan, then the repair
     with pytest.raises(InvalidArgument) as raised:
         await responses(planner.plan(planner_pb2.PlanRequest(run_id="r5", goal="x", tools=tools)))
     assert raised.value.reason == "INVALID_PLAN"
@@ -148,7 +149,7 @@ async def test_scripted_unknown_tool_is_invalid_plan(planner, tools, model):
 async def test_scripted_500_is_unavailable_after_retries(planner, tools, model):
     # The openai client tries 3 times; the planner's UNAVAILABLE carries retry pushback -1,
     # so the channel's retry policy does not repeat the whole Plan (no 3 x 4 amplification).
-    model.script.fail(500, times=12, retry_after_ms=1)
+    script_of(model).fail(500, times=12, retry_after_ms=1)
     with pytest.raises(Unavailable) as raised:
         await responses(planner.plan(planner_pb2.PlanRequest(run_id="r6", goal=DEMO, tools=tools)))
     assert raised.value.reason == "MODEL_UNAVAILABLE"
@@ -156,7 +157,7 @@ async def test_scripted_500_is_unavailable_after_retries(planner, tools, model):
 
 
 async def test_a_broken_model_stream_is_unavailable_not_internal(planner, tools, model, costs):
-    model.script.break_stream(after_pieces=5)  # the rules' plan, cut by an event not JSON
+    script_of(model).break_stream(after_pieces=5)  # the rules' plan, cut by an event not JSON
     request = planner_pb2.PlanRequest(run_id="r8", goal=DEMO, tools=tools)
     with pytest.raises(Unavailable) as raised:
         await responses(planner.plan(request))
@@ -170,7 +171,7 @@ async def test_a_broken_model_stream_is_unavailable_not_internal(planner, tools,
 async def test_a_plan_line_over_the_limit_is_invalid_plan(serve, channels, model, tools, costs):
     planner = await start_planner(serve, channels, model, costs.target, max_plan_line_bytes=1024)
     long_value = '"' + "x" * 2000 + '"'
-    model.script.reply(
+    script_of(model).reply(
         '{"node_id": "n1", "tool": "echo", "args": {"value": 1}}\n'
         f'{{"node_id": "n2", "tool": "echo", "args": {{"value": {long_value}}}}}\n'
     )

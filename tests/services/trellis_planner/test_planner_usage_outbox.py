@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
+from tests.support.model_script import script_of
 from trellis.clients.planner import PlannerClient
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
@@ -198,7 +199,7 @@ async def test_a_call_outside_a_run_reserves_under_its_fresh_usage_id(reserving,
 
 async def test_a_fallback_is_still_one_check_and_one_row(reserving, tools, model) -> None:
     planner, budget, recorder = reserving
-    model.script.fail(503, retry_after_ms=1)  # the primary fails before any stream opens
+    script_of(model).fail(503, retry_after_ms=1)  # the primary fails before any stream opens
     request = planner_pb2.PlanRequest(run_id="r2", goal=DEMO, tools=tools)
     _ = [item async for item in planner.plan(request)]
     assert [m["model"] for m in model.requests] == [MODEL, "backup-model"]

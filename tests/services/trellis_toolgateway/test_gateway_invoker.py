@@ -13,13 +13,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import REGISTRY
 
+from tests.support.gateway_registries import builtin_registry
 from trellis.common.v1 import common_pb2
 from trellis.runtime import context
 from trellis.runtime.convert import from_value, timestamp_seconds, to_struct
 from trellis.runtime.errors import InvalidArgument, NotFound, Unavailable
 from trellis_toolgateway.cache_keys import cache_key
 from trellis_toolgateway.invoker import Call, Invoker
-from trellis_toolgateway.registry import ToolRegistry, builtin_registry
+from trellis_toolgateway.registry import ToolRegistry
 from trellis_toolgateway.tools.base import FunctionTool, Spec
 
 SUCCEEDED = common_pb2.NodeStatus.NODE_STATUS_SUCCEEDED

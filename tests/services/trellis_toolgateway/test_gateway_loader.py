@@ -12,6 +12,7 @@ import pytest
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
+from tests.support.gateway_registries import load_registry
 from trellis.runtime.channels import Channels
 from trellis_toolgateway import loader
 from trellis_toolgateway.loader import (
@@ -19,7 +20,6 @@ from trellis_toolgateway.loader import (
     LoadOptions,
     ToolsFileError,
     check_tools_file,
-    load_registry,
 )
 from trellis_toolgateway.settings import GatewaySettings
 from trellis_toolgateway.tools.base import FunctionTool, Spec, Tool, ToolSource

@@ -7,13 +7,13 @@ import pytest
 from jsonschema import SchemaError
 from opentelemetry import trace
 
+from tests.support.gateway_registries import builtin_registry
 from trellis.runtime.convert import from_value
 from trellis_toolgateway.invoker import Call, Invoker
 from trellis_toolgateway.registry import (
     RegistryHolder,
     SourceHandle,
     ToolRegistry,
-    builtin_registry,
 )
 from trellis_toolgateway.tools.base import FunctionTool, Spec, Tool, ToolSource
 

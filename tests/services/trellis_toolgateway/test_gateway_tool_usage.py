@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
+from tests.support.gateway_registries import builtin_registry
 from trellis.clients.toolgateway import ToolGatewayClient
+from trellis.clients.usage_outbox import UsageOutbox
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
-from trellis.outbox import UsageOutbox
 from trellis.runtime import context
 from trellis.runtime.convert import to_struct
 from trellis.toolgateway.v1 import toolgateway_pb2
@@ -32,10 +33,9 @@ from trellis_costs.service import NAME as COSTS
 from trellis_costs.service import build as build_costs
 from trellis_costs.settings import CostsSettings
 from trellis_toolgateway.invoker import Call, Invoker
-from trellis_toolgateway.registry import builtin_registry
 from trellis_toolgateway.service import NAME, build
 from trellis_toolgateway.settings import GatewaySettings
-from trellis_toolgateway.usage import ToolUsage
+from trellis_toolgateway.tool_usage import ToolUsage
 
 SUCCEEDED = common_pb2.NodeStatus.NODE_STATUS_SUCCEEDED
 FAILED = common_pb2.NodeStatus.NODE_STATUS_FAILED

@@ -87,8 +87,8 @@ class ExecutorServiceServicer:
 
     def ResumeRun(self, request, context):
         """Continues an unfinished run without re-running completed nodes.
-        The response type is shared with Run on purpose (DESIGN.md): a client
-        handles both streams with one code path.
+        The response type is shared with Run on purpose: a client handles both
+        streams with one code path.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """

@@ -14,14 +14,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from typer.testing import CliRunner
 
-from trellis.cli import up
-from trellis.cli.app import app
 from trellis.runtime import auth, context
 from trellis.runtime.convert import from_value, to_value
 from trellis.runtime.errors import Unauthenticated, from_rpc_error, translated_rpc_errors
 from trellis.runtime.server import Service
 from trellis.runtime.settings import ConfigError, ServiceSettings, load_settings
 from trellis.tools.v1 import tools_pb2, tools_pb2_grpc
+from trellis_cli import up
+from trellis_cli.app import app
 from trellis_executor.settings import ExecutorSettings
 
 KEY_A, KEY_B = "trk_key-of-acme", "trk_key-of-beta"

@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from trellis.cli.stack import start_stack
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
@@ -28,6 +27,7 @@ from trellis.runtime.errors import Unavailable, translated_rpc_errors
 from trellis.runtime.server import Service
 from trellis.runtime.settings import ServiceSettings, load_settings
 from trellis.tools.v1 import tools_pb2, tools_pb2_grpc
+from trellis_cli.stack import start_stack
 
 SERVICE = tools_pb2.DESCRIPTOR.services_by_name["ToolServerService"].full_name
 HOUR = datetime.timedelta(hours=1)

@@ -20,11 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from trellis.cli import exits
-from trellis.cli.exits import ExitCode
-from trellis.cli.plan_file import PlanFileError, read_plan
-from trellis.cli.stack import Stack, start_stack
-from trellis.cli.view import RunView
+from tests.support.model_script import script_of
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
@@ -38,6 +34,11 @@ from trellis.runtime.errors import (
     translated_rpc_errors,
 )
 from trellis.runtime.server import Service
+from trellis_cli import exits
+from trellis_cli.exits import ExitCode
+from trellis_cli.plan_file import PlanFileError, read_plan
+from trellis_cli.stack import Stack, start_stack
+from trellis_cli.view import RunView
 
 TRELLIS = Path(sys.executable).parent / "trellis"
 #: Text of gRPC's diagnostics that must never reach the person.
@@ -108,7 +109,7 @@ def test_exit_codes_are_the_documented_table() -> None:
         "UNREACHABLE": 5,
         "REFUSED": 6,
     }
-    readme = (Path(__file__).resolve().parents[4] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     for code in ExitCode:
         assert f"| {int(code)} |" in readme, code
 
@@ -336,10 +337,10 @@ async def test_a_goal_run_that_answered_with_a_failed_node_exits_3(
     stack: Stack, tmp_path: Path
 ) -> None:
     assert stack.model is not None
-    stack.model.script.reply(
+    script_of(stack.model).reply(
         '{"node_id": "n1", "tool": "arithmetic", "args": {"expression": "1/0"}}\n'
     )
-    stack.model.script.reply("It cannot be computed: division by zero.")
+    script_of(stack.model).reply("It cannot be computed: division by zero.")
     result = await trellis_run("--target", stack.executor_target, "What is 1/0?")
     assert result.code == ExitCode.PARTIAL, result
     assert "status: partial (1 node failed)" in result.stdout

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from trellis.cli.app import app
 from trellis.clients.costs import CostsClient
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
 from trellis.runtime.channels import Channels
 from trellis.runtime.context import request_scope
 from trellis.runtime.convert import timestamp
+from trellis_cli.app import app
 
 COSTS_SERVICE = "trellis.costs.v1.CostAccountingService"
 TENANT = "cli-acme"

@@ -20,12 +20,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from trellis.cli import exits
 from trellis.clients.costs import CostsClient
 from trellis.costs.v1 import costs_pb2
 from trellis.runtime import context
 from trellis.runtime.channels import Channels
 from trellis.runtime.settings import ServiceSettings
+from trellis_cli import exits
 
 T = TypeVar("T")
 
@@ -142,7 +142,7 @@ def _call(
     target: str, tenant: str, timeout: float, use: Callable[[CostsClient], Awaitable[T]]
 ) -> T:
     """Run one client call as ``tenant``; an error is reported as by every command
-    (``trellis.cli.exits``)."""
+    (``trellis_cli.exits``)."""
 
     async def main() -> T:
         channels = Channels()

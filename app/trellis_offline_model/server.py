@@ -31,9 +31,9 @@ from typing import Any
 from aiohttp import web
 
 from trellis.runtime.logs import get_logger
+from trellis_offline_model.behaviour import Behaviour
 from trellis_offline_model.prompt import message_text
 from trellis_offline_model.rules import MODEL_ID, is_plan_prompt, respond
-from trellis_offline_model.script import Behaviour, Script
 from trellis_offline_model.tokens import count_tokens, lines, pieces
 
 log = get_logger(__name__)
@@ -62,9 +62,9 @@ _ERROR_TYPES = {
 RECORDED_REQUESTS = 100
 
 
-@dataclass
+@dataclass(eq=False)  # one per server, told apart by identity
 class ModelState:
-    """Per-server state: stream pacing, the test script, the requests seen."""
+    """Per-server state: stream pacing, behaviours on cue, the requests seen."""
 
     #: Pause before each streamed piece.
     delay_ms: float = 0.0
@@ -72,7 +72,8 @@ class ModelState:
     line_delay_ms: float = 0.0
     #: Called with each plan line once it has been written to the stream.
     on_plan_line: Callable[[str], None] | None = None
-    script: Script = field(default_factory=Script)
+    #: What to do instead of the rules for the next request (``behaviour.py``).
+    next_behaviour: Callable[[], Behaviour | None] = lambda: None
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECORDED_REQUESTS))
 
 
@@ -137,7 +138,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return error_response(400, problem, param="messages")
     state.requests.append(body)
 
-    behaviour = state.script.next() or Behaviour()
+    behaviour = state.next_behaviour() or Behaviour()
     if behaviour.stall_seconds:
         await asyncio.sleep(behaviour.stall_seconds)
     if behaviour.status:
@@ -165,7 +166,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     include_usage = isinstance(options, Mapping) and bool(options.get("include_usage"))
     plan = is_plan_prompt(messages)
     return await _stream(
-        request, state, head, text, usage if include_usage else None, plan=plan, script=behaviour
+        request, state, head, text, usage if include_usage else None, plan=plan, behaviour=behaviour
     )
 
 
@@ -177,7 +178,7 @@ async def _stream(
     usage: dict[str, int] | None,
     *,
     plan: bool,
-    script: Behaviour,
+    behaviour: Behaviour,
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -205,7 +206,7 @@ async def _stream(
             step = state.line_delay_ms / 1000 / len(line_pieces) if plan and line_pieces else 0
             started = loop.time()
             for i, piece in enumerate(line_pieces, 1):
-                if sent == script.break_after_pieces:
+                if sent == behaviour.break_after_pieces:
                     break
                 if state.delay_ms:
                     await asyncio.sleep(state.delay_ms / 1000)
@@ -213,12 +214,12 @@ async def _stream(
                     await asyncio.sleep(max(0.0, started + i * step - loop.time()))
                 await send(chunk({"content": piece}))
                 sent += 1
-            if sent == script.break_after_pieces:
+            if sent == behaviour.break_after_pieces:
                 break
             if plan and state.on_plan_line is not None:
                 state.on_plan_line(line)
-        if script.break_after_pieces is not None:  # a broken stream: no stop, no usage
-            await send(script.broken_event)  # as it is: not JSON
+        if behaviour.break_after_pieces is not None:  # a broken stream: no stop, no usage
+            await send(behaviour.broken_event)  # as it is: not JSON
             await response.write_eof()
             return response
         await send(chunk({}, "stop"))
@@ -255,11 +256,6 @@ class RunningModel:
         host = "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}/v1"
-
-    @property
-    def script(self) -> Script:
-        """Queue canned behaviours for the next requests (tests)."""
-        return self.state.script
 
     @property
     def requests(self) -> deque[dict[str, Any]]:

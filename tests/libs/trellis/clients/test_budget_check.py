@@ -1,4 +1,4 @@
-"""trellis.budget_check: the one policy of the executor's and the planner's budget checks.
+"""trellis.clients.budget_check: the one policy of the executor's and the planner's budget checks.
 
 Checks are plain coroutines here (what cost accounting answered, or how it failed); the
 services' own tests run the same policy over real gRPC.
@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
-from trellis.budget_check import BudgetPolicy, limits_hit, require_budget
+from trellis.clients.budget_check import BudgetPolicy, limits_hit, require_budget
 from trellis.costs.v1 import costs_pb2
 from trellis.runtime.context import request_scope
 from trellis.runtime.errors import ResourceExhausted, Unavailable

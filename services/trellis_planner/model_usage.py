@@ -2,11 +2,11 @@
 
 Costs are priced by the cost-accounting service, so the planner sends tokens and gets
 nano-USD back. Every record goes through the service's durable usage outbox
-(``trellis.outbox``): when cost accounting cannot take it now, the event is kept on disk
-and redelivered later, under the same tenant, and the call's cost is reported as
-deferred (the ledger has the real figure once the event arrives). The ledger is idempotent on
-``usage_id``, which is derived from the run, the step and the round, so a redelivery,
-or a retried Plan or Join, is not charged twice.
+(``trellis.clients.usage_outbox``): when cost accounting cannot take it now, the event is
+kept on disk and redelivered later, under the same tenant, and the call's cost is
+reported as deferred (the ledger has the real figure once the event arrives). The
+ledger is idempotent on ``usage_id``, which is derived from the run, the step and the
+round, so a redelivery, or a retried Plan or Join, is not charged twice.
 
 The write is shielded from cancellation (the outbox delivers in a task of its own):
 when the client goes away mid-stream, the request's task is cancelled while the tokens
@@ -33,8 +33,9 @@ from trellis.runtime.convert import timestamp
 
 
 class UsageSender(Protocol):
-    """Where usage goes (``trellis.outbox.UsageOutbox`` satisfies it): the response, or
-    None when the event was kept for a later delivery; never raises for a failed one."""
+    """Where usage goes (``trellis.clients.usage_outbox.UsageOutbox`` satisfies it): the
+    response, or None when the event was kept for a later delivery; never raises for a
+    failed one."""
 
     async def send(
         self, request: costs_pb2.RecordUsageRequest

@@ -6,12 +6,12 @@ import typer
 from rich.console import Console
 from rich.live import Live
 
-from trellis.cli.view import RunView
 from trellis.clients.executor import ExecutorClient
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import tls
 from trellis.runtime.channels import Channels
 from trellis.runtime.errors import TrellisError
+from trellis_cli.view import RunView
 
 
 def client_channels() -> Channels:

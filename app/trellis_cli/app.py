@@ -10,14 +10,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from trellis.cli import costs as costs_module
-from trellis.cli import exits
-from trellis.cli import keys as keys_module
-from trellis.cli import up as up_module
-from trellis.cli.exits import ExitCode
-from trellis.cli.plan_file import PlanFileError, read_plan
-from trellis.cli.runs import client_channels, show_run
-from trellis.cli.view import RunView
 from trellis.clients.executor import ExecutorClient
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import context
@@ -25,6 +17,14 @@ from trellis.runtime.errors import TrellisError
 from trellis.runtime.logs import setup_logging
 from trellis.runtime.settings import StartupError
 from trellis.runtime.sqlite import DEFAULT_DATABASE_URL
+from trellis_cli import costs as costs_module
+from trellis_cli import exits
+from trellis_cli import keys as keys_module
+from trellis_cli import up as up_module
+from trellis_cli.exits import ExitCode
+from trellis_cli.plan_file import PlanFileError, read_plan
+from trellis_cli.runs import client_channels, show_run
+from trellis_cli.view import RunView
 
 DEMO_GOAL = "Report this machine's OS, disk usage and uptime"
 
@@ -65,7 +65,7 @@ def demo(
     pace_ms: Annotated[int, typer.Option(help="Offline model delay per streamed token.")] = 2,
 ) -> None:
     """Start the embedded stack (five services, real gRPC, offline model) and run a goal."""
-    from trellis.cli.stack import start_stack  # imports every service; only the demo needs it
+    from trellis_cli.stack import start_stack  # imports every service; only the demo needs it
 
     setup_logging(os.environ.get("TRELLIS_LOG_LEVEL", "warning"))
     database_url = os.environ.get("TRELLIS_DATABASE_URL", DEFAULT_DATABASE_URL)

@@ -81,9 +81,9 @@ async def start_stack(
 ) -> Stack:
     """Start the offline model (unless ``model_base_url`` is given) and the five services.
 
-    ``costs_database_url`` (default: ``database_url``) lets the executor use PostgreSQL
-    while the ledger, SQLite-only in this build, keeps a file. The usage outboxes go
-    beside the ledger's file (or the executor's; see ``outbox_paths``).
+    ``costs_database_url`` (default: ``database_url``) puts the ledger in a database of
+    its own (e.g. the run store on PostgreSQL, the ledger in a file). The usage outboxes
+    go beside the ledger's file (or the executor's; see ``outbox_paths``).
     ``overrides`` are extra settings applied to every service (e.g. ``max_parallel``);
     ``span_processors`` see every service's spans (tests pass an in-memory exporter's).
     The executor's ``auth`` is off unless an override says otherwise.

@@ -10,10 +10,10 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from trellis.cli.exits import plain
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.convert import from_struct, from_value, seconds, timestamp_seconds
+from trellis_cli.exits import plain
 
 _STYLE = {
     "planned": "dim",

@@ -16,9 +16,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from trellis.clients.costs import CostsClient
+from trellis.clients.usage_outbox import UsageOutbox, backoff_delay, validate_outbox_path
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
-from trellis.outbox import UsageOutbox, backoff_delay, validate_outbox_path
 from trellis.runtime import context
 from trellis.runtime.errors import Internal, InvalidArgument, Unavailable
 from trellis_costs.service import NAME as COSTS

@@ -1,38 +1,19 @@
-"""Canned behaviours a test queues on one server, consumed one per chat request.
+"""Scripted replies for the offline model in tests: a FIFO of ``Behaviour``s, one per
+chat request; an empty queue means "rules".
 
 The rules answer everything a happy path needs; tests of the unhappy paths (a model
 that writes an invalid plan, asks to replan, fails with 500 or 429, stalls, or breaks
-its stream with an event that is not JSON) push behaviours here. Each request takes
-the next behaviour; an empty queue means "rules".
+its stream with an event that is not JSON) push behaviours here. ``script_of(model)``
+installs a script on a running model (once) and returns it.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
-from dataclasses import dataclass
 
-#: The ``data:`` of a broken stream event: a chunk cut off mid-JSON, as a proxy that
-#: truncates a stream or a provider bug sends it.
-BROKEN_EVENT = '{"id": "chatcmpl-broken", "object": "chat.completion.chunk", "choices": [{"del'
-
-
-@dataclass(frozen=True)
-class Behaviour:
-    """What to do instead of the rules for one request."""
-
-    #: Emit this text instead of the rules' output (streamed like any output).
-    text: str | None = None
-    #: Answer with this HTTP error status (OpenAI-shaped error body) instead.
-    status: int | None = None
-    message: str = "scripted failure"
-    #: ``retry-after-ms`` header on an error, so client retries are quick in tests.
-    retry_after_ms: int | None = None
-    #: Wait this long before answering (to trigger client timeouts).
-    stall_seconds: float = 0.0
-    #: Stream this many pieces of the output, then the event ``broken_event`` (not
-    #: JSON), then end the response; None streams the whole output.
-    break_after_pieces: int | None = None
-    broken_event: str = BROKEN_EVENT
+from trellis_offline_model.behaviour import BROKEN_EVENT, Behaviour
+from trellis_offline_model.server import ModelState, RunningModel
 
 
 class Script:
@@ -80,3 +61,15 @@ class Script:
 
     def __len__(self) -> int:
         return len(self._queue)
+
+
+_SCRIPTS: weakref.WeakKeyDictionary[ModelState, Script] = weakref.WeakKeyDictionary()
+
+
+def script_of(model: RunningModel) -> Script:
+    """The script of ``model``: its next requests take the behaviours queued here."""
+    script = _SCRIPTS.get(model.state)
+    if script is None:
+        script = _SCRIPTS[model.state] = Script()
+        model.state.next_behaviour = script.next
+    return script

@@ -1,6 +1,6 @@
 """The configuration table of the README, generated from the settings classes.
 
-``python -m trellis.cli.config_table`` prints it; a test checks that README.md holds
+``python -m trellis_cli.config_table`` prints it; a test checks that README.md holds
 exactly this table, so documented variables cannot drift from the code.
 """
 

@@ -3,7 +3,7 @@ a child's last error line; the processes themselves are tests/e2e/test_up.py."""
 
 import json
 
-from trellis.cli.up import (
+from trellis_cli.up import (
     MODEL,
     SERVICES,
     child_env,

@@ -23,7 +23,6 @@ from trellis.common.v1 import common_pb2
 from trellis.runtime import context
 from trellis.runtime.convert import from_value
 from trellis.runtime.errors import Unavailable
-from trellis_toolgateway.idempotency import RedisIdempotencyStore, open_idempotency_store
 from trellis_toolgateway.invoker import Call, Invoker
 from trellis_toolgateway.policy.idempotency import (
     IdempotencyStore,
@@ -32,6 +31,7 @@ from trellis_toolgateway.policy.idempotency import (
     OutcomeUnknown,
     StoreUnavailable,
 )
+from trellis_toolgateway.redis_idempotency import RedisIdempotencyStore, open_idempotency_store
 from trellis_toolgateway.registry import ToolRegistry
 from trellis_toolgateway.settings import GatewaySettings
 from trellis_toolgateway.tools.base import FunctionTool, Spec

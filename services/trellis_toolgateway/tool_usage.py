@@ -4,7 +4,7 @@ The invoker reports every execution that reached the tool's backend (``attempts 
 not a cache hit, not a single-flight follower, not an idempotent replay, which ran
 nothing) as one ``RecordUsageRequest`` of kind ``USAGE_KIND_TOOL``: the tool, the run
 and node, and the outcome's cost (``spec.cost_nano_usd`` per attempt). It is handed to
-the service's durable usage outbox (``trellis.outbox``) in the background, so the
+the service's durable usage outbox (``trellis.clients.usage_outbox``) in the background, so the
 InvokeTool response never waits for cost accounting, and an outage only delays the
 row: the outbox keeps it on disk and redelivers it under the same tenant.
 
@@ -26,7 +26,7 @@ from trellis.runtime.convert import timestamp
 
 
 class UsageSubmitter(Protocol):
-    """Background delivery (``trellis.outbox.UsageOutbox`` satisfies it)."""
+    """Background delivery (``trellis.clients.usage_outbox.UsageOutbox`` satisfies it)."""
 
     def submit(self, request: costs_pb2.RecordUsageRequest) -> asyncio.Task[object]: ...
 

@@ -7,6 +7,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
+from tests.support.model_script import script_of
 from trellis_offline_model.rules import MODEL_ID
 from trellis_offline_model.server import RunningModel, start_offline_model
 from trellis_offline_model.tokens import count_tokens
@@ -67,7 +68,7 @@ async def test_stream_without_include_usage_has_no_usage_chunk(client: AsyncOpen
 
 
 async def test_scripted_text_then_back_to_the_rules(model: RunningModel, client) -> None:
-    model.script.reply("scripted answer")
+    script_of(model).reply("scripted answer")
     first = await client.chat.completions.create(model=MODEL_ID, messages=MESSAGES)
     second = await client.chat.completions.create(model=MODEL_ID, messages=MESSAGES)
     assert first.choices[0].message.content == "scripted answer"
@@ -76,10 +77,10 @@ async def test_scripted_text_then_back_to_the_rules(model: RunningModel, client)
 
 
 async def test_scripted_errors_are_openai_errors(model: RunningModel, client) -> None:
-    model.script.fail(429, message="slow down")
+    script_of(model).fail(429, message="slow down")
     with pytest.raises(openai.RateLimitError, match="slow down"):
         await client.chat.completions.create(model=MODEL_ID, messages=MESSAGES)
-    model.script.fail(500)
+    script_of(model).fail(500)
     with pytest.raises(openai.InternalServerError):
         await client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, stream=True)
 
@@ -87,16 +88,16 @@ async def test_scripted_errors_are_openai_errors(model: RunningModel, client) ->
 async def test_client_retries_consume_scripted_failures(model: RunningModel) -> None:
     retrying = AsyncOpenAI(base_url=model.base_url, api_key="unused", max_retries=2)
     try:
-        model.script.fail(503, times=2, retry_after_ms=1)
+        script_of(model).fail(503, times=2, retry_after_ms=1)
         completion = await retrying.chat.completions.create(model=MODEL_ID, messages=MESSAGES)
         assert completion.choices[0].message.content
-        assert len(model.script) == 0 and len(model.requests) == 3
+        assert len(script_of(model)) == 0 and len(model.requests) == 3
     finally:
         await retrying.close()
 
 
 async def test_stall_makes_the_client_time_out(model: RunningModel, client) -> None:
-    model.script.stall(2.0)
+    script_of(model).stall(2.0)
     with pytest.raises(openai.APITimeoutError):
         await client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, timeout=0.2)
 
@@ -116,7 +117,7 @@ async def test_delay_paces_the_stream() -> None:
     slow = await start_offline_model(delay_ms=20)
     client = AsyncOpenAI(base_url=slow.base_url, api_key="unused", max_retries=0)
     try:
-        slow.script.reply("one two three four five")
+        script_of(slow).reply("one two three four five")
         started = time.monotonic()
         stream = await client.chat.completions.create(
             model=MODEL_ID, messages=MESSAGES, stream=True

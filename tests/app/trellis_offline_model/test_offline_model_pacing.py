@@ -13,6 +13,7 @@ import time
 
 from openai import AsyncOpenAI
 
+from tests.support.model_script import script_of
 from trellis_offline_model import planning
 from trellis_offline_model.rules import MODEL_ID, is_plan_prompt, respond
 from trellis_offline_model.server import RunningModel, start_offline_model
@@ -95,7 +96,7 @@ async def test_line_delay_paces_each_plan_line_and_the_hook_sees_it() -> None:
 async def test_scripted_plans_are_paced_too(model: RunningModel) -> None:
     model.state.line_delay_ms = 60
     node = {"node_id": "x", "tool": "echo", "args": {"value": 1}, "depends_on": []}
-    model.script.reply(json.dumps(node) + "\n" + json.dumps({**node, "node_id": "y"}) + "\n")
+    script_of(model).reply(json.dumps(node) + "\n" + json.dumps({**node, "node_id": "y"}) + "\n")
     got = await stream_lines(model, PLAN_MESSAGES)
     assert [json.loads(line)["node_id"] for _, line in got] == ["x", "y"]
     assert got[0][0] >= 0.06 and got[1][0] - got[0][0] >= 0.05

@@ -2,7 +2,7 @@
 
 import pytest
 
-from trellis.refs import referenced_nodes, resolve
+from trellis.contract.refs import referenced_nodes, resolve
 from trellis.runtime.errors import InvalidArgument
 
 OUTPUTS = {"n1": {"items": [{"name": "a"}, {"name": "b"}], "n": 3}, "n2": "text"}
