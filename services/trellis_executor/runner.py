@@ -42,6 +42,7 @@ from trellis_executor.follow import StoredEvents, follow_stored
 from trellis_executor.leases import LeaseKeeper
 from trellis_executor.limits import Limits
 from trellis_executor.plan import NodeChecker, order_explicit_plan
+from trellis_executor.run_list import PageTokens, list_page
 from trellis_executor.settings import ExecutorSettings
 from trellis_executor.store import RunStore
 
@@ -94,6 +95,7 @@ class Runner:
         #: Runs being created or resumed here: not in ``_active`` yet, not claimable.
         self._starting: set[str] = set()
         self._tools: dict[str, tuple[float, list[common_pb2.ToolSpec]]] = {}
+        self._page_tokens = PageTokens(store.page_token_key)
         self._leases = LeaseKeeper(
             store,
             interval=settings.lease_seconds / 3,
@@ -202,6 +204,16 @@ class Runner:
         if run is None or run.tenant_id != context.tenant():
             raise _not_found(run_id)
         return run
+
+    async def list_runs(
+        self, request: executor_pb2.ListRunsRequest
+    ) -> executor_pb2.ListRunsResponse:
+        """A page of the caller's runs (``run_list``); another tenant's never appear."""
+        return await list_page(self._store, self._page_tokens, context.tenant(), request)
+
+    async def tools(self) -> list[common_pb2.ToolSpec]:
+        """The catalog the caller's tenant sees: what a run started now plans with."""
+        return await self._catalog()
 
     async def cancel(self, run_id: str) -> executor_pb2.RunStatus.ValueType:
         """Cancel a run here, or flag it for the replica that owns it and wait (up to a

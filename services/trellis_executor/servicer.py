@@ -13,7 +13,7 @@ from grpc import aio
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.runtime.validation import DEFAULT_MAX_GOAL_BYTES
-from trellis_executor.front_door import check_run_id, check_run_request
+from trellis_executor.front_door import check_list_runs, check_run_id, check_run_request
 from trellis_executor.runner import Runner
 
 
@@ -54,3 +54,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         check_run_id(request.run_id)
         async for event in self._runner.resume(request.run_id):
             yield event
+
+    async def ListRuns(
+        self, request: executor_pb2.ListRunsRequest, context: aio.ServicerContext
+    ) -> executor_pb2.ListRunsResponse:
+        check_list_runs(request)
+        return await self._runner.list_runs(request)
+
+    async def ListTools(
+        self, request: executor_pb2.ListToolsRequest, context: aio.ServicerContext
+    ) -> executor_pb2.ListToolsResponse:
+        return executor_pb2.ListToolsResponse(tools=await self._runner.tools())

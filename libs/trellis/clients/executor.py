@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from grpc import aio
 
 from trellis.clients._streams import stream
+from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
 from trellis.runtime.auth import AUTHORIZATION_METADATA_KEY, bearer
 from trellis.runtime.errors import translated_rpc_errors
@@ -53,3 +54,20 @@ class ExecutorClient:
                 timeout=self._timeout,
                 metadata=self._metadata,
             )
+
+    async def list_runs(
+        self, request: executor_pb2.ListRunsRequest
+    ) -> executor_pb2.ListRunsResponse:
+        """One page of the caller's runs, newest first."""
+        with translated_rpc_errors():
+            return await self._stub.ListRuns(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
+
+    async def list_tools(self) -> list[common_pb2.ToolSpec]:
+        """The tool catalog the caller's tenant sees."""
+        with translated_rpc_errors():
+            response = await self._stub.ListTools(
+                executor_pb2.ListToolsRequest(), timeout=self._timeout, metadata=self._metadata
+            )
+        return list(response.tools)

@@ -6,6 +6,10 @@ change before it sends the matching event, so what a client has seen is in the
 store; ``create`` raises AlreadyExists(reason="RUN_EXISTS") on a duplicate run id.
 Messages are stored as serialized protobuf: the contract types are the schema.
 
+Listing (``list_runs``) reads one tenant's runs newest first, by keyset (the last row's
+creation time and run id, ``Cursor``), through an index per filter; each node's status
+is kept in a column beside its outcome so a page's node counts are one grouped query.
+
 Ownership: a store is opened for one ``owner`` (the executor replica's instance id).
 A RUNNING run belongs to the replica whose lease on it has not expired; the owner
 renews its leases, and another replica may ``claim`` a run once its lease expires.
@@ -17,9 +21,10 @@ overwriting the new owner's state.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+import secrets
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from google.protobuf import json_format
@@ -31,6 +36,75 @@ from trellis.runtime.errors import AlreadyExists, FailedPrecondition
 
 DEFAULT_OWNER = "local"
 DEFAULT_LEASE_SECONDS = 15.0
+#: Characters of a goal a run summary carries.
+GOAL_PREFIX_CHARS = 120
+#: ``store_meta`` row of the key that signs ListRuns page tokens: one key in the
+#: database, so every replica sharing it accepts the others' tokens.
+PAGE_TOKEN_KEY = "page_token_key"
+#: ``store_meta`` row saying run_nodes.status was filled in for outcomes stored before
+#: that column existed.
+NODE_STATUS_FILLED = "node_status_filled"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def new_page_token_key() -> bytes:
+    return secrets.token_bytes(32)
+
+
+def to_micros(moment: datetime) -> int:
+    """Microseconds since the Unix epoch of an aware datetime, exactly."""
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page ended: its last run's creation time (µs since the epoch) and id."""
+
+    created_us: int
+    run_id: str
+
+
+@dataclass(frozen=True)
+class RunQuery:
+    """Which of a tenant's runs a list shows; zero values do not filter."""
+
+    status: int = 0
+    #: Created at or after (µs since the epoch).
+    created_after_us: int | None = None
+    #: Created before (µs since the epoch).
+    created_before_us: int | None = None
+    session_id: str = ""
+
+    def where(
+        self,
+        tenant_id: str,
+        cursor: Cursor | None,
+        mark: Callable[[object], str],
+        at: Callable[[int], object],
+    ) -> str:
+        """The WHERE clause over ``runs``: only the filters given, so each query can use
+        the index that leads with them. ``mark(value)`` adds a parameter and returns its
+        placeholder; ``at(micros)`` is a creation time as the backend stores it."""
+        clauses = [f"tenant_id = {mark(tenant_id)}"]
+        if self.status:
+            clauses.append(f"status = {mark(self.status)}")
+        if self.session_id:  # "<> ''" lets the partial index of session runs serve it
+            clauses.append(f"session_id = {mark(self.session_id)} AND session_id <> ''")
+        if self.created_after_us is not None:
+            clauses.append(f"created_at >= {mark(at(self.created_after_us))}")
+        if self.created_before_us is not None:
+            clauses.append(f"created_at < {mark(at(self.created_before_us))}")
+        if cursor is not None:
+            moment = at(cursor.created_us)
+            clauses.append(
+                f"(created_at < {mark(moment)} OR (created_at = {mark(moment)}"
+                f" AND run_id < {mark(cursor.run_id)}))"
+            )
+        return " AND ".join(clauses)
 
 
 class LeaseLost(FailedPrecondition):
@@ -84,6 +158,8 @@ class Resumable:
 
 class RunStore(Protocol):
     owner: str
+    #: Signs ListRuns page tokens; the same for every store opened on one database.
+    page_token_key: bytes
 
     async def close(self) -> None: ...
 
@@ -116,6 +192,13 @@ class RunStore(Protocol):
         ...
 
     async def load(self, run_id: str) -> Resumable | None: ...
+
+    async def list_runs(
+        self, tenant_id: str, query: RunQuery, cursor: Cursor | None, limit: int
+    ) -> list[tuple[executor_pb2.RunSummary, Cursor]]:
+        """Up to ``limit`` of the tenant's runs matching ``query``, newest first (creation
+        time, then run id, both descending), after ``cursor``; each with its own cursor."""
+        ...
 
     async def renew(self, run_ids: Collection[str]) -> set[str]:
         """Extend the leases of ``run_ids``; returns those this owner still holds
@@ -196,3 +279,70 @@ def add_nodes(run: executor_pb2.Run, rows: list[tuple[bytes, bytes | None]]) -> 
         if outcome_blob:
             run.outcomes.append(common_pb2.NodeOutcome.FromString(outcome_blob))
     return run
+
+
+#: Columns ``list_runs`` selects from ``runs``, in ``build_summary``'s order.
+SUMMARY_COLUMNS = (
+    f"run_id, substr(goal, 1, {GOAL_PREFIX_CHARS}), length(goal) > {GOAL_PREFIX_CHARS},"
+    " status, trace_id, created_at, finished, finished_at, session_id"
+)
+
+
+def build_summary(
+    run_id: str,
+    goal: str,
+    goal_truncated: bool,
+    status: int,
+    trace_id: str,
+    created_at: datetime,
+    finished_blob: bytes | None,
+    finished_at: datetime | None,
+    session_id: str,
+) -> executor_pb2.RunSummary:
+    """One row of ``SUMMARY_COLUMNS`` as a RunSummary (node counts are added apart)."""
+    summary = executor_pb2.RunSummary(
+        run_id=run_id,
+        goal=goal,
+        goal_truncated=bool(goal_truncated),
+        status=status,  # type: ignore[arg-type]
+        trace_id=trace_id,
+        created_at=timestamp(created_at),
+        session_id=session_id,
+    )
+    if finished_blob:
+        finished = executor_pb2.RunFinished.FromString(finished_blob)
+        summary.usage.CopyFrom(finished.usage)
+        summary.cost_nano_usd = finished.cost_nano_usd
+        summary.cache_hits = finished.cache_hits
+        summary.failed_nodes = finished.failed_nodes
+        summary.duration.CopyFrom(finished.duration)
+        if finished.HasField("error"):
+            summary.error.CopyFrom(finished.error)
+        if finished_at is not None:
+            summary.finished_at.CopyFrom(timestamp(finished_at))
+    return summary
+
+
+_COUNTED = {
+    0: "pending",
+    common_pb2.NODE_STATUS_SUCCEEDED: "succeeded",
+    common_pb2.NODE_STATUS_FAILED: "failed",
+    common_pb2.NODE_STATUS_SKIPPED: "skipped",
+    common_pb2.NODE_STATUS_CANCELLED: "cancelled",
+}
+
+
+def add_node_counts(
+    summaries: dict[str, executor_pb2.RunSummary], rows: list[tuple[str, int, int]]
+) -> None:
+    """``(run_id, node status, count)`` rows (status 0: no outcome yet) into the summaries."""
+    for run_id, status, count in rows:
+        nodes = summaries[run_id].nodes
+        nodes.total += count
+        name = _COUNTED.get(status, "pending")
+        setattr(nodes, name, getattr(nodes, name) + count)
+
+
+def outcome_status(blob: bytes) -> int:
+    """The node status a stored outcome holds (to fill run_nodes.status of old rows)."""
+    return int(common_pb2.NodeOutcome.FromString(blob).status)

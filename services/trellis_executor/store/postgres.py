@@ -24,13 +24,24 @@ from trellis.runtime.postgres import ReconnectingPool, open_pool
 from trellis_executor.store.base import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_OWNER,
+    NODE_STATUS_FILLED,
+    PAGE_TOKEN_KEY,
+    SUMMARY_COLUMNS,
+    Cursor,
     Progress,
     Resumable,
+    RunQuery,
+    add_node_counts,
     add_nodes,
     build_run,
+    build_summary,
+    from_micros,
     lease_lost,
+    new_page_token_key,
+    outcome_status,
     resumable,
     run_exists,
+    to_micros,
 )
 
 RUNNING = executor_pb2.RUN_STATUS_RUNNING
@@ -62,6 +73,16 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS span_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS cancel_requested BOOLEAN NOT NULL DEFAULT false;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS resumes INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS runs_running_lease ON runs (lease_until) WHERE status = 1;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS session_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE run_nodes ADD COLUMN IF NOT EXISTS status INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS runs_by_tenant ON runs (tenant_id, created_at, run_id);
+CREATE INDEX IF NOT EXISTS runs_by_tenant_status ON runs (tenant_id, status, created_at, run_id);
+CREATE INDEX IF NOT EXISTS runs_by_tenant_session
+    ON runs (tenant_id, session_id, created_at, run_id) WHERE session_id <> '';
+CREATE TABLE IF NOT EXISTS store_meta (
+    name TEXT PRIMARY KEY,
+    value BYTEA NOT NULL
+);
 """
 
 #: Serializes schema creation: two replicas starting together would otherwise race
@@ -91,10 +112,13 @@ class _Retried:
 class PostgresRunStore:
     """Async PostgreSQL run store over an asyncpg pool, for one owner."""
 
-    def __init__(self, pool: asyncpg.Pool, owner: str, lease_seconds: float) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, owner: str, lease_seconds: float, page_token_key: bytes
+    ) -> None:
         self._pool = ReconnectingPool(pool, what="run store", reason="RUN_STORE_UNAVAILABLE")
         self.owner = owner
         self._lease = lease_seconds
+        self.page_token_key = page_token_key
 
     @classmethod
     async def open(
@@ -109,7 +133,19 @@ class PostgresRunStore:
         pool = await open_pool(
             url, SCHEMA, schema_lock=_SCHEMA_LOCK, min_size=min_size, max_size=max_size
         )
-        return cls(pool, owner, lease_seconds)
+        try:
+            async with pool.acquire() as conn:
+                await _fill_node_status(conn)
+                key = await conn.fetchval(
+                    "INSERT INTO store_meta (name, value) VALUES ($1, $2) ON CONFLICT (name)"
+                    " DO UPDATE SET value = store_meta.value RETURNING value",
+                    PAGE_TOKEN_KEY,
+                    new_page_token_key(),
+                )
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, owner, lease_seconds, bytes(key))
 
     async def close(self) -> None:
         await self._pool.close()
@@ -121,14 +157,15 @@ class PostgresRunStore:
         request: executor_pb2.RunRequest,
         trace_id: str,
         span_id: str = "",
+        session_id: str = "",
     ) -> None:
         retried = _Retried()
         try:
             await self._pool.run(
                 lambda conn: conn.execute(
                     "INSERT INTO runs (run_id, owner, lease_until, tenant_id, goal, status,"
-                    " request, trace_id, span_id)"
-                    f" VALUES ($1, $3, {_LEASE}, $4, $5, $6, $7, $8, $9)",
+                    " request, trace_id, span_id, session_id)"
+                    f" VALUES ($1, $3, {_LEASE}, $4, $5, $6, $7, $8, $9, $10)",
                     run_id,
                     self._lease,
                     self.owner,
@@ -138,6 +175,7 @@ class PostgresRunStore:
                     request.SerializeToString(),
                     trace_id,
                     span_id,
+                    session_id,
                 ),
                 on_retry=retried,
             )
@@ -181,9 +219,11 @@ class PostgresRunStore:
     async def set_outcome(self, run_id: str, outcome: common_pb2.NodeOutcome) -> None:
         await self._fenced(
             run_id,
-            f"UPDATE run_nodes SET outcome = $4 WHERE run_id = $1 AND node_id = $3 AND {_OWNED}",
+            "UPDATE run_nodes SET outcome = $4, status = $5"
+            f" WHERE run_id = $1 AND node_id = $3 AND {_OWNED}",
             outcome.node_id,
             outcome.SerializeToString(),
+            outcome.status,
         )
 
     async def save_progress(self, run_id: str, progress: Progress) -> None:
@@ -230,6 +270,38 @@ class PostgresRunStore:
             row["finished_at"],
         )
         return add_nodes(run, [(n["call"], n["outcome"]) for n in nodes])
+
+    async def list_runs(
+        self, tenant_id: str, query: RunQuery, cursor: Cursor | None, limit: int
+    ) -> list[tuple[executor_pb2.RunSummary, Cursor]]:
+        params: list[object] = []
+
+        def mark(value: object) -> str:
+            params.append(value)
+            return f"${len(params)}"
+
+        where = query.where(tenant_id, cursor, mark, from_micros)
+        sql = (
+            f"SELECT {SUMMARY_COLUMNS} FROM runs WHERE {where}"
+            f" ORDER BY created_at DESC, run_id DESC LIMIT {mark(limit)}"
+        )
+
+        async def read(conn: asyncpg.Connection) -> tuple[list[Any], list[Any]]:
+            rows = await conn.fetch(sql, *params)
+            counts = await conn.fetch(
+                "SELECT run_id, status, count(*)::int FROM run_nodes"
+                " WHERE run_id = ANY($1::text[]) GROUP BY run_id, status",
+                [row["run_id"] for row in rows],
+            )
+            return rows, counts
+
+        rows, counts = await self._pool.run(read)
+        page = [
+            (build_summary(*row), Cursor(to_micros(row["created_at"]), row["run_id"]))
+            for row in rows
+        ]
+        add_node_counts({s.run_id: s for s, _ in page}, [tuple(row) for row in counts])
+        return page
 
     async def load(self, run_id: str) -> Resumable | None:
         row = await self._pool.fetchrow(
@@ -289,3 +361,22 @@ class PostgresRunStore:
             limit,
         )
         return [row["run_id"] for row in rows]
+
+
+async def _fill_node_status(conn: asyncpg.Connection) -> None:
+    """Once per database: the status column of outcomes stored before it existed
+    (replicas starting together may both do it: the same values either way)."""
+    if await conn.fetchval("SELECT true FROM store_meta WHERE name = $1", NODE_STATUS_FILLED):
+        return
+    rows = await conn.fetch(
+        "SELECT run_id, node_id, outcome FROM run_nodes WHERE status = 0 AND outcome IS NOT NULL"
+    )
+    await conn.executemany(
+        "UPDATE run_nodes SET status = $1 WHERE run_id = $2 AND node_id = $3",
+        [(outcome_status(row["outcome"]), row["run_id"], row["node_id"]) for row in rows],
+    )
+    await conn.execute(
+        "INSERT INTO store_meta (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        NODE_STATUS_FILLED,
+        b"1",
+    )

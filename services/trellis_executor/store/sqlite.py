@@ -3,7 +3,8 @@
 One connection per process in autocommit mode: every write is one statement, so it
 is durable when its ``execute`` returns. WAL plus a busy timeout
 (``trellis.runtime.sqlite.connect``) let several processes share a file. Leases are
-in Unix seconds of the host clock: processes sharing a file share a host.
+in Unix seconds of the host clock: processes sharing a file share a host. Creation
+times are ISO 8601 text in UTC (``datetime.isoformat``), which sorts as the times do.
 """
 
 from __future__ import annotations
@@ -20,13 +21,24 @@ from trellis.runtime import sqlite
 from trellis_executor.store.base import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_OWNER,
+    NODE_STATUS_FILLED,
+    PAGE_TOKEN_KEY,
+    SUMMARY_COLUMNS,
+    Cursor,
     Progress,
     Resumable,
+    RunQuery,
+    add_node_counts,
     add_nodes,
     build_run,
+    build_summary,
+    from_micros,
     lease_lost,
+    new_page_token_key,
+    outcome_status,
     resumable,
     run_exists,
+    to_micros,
 )
 
 RUNNING = executor_pb2.RUN_STATUS_RUNNING
@@ -51,17 +63,34 @@ CREATE TABLE IF NOT EXISTS run_nodes (
     outcome BLOB,
     PRIMARY KEY (run_id, node_id)
 );
+CREATE TABLE IF NOT EXISTS store_meta (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 """
 
 #: Columns added after the first release, added to an older file when it is opened.
-LEASE_COLUMNS = {
-    "owner": "TEXT NOT NULL DEFAULT ''",
-    "lease_until": "REAL NOT NULL DEFAULT 0",
-    "progress": "TEXT",
-    "span_id": "TEXT NOT NULL DEFAULT ''",
-    "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
-    "resumes": "INTEGER NOT NULL DEFAULT 0",
+ADDED_COLUMNS = {
+    "runs": {
+        "owner": "TEXT NOT NULL DEFAULT ''",
+        "lease_until": "REAL NOT NULL DEFAULT 0",
+        "progress": "TEXT",
+        "span_id": "TEXT NOT NULL DEFAULT ''",
+        "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
+        "resumes": "INTEGER NOT NULL DEFAULT 0",
+        "session_id": "TEXT NOT NULL DEFAULT ''",
+    },
+    # The outcome's NodeStatus (0: no outcome yet), for a list's node counts.
+    "run_nodes": {"status": "INTEGER NOT NULL DEFAULT 0"},
 }
+
+#: ListRuns' indexes, one per way of filtering a tenant's runs (newest first).
+INDEXES = """
+CREATE INDEX IF NOT EXISTS runs_by_tenant ON runs (tenant_id, created_at, run_id);
+CREATE INDEX IF NOT EXISTS runs_by_tenant_status ON runs (tenant_id, status, created_at, run_id);
+CREATE INDEX IF NOT EXISTS runs_by_tenant_session
+    ON runs (tenant_id, session_id, created_at, run_id) WHERE session_id <> '';
+"""
 
 #: "this owner holds the run": the fence on every write of a run's state.
 _OWNED = "EXISTS (SELECT 1 FROM runs r WHERE r.run_id = :run_id AND r.owner = :owner)"
@@ -74,10 +103,13 @@ def _now() -> str:
 class SqliteRunStore:
     """Async SQLite run store for one owner; each write is committed when it returns."""
 
-    def __init__(self, db: aiosqlite.Connection, owner: str, lease_seconds: float) -> None:
+    def __init__(
+        self, db: aiosqlite.Connection, owner: str, lease_seconds: float, page_token_key: bytes
+    ) -> None:
         self._db = db
         self.owner = owner
         self._lease = lease_seconds
+        self.page_token_key = page_token_key
 
     @classmethod
     async def open(
@@ -85,11 +117,21 @@ class SqliteRunStore:
     ) -> SqliteRunStore:
         db = await sqlite.connect(url, autocommit=True)
         await db.executescript(SCHEMA)
-        present = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(runs)")}
-        for name, declaration in LEASE_COLUMNS.items():
-            if name not in present:
-                await db.execute(f"ALTER TABLE runs ADD COLUMN {name} {declaration}")
-        return cls(db, owner, lease_seconds)
+        for table, columns in ADDED_COLUMNS.items():
+            present = {row[1] for row in await db.execute_fetchall(f"PRAGMA table_info({table})")}
+            for name, declaration in columns.items():
+                if name not in present:
+                    await db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+        await db.executescript(INDEXES)
+        await _fill_node_status(db)
+        await db.execute(
+            "INSERT OR IGNORE INTO store_meta (name, value) VALUES (?, ?)",
+            (PAGE_TOKEN_KEY, new_page_token_key()),
+        )
+        [(key,)] = await db.execute_fetchall(
+            "SELECT value FROM store_meta WHERE name = ?", (PAGE_TOKEN_KEY,)
+        )
+        return cls(db, owner, lease_seconds, bytes(key))
 
     async def close(self) -> None:
         await self._db.close()
@@ -104,11 +146,13 @@ class SqliteRunStore:
         request: executor_pb2.RunRequest,
         trace_id: str,
         span_id: str = "",
+        session_id: str = "",
     ) -> None:
         try:
             await self._db.execute(
                 "INSERT INTO runs (run_id, owner, lease_until, tenant_id, goal, status, request,"
-                " trace_id, span_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " trace_id, span_id, created_at, session_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id,
                     self.owner,
@@ -120,6 +164,7 @@ class SqliteRunStore:
                     trace_id,
                     span_id,
                     _now(),
+                    session_id,
                 ),
             )
         except aiosqlite.IntegrityError:
@@ -152,10 +197,11 @@ class SqliteRunStore:
     async def set_outcome(self, run_id: str, outcome: common_pb2.NodeOutcome) -> None:
         await self._fenced(
             run_id,
-            "UPDATE run_nodes SET outcome = :outcome"
+            "UPDATE run_nodes SET outcome = :outcome, status = :status"
             f" WHERE run_id = :run_id AND node_id = :node_id AND {_OWNED}",
             node_id=outcome.node_id,
             outcome=outcome.SerializeToString(),
+            status=outcome.status,
         )
 
     async def save_progress(self, run_id: str, progress: Progress) -> None:
@@ -198,6 +244,46 @@ class SqliteRunStore:
             "SELECT call, outcome FROM run_nodes WHERE run_id = ? ORDER BY seq", (run_id,)
         )
         return add_nodes(run, [(call, outcome) for call, outcome in nodes])
+
+    async def list_runs(
+        self, tenant_id: str, query: RunQuery, cursor: Cursor | None, limit: int
+    ) -> list[tuple[executor_pb2.RunSummary, Cursor]]:
+        params: list[object] = []
+
+        def mark(value: object) -> str:
+            params.append(value)
+            return "?"
+
+        where = query.where(tenant_id, cursor, mark, lambda us: from_micros(us).isoformat())
+        rows = await self._db.execute_fetchall(
+            f"SELECT {SUMMARY_COLUMNS} FROM runs WHERE {where}"
+            " ORDER BY created_at DESC, run_id DESC LIMIT ?",
+            (*params, limit),
+        )
+        page: list[tuple[executor_pb2.RunSummary, Cursor]] = []
+        for run_id, goal, cut, status, trace_id, created, blob, finished, session in rows:
+            created_at = datetime.fromisoformat(created)
+            summary = build_summary(
+                run_id,
+                goal,
+                cut,
+                status,
+                trace_id,
+                created_at,
+                blob,
+                datetime.fromisoformat(finished) if finished else None,
+                session,
+            )
+            page.append((summary, Cursor(to_micros(created_at), run_id)))
+        if page:
+            ids = [summary.run_id for summary, _ in page]
+            counts = await self._db.execute_fetchall(
+                f"SELECT run_id, status, count(*) FROM run_nodes WHERE run_id IN"
+                f" ({','.join('?' * len(ids))}) GROUP BY run_id, status",
+                ids,
+            )
+            add_node_counts({s.run_id: s for s, _ in page}, [tuple(row) for row in counts])
+        return page
 
     async def load(self, run_id: str) -> Resumable | None:
         rows = await self._db.execute_fetchall(
@@ -260,3 +346,22 @@ class SqliteRunStore:
             },
         )
         return [row[0] for row in rows]
+
+
+async def _fill_node_status(db: aiosqlite.Connection) -> None:
+    """Once per file: the status column of outcomes stored before it existed."""
+    done = await db.execute_fetchall(
+        "SELECT 1 FROM store_meta WHERE name = ?", (NODE_STATUS_FILLED,)
+    )
+    if done:
+        return
+    rows = await db.execute_fetchall(
+        "SELECT run_id, node_id, outcome FROM run_nodes WHERE status = 0 AND outcome IS NOT NULL"
+    )
+    await db.executemany(
+        "UPDATE run_nodes SET status = ? WHERE run_id = ? AND node_id = ?",
+        [(outcome_status(blob), run_id, node_id) for run_id, node_id, blob in rows],
+    )
+    await db.execute(
+        "INSERT OR IGNORE INTO store_meta (name, value) VALUES (?, ?)", (NODE_STATUS_FILLED, b"1")
+    )

@@ -55,6 +55,16 @@ class ExecutorServiceStub:
                 request_serializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ResumeRunRequest.SerializeToString,
                 response_deserializer=trellis_dot_executor_dot_v1_dot_executor__pb2.RunResponse.FromString,
                 _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/trellis.executor.v1.ExecutorService/ListRuns',
+                request_serializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
+        self.ListTools = channel.unary_unary(
+                '/trellis.executor.v1.ExecutorService/ListTools',
+                request_serializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListToolsRequest.SerializeToString,
+                response_deserializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListToolsResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServiceServicer:
@@ -96,6 +106,23 @@ class ExecutorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRuns(self, request, context):
+        """Lists the caller's runs, newest first, a page at a time (AIP-132), each as a
+        summary; GetRun has the whole run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTools(self, request, context):
+        """The tool catalog the caller's tenant sees, with each tool's schemas: the tools a
+        run started now may plan with (the tool gateway's catalog, as the executor caches
+        it for runs). Clients cannot reach the gateway itself in a deployment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -118,6 +145,16 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.ResumeRun,
                     request_deserializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ResumeRunRequest.FromString,
                     response_serializer=trellis_dot_executor_dot_v1_dot_executor__pb2.RunResponse.SerializeToString,
+            ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListRunsRequest.FromString,
+                    response_serializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'ListTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTools,
+                    request_deserializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListToolsRequest.FromString,
+                    response_serializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListToolsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -229,6 +266,60 @@ class ExecutorService:
             '/trellis.executor.v1.ExecutorService/ResumeRun',
             trellis_dot_executor_dot_v1_dot_executor__pb2.ResumeRunRequest.SerializeToString,
             trellis_dot_executor_dot_v1_dot_executor__pb2.RunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.executor.v1.ExecutorService/ListRuns',
+            trellis_dot_executor_dot_v1_dot_executor__pb2.ListRunsRequest.SerializeToString,
+            trellis_dot_executor_dot_v1_dot_executor__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.executor.v1.ExecutorService/ListTools',
+            trellis_dot_executor_dot_v1_dot_executor__pb2.ListToolsRequest.SerializeToString,
+            trellis_dot_executor_dot_v1_dot_executor__pb2.ListToolsResponse.FromString,
             options,
             channel_credentials,
             insecure,
