@@ -92,6 +92,8 @@ async def every_call(client: ExecutorClient) -> list[TrellisError]:
         lambda: client.get_run("some-run"),
         lambda: client.cancel_run("some-run"),
         lambda: anext(client.resume_run("some-run")),
+        lambda: client.list_runs(executor_pb2.ListRunsRequest()),
+        lambda: client.list_tools(),
     ]
     for call in calls:
         with pytest.raises(TrellisError) as raised:
@@ -191,3 +193,15 @@ async def test_standalone_executor_process_checks_keys(
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 await stub.GetRun(request, timeout=10, metadata=metadata)
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # authenticated
+
+
+async def test_runs_and_tools_are_listed_for_the_keys_tenant(stack: Stack, channels) -> None:
+    acme, beta = client(stack, channels, KEY_ACME), client(stack, channels, KEY_BETA)
+    request = executor_pb2.RunRequest(goal="What is 6*7?", run_id="listed-for-acme")
+    with context.request_scope(tenant_id="beta"):  # the header claims beta: the key wins
+        await run(acme, request)
+        listed = await acme.list_runs(executor_pb2.ListRunsRequest())
+        assert [r.run_id for r in listed.runs] == ["listed-for-acme"]
+        assert (await beta.list_runs(executor_pb2.ListRunsRequest())).runs == []
+        assert sorted(t.name for t in await acme.list_tools()) == ["arithmetic", "touch"]
+        assert [t.name for t in await beta.list_tools()] == ["arithmetic"]
