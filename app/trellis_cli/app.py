@@ -1,9 +1,11 @@
-"""``trellis``: run the embedded demo, run a goal against a stack, start the stack."""
+"""``trellis``: run the embedded demo, run a goal against a stack, start the stack, look at
+runs and tools, costs, budgets and keys."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +15,7 @@ from rich.console import Console
 from trellis.clients.executor import ExecutorClient
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import context
-from trellis.runtime.errors import TrellisError
+from trellis.runtime.errors import NotFound, TrellisError
 from trellis.runtime.logs import setup_logging
 from trellis.runtime.settings import StartupError
 from trellis.runtime.sqlite import DEFAULT_DATABASE_URL
@@ -21,10 +23,13 @@ from trellis_cli import costs as costs_module
 from trellis_cli import exits
 from trellis_cli import keys as keys_module
 from trellis_cli import up as up_module
-from trellis_cli.exits import ExitCode
+from trellis_cli.executor_call import DEFAULT_TARGET, ApiKey, Json, Target, Tenant, executor, where
+from trellis_cli.exits import EXIT_INTERRUPTED, ExitCode
+from trellis_cli.model_choice import ModelChoiceError, model_choice
 from trellis_cli.plan_file import PlanFileError, read_plan
-from trellis_cli.runs import client_channels, show_run
-from trellis_cli.view import RunView
+from trellis_cli.runs import Interrupted, client_channels, follow_to_end, until_interrupted
+from trellis_cli.runs_app import runs_app, say_cancelled
+from trellis_cli.tools_command import tools
 
 DEMO_GOAL = "Report this machine's OS, disk usage and uptime"
 
@@ -44,18 +49,39 @@ def _request(goal: str, plan_file: Path | None) -> executor_pb2.RunRequest:
 
 
 async def _run_to_end(
-    client: ExecutorClient, request: executor_pb2.RunRequest, where: exits.Target
+    client: ExecutorClient,
+    request: executor_pb2.RunRequest,
+    target: exits.Target,
+    *,
+    as_json: bool = False,
 ) -> ExitCode:
-    """Show one run; its exit code. An error after ``finished`` is printed, and the run's
-    status decides; an error before it is the caller's to report (``exits.reported``)."""
-    view = RunView()
+    """Run ``request`` and show it; its exit code. The run id is chosen here (when the
+    caller did not) so that Ctrl-C can cancel the run whatever has arrived by then: the
+    run is cancelled, ``run <id> cancelled`` printed, and the exit code is 130."""
+    request.run_id = request.run_id or uuid.uuid4().hex
     try:
-        await show_run(client, request, console, view)
+        return await until_interrupted(
+            follow_to_end(client.run(request), console, as_json=as_json, where=target)
+        )
+    except Interrupted:
+        await _cancel_after_interrupt(client, request.run_id, target)
+        return EXIT_INTERRUPTED
+
+
+async def _cancel_after_interrupt(
+    client: ExecutorClient, run_id: str, target: exits.Target
+) -> None:
+    """Ctrl-C left the run's stream (the executor cancels a run its last client leaves):
+    CancelRun makes sure of it and says what became of the run."""
+    try:
+        response = await client.cancel_run(run_id)
+    except NotFound:
+        exits.stderr.print(f"run {run_id} cancelled before it started")
     except TrellisError as error:
-        if view.finished is None:
-            raise
-        exits.print_error(exits.describe(error, where))
-    return exits.for_run(view.finished)
+        lines = exits.describe(error, target)
+        exits.print_error([f"run {run_id}: the cancel was not confirmed: {lines[0]}"])
+    else:
+        say_cancelled(run_id, response.status)
 
 
 @app.command()
@@ -64,27 +90,42 @@ def demo(
     times: Annotated[int, typer.Option(help="Run the goal this many times (2nd: cache hits).")] = 2,
     pace_ms: Annotated[int, typer.Option(help="Offline model delay per streamed token.")] = 2,
 ) -> None:
-    """Start the embedded stack (five services, real gRPC, offline model) and run a goal."""
+    """Start the embedded stack (five services, real gRPC) and run a goal.
+
+    The model is the offline rules model unless OPENAI_BASE_URL, OPENAI_API_KEY and
+    TRELLIS_MODEL name another; the first line says which.
+    """
     from trellis_cli.stack import start_stack  # imports every service; only the demo needs it
 
     setup_logging(os.environ.get("TRELLIS_LOG_LEVEL", "warning"))
     database_url = os.environ.get("TRELLIS_DATABASE_URL", DEFAULT_DATABASE_URL)
+    try:
+        choice = model_choice(os.environ)
+    except ModelChoiceError as error:
+        raise exits.fail(str(error), ExitCode.USAGE) from None
 
     async def main() -> ExitCode:
         try:
-            stack = await start_stack(database_url=database_url, model_delay_ms=pace_ms)
+            stack = await start_stack(
+                database_url=database_url,
+                model_base_url=choice.base_url,
+                model_delay_ms=pace_ms,
+            )
         except StartupError as error:
             raise exits.fail(str(error), ExitCode.USAGE) from None
         channels = client_channels()
-        where = exits.Target("embedded executor", stack.executor_target)
+        target = exits.Target("embedded executor", stack.executor_target)
         code = ExitCode.SUCCEEDED
         try:
             console.print(f"[bold]Trellis embedded stack[/] — executor at {stack.executor_target}")
+            console.print(choice.describe(), highlight=False)
             client = ExecutorClient(channels.get(stack.executor_target))
-            with exits.reported(where):
+            with exits.reported(target):
                 for attempt in range(1, times + 1):
                     console.rule(f"[bold]run {attempt} of {times}[/]: {goal}")
-                    ended = await _run_to_end(client, _request(goal, None), where)
+                    ended = await _run_to_end(client, _request(goal, None), target)
+                    if ended == EXIT_INTERRUPTED:
+                        return ended
                     code = ended if code == ExitCode.SUCCEEDED else code  # the first miss
         finally:
             await channels.close()
@@ -97,46 +138,35 @@ def demo(
 @app.command()
 def run(
     goal: Annotated[str, typer.Argument(help="What the agent should do.")] = "",
-    target: Annotated[str, typer.Option(envvar="TRELLIS_EXECUTOR_TARGET")] = "localhost:50051",
+    target: Target = DEFAULT_TARGET,
     plan_file: Annotated[
         Path | None, typer.Option(help="JSON list of ToolCall objects: skip the planner.")
     ] = None,
-    tenant: Annotated[str, typer.Option(envvar="TRELLIS_TENANT")] = context.DEFAULT_TENANT,
+    tenant: Tenant = context.DEFAULT_TENANT,
     timeout: Annotated[float, typer.Option(help="Seconds the whole run may take.")] = 300.0,
-    api_key: Annotated[
-        str,
-        typer.Option(
-            envvar="TRELLIS_API_KEY",
-            help="API key (executor with auth on; its tenant replaces --tenant).",
-        ),
-    ] = "",
+    api_key: ApiKey = "",
     run_id: Annotated[
-        str, typer.Option(help="Choose the run's id (idempotent); default: the executor does.")
+        str, typer.Option(help="Choose the run's id (idempotent); default: a new uuid4 hex.")
     ] = "",
+    as_json: Json = False,
 ) -> None:
     """Run a goal (or an explicit plan) against a running stack.
 
     Exit status: 0 succeeded, 1 failed (or the service answered an error), 2 bad
     arguments or plan file, 3 partial, 4 cancelled, 5 executor unreachable, 6 refused
-    (API key missing or not valid, or not allowed).
+    (API key missing or not valid, or not allowed), 130 Ctrl-C (the run is cancelled).
     """
     if not goal and plan_file is None:
         raise typer.BadParameter("give a goal or --plan-file")
     request = _request(goal, plan_file)
     request.run_id = run_id
     setup_logging("warning")
-    where = exits.Target("executor", target, "--target/TRELLIS_EXECUTOR_TARGET")
 
     async def main() -> ExitCode:
-        channels = client_channels()
-        try:
-            with context.request_scope(timeout=timeout, tenant_id=tenant):
-                client = ExecutorClient(channels.get(target), api_key=api_key or None)
-                return await _run_to_end(client, request, where)
-        finally:
-            await channels.close()
+        async with executor(target, api_key, tenant, timeout) as client:
+            return await _run_to_end(client, request, where(target), as_json=as_json)
 
-    with exits.reported(where):
+    with exits.reported(where(target)):
         code = asyncio.run(main())
     raise typer.Exit(code)
 
@@ -166,6 +196,8 @@ def up(
     raise typer.Exit(code)
 
 
+app.command()(tools)
+app.add_typer(runs_app, name="runs")
 app.command()(costs_module.costs)
 app.add_typer(costs_module.budget_app, name="budget")
 app.add_typer(keys_module.keys_app, name="keys")

@@ -55,6 +55,11 @@ class ExitCode(IntEnum):
     REFUSED = 6
 
 
+#: Ctrl-C (SIGINT) ended the command, as a shell reports a process SIGINT ended (128 + 2).
+#: ``trellis run`` has then cancelled its run and said so; ``trellis runs watch`` only
+#: stopped watching.
+EXIT_INTERRUPTED = 130
+
 _BY_STATUS = {
     executor_pb2.RUN_STATUS_SUCCEEDED: ExitCode.SUCCEEDED,
     executor_pb2.RUN_STATUS_PARTIAL: ExitCode.PARTIAL,

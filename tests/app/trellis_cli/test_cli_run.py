@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.support.cli import trellis_run
 from tests.support.model_script import script_of
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
@@ -39,42 +37,6 @@ from trellis_cli.exits import ExitCode
 from trellis_cli.plan_file import PlanFileError, read_plan
 from trellis_cli.stack import Stack, start_stack
 from trellis_cli.view import RunView
-
-TRELLIS = Path(sys.executable).parent / "trellis"
-#: Text of gRPC's diagnostics that must never reach the person.
-DIAGNOSTICS = ("ipv4:", "ipv6:", "last error", "failed to connect", "Traceback", "debug_error")
-
-
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def error_lines(self) -> list[str]:
-        return self.stderr.splitlines()
-
-    def assert_no_diagnostics(self) -> None:
-        for text in DIAGNOSTICS:
-            assert text not in self.stdout + self.stderr, (text, self)
-
-
-async def trellis_run(*args: str, **env: str) -> Result:
-    """``trellis run ARGS`` as a process (its own event loop), as from a shell."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("TRELLIS_", "OPENAI_"))}
-    process = await asyncio.create_subprocess_exec(
-        str(TRELLIS),
-        "run",
-        *args,
-        env={**base, "COLUMNS": "200", **env},
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 90)
-    assert process.returncode is not None
-    return Result(process.returncode, stdout.decode(), stderr.decode())
 
 
 @pytest.fixture
