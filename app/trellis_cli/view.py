@@ -166,7 +166,7 @@ class RunView:
         """The nodes as a table fitting ``width`` columns, ``output_lines`` per output."""
         wide = width >= WIDE_COLUMNS
         table = Table(title=f"run {self.run_id}", title_justify="left", expand=True)
-        table.add_column("node", no_wrap=True, overflow="ellipsis", max_width=16)
+        table.add_column("node", no_wrap=True, overflow="ellipsis", max_width=16 if wide else 12)
         if wide:
             table.add_column("tool", no_wrap=True, overflow="ellipsis", max_width=24)
             table.add_column("args", no_wrap=True, overflow="ellipsis", max_width=32)
@@ -174,8 +174,8 @@ class RunView:
             table.add_column("time", no_wrap=True, justify="right")
             table.add_column("cache", no_wrap=True)
         else:
-            table.add_column("call", no_wrap=True, overflow="ellipsis", max_width=22)
-            table.add_column("state", no_wrap=True, overflow="ellipsis", max_width=16)
+            table.add_column("call", no_wrap=True, overflow="ellipsis", max_width=20)
+            table.add_column("state", no_wrap=True, overflow="ellipsis", max_width=12)
         table.add_column("output", ratio=1, no_wrap=True, overflow="ellipsis")
         for node_id, row in self.nodes.items():
             deps = f" ← {','.join(row.call.depends_on)}" if row.call.depends_on else ""
