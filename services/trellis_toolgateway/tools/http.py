@@ -166,13 +166,13 @@ class HttpTool(Tool):
         url = self._url(args)
         extra = {name: args[name] for name in self._decl.body_args if name in args}
         method = self._decl.method
+        if method not in _BODY_METHODS and extra:
+            # merged into the URL's own query: httpx's ``params`` would replace it
+            url = url.copy_merge_params({k: _as_text(v) for k, v in extra.items()})
         request = self._client.build_request(
             method,
             url,
             headers=self._headers,
-            params={k: _as_text(v) for k, v in extra.items()}
-            if method not in _BODY_METHODS
-            else None,
             json=extra if method in _BODY_METHODS else None,
             timeout=self.spec.timeout,
         )

@@ -150,6 +150,16 @@ async def test_get_fills_the_url_encodes_values_and_sends_query_args(
     assert out["auth"] == f"Bearer {REDACTED}"
 
 
+async def test_a_query_in_the_url_template_is_kept_beside_query_args(
+    server: Server, client: httpx.AsyncClient
+) -> None:
+    tool = make(client, server.base + "/items/{id}?units=metric&near={place}")
+    out = await tool.run({"id": "7", "place": "a&b=c"})
+    assert out["query"] == {"units": "metric", "near": "a&b=c"}  # one value, whatever it holds
+    both = make(client, server.base + "/items/{id}?units=metric", body_args=["q"])
+    assert (await both.run({"id": "7", "q": "x"}))["query"] == {"units": "metric", "q": "x"}
+
+
 async def test_post_sends_a_json_body_and_text_responses_are_strings(
     server: Server, client: httpx.AsyncClient
 ) -> None:
