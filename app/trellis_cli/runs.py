@@ -107,6 +107,8 @@ async def show_run(
         if live.is_started:
             live.stop()
             console.print()  # the live view leaves the cursor on its last line
+            if view.answer:
+                console.print()  # a blank line between the answer and the totals
     if failure is None or view.finished is not None:
         for line in view.summary():
             console.print(line, highlight=False, soft_wrap=True)
