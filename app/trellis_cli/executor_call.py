@@ -3,14 +3,16 @@
 ``--target`` (``TRELLIS_EXECUTOR_TARGET``), ``--api-key`` (``TRELLIS_API_KEY``; with auth
 on, the key's tenant is the caller) and ``--tenant`` (``TRELLIS_TENANT``, for an executor
 with auth off) mean the same in ``run``, ``runs ...`` and ``tools``; ``executor`` opens
-the channel (mTLS from ``TRELLIS_TLS_*``) for one command and closes it after.
+the channel (mTLS from ``TRELLIS_TLS_*``) for one command and closes it after; ``call``
+makes one request with it and reports its error as every command does.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -18,6 +20,8 @@ from trellis.clients.executor import ExecutorClient
 from trellis.runtime import context
 from trellis_cli import exits
 from trellis_cli.runs import client_channels
+
+T = TypeVar("T")
 
 DEFAULT_TARGET = "localhost:50051"
 TARGET_OPTION = "--target/TRELLIS_EXECUTOR_TARGET"
@@ -60,3 +64,21 @@ async def executor(
             yield ExecutorClient(channels.get(target), timeout=timeout, api_key=api_key or None)
     finally:
         await channels.close()
+
+
+def call(
+    target: str,
+    api_key: str,
+    tenant: str,
+    timeout: float,
+    use: Callable[[ExecutorClient], Awaitable[T]],
+) -> T:
+    """``use(client)`` against the executor at ``target``; an error is one line and the
+    exit code of its kind (``exits.reported``)."""
+
+    async def main() -> T:
+        async with executor(target, api_key, tenant, timeout) as client:
+            return await use(client)
+
+    with exits.reported(where(target)):
+        return asyncio.run(main())

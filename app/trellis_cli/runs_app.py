@@ -10,9 +10,8 @@ watching without cancelling the run (exit 130).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -31,6 +30,7 @@ from trellis_cli.executor_call import (
     Json,
     Target,
     Tenant,
+    call,
     executor,
     where,
 )
@@ -39,7 +39,6 @@ from trellis_cli.runs import Interrupted, follow_to_end, to_json, until_interrup
 from trellis_cli.since import parse_since
 from trellis_cli.view import STATE_STYLE, WIDE_COLUMNS, RunView
 
-T = TypeVar("T")
 console = Console()
 runs_app = typer.Typer(help="Run history: list, show, cancel and watch runs.", no_args_is_help=True)
 
@@ -49,23 +48,6 @@ STATUSES = ["running", "succeeded", "failed", "partial", "cancelled"]
 
 def status_name(status: int) -> str:
     return executor_pb2.RunStatus.Name(status).removeprefix("RUN_STATUS_").lower()  # type: ignore[arg-type]
-
-
-def _call(
-    target: str,
-    api_key: str,
-    tenant: str,
-    timeout: float,
-    use: Callable[[ExecutorClient], Awaitable[T]],
-) -> T:
-    """``use(client)`` against the executor; its error is reported (exit code, one line)."""
-
-    async def main() -> T:
-        async with executor(target, api_key, tenant, timeout) as client:
-            return await use(client)
-
-    with exits.reported(where(target)):
-        return asyncio.run(main())
 
 
 # -- list -------------------------------------------------------------------------------------
@@ -159,7 +141,7 @@ def list_runs(
         request.status = executor_pb2.RunStatus.Value(f"RUN_STATUS_{status.upper()}")
     if since is not None:
         request.created_after.CopyFrom(timestamp(parse_since(since)))
-    runs, more = _call(
+    runs, more = call(
         target, api_key, tenant, timeout, lambda client: collect(client, request, limit)
     )
     if as_json:
@@ -188,7 +170,7 @@ def show(
 ) -> None:
     """One run: its goal, each node (tool, args, state, time, cache, output head or error),
     the answer, tokens, cost, and the trace's link (TRELLIS_TRACE_URL_TEMPLATE)."""
-    run = _call(target, api_key, tenant, timeout, lambda client: client.get_run(run_id))
+    run = call(target, api_key, tenant, timeout, lambda client: client.get_run(run_id))
     if as_json:
         typer.echo(to_json(run))
         return
@@ -239,7 +221,7 @@ def cancel(
 ) -> None:
     """Cancel a running run (its tool calls in flight end CANCELLED). Exit 0 when it is
     cancelled, 1 when it had already ended (or its executor did not end it in time)."""
-    response = _call(target, api_key, tenant, timeout, lambda client: client.cancel_run(run_id))
+    response = call(target, api_key, tenant, timeout, lambda client: client.cancel_run(run_id))
     raise typer.Exit(say_cancelled(run_id, response.status))
 
 

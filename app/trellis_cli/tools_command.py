@@ -8,7 +8,6 @@ of its description; ``--json`` prints every ToolSpec, schemas included, one per 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import typer
@@ -18,8 +17,7 @@ from rich.table import Table
 from trellis.common.v1 import common_pb2
 from trellis.runtime import context
 from trellis.runtime.convert import from_struct, seconds
-from trellis_cli import exits
-from trellis_cli.executor_call import DEFAULT_TARGET, ApiKey, Json, Target, Tenant, executor, where
+from trellis_cli.executor_call import DEFAULT_TARGET, ApiKey, Json, Target, Tenant, call
 from trellis_cli.runs import to_json
 from trellis_cli.view import WIDE_COLUMNS
 
@@ -72,12 +70,7 @@ def tools(
 ) -> None:
     """The tools your tenant may use, with their parameters (--json: full schemas)."""
 
-    async def main() -> list[common_pb2.ToolSpec]:
-        async with executor(target, api_key, tenant, timeout) as client:
-            return await client.list_tools()
-
-    with exits.reported(where(target)):
-        specs = asyncio.run(main())
+    specs = call(target, api_key, tenant, timeout, lambda client: client.list_tools())
     specs.sort(key=lambda spec: spec.name)
     if as_json:
         for spec in specs:
