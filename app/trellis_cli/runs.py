@@ -81,6 +81,16 @@ async def print_json(events: AsyncIterator[executor_pb2.RunResponse], view: RunV
     return view
 
 
+#: Redraws per second while nothing arrives (the spinner and the planning clock move).
+REDRAWS_PER_SECOND = 8
+
+
+async def _tick(live: Live) -> None:
+    while True:
+        await asyncio.sleep(1 / REDRAWS_PER_SECOND)
+        live.refresh()
+
+
 async def show_run(
     events: AsyncIterator[executor_pb2.RunResponse],
     console: Console,
@@ -93,17 +103,22 @@ async def show_run(
     raised after the totals are printed; ``view`` keeps what arrived either way.
     """
     view = RunView() if view is None else view
-    live = Live(LiveRun(view), console=console, refresh_per_second=8, transient=False)
+    # Drawn from this event loop only (no refresh thread): events and redraws never race.
+    live = Live(LiveRun(view), console=console, auto_refresh=False, transient=False)
+    ticker: asyncio.Task[None] | None = None
     failure: TrellisError | None = None
     try:
         async for event in events:
             view.apply(event)
             if not live.is_started:
                 live.start()
+                ticker = asyncio.create_task(_tick(live))
             live.refresh()
     except TrellisError as error:
         failure = error
     finally:
+        if ticker is not None:
+            ticker.cancel()
         if live.is_started:
             live.stop()
             console.print()  # the live view leaves the cursor on its last line
