@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import signal
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
+from tests.support.json_logs import JsonLogs
 from tests.support.mcp_servers import everything_server, filesystem_server, git_server, tools_server
 from trellis.clients.toolgateway import ToolGatewayClient
 from trellis.common.v1 import common_pb2
@@ -304,3 +307,28 @@ async def test_name_collisions_follow_the_file_order_and_are_visible(
     assert [t.name for t in limited.tools] == ["add"]
     assert [(c.tool, c.skipped) for c in limited.collisions] == [("add", "second")]
     assert [s.name for s in limited.sources] == ["first"]
+
+
+async def test_a_crashed_stdio_server_is_started_again_without_waiting_for_a_call(
+    start_gateway: StartGateway,
+) -> None:
+    logs = JsonLogs(level="info")
+    try:
+        gateway = await start_gateway(
+            {"mcp_servers": [{"name": "t", "command": tools_server(), "prefix": "t."}]}
+        )
+        first = (await output(gateway, "t.pid"))["pid"]
+        os.kill(first, signal.SIGKILL)
+
+        async def started_twice() -> bool:
+            return len([e for e in logs.events() if "starting" in e.get("line", "")]) == 2
+
+        await until(started_twice)  # no call was made meanwhile
+        events = logs.events()
+        assert any(e["event"] == "MCP server went away" for e in events)
+        second = (await output(gateway, "t.pid"))["pid"]
+        assert second != first
+        [source] = (await gateway.catalog()).sources
+        assert source.state == UP
+    finally:
+        logs.restore()
