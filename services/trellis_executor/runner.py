@@ -32,6 +32,7 @@ from trellis.runtime.errors import (
     AlreadyExists,
     NotFound,
     ResourceExhausted,
+    TrellisError,
     Unavailable,
 )
 from trellis.runtime.logs import get_logger
@@ -52,6 +53,9 @@ RunStatus = executor_pb2.RunStatus
 FOLLOW_POLL_SECONDS = 0.2
 #: RetryInfo of a Run refused for capacity: about what a short run takes to free a slot.
 RUN_CAPACITY_RETRY_SECONDS = 1.0
+#: Bound of a run's catalog check when a copy is at hand: the gateway answers it in about
+#: a millisecond, and a run is not held up by a gateway that does not (the copy is used).
+CATALOG_CHECK_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -432,7 +436,9 @@ class Runner:
         Used as they are for ``tools_cache_seconds`` while no gateway answer carried
         another version; otherwise checked with a ListTools that answers "unchanged"
         (no tools) when the version still holds. So a tool the gateway just added (a
-        reload, an MCP server's list_changed) is in the next run's catalog.
+        reload, an MCP server's list_changed) is in the next run's catalog. A check the
+        gateway does not answer within ``CATALOG_CHECK_SECONDS`` (down, overloaded) uses
+        the copy at hand: the run goes on, and its tool calls meet the gateway's state.
         """
         tenant, now = context.tenant(), time.monotonic()
         cached = self._tools.get(tenant)
@@ -442,7 +448,18 @@ class Runner:
             and cached.version == self._gateway.catalog_version
         ):
             return cached.tools
-        response = await self._gateway.catalog(cached.version if cached is not None else "")
+        if cached is None:
+            response = await self._gateway.catalog()
+        else:
+            try:
+                async with asyncio.timeout(CATALOG_CHECK_SECONDS):
+                    response = await self._gateway.catalog(cached.version)
+            except (TrellisError, TimeoutError) as error:
+                log.warning(
+                    "tool catalog not checked: the gateway did not answer; using the last one",
+                    error=str(error) or type(error).__name__,
+                )
+                return cached.tools
         if response.unchanged and cached is not None:
             cached = replace(cached, checked=now)
         else:
