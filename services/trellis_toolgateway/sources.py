@@ -28,6 +28,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import structlog
 from jsonschema import SchemaError
 
 from trellis.runtime.logs import get_logger
@@ -37,7 +38,12 @@ from trellis_toolgateway.entries import Entry, entry_of
 from trellis_toolgateway.policy.retry import Backoff
 from trellis_toolgateway.tools.base import Tool, ToolSource
 
-log = get_logger(__name__)
+
+def _log() -> structlog.stdlib.BoundLogger:
+    """A fresh logger per event (they are rare: a source coming up or going down), so log
+    capture in tests sees them however logging was set up before."""
+    return get_logger(__name__)
+
 
 #: Longest error text kept for ListTools.
 MAX_ERROR_CHARS = 500
@@ -180,23 +186,26 @@ class SourceHandle:
                 entries.append(entry_of(self._prepare(tool)))
             except (ValueError, SchemaError) as error:
                 message = error.message if isinstance(error, SchemaError) else str(error)
-                log.warning(
+                _log().warning(
                     "tool of a source skipped", source=self.name, tool=tool.spec.name, error=message
                 )
         if self.state is not SourceState.UP:
-            log.info("tool source up", source=self.name, tools=len(entries))
+            _log().info("tool source up", source=self.name, tools=len(entries))
         self.entries, self.state, self.error = entries, SourceState.UP, ""
         self.listings += 1
         self._attempted.set()
         self._show(1)
         if self.on_change is not None:
-            self.on_change()
+            try:
+                self.on_change()
+            except Exception:  # a bug there must not end this source's listing for good
+                _log().exception("rebuilding the tool catalog failed", source=self.name)
 
     def _failed(self, error: Exception, failures: int) -> None:
         text = "no answer in time" if isinstance(error, TimeoutError) else str(error)
         text = redact_text(f"{type(error).__name__}: {text}")[:MAX_ERROR_CHARS]
         if self.state is not SourceState.DOWN:
-            log.warning(
+            _log().warning(
                 "tool source unavailable; listing it again in the background",
                 source=self.name,
                 error=text,
