@@ -37,13 +37,19 @@ clients/node/node_modules/.installed: clients/node/package.json clients/node/pac
 	npm install --prefix clients/node --no-audit --no-fund --loglevel=error
 	@touch $@
 
+# Real MCP servers from npm (server-everything, server-filesystem), pinned, for the gateway's tests.
+MCP_SERVERS := tests/services/trellis_toolgateway/servers
+$(MCP_SERVERS)/node_modules/.installed: $(MCP_SERVERS)/package.json $(MCP_SERVERS)/package-lock.json
+	npm install --prefix $(MCP_SERVERS) --no-audit --no-fund --loglevel=error
+	@touch $@
+
 # System packages the tests need (redis-server, prometheus/promtool, docker-compose,
 # kubectl, node): installed with apt-get when missing, see the script.
 system-deps:
 	@scripts/system-deps.sh
 
 install: system-deps $(INSTALLED) node_modules/.installed examples/node-tool-server/node_modules/.installed \
-	clients/node/node_modules/.installed
+	clients/node/node_modules/.installed $(MCP_SERVERS)/node_modules/.installed
 
 run: $(INSTALLED)
 	$(VENV)/bin/trellis demo

@@ -18,7 +18,10 @@ class Planner(Protocol):
 
 
 class Gateway(Protocol):
-    async def list_tools(self) -> list[common_pb2.ToolSpec]: ...
+    #: The gateway's catalog version in its latest answer.
+    catalog_version: str
+
+    async def catalog(self, known_version: str = "") -> toolgateway_pb2.ListToolsResponse: ...
 
     async def invoke(
         self, request: toolgateway_pb2.InvokeToolRequest

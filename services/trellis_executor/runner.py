@@ -17,7 +17,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -32,6 +32,7 @@ from trellis.runtime.errors import (
     AlreadyExists,
     NotFound,
     ResourceExhausted,
+    TrellisError,
     Unavailable,
 )
 from trellis.runtime.logs import get_logger
@@ -53,6 +54,19 @@ RunStatus = executor_pb2.RunStatus
 FOLLOW_POLL_SECONDS = 0.2
 #: RetryInfo of a Run refused for capacity: about what a short run takes to free a slot.
 RUN_CAPACITY_RETRY_SECONDS = 1.0
+#: Bound of a run's catalog check when a copy is at hand: the gateway answers it in about
+#: a millisecond, and a run is not held up by a gateway that does not (the copy is used).
+CATALOG_CHECK_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class _Catalog:
+    """A tenant's tool catalog as the gateway gave it."""
+
+    version: str
+    tools: list[common_pb2.ToolSpec]
+    #: When the gateway last confirmed it (monotonic seconds).
+    checked: float
 
 
 @dataclass(frozen=True)
@@ -94,7 +108,7 @@ class Runner:
         self._active: dict[str, ActiveRun] = {}
         #: Runs being created or resumed here: not in ``_active`` yet, not claimable.
         self._starting: set[str] = set()
-        self._tools: dict[str, tuple[float, list[common_pb2.ToolSpec]]] = {}
+        self._tools: dict[str, _Catalog] = {}
         self._page_tokens = PageTokens(store.page_token_key)
         self._leases = LeaseKeeper(
             store,
@@ -429,13 +443,41 @@ class Runner:
         return RunContext(run_id, request, limits, tools, events, started), abandoned
 
     async def _catalog(self) -> list[common_pb2.ToolSpec]:
-        """The gateway's tools, reused for ``tools_cache_seconds`` per tenant."""
+        """The tenant's tools, kept per tenant with the gateway's catalog version.
+
+        Used as they are for ``tools_cache_seconds`` while no gateway answer carried
+        another version; otherwise checked with a ListTools that answers "unchanged"
+        (no tools) when the version still holds. So a tool the gateway just added (a
+        reload, an MCP server's list_changed) is in the next run's catalog. A check the
+        gateway does not answer within ``CATALOG_CHECK_SECONDS`` (down, overloaded) uses
+        the copy at hand: the run goes on, and its tool calls meet the gateway's state.
+        """
         tenant, now = context.tenant(), time.monotonic()
         cached = self._tools.get(tenant)
-        if cached is None or now - cached[0] > self._settings.tools_cache_seconds:
-            cached = (now, await self._gateway.list_tools())
-            self._tools[tenant] = cached
-        return cached[1]
+        if (
+            cached is not None
+            and now - cached.checked < self._settings.tools_cache_seconds
+            and cached.version == self._gateway.catalog_version
+        ):
+            return cached.tools
+        if cached is None:
+            response = await self._gateway.catalog()
+        else:
+            try:
+                async with asyncio.timeout(CATALOG_CHECK_SECONDS):
+                    response = await self._gateway.catalog(cached.version)
+            except (TrellisError, TimeoutError) as error:
+                log.warning(
+                    "tool catalog not checked: the gateway did not answer; using the last one",
+                    error=str(error) or type(error).__name__,
+                )
+                return cached.tools
+        if response.unchanged and cached is not None:
+            cached = replace(cached, checked=now)
+        else:
+            cached = _Catalog(response.catalog_version, list(response.tools), now)
+        self._tools[tenant] = cached
+        return cached.tools
 
 
 def _with_timeout(request: executor_pb2.RunRequest, timeout: float) -> executor_pb2.RunRequest:

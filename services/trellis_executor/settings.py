@@ -49,7 +49,13 @@ class ExecutorSettings(ServiceSettings, BudgetCheckSettings):
         description="Default and ceiling of what one run may cost (model and tool calls, USD,"
         " e.g. 0.50); a run over it stops FAILED with RUN_COST_EXCEEDED. 0 = no limit.",
     )
-    tools_cache_seconds: float = Field(30.0, ge=0, description="How long ListTools is reused.")
+    tools_cache_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="How long a tenant's tool catalog is used without asking the gateway; 0:"
+        " checked at every run (a ListTools that only says 'unchanged' while the catalog"
+        " version holds). A gateway answer with another catalog version refreshes it at once.",
+    )
     gateway_retry_seconds: float = Field(
         20.0,
         ge=0,

@@ -6,9 +6,11 @@ templates, HTTP tools) is built synchronously and either entirely succeeds or ra
 (``tools[3].commands[0].params.path.pattern: invalid regular expression ...``): a bad
 file never becomes a half registry, and settings validation can run the same checks at
 start-up. Tool *sources* (MCP servers, remote gRPC tool servers) are asked for their
-tools afterwards, concurrently and bounded in time; one that cannot be reached costs a
-warning and its tools, not the load, because a remote outage must not block the rest of
-the gateway or an unrelated edit of the file.
+tools afterwards, concurrently, and the load waits for their first answer only a bounded
+time (``LoadOptions.source_timeout``): one that is slow or cannot be reached costs a
+warning, not the load, because a remote outage must not block the rest of the gateway or
+an unrelated edit of the file. Its ``SourceHandle`` keeps listing it in the background,
+and its tools join the catalog when it answers (``trellis_toolgateway.sources``).
 
 Paths in the file (``sandbox_root``, ``sql_database``) are relative to the file itself.
 
@@ -34,7 +36,9 @@ from pydantic import ValidationError
 
 from trellis.runtime.channels import Channels
 from trellis.runtime.logs import get_logger
+from trellis_toolgateway.policy.retry import Backoff
 from trellis_toolgateway.registry import SourceHandle, ToolRegistry, close_sources
+from trellis_toolgateway.sources import SourceTimings
 from trellis_toolgateway.tools.arithmetic import ArithmeticTool
 from trellis_toolgateway.tools.base import (
     DEFAULT_MAX_RESULT_BYTES,
@@ -58,6 +62,7 @@ from trellis_toolgateway.tools.config import HttpTool as HttpDecl
 from trellis_toolgateway.tools.files import ListDirTool, ReadFileTool
 from trellis_toolgateway.tools.http import HttpTool, MissingSecret
 from trellis_toolgateway.tools.sandbox import Sandbox
+from trellis_toolgateway.tools.secrets import resolve
 from trellis_toolgateway.tools.sql import SqlQueryTool
 
 log = get_logger(__name__)
@@ -91,14 +96,27 @@ class LoadOptions:
     http_client: httpx.AsyncClient | None = None
     #: Channels for remote gRPC tool servers (None: a file that declares one is rejected).
     channels: Channels | None = None
-    #: Where ``${VAR}`` header secrets are read (None: ``os.environ``).
+    #: Where ``${VAR}`` secrets are read (None: ``os.environ``).
     environ: Mapping[str, str] | None = None
-    #: Bound of asking one source for its tools; beyond it the source is skipped.
+    #: How long a load waits for a new source's first answer (a slower source's tools
+    #: join later); also the bound of listing a connected source.
     source_timeout: float = 10.0
+    #: Longest a source may take to start and answer (MCP ``initialize``).
+    source_connect_timeout: float = 60.0
+    #: Largest delay between attempts to list a source that does not answer.
+    source_retry_max: float = 60.0
     #: Output cap of tools that set no ``max_result_bytes`` (TRELLIS_TOOL_MAX_RESULT_BYTES).
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     #: Largest gRPC message (TRELLIS_MAX_MESSAGE_BYTES): every cap stays below it.
     max_message_bytes: int = 4 * 1024 * 1024
+
+    @property
+    def source_timings(self) -> SourceTimings:
+        return SourceTimings(
+            connect=self.source_connect_timeout,
+            list_wait=self.source_timeout,
+            backoff=Backoff(initial=min(1.0, self.source_retry_max), maximum=self.source_retry_max),
+        )
 
     def result_cap(self, declared: int | None) -> int:
         """The output cap of a tool that declares ``declared`` (None or 0: the default)."""
@@ -328,11 +346,26 @@ def _source_classes(tools_file: ToolsFile, file: str | os.PathLike[str]) -> dict
     return classes
 
 
+def _missing_secrets(tools_file: ToolsFile, options: LoadOptions) -> list[str]:
+    """``${VAR}`` references of MCP servers to variables that are not set."""
+    problems = []
+    for index, server in enumerate(tools_file.mcp_servers):
+        for section in ("env", "headers"):
+            try:
+                resolve(getattr(server, section), options.environ)
+            except MissingSecret as error:
+                problems.append(f"mcp_servers[{index}].{section}.{error.key}: {error}")
+    return problems
+
+
 def check_tools_file(path: str | os.PathLike[str], options: LoadOptions | None = None) -> ToolsFile:
     """Everything that can be checked without contacting a source; ``ToolsFileError`` if bad."""
+    options = options or LoadOptions()
     tools_file = read_tools_file(path)
-    declared_tools(tools_file, path, options or LoadOptions())
+    declared_tools(tools_file, path, options)
     _source_classes(tools_file, path)
+    if problems := _missing_secrets(tools_file, options):
+        raise ToolsFileError(path, problems)
     return tools_file
 
 
@@ -347,25 +380,36 @@ def _new_source(
     try:
         if isinstance(config, McpServer):
             # Relative stdio commands and paths in them are relative to the file too.
-            return cls(config, cwd=where.file.resolve().parent)
+            return cls(
+                config,
+                cwd=where.file.resolve().parent,
+                connect_timeout=options.source_connect_timeout,
+                environ=options.environ,
+            )
         if options.channels is None:
             raise ValueError(f"no gRPC channels to reach {config.target}")
         return cls(config, options.channels.get(config.target))
+    except MissingSecret as error:
+        raise ToolsFileError(where.file, [f"{place}.{error.key}: {error}"]) from None
     except (ValueError, TypeError) as error:
         raise ToolsFileError(where.file, [f"{place}: {error}"]) from None
 
 
-async def _ask(handle: SourceHandle, name: str, bound: float) -> list[Tool]:
-    try:
-        async with asyncio.timeout(bound):
-            return list(await handle.source.tools())
-    except Exception as error:  # unreachable, slow, or broken: skip it, keep the rest
-        log.warning(
-            "tool source unavailable; its tools are skipped until the next reload",
-            source=name,
-            error=f"{type(error).__name__}: {error}",
-        )
-        return []
+def _handle(
+    key: object,
+    source: ToolSource,
+    config: McpServer | GrpcToolServer,
+    options: LoadOptions,
+) -> SourceHandle:
+    """A handle listing ``source``; its tools get their output cap (a tool's own, else the
+    entry's, else the gateway's)."""
+
+    def prepare(tool: Tool) -> Tool:
+        return _capped(tool, tool.spec.max_result_bytes or config.max_result_bytes, options)
+
+    return SourceHandle(
+        key, source, name=config.name, prepare=prepare, timings=options.source_timings
+    )
 
 
 async def _add_sources(
@@ -383,30 +427,30 @@ async def _add_sources(
         return
     classes = _source_classes(tools_file, where.file)
     reusable = list(previous.sources) if previous is not None else []
+    new: list[SourceHandle] = []
     for section, index, config in entries:
         key = (section, config)
         handle = next((h for h in reusable if h.key == key), None)
         if handle is None:
             place = f"{section}[{index}]"
             source = _new_source(place, config, classes[section], where, options)
-            handle = SourceHandle(key, source)
+            handle = _handle(key, source, config, options)
+            new.append(handle)
         else:
             reusable.remove(handle)  # the same server, still declared: keep its connection
         registry.sources.append(handle)
-    names = [config.name for _, _, config in entries]
-    found = await asyncio.gather(
-        *(_ask(h, n, options.source_timeout) for h, n in zip(registry.sources, names, strict=True))
-    )
-    configs = [config for _, _, config in entries]
-    for name, config, tools in zip(names, configs, found, strict=True):
-        for tool in tools:
-            _capped(tool, config.max_result_bytes, options)
-            try:
-                registry.register(tool)
-            except (ValueError, SchemaError) as error:
-                log.warning(
-                    "tool of a source skipped", source=name, tool=tool.spec.name, error=str(error)
-                )
+    for handle in new:
+        handle.start()
+    # Reused sources are current already; new ones get a bounded wait for a first answer.
+    await asyncio.gather(*(h.first_listing(options.source_timeout) for h in new))
+    for handle in new:
+        if handle.listings == 0:
+            log.warning(
+                "tool source not listed yet; its tools join the catalog when it answers",
+                source=handle.name,
+                state=handle.state.value,
+                error=handle.error,
+            )
 
 
 async def build_registry(
@@ -426,6 +470,6 @@ async def build_registry(
         await _add_sources(registry, tools_file, _where(tools_file, Path(file)), options, previous)
     except BaseException:
         kept = {id(h.source) for h in previous.sources} if previous is not None else set()
-        await close_sources([h.source for h in registry.sources if id(h.source) not in kept])
+        await close_sources([h for h in registry.sources if id(h.source) not in kept])
         raise
-    return registry
+    return registry.composed()

@@ -62,6 +62,9 @@ async def build(settings: GatewaySettings, telemetry: Telemetry, channels: Chann
         max_message_bytes=settings.max_message_bytes,
         http_client=client,
         channels=channels,
+        source_timeout=settings.tool_source_list_seconds,
+        source_connect_timeout=settings.tool_source_connect_seconds,
+        source_retry_max=settings.tool_source_retry_max_seconds,
     )
     watcher = ToolsFileWatcher(settings.tools_path, options, interval=settings.tools_reload_seconds)
     costs = CostsClient(channels.get(settings.costs_target))

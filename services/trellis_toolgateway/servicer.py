@@ -1,10 +1,14 @@
 """ToolGatewayService over gRPC: protos in, ``Invoker`` calls, protos out.
 
 ``registry`` is usually the service's ``RegistryHolder``: ListTools answers from the
-registry in force at that moment. An InvokeTool's ids and args are checked first
+registry in force at that moment (its tools, ``catalog_version``, the state of each tool
+source and the names that clash), or only "unchanged" to a caller that holds that
+version already. Every InvokeTool answer carries the ``catalog_version`` too, so a caller
+learns at once that the catalog moved. An InvokeTool's ids and args are checked first
 (``check_invoke``: the run, node and tool ids, the idempotency key and the args bounds of
 ``trellis.runtime.validation``), then ``tenant_tools`` (``tenancy``), which also filters
-ListTools.
+ListTools: a tenant restricted to some tools sees only the sources serving them and the
+collisions of their names.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from trellis.runtime.validation import (
 )
 from trellis.toolgateway.v1 import toolgateway_pb2, toolgateway_pb2_grpc
 from trellis_toolgateway.invoker import Call, Invoker
-from trellis_toolgateway.registry import ToolLookup
+from trellis_toolgateway.registry import SourceHandle, ToolLookup, ToolRegistry
+from trellis_toolgateway.sources import SourceState
 from trellis_toolgateway.tenancy import TenantTools
 
 
@@ -38,8 +43,31 @@ class ToolGatewayServicer(toolgateway_pb2_grpc.ToolGatewayServiceServicer):
     async def ListTools(
         self, request: toolgateway_pb2.ListToolsRequest, context: aio.ServicerContext
     ) -> toolgateway_pb2.ListToolsResponse:
-        specs = self._tenant_tools.visible(request_context.tenant(), self._registry.specs())
-        return toolgateway_pb2.ListToolsResponse(tools=[spec.to_proto() for spec in specs])
+        catalog = self._registry.snapshot()
+        if request.known_catalog_version == catalog.version:
+            return toolgateway_pb2.ListToolsResponse(
+                catalog_version=catalog.version, unchanged=True
+            )
+        tenant = request_context.tenant()
+        specs = self._tenant_tools.visible(tenant, catalog.specs())
+        restricted = self._tenant_tools.restricted(tenant)
+        shown = {spec.name for spec in specs}
+        return toolgateway_pb2.ListToolsResponse(
+            tools=[spec.to_proto() for spec in specs],
+            catalog_version=catalog.version,
+            sources=[
+                _source_status(handle, catalog.served.get(handle.name, 0))
+                for handle in catalog.sources
+                if not restricted or _serves_any(catalog, handle, shown)
+            ],
+            collisions=[
+                toolgateway_pb2.ToolNameCollision(
+                    tool=c.tool, served_by=c.served_by, skipped=c.skipped
+                )
+                for c in catalog.collisions
+                if not restricted or c.tool in shown
+            ],
+        )
 
     async def InvokeTool(
         self, request: toolgateway_pb2.InvokeToolRequest, context: aio.ServicerContext
@@ -52,7 +80,34 @@ class ToolGatewayServicer(toolgateway_pb2_grpc.ToolGatewayServiceServicer):
             idempotency_key=request.idempotency_key,
             cache_mode=request.cache_mode,
         )
-        return toolgateway_pb2.InvokeToolResponse(outcome=outcome)
+        return toolgateway_pb2.InvokeToolResponse(
+            outcome=outcome, catalog_version=self._registry.snapshot().version
+        )
+
+
+_STATES = {
+    SourceState.CONNECTING: toolgateway_pb2.TOOL_SOURCE_STATE_CONNECTING,
+    SourceState.UP: toolgateway_pb2.TOOL_SOURCE_STATE_UP,
+    SourceState.DOWN: toolgateway_pb2.TOOL_SOURCE_STATE_DOWN,
+}
+
+
+def _source_status(handle: SourceHandle, served: int) -> toolgateway_pb2.ToolSourceStatus:
+    return toolgateway_pb2.ToolSourceStatus(
+        name=handle.name,
+        kind=handle.kind,
+        state=_STATES[handle.state],
+        error=handle.error,
+        tools=served,
+    )
+
+
+def _serves_any(catalog: ToolRegistry, handle: SourceHandle, names: set[str]) -> bool:
+    """Whether ``handle``'s source serves one of ``names`` in ``catalog``."""
+    return any(
+        entry.tool.spec.name in names and catalog.get(entry.tool.spec.name) is entry
+        for entry in handle.entries
+    )
 
 
 def check_invoke(request: toolgateway_pb2.InvokeToolRequest) -> None:

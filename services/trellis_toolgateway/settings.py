@@ -54,6 +54,28 @@ class GatewaySettings(ServiceSettings):
         " node with OUTPUT_TOO_LARGE. A tool's max_result_bytes overrides it; both stay under"
         " TRELLIS_MAX_MESSAGE_BYTES.",
     )
+    tool_source_list_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="How long a load (start-up, reload) waits for a tool source's (MCP server,"
+        " tool server) first answer; a slower source's tools join the catalog when it answers,"
+        " without a reload.",
+    )
+    tool_source_connect_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Longest an MCP server may take to start and answer initialize (a cold"
+        " npx -y or uvx downloads first); past it, it is tried again with backoff.",
+    )
+    tool_source_retry_max_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Largest delay between attempts to list a tool source that does not answer"
+        " (exponential backoff with jitter from 1 s).",
+    )
     cache_timeout_seconds: float = Field(
         1.0, gt=0, description="Bound of one cache Get/Set; the cache is fail-open beyond it."
     )

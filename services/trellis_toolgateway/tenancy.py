@@ -93,6 +93,11 @@ class TenantTools:
         allowed = self.rules.get(tenant, self.rules.get(OTHER_TENANTS))
         return allowed is None or tool in allowed
 
+    def restricted(self, tenant: str) -> bool:
+        """Whether a rule limits ``tenant`` (then it sees only what concerns its tools)."""
+        allowed = self.rules.get(tenant, self.rules.get(OTHER_TENANTS))
+        return allowed is not None and "*" not in allowed.patterns
+
     def check(self, tenant: str, tool: str) -> None:
         """Raise ``PermissionDenied`` (TOOL_NOT_ALLOWED) unless ``tenant`` may use ``tool``."""
         if not self.allows(tenant, tool):

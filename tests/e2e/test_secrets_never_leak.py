@@ -20,9 +20,7 @@ The rule the test holds the stack to (see ``trellis.runtime.redact``):
 from __future__ import annotations
 
 import asyncio
-import io
 import json
-import logging
 import sqlite3
 import uuid
 from pathlib import Path
@@ -36,11 +34,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY, generate_latest
 
+from tests.support.json_logs import JsonLogs
 from tests.support.model_script import script_of
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
 from trellis.runtime.convert import from_value, to_struct
-from trellis.runtime.logs import setup_logging
 from trellis_cli.stack import start_stack
 
 SENTINEL = f"SENTINEL{uuid.uuid4().hex}"
@@ -75,25 +73,6 @@ def leaks(text: str | bytes) -> list[str]:
     if isinstance(text, bytes):
         return [v for v in FORBIDDEN if v.encode() in text]
     return [v for v in FORBIDDEN if v in text]
-
-
-class Capture:
-    """Logging as a service sets it up (JSON, debug level), into a buffer."""
-
-    def __init__(self) -> None:
-        root = logging.getLogger()
-        self._saved = root.handlers[:], root.level
-        setup_logging("debug", service="stack")
-        self.buffer = io.StringIO()
-        root.handlers[0].setStream(self.buffer)  # type: ignore[attr-defined]
-
-    def lines(self) -> list[str]:
-        return self.buffer.getvalue().splitlines()
-
-    def restore(self) -> None:
-        root = logging.getLogger()
-        root.handlers[:], level = self._saved
-        root.setLevel(level)
 
 
 def rpc_error_text(error: aio.AioRpcError) -> str:
@@ -153,7 +132,7 @@ async def test_a_sentinel_secret_never_leaks(tmp_path: Path, redis_server, chann
     tools = tmp_path / "tools.yaml"
     tools.write_text(TOOLS)
     exporter = InMemorySpanExporter()
-    logs = Capture()
+    logs = JsonLogs()
     seen_errors: list[str] = []  # every error text a caller was handed
     try:
         stack = await start_stack(

@@ -1,4 +1,8 @@
-"""Client of ``trellis.toolgateway.v1.ToolGatewayService``."""
+"""Client of ``trellis.toolgateway.v1.ToolGatewayService``.
+
+``catalog_version`` is the gateway's catalog version as its latest answer (ListTools or
+InvokeTool) gave it, so a caller holding a copy of the catalog knows when it moved.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +17,27 @@ class ToolGatewayClient:
     def __init__(self, channel: aio.Channel, *, timeout: float = 60.0) -> None:
         self._stub = toolgateway_pb2_grpc.ToolGatewayServiceStub(channel)
         self._timeout = timeout
+        #: The gateway's catalog version in its latest answer ("" before any).
+        self.catalog_version = ""
 
     async def list_tools(self) -> list[common_pb2.ToolSpec]:
+        return list((await self.catalog()).tools)
+
+    async def catalog(self, known_version: str = "") -> toolgateway_pb2.ListToolsResponse:
+        """The whole ListTools answer; only ``unchanged`` if ``known_version`` is current."""
+        request = toolgateway_pb2.ListToolsRequest(known_catalog_version=known_version)
         with translated_rpc_errors():
-            response = await self._stub.ListTools(
-                toolgateway_pb2.ListToolsRequest(), timeout=self._timeout
-            )
-        return list(response.tools)
+            response = await self._stub.ListTools(request, timeout=self._timeout)
+        self._seen(response.catalog_version)
+        return response
 
     async def invoke(self, request: toolgateway_pb2.InvokeToolRequest) -> common_pb2.NodeOutcome:
         """The outcome of one call; contract violations raise (InvalidArgument, NotFound)."""
         with translated_rpc_errors():
             response = await self._stub.InvokeTool(request, timeout=self._timeout)
+        self._seen(response.catalog_version)
         return response.outcome
+
+    def _seen(self, version: str) -> None:
+        if version:  # a gateway without versions says nothing
+            self.catalog_version = version

@@ -47,6 +47,18 @@ TOOL_BREAKER_STATE = Gauge(
     "Circuit breaker of each tool: 0 closed, 1 half-open, 2 open.",
     ["tool"],
 )
+TOOL_SOURCE_UP = Gauge(
+    "trellis_tool_source_up",
+    "Each tool source of the gateway (MCP server, tool server): 1 when its last listing"
+    " succeeded, 0 while connecting or down.",
+    ["source"],
+)
+TOOL_NAME_COLLISIONS = Gauge(
+    "trellis_tool_name_collisions",
+    "Tools of each source not served because their name is taken (the tools file and"
+    " earlier sources win; ListTools names them).",
+    ["source"],
+)
 UNKNOWN_MODEL_PRICES = Counter(
     "trellis_unknown_model_prices",
     "Usage events recorded at cost 0 because the model has no price.",

@@ -123,9 +123,16 @@ class ToolSource(ABC):
     """A backend that brings its own tools, discovered when the registry loads
     (an MCP server, a remote ``trellis.tools.v1.ToolServerService``)."""
 
+    #: What kind of source it is, as ListTools shows it ("mcp", "grpc").
+    kind: str = ""
+
     @abstractmethod
     async def tools(self) -> list[Tool]:
         """Connect if needed and return the tools this source offers now."""
+
+    def watch(self, changed: Callable[[], None]) -> None:  # noqa: B027 - optional hook
+        """Call ``changed`` whenever the tools may have changed or the backend went away,
+        so the gateway lists them again. Sources that cannot tell do nothing."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing
         """Release connections and processes; the registry calls it when replaced."""

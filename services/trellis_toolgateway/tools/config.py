@@ -47,6 +47,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def env_only_templates(
+    values: dict[str, str], what: str, *, placeholders: bool = False
+) -> dict[str, str]:
+    """``values`` unchanged if their only substitutions are ``${ENV_VAR}`` references
+    (secrets read from the environment at load); ValueError naming the bad one otherwise.
+    ``placeholders``: a literal ``{word}`` is text (an environment value), not refused as
+    an argument placeholder that would never be filled (a header)."""
+    for name, value in values.items():
+        rest = ENV_REFERENCE.sub("", value)
+        if "${" in rest or (not placeholders and PLACEHOLDERS.search(rest)):
+            raise ValueError(f"{what} {name!r}: only ${{ENV_VAR}} references are allowed")
+    return values
+
+
 class Policy(_Strict):
     """Execution policy and contract knobs shared by every kind of tool.
 
@@ -229,11 +243,7 @@ class HttpTool(Policy):
     @field_validator("headers")
     @classmethod
     def _no_placeholders_in_headers(cls, headers: dict[str, str]) -> dict[str, str]:
-        for name, value in headers.items():
-            rest = ENV_REFERENCE.sub("", value)
-            if "${" in rest or PLACEHOLDERS.search(rest):
-                raise ValueError(f"header {name!r}: only ${{ENV_VAR}} references are allowed")
-        return headers
+        return env_only_templates(headers, "header")
 
     @property
     def url_params(self) -> list[str]:
@@ -262,22 +272,83 @@ ToolDecl = Annotated[
 ]
 
 
+class McpToolPolicy(Policy):
+    """Overrides for one tool of an MCP server (``mcp_servers[i].tools.<tool>``).
+
+    Only the fields given apply, over what the server's annotations and entry decide
+    (``trellis_toolgateway.tools.mcp_policy``). ``read_only``, ``destructive`` and
+    ``idempotent`` replace the server's ``readOnlyHint``/``destructiveHint``/
+    ``idempotentHint``; the contract (schemas) stays the server's.
+    """
+
+    read_only: bool | None = None
+    destructive: bool | None = None
+    idempotent: bool | None = None
+
+    @model_validator(mode="after")
+    def _contract_is_the_servers(self) -> McpToolPolicy:
+        given = sorted({"input_schema", "output_schema"} & self.model_fields_set)
+        if given:
+            raise ValueError(f"{', '.join(given)}: an MCP tool's contract is its server's")
+        return self
+
+
 class McpServer(Policy):
     """An MCP server whose tools are served as ``<prefix><tool>``."""
 
     name: str = Field(pattern=_NAME)
     #: stdio transport: the command (argv) that starts the server.
     command: list[str] | None = Field(None, min_length=1)
+    #: stdio: the server's environment (over a minimal one); ``${VAR}`` reads a secret.
     env: dict[str, str] = {}
-    #: streamable-HTTP transport: the server's URL.
+    #: HTTP transports: the server's URL.
     url: str | None = None
+    #: ``url`` servers: Streamable HTTP (default) or the legacy HTTP+SSE transport.
+    transport: Literal["streamable_http", "sse"] = "streamable_http"
+    #: ``url`` servers: headers sent with every request; ``${VAR}`` reads a secret.
+    headers: dict[str, str] = {}
     prefix: str = ""
+    #: Shell-style patterns of the server's tool names to serve (empty: all) ...
+    include: list[str] = []
+    #: ... and to leave out (applied after ``include``).
+    exclude: list[str] = []
+    #: Per-tool overrides, by the server's tool name (without the prefix).
+    tools: dict[str, McpToolPolicy] = {}
+    #: Serve the server's resources through a ``<prefix>read_resource`` tool.
+    resources: bool = True
 
     @model_validator(mode="after")
     def _one_transport(self) -> McpServer:
         if (self.command is None) == (self.url is None):
             raise ValueError("give exactly one of command (stdio) or url (streamable HTTP)")
+        if self.url is not None:
+            if not re.match(r"^https?://[^/?#]+", self.url, re.IGNORECASE):
+                raise ValueError(f"url must be an absolute http:// or https:// URL: {self.url!r}")
+            if self.env:
+                raise ValueError("env is for stdio servers (command); send headers to a url")
+        else:
+            if self.headers:
+                raise ValueError("headers are for url servers; give a stdio server env")
+            if "transport" in self.model_fields_set:
+                raise ValueError("transport is for url servers")
         return self
+
+    @field_validator("env")
+    @classmethod
+    def _env_references(cls, env: dict[str, str]) -> dict[str, str]:
+        return env_only_templates(env, "env", placeholders=True)
+
+    @field_validator("headers")
+    @classmethod
+    def _header_references(cls, headers: dict[str, str]) -> dict[str, str]:
+        return env_only_templates(headers, "header")
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _patterns(cls, patterns: list[str]) -> list[str]:
+        if any(not p.strip() for p in patterns):
+            raise ValueError("a pattern cannot be empty")
+        return patterns
 
 
 class GrpcToolServer(Policy):

@@ -154,6 +154,8 @@ class GrpcSource(ToolSource):
     closes it; ``aclose()`` has nothing of its own to release.
     """
 
+    kind = "grpc"
+
     def __init__(self, config: GrpcToolServer, channel: aio.Channel) -> None:
         self.config = config
         self._stub = tools_pb2_grpc.ToolServerServiceStub(channel)

@@ -21,32 +21,20 @@ the whole process keep them out too.
 from __future__ import annotations
 
 import json
-import os
 import urllib.parse
 from collections.abc import Mapping
 
 import httpx
 
 from trellis.runtime.errors import FieldViolation, InvalidArgument, quote
-from trellis.runtime.redact import register_secret
 from trellis_toolgateway.tools import config
 from trellis_toolgateway.tools.base import Json, Spec, Tool, ToolError
-from trellis_toolgateway.tools.config import ENV_REFERENCE, PLACEHOLDERS
+from trellis_toolgateway.tools.config import PLACEHOLDERS
+from trellis_toolgateway.tools.secrets import MissingSecret as MissingSecret
+from trellis_toolgateway.tools.secrets import resolve
 
-#: Shorter secrets are not scrubbed (replacing every "a" in an output helps nobody).
-MIN_SCRUBBED_SECRET = 4
-REDACTED = "[redacted]"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _SNIPPET = 200
-
-
-class MissingSecret(ValueError):
-    """A header references an environment variable that is not set."""
-
-    def __init__(self, header: str, variable: str) -> None:
-        super().__init__(f"environment variable {variable} is not set")
-        self.header = header
-        self.variable = variable
 
 
 def _as_text(value: Json) -> str:
@@ -83,22 +71,11 @@ class HttpTool(Tool):
         *,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        environ = os.environ if environ is None else environ
         self._decl = decl
         self._client = client
-        self._headers: dict[str, str] = {}
-        secrets: set[str] = set()
-        for header, template in decl.headers.items():
-            for variable in ENV_REFERENCE.findall(template):
-                if variable not in environ:
-                    raise MissingSecret(header, variable)
-                secrets.add(environ[variable])
-            self._headers[header] = ENV_REFERENCE.sub(lambda m: environ[m.group(1)], template)
-        self._secrets = sorted(
-            (s for s in secrets if len(s) >= MIN_SCRUBBED_SECRET), key=len, reverse=True
-        )
-        for secret in self._secrets:
-            register_secret(secret)
+        resolved = resolve(decl.headers, environ)  # MissingSecret: a file error at load
+        self._headers = resolved.values
+        self._secrets = resolved
         self.spec = Spec(
             name=decl.name,
             description=decl.description or f"HTTP {decl.method} {decl.url}",
@@ -108,16 +85,8 @@ class HttpTool(Tool):
         )
 
     def scrub(self, value: Json) -> Json:
-        """``value`` with every secret replaced by ``[redacted]`` (strings, keys, nested)."""
-        if isinstance(value, str):
-            for secret in self._secrets:
-                value = value.replace(secret, REDACTED)
-            return value
-        if isinstance(value, list):
-            return [self.scrub(v) for v in value]
-        if isinstance(value, dict):
-            return {self.scrub(k): self.scrub(v) for k, v in value.items()}
-        return value
+        """``value`` with every header secret replaced by ``[redacted]``."""
+        return self._secrets.scrub(value)
 
     def _error(self, code: str, message: str, *, retryable: bool = False, **details: str):
         return ToolError(

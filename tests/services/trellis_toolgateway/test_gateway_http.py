@@ -16,7 +16,8 @@ from trellis.runtime.errors import InvalidArgument
 from trellis_toolgateway.service import http_client
 from trellis_toolgateway.tools.base import ToolError
 from trellis_toolgateway.tools.config import HttpTool as HttpDecl
-from trellis_toolgateway.tools.http import REDACTED, HttpTool
+from trellis_toolgateway.tools.http import HttpTool
+from trellis_toolgateway.tools.secrets import REDACTED
 
 SECRET = "s3cr3t-token-value"
 ENV = {"API_TOKEN": SECRET}

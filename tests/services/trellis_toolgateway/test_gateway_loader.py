@@ -2,6 +2,7 @@
 name the file and the place inside it, start-up refusal (exit 2), and tool sources
 (unreachable ones skipped, unchanged ones reused across loads)."""
 
+import asyncio
 import os
 import sqlite3
 import subprocess
@@ -21,7 +22,9 @@ from trellis_toolgateway.loader import (
     ToolsFileError,
     check_tools_file,
 )
+from trellis_toolgateway.registry import Collision, RegistryHolder
 from trellis_toolgateway.settings import GatewaySettings
+from trellis_toolgateway.sources import SourceState
 from trellis_toolgateway.tools.base import FunctionTool, Spec, Tool, ToolSource
 from trellis_toolgateway.tools.command import CommandTool
 from trellis_toolgateway.tools.config import McpServer
@@ -312,13 +315,17 @@ async def test_unreachable_sources_are_skipped_and_the_rest_loads(
     assert list(registry) == ["echo", "up_ping"]
     # Every source is kept, reachable or not, so the registry can close them all.
     assert [h.source for h in registry.sources] == fake_sources
-    warnings = {(e["event"], e.get("source"), e.get("tool")) for e in events}
-    assert (
-        "tool source unavailable; its tools are skipped until the next reload",
-        "down",
-        None,
-    ) in warnings
-    assert ("tool of a source skipped", "clash", "echo") in warnings  # declared tools win
+    assert [h.state for h in registry.sources] == [
+        SourceState.UP,
+        SourceState.DOWN,
+        SourceState.UP,
+    ]
+    assert "ConnectionError: connection refused" in registry.sources[1].error
+    warnings = {(e["event"], e.get("source")) for e in events}
+    assert ("tool source unavailable; listing it again in the background", "down") in warnings
+    # The tools file's own tools win a name; the source's tool is a recorded collision.
+    assert registry.collisions == [Collision("echo", "tools", "clash")]
+    assert registry.served == {"up": 1, "down": 0, "clash": 0}
     await registry.aclose()
     assert [s.closed for s in fake_sources] == [1, 1, 1]
 
@@ -333,14 +340,45 @@ async def test_unchanged_sources_are_reused_on_the_next_load(
     assert list(second) == ["echo", "up2_ping"]
     _, down, clash, new_up = fake_sources
     assert [h.source for h in second.sources] == [new_up, down, clash]
-    assert down.asked == 2  # an unreachable source is asked again on every load
+    # The reused handles are the same objects: still listing, not started twice.
+    assert second.sources[1] is first.sources[1]
+    await second.aclose()
+    await first.sources[0].aclose()
+
+
+async def test_a_source_that_answers_late_joins_the_catalog_without_a_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Late(FakeSource):
+        """Refuses its first three listings, then answers."""
+
+        async def tools(self) -> list[Tool]:
+            if self.asked < 3:
+                self.asked += 1
+                raise ConnectionError("not yet")
+            return await super().tools()  # counted there
+
+    monkeypatch.setattr(loader, "_source_classes", lambda *_: {"mcp_servers": Late})
+    path = write(tmp_path / "t.yaml", "mcp_servers:\n  - {name: late, url: 'http://late/'}")
+    options = LoadOptions(source_timeout=0.2, source_retry_max=0.05)
+    holder = RegistryHolder(await load_registry(path, options))
+    try:
+        handle = holder.current.sources[0]
+        assert len(holder) == 0  # the load did not wait for it
+        for _ in range(200):
+            if "ping" in holder:
+                break
+            await asyncio.sleep(0.01)
+        assert list(holder) == ["ping"]
+        assert handle.state is SourceState.UP and handle.error == ""
+        assert handle.source.asked == 4  # type: ignore[attr-defined]
+    finally:
+        await holder.aclose()
 
 
 async def test_slow_sources_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     class Silent(FakeSource):
         async def tools(self) -> list[Tool]:
-            import asyncio
-
             await asyncio.sleep(30)
             return []
 
@@ -348,6 +386,8 @@ async def test_slow_sources_are_bounded(tmp_path: Path, monkeypatch: pytest.Monk
     path = write(tmp_path / "t.yaml", "mcp_servers:\n  - {name: s, url: 'http://s.invalid/'}")
     registry = await load_registry(path, LoadOptions(source_timeout=0.2))
     assert len(registry) == 0 and len(registry.sources) == 1
+    assert registry.sources[0].state is SourceState.CONNECTING
+    await registry.aclose()
 
 
 async def test_real_sources_mcp_over_stdio_and_an_unreachable_grpc_server(tmp_path: Path) -> None:

@@ -1,12 +1,15 @@
-"""McpSource over streamable HTTP against a real MCP server process on 127.0.0.1
-(servers/mcp_tools_server.py --http): listing, invocation, the error tool, a server that
-goes away (MCP_UNAVAILABLE, then recovery once it is back) and a server that restarted
-while the session was idle (it forgot the session: a new one is opened transparently)."""
+"""McpSource over HTTP against a real MCP server process on 127.0.0.1
+(servers/mcp_tools_server.py --http / --sse): listing, invocation, the error tool, a server
+that goes away (MCP_UNAVAILABLE, then recovery once it is back), a server that restarted
+while the session was idle (it forgot the session: a new one is opened transparently),
+``headers`` with ``${VAR}`` secrets, and the legacy HTTP+SSE transport."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +35,11 @@ class HttpServer:
     process: asyncio.subprocess.Process
     port: int
 
+    sse: bool = False
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
+        return f"http://127.0.0.1:{self.port}/{'sse' if self.sse else 'mcp'}"
 
     async def stop(self) -> None:
         if self.process.returncode is None:
@@ -42,10 +47,11 @@ class HttpServer:
         await self.process.wait()
 
 
-async def start_server(port: int = 0) -> HttpServer:
+async def start_server(port: int = 0, *, sse: bool = False) -> HttpServer:
     """Start the server (port 0: a free one) and wait until it listens."""
+    transport = "--sse" if sse else "--http"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(SERVER), "--http", "--port", str(port), stdout=asyncio.subprocess.PIPE
+        sys.executable, str(SERVER), transport, "--port", str(port), stdout=asyncio.subprocess.PIPE
     )
     assert process.stdout is not None
     try:
@@ -55,7 +61,7 @@ async def start_server(port: int = 0) -> HttpServer:
         await process.wait()
         raise
     assert line.startswith("listening "), f"MCP HTTP server did not start: {line!r}"
-    return HttpServer(process, int(line.split()[1]))
+    return HttpServer(process, int(line.split()[1]), sse)
 
 
 @pytest.fixture
@@ -142,3 +148,52 @@ async def test_an_unreachable_url_is_unavailable() -> None:
         assert "ConnectError" in raised.value.message
     finally:
         await mcp.aclose()
+
+
+def secret_headers(token: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The entry's headers and the environment they read ``token`` from."""
+    headers = {"Authorization": "Bearer ${TRELLIS_TEST_MCP_TOKEN}", "X-Trellis-Test": "plain"}
+    return headers, {"TRELLIS_TEST_MCP_TOKEN": token}
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("sse", [False, True], ids=["streamable_http", "sse"])
+async def test_headers_with_secrets_reach_the_server(sse: bool) -> None:
+    running = await start_server(sse=sse)
+    token = f"tok-{uuid.uuid4().hex}"
+    headers, environ = secret_headers(token)
+    transport = "sse" if sse else "streamable_http"
+    config = McpServer(name="authed", url=running.url, transport=transport, headers=headers)
+    mcp = McpSource(config, environ=environ)
+    try:
+        tools = await tools_of(mcp)
+        auth = await tools["header"].run({"name": "Authorization"})
+        # The server got the token (same digest); the output shows it scrubbed.
+        assert auth == {"value": "Bearer [redacted]", "sha256": digest(f"Bearer {token}")}
+        plain = await tools["header"].run({"name": "X-Trellis-Test"})
+        assert plain["value"] == "plain"
+        assert await tools["add"].run({"a": 20, "b": 22}) == {"sum": 42}
+    finally:
+        await mcp.aclose()
+        await running.stop()
+    assert config.headers["Authorization"] == "Bearer ${TRELLIS_TEST_MCP_TOKEN}"
+
+
+async def test_sse_server_that_goes_away_is_unavailable_until_it_is_back() -> None:
+    running = await start_server(sse=True)
+    mcp = McpSource(McpServer(name="sse", url=running.url, transport="sse"))
+    try:
+        tools = await tools_of(mcp)
+        first = (await tools["pid"].run({}))["pid"]
+        await running.stop()
+        with pytest.raises(ToolError) as raised:
+            await tools["pid"].run({})
+        assert raised.value.code == "MCP_UNAVAILABLE"
+        running = await start_server(running.port, sse=True)
+        assert (await tools["pid"].run({}))["pid"] == running.process.pid != first
+    finally:
+        await mcp.aclose()
+        await running.stop()

@@ -1,13 +1,16 @@
 """McpSource over stdio against a real MCP server process (servers/mcp_tools_server.py):
 listing, contracts and policy, invocation through the Invoker, structured and text output,
-the error tool, one session shared by calls from any task, a server that dies, timeouts,
-and closing."""
+the error tool, one session shared by calls from any task, a server that dies (idle, or
+mid-call for safe and unsafe tools), timeouts, closing, stderr as tagged JSON log lines,
+list_changed, resources, and ``${VAR}`` secrets."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
+from tests.support.json_logs import JsonLogs
 from trellis.common.v1 import common_pb2
 from trellis.runtime.convert import from_value
 from trellis.runtime.errors import InvalidArgument
@@ -29,11 +33,20 @@ SUCCEEDED = common_pb2.NodeStatus.NODE_STATUS_SUCCEEDED
 FAILED = common_pb2.NodeStatus.NODE_STATUS_FAILED
 
 
+#: The test server's tools without annotations, and those with.
+UNANNOTATED = {
+    "add", "echo", "lines", "picture", "fail", "env", "pid", "slow", "traceparent", "die",
+    "header", "grow",
+}  # fmt: skip
+ANNOTATED = {"lookup", "store", "append", "ensure", "flaky_read", "flaky_write", "shout"}
+
+
 def stdio_config(**policy: object) -> McpServer:
+    env = {"TRELLIS_MCP_TEST": "from-config", **policy.pop("env", {})}  # type: ignore[dict-item]
     return McpServer(
         name="testmcp",
         command=[sys.executable, str(SERVER)],
-        env={"TRELLIS_MCP_TEST": "from-config"},
+        env=env,
         prefix="t.",
         **policy,  # type: ignore[arg-type]
     )
@@ -71,10 +84,7 @@ async def test_lists_the_servers_tools_with_their_contract_and_the_config_policy
         tools = await tools_of(source)
     finally:
         await source.aclose()
-    assert set(tools) == {
-        f"t.{n}"
-        for n in ("add", "echo", "lines", "picture", "fail", "env", "pid", "slow", "traceparent")
-    } | {"t.die"}
+    assert set(tools) == {f"t.{n}" for n in UNANNOTATED | ANNOTATED} | {"t.read_resource"}
     add = tools["t.add"].spec
     assert add.description == "Add two integers."
     assert add.input_schema["required"] == ["a", "b"]
@@ -82,10 +92,13 @@ async def test_lists_the_servers_tools_with_their_contract_and_the_config_policy
     # The server's outputSchema when it has one, else any JSON value.
     assert add.output_schema["type"] == "object"
     assert tools["t.echo"].spec.output_schema == PERMISSIVE_SCHEMA == {}
-    # Execution policy comes from the config, for every tool of the source.
-    assert {(t.spec.timeout, t.spec.cache_ttl, t.spec.retries) for t in tools.values()} == {
+    # Execution policy comes from the config for every tool that says nothing of itself
+    # (annotated tools: test_gateway_mcp_policy).
+    unannotated = [tools[f"t.{n}"] for n in UNANNOTATED]
+    assert {(t.spec.timeout, t.spec.cache_ttl, t.spec.retries) for t in unannotated} == {
         (20, 30, 2)
     }
+    assert (tools["t.lookup"].spec.cache_ttl, tools["t.store"].spec.side_effects) == (30, True)
     assert add.cost_nano_usd == 7 and add.version == "1" and not add.side_effects
     assert tools["t.add"].remote_name == "add"  # type: ignore[attr-defined]
 
@@ -260,3 +273,137 @@ def test_a_config_without_a_command_is_refused() -> None:
     config = McpServer.model_construct(name="empty", command=[], url=None)
     with pytest.raises(ValueError, match="command is empty"):
         McpSource(config)
+
+
+async def test_a_server_killed_while_idle_is_reached_again_by_the_next_call_of_any_tool(
+    source: McpSource,
+) -> None:
+    ended = asyncio.Event()
+    source.watch(ended.set)  # told when the server goes away
+    tools = await tools_of(source)
+    first = (await tools["t.pid"].run({}))["pid"]
+    os.kill(first, signal.SIGKILL)
+    await asyncio.wait_for(ended.wait(), 10)
+    # Nothing was in flight: the call goes to a new session, whatever the tool (``add``
+    # says nothing of being safe to repeat; it never reached the dead server).
+    outcome = await invoker_for(tools).invoke(Call(tool="t.add", args={"a": 1, "b": 2}))
+    assert outcome.status == SUCCEEDED, outcome.error
+    assert (outcome.attempts, from_value(outcome.output)) == (1, {"sum": 3})
+    assert (await tools["t.pid"].run({}))["pid"] != first
+
+
+async def test_a_safe_call_lost_mid_call_is_sent_once_more_on_a_new_session(
+    source: McpSource, tmp_path: Path
+) -> None:
+    tools = await tools_of(source)
+    first = (await tools["t.pid"].run({}))["pid"]
+    marker = str(tmp_path / "read-marker")
+    # flaky_read is read-only: the server dies under the first call, which is then sent
+    # again on a new session, so the caller sees one successful attempt.
+    outcome = await invoker_for(tools).invoke(Call(tool="t.flaky_read", args={"marker": marker}))
+    assert outcome.status == SUCCEEDED, outcome.error
+    assert outcome.attempts == 1
+    assert from_value(outcome.output)["pid"] not in (first, 0)
+    assert (tmp_path / "read-marker").exists()
+
+
+async def test_an_unsafe_call_lost_mid_call_is_not_sent_again(
+    source: McpSource, tmp_path: Path
+) -> None:
+    tools = await tools_of(source)
+    assert tools["t.flaky_write"].spec.side_effects  # destructive
+    marker = str(tmp_path / "write-marker")
+    outcome = await invoker_for(tools).invoke(
+        Call(tool="t.flaky_write", args={"marker": marker}), idempotency_key="run/n1"
+    )
+    # It may have taken effect: the caller learns the session was lost, nothing is resent.
+    assert outcome.status == FAILED
+    assert (outcome.error.code, outcome.error.retryable, outcome.attempts) == (
+        "MCP_UNAVAILABLE",
+        True,
+        1,
+    )
+    # The next call (a new node) reaches a new server: the marker is there, so it answers.
+    assert "pid" in await tools["t.flaky_write"].run({"marker": marker})
+
+
+async def test_stderr_lines_are_json_log_events_tagged_with_the_server() -> None:
+    logs = JsonLogs(level="info")
+    mcp = McpSource(stdio_config())
+    try:
+        tools = await tools_of(mcp)
+        await tools["t.shout"].run({"text": "something went wrong {oops}"})
+        await mcp.aclose()  # the pipe is drained when the server stops
+    finally:
+        logs.restore()
+        await mcp.aclose()
+    stderr = [e for e in logs.events() if e["event"] == "MCP server stderr"]
+    last = {"server": "testmcp", "line": "something went wrong {oops}"}
+    assert last.items() <= stderr[-1].items()
+    assert stderr[0]["line"].startswith("trellis-test-tools starting")
+    assert all(e["level"] == "info" and e["server"] == "testmcp" for e in stderr)
+    # Nothing the server wrote reached the gateway's stderr unwrapped.
+    assert not any(not line.startswith("{") for line in logs.lines())
+
+
+async def test_list_changed_tells_the_watcher_and_the_new_tool_is_listed(
+    source: McpSource,
+) -> None:
+    changed = asyncio.Event()
+    source.watch(changed.set)
+    tools = await tools_of(source)
+    assert "t.fresh" not in tools
+    assert await tools["t.grow"].run({"name": "fresh"}) == {"added": "fresh"}
+    await asyncio.wait_for(changed.wait(), 10)
+    tools = await tools_of(source)
+    assert await tools["t.fresh"].run({"text": "hi"}) == {"result": "fresh: hi"}
+
+
+async def test_resources_are_read_through_a_read_resource_tool(source: McpSource) -> None:
+    tools = await tools_of(source)
+    reader = tools["t.read_resource"]
+    assert "- trellis://readme: readme - What this server is." in reader.spec.description
+    assert "- trellis://notes/{topic}: note - A note on a topic." in reader.spec.description
+    assert not reader.spec.side_effects and reader.spec.input_schema["required"] == ["uri"]
+    invoker = invoker_for(tools)
+    outcome = await invoker.invoke(Call(tool="t.read_resource", args={"uri": "trellis://readme"}))
+    assert from_value(outcome.output) == "A small MCP server for the gateway's tests."
+    note = await reader.run({"uri": "trellis://notes/cats"})
+    assert note == "Notes on cats."
+    missing = await invoker.invoke(Call(tool="t.read_resource", args={"uri": "trellis://none"}))
+    assert (missing.status, missing.error.code) == (FAILED, "MCP_RESOURCE_ERROR")
+
+
+@pytest.mark.parametrize("entry", [{"resources": False}, {"exclude": ["read_*"]}])
+async def test_resources_can_be_left_out(entry: dict) -> None:
+    mcp = McpSource(stdio_config(**entry))
+    try:
+        assert "t.read_resource" not in await tools_of(mcp)
+    finally:
+        await mcp.aclose()
+
+
+async def test_env_secrets_reach_the_server_and_are_kept_out_of_outputs_and_logs() -> None:
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    logs = JsonLogs(level="info")
+    config = stdio_config(env={"TRELLIS_MCP_TEST_SECRET": "${TRELLIS_TEST_TOKEN}"})
+    mcp = McpSource(config, environ={"TRELLIS_TEST_TOKEN": secret})
+    try:
+        tools = await tools_of(mcp)
+        # The server has it (its output is scrubbed, so compare what it does with it) ...
+        value = await tools["t.env"].run({"name": "TRELLIS_MCP_TEST_SECRET"})
+        assert value == {"value": "[redacted]"}
+        outcome = await invoker_for(tools).invoke(
+            Call(tool="t.fail", args={"reason": f"bad key {secret}"})
+        )
+        assert outcome.status == FAILED and secret not in str(outcome.error)
+        assert "bad key [redacted]" in outcome.error.message
+        await mcp.aclose()
+    finally:
+        logs.restore()
+        await mcp.aclose()
+    # ... and it printed it to stderr at start, which the logs hold redacted.
+    text = "\n".join(logs.lines())
+    assert secret not in text
+    assert "trellis-test-tools starting; secret=[redacted]" in text
+    assert config.env["TRELLIS_MCP_TEST_SECRET"] == "${TRELLIS_TEST_TOKEN}"  # the file's text

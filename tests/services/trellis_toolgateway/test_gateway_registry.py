@@ -130,3 +130,14 @@ def test_a_tool_name_against_the_rule_is_refused(name: str) -> None:
     with pytest.raises(ValueError, match="tool name"):
         ToolRegistry([tool(name)])
     assert ToolRegistry([tool("mcp.files_read:v2")]).get("mcp.files_read:v2") is not None
+
+
+def test_the_catalog_version_depends_on_the_specs_only() -> None:
+    """Replicas loading the same file agree on the version, whatever the order; any change
+    of a spec the callers see moves it."""
+    one = ToolRegistry([tool("a"), tool("b")])
+    assert one.version == ToolRegistry([tool("b"), tool("a")]).version
+    assert len(one.version) == 32
+    assert one.version != ToolRegistry([tool("a")]).version
+    assert one.version != ToolRegistry([tool("a"), tool("b", timeout=3)]).version
+    assert one.composed().version == one.version

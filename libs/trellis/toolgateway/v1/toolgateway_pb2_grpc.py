@@ -52,7 +52,10 @@ class ToolGatewayServiceServicer:
     """
 
     def ListTools(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The catalog: every tool the caller's tenant may use, the state of each tool
+        source and the names that clash. A caller that already holds the current
+        catalog (known_catalog_version) gets only "unchanged".
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
