@@ -22,24 +22,29 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from trellis.common.v1 import common_pb2 as trellis_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(trellis/toolgateway/v1/toolgateway.proto\x12\x16trellis.toolgateway.v1\x1a\x1etrellis/common/v1/common.proto\"\x12\n\x10ListToolsRequest\"?\n\x11ListToolsResponse\x12*\n\x05tools\x18\x01 \x03(\x0b\x32\x1b.trellis.common.v1.ToolSpec\"\x99\x01\n\x11InvokeToolRequest\x12)\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1b.trellis.common.v1.ToolCall\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x30\n\ncache_mode\x18\x04 \x01(\x0e\x32\x1c.trellis.common.v1.CacheMode\"E\n\x12InvokeToolResponse\x12/\n\x07outcome\x18\x01 \x01(\x0b\x32\x1e.trellis.common.v1.NodeOutcome2\xdb\x01\n\x12ToolGatewayService\x12`\n\tListTools\x12(.trellis.toolgateway.v1.ListToolsRequest\x1a).trellis.toolgateway.v1.ListToolsResponse\x12\x63\n\nInvokeTool\x12).trellis.toolgateway.v1.InvokeToolRequest\x1a*.trellis.toolgateway.v1.InvokeToolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(trellis/toolgateway/v1/toolgateway.proto\x12\x16trellis.toolgateway.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1etrellis/common/v1/common.proto\"\x12\n\x10ListToolsRequest\"?\n\x11ListToolsResponse\x12*\n\x05tools\x18\x01 \x03(\x0b\x32\x1b.trellis.common.v1.ToolSpec\"\x99\x01\n\x11InvokeToolRequest\x12)\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1b.trellis.common.v1.ToolCall\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x30\n\ncache_mode\x18\x04 \x01(\x0e\x32\x1c.trellis.common.v1.CacheMode\"E\n\x12InvokeToolResponse\x12/\n\x07outcome\x18\x01 \x01(\x0b\x32\x1e.trellis.common.v1.NodeOutcome\"u\n\x16InvalidateCacheRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x13\n\x0b\x61ll_tenants\x18\x03 \x01(\x08\x12%\n\x04\x61rgs\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\".\n\x17InvalidateCacheResponse\x12\x13\n\x0binvalidated\x18\x01 \x01(\x03\x32\xcf\x02\n\x12ToolGatewayService\x12`\n\tListTools\x12(.trellis.toolgateway.v1.ListToolsRequest\x1a).trellis.toolgateway.v1.ListToolsResponse\x12\x63\n\nInvokeTool\x12).trellis.toolgateway.v1.InvokeToolRequest\x1a*.trellis.toolgateway.v1.InvokeToolResponse\x12r\n\x0fInvalidateCache\x12..trellis.toolgateway.v1.InvalidateCacheRequest\x1a/.trellis.toolgateway.v1.InvalidateCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'trellis.toolgateway.v1.toolgateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTTOOLSREQUEST']._serialized_start=100
-  _globals['_LISTTOOLSREQUEST']._serialized_end=118
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=120
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=183
-  _globals['_INVOKETOOLREQUEST']._serialized_start=186
-  _globals['_INVOKETOOLREQUEST']._serialized_end=339
-  _globals['_INVOKETOOLRESPONSE']._serialized_start=341
-  _globals['_INVOKETOOLRESPONSE']._serialized_end=410
-  _globals['_TOOLGATEWAYSERVICE']._serialized_start=413
-  _globals['_TOOLGATEWAYSERVICE']._serialized_end=632
+  _globals['_LISTTOOLSREQUEST']._serialized_start=130
+  _globals['_LISTTOOLSREQUEST']._serialized_end=148
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=150
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=213
+  _globals['_INVOKETOOLREQUEST']._serialized_start=216
+  _globals['_INVOKETOOLREQUEST']._serialized_end=369
+  _globals['_INVOKETOOLRESPONSE']._serialized_start=371
+  _globals['_INVOKETOOLRESPONSE']._serialized_end=440
+  _globals['_INVALIDATECACHEREQUEST']._serialized_start=442
+  _globals['_INVALIDATECACHEREQUEST']._serialized_end=559
+  _globals['_INVALIDATECACHERESPONSE']._serialized_start=561
+  _globals['_INVALIDATECACHERESPONSE']._serialized_end=607
+  _globals['_TOOLGATEWAYSERVICE']._serialized_start=610
+  _globals['_TOOLGATEWAYSERVICE']._serialized_end=945
 # @@protoc_insertion_point(module_scope)
