@@ -21,7 +21,9 @@ from jsonschema import Draft202012Validator
 
 from trellis.runtime.logs import get_logger
 from trellis.runtime.validation import TOOL_NAME
+from trellis_toolgateway.invalidation import InvalidationIndex
 from trellis_toolgateway.tools.base import Spec, Tool, ToolSource
+from trellis_toolgateway.tools.config import WarmCall
 
 log = get_logger(__name__)
 
@@ -51,6 +53,9 @@ class ToolLookup(Protocol):
 
     def specs(self) -> list[Spec]: ...
 
+    @property
+    def invalidation(self) -> InvalidationIndex: ...
+
 
 class ToolRegistry:
     """Tools by name. Names are unique (registering a name twice is a bug) and follow
@@ -59,6 +64,9 @@ class ToolRegistry:
     def __init__(self, tools: Sequence[Tool] | None = None) -> None:
         self._entries: dict[str, Entry] = {}
         self.sources: list[SourceHandle] = []
+        #: Calls to make so their results are cached (the tools file's ``warm``).
+        self.warm: list[WarmCall] = []
+        self._invalidation: InvalidationIndex | None = None
         for tool in tools or ():
             self.register(tool)
 
@@ -76,12 +84,23 @@ class ToolRegistry:
             Draft202012Validator(tool.spec.input_schema),
             Draft202012Validator(tool.spec.output_schema),
         )
+        self._invalidation = None
 
     def get(self, name: str) -> Entry | None:
         return self._entries.get(name)
 
     def specs(self) -> list[Spec]:
         return [e.tool.spec for e in self._entries.values()]
+
+    def tools(self) -> dict[str, Tool]:
+        return {name: e.tool for name, e in self._entries.items()}
+
+    @property
+    def invalidation(self) -> InvalidationIndex:
+        """The ``invalidates`` rules resolved against these tools (built once)."""
+        if self._invalidation is None:
+            self._invalidation = InvalidationIndex(e.tool for e in self._entries.values())
+        return self._invalidation
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -130,6 +149,10 @@ class RegistryHolder:
 
     def specs(self) -> list[Spec]:
         return self.current.specs()
+
+    @property
+    def invalidation(self) -> InvalidationIndex:
+        return self.current.invalidation
 
     def __contains__(self, name: object) -> bool:
         return name in self.current
