@@ -2,7 +2,8 @@
 
 Whatever ``TRELLIS_REDIS_URL`` says, the servicer must see the same behaviour: round
 trip with remaining TTL, expiry, invalidation by key, by tag and by tag group (entries
-carrying every tag of a group), overwrite semantics, stats. Real time with short TTLs, because Redis expires on its own clock.
+carrying every tag of a group), overwrite semantics, stats. Real time with short TTLs,
+because Redis expires on its own clock.
 """
 
 from __future__ import annotations
