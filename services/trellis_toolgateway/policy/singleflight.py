@@ -42,9 +42,6 @@ class SingleFlight(Generic[T]):
     def __len__(self) -> int:
         return len(self._flights)
 
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._flights
-
     async def drain(self) -> None:
         """Wait for the flights under way now, their ``then`` included (errors are the
         callers')."""
