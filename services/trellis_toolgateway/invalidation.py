@@ -24,7 +24,7 @@ window where a result computed before an invalidation would be stored after it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -188,19 +188,23 @@ def changed_tools(
     return stale
 
 
-@dataclass(eq=False)
 class Write:
-    """A cache write under way: the tags its entry will carry."""
+    """A cache write under way: the tags its entry will carry, worked out only when
+    needed (a hit never writes; an invalidation or the write asks for them)."""
 
-    tags: tuple[str, ...]
-    #: Set when an invalidation matching these tags landed meanwhile: do not store.
-    stale: bool = False
+    __slots__ = ("_tags_of", "stale")
 
-    def __post_init__(self) -> None:
-        self._set = frozenset(self.tags)
+    def __init__(self, tags_of: Callable[[], Sequence[str]]) -> None:
+        self._tags_of = tags_of
+        #: Set when an invalidation matching these tags landed meanwhile: do not store.
+        self.stale = False
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self._tags_of())
 
     def matches(self, group: frozenset[str]) -> bool:
-        return group <= self._set
+        return group.issubset(self._tags_of())
 
 
 @dataclass
@@ -216,8 +220,9 @@ class PendingWrites:
 
     _writes: set[Write] = field(default_factory=set)
 
-    def begin(self, tags: Sequence[str]) -> Write:
-        write = Write(tuple(tags))
+    def begin(self, tags_of: Callable[[], Sequence[str]]) -> Write:
+        """A write whose entry will carry ``tags_of()`` (called at most when needed)."""
+        write = Write(tags_of)
         self._writes.add(write)
         return write
 

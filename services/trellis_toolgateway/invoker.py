@@ -45,11 +45,12 @@ refresh is reported outside any run (the tenant pays; the run that hit paid noth
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
@@ -139,8 +140,7 @@ class Call:
         return cls(tool=call.tool, args=from_struct(call.args), node_id=call.node_id)
 
 
-@dataclass(frozen=True)
-class _Flown:
+class _Flown(NamedTuple):
     """What one cache flight found or ran, and whether to store the outcome."""
 
     outcome: NodeOutcome
@@ -558,7 +558,7 @@ class Invoker:
         writes: list[Write] = []  # the leader's, begun before it reads the cache
 
         async def flight() -> _Flown:
-            writes.append(self._pending.begin(self._tags(entry, tenant, call)))
+            writes.append(self._pending.begin(self._tags_of(entry, tenant, call)))
             try:
                 return await self._lookup_or_run(entry, call, run_id, key, mode, span)
             except BaseException:
@@ -569,7 +569,7 @@ class Invoker:
             try:
                 write = writes[0]
                 if flown.write and not write.stale:
-                    await self._cache.store(key, flown.outcome.output, ttl, list(write.tags), span)
+                    await self._cache.store(key, flown.outcome.output, ttl, write.tags, span)
             finally:
                 self._pending.end(writes[0])
 
@@ -591,8 +591,10 @@ class Invoker:
                 self._start_refresh(entry, call, key, ttl, expires_at)
         return outcome, cache_use
 
-    def _tags(self, entry: Entry, tenant: str, call: Call) -> list[str]:
-        return self._registry.invalidation.tags(entry.tool, tenant, call.args)
+    def _tags_of(self, entry: Entry, tenant: str, call: Call) -> Callable[[], list[str]]:
+        """The tags of ``call``'s cache entry, worked out (once) when first asked for."""
+        index = self._registry.invalidation
+        return functools.cache(lambda: index.tags(entry.tool, tenant, call.args))
 
     async def _lookup_or_run(
         self,
@@ -662,12 +664,11 @@ class Invoker:
             ):
 
                 async def flight() -> _Flown:
-                    write = self._pending.begin(self._tags(entry, context.tenant(), call))
+                    write = self._pending.begin(self._tags_of(entry, context.tenant(), call))
                     try:
                         outcome = await self._execute(entry, Call(spec.name, call.args), "", span)
                         if outcome.status == SUCCEEDED and not write.stale and self._cache:
-                            tags = list(write.tags)
-                            await self._cache.store(key, outcome.output, ttl, tags, span)
+                            await self._cache.store(key, outcome.output, ttl, write.tags, span)
                     finally:
                         self._pending.end(write)
                     return _Flown(outcome, "refresh", False)
