@@ -8,7 +8,7 @@ TRELLIS_CACHE_ADMIN_TENANTS. ``--arg k=v`` keeps to the results whose argument `
 
 The gateway is not published outside a deployment (only the executor is), so the
 command runs where the gateway is reachable: ``docker compose exec toolgateway trellis
-cache invalidate ...`` or ``kubectl exec deploy/toolgateway -- trellis cache invalidate
+cache invalidate ...`` or ``kubectl exec deployment/toolgateway -- trellis cache invalidate
 ...`` (TRELLIS_TOOLGATEWAY_TARGET is set there), or through a port-forward.
 """
 

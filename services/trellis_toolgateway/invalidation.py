@@ -76,7 +76,7 @@ class InvalidationIndex:
                     t for t in cacheable if any(fnmatchcase(t.spec.name, p) for p in rule.tools)
                 )
                 rules.append(_Rule(rule, targets))
-                for target in targets:
+                for target in targets if rule.same_path else ():
                     path_args.setdefault(target.spec.name, set()).update(rule.same_path)
             self._rules[tool.spec.name] = tuple(rules)
         #: Tool -> its arguments compared as paths (tagged per directory).
