@@ -12,6 +12,14 @@ its own runs.
   (cache Get miss, run, cache Set), minus the tool's own time as the tool measured it.
   ``cache.bypass_overhead_*`` is the same with ``CACHE_MODE_BYPASS`` (no cache at all).
 - ``single_flight.*``: 100 identical concurrent calls of a slow cacheable tool.
+- ``cache.refresh_ahead_*``: a hot key (TTL 1 s, ``refresh_ahead`` 0.3, a 50 ms tool)
+  read back to back by 4 clients for 3 TTLs after its first call: the share of reads
+  answered from the cache, the background refreshes it took, the p99 read. ``cache.no_refresh_*``
+  is the same key without refresh-ahead: each expiry is a miss, and the reads arriving
+  while it runs wait for it too (as single-flight followers, counted as hits).
+- ``cache.invalidate_*``: InvalidateCache of one tool's result for one argument value
+  (client -> gateway -> cache Invalidate by tag group), one at a time, each with its
+  entry present.
 
 The headline figures are timed on a bare ``grpc.aio`` channel (what a client in any
 language sees); ``cache.trellis_client_hit_p50_ms`` adds the Python client's own
@@ -30,7 +38,7 @@ from typing import Any
 
 from grpc import aio
 
-from bench.results import percentile
+from bench.results import percentile, targets_met
 from trellis.clients.cache import CacheClient
 from trellis.clients.toolgateway import ToolGatewayClient
 from trellis.common.v1 import common_pb2
@@ -52,12 +60,14 @@ TARGETS: dict[str, tuple[str, float]] = {
     "cache.hit_p50_ms": ("<=", 2.0),
     "cache.miss_overhead_p50_ms": ("<=", 3.0),
     "single_flight.backend_runs": ("==", 1),
+    "cache.refresh_ahead_hit_ratio": (">=", 0.99),
 }
 
 SERVICE_NAME = toolgateway_pb2.DESCRIPTOR.services_by_name["ToolGatewayService"].full_name
 MISS_TOOL_MS = 2
 FLIGHT_TOOL_MS = 200
 CONCURRENT_CALLS = 100
+HOT_TTL, HOT_FRACTION, HOT_TOOL_MS, HOT_READERS, HOT_TTLS = 1.0, 0.3, 50, 4, 3
 Mode = common_pb2.CacheMode
 
 
@@ -66,9 +76,16 @@ class BenchTools:
 
     def __init__(self) -> None:
         self.flight_runs = 0
+        self.hot_runs = 0
         obj: dict[str, Json] = {"type": "object"}
+        hot = {"cache_ttl": HOT_TTL}
         self.registry = ToolRegistry(
             [
+                FunctionTool(
+                    Spec("bench_hot", "hot key", obj, obj, refresh_ahead=HOT_FRACTION, **hot),
+                    self._hot,
+                ),
+                FunctionTool(Spec("bench_hot_plain", "hot key", obj, obj, **hot), self._hot),
                 FunctionTool(Spec("bench_lookup", "cached lookup", obj, obj, cache_ttl=300), _echo),
                 FunctionTool(Spec("bench_sleep", "timed sleep", obj, obj, cache_ttl=300), _sleep),
                 FunctionTool(
@@ -76,6 +93,11 @@ class BenchTools:
                 ),
             ]
         )
+
+    async def _hot(self, args: dict[str, Json]) -> Json:
+        self.hot_runs += 1
+        await asyncio.sleep(HOT_TOOL_MS / 1000)
+        return {"run": self.hot_runs}
 
     async def _flight(self, args: dict[str, Json]) -> Json:
         self.flight_runs += 1
@@ -179,6 +201,55 @@ async def measure_single_flight(client: ToolGatewayClient, tools: BenchTools) ->
     }
 
 
+async def measure_hot_key(
+    client: ToolGatewayClient, tools: BenchTools, tool: str, prefix: str
+) -> dict[str, Any]:
+    """A hot key read back to back by ``HOT_READERS`` clients for ``HOT_TTLS`` TTLs after
+    its first (cold) call: the share of hits, the p99 read, the backend runs."""
+    req = request(tool, {"key": f"hot-{uuid.uuid4()}"})
+    await client.invoke(req)  # cold: the one expected miss, not counted
+    runs_before = tools.hot_runs
+    stop = time.perf_counter() + HOT_TTL * HOT_TTLS
+    times: list[float] = []
+    hits = 0
+
+    async def reader() -> None:
+        nonlocal hits
+        while time.perf_counter() < stop:
+            ms, outcome = await timed(client, req)
+            times.append(ms)
+            hits += outcome.cache_hit
+
+    await asyncio.gather(*(reader() for _ in range(HOT_READERS)))
+    return {
+        f"{prefix}_hit_ratio": hits / len(times),
+        f"{prefix}_reads": len(times),
+        f"{prefix}_misses": len(times) - hits,
+        f"{prefix}_backend_runs": tools.hot_runs - runs_before,
+        f"{prefix}_read_p99_ms": percentile(times, 99),
+    }
+
+
+async def measure_invalidate(client: ToolGatewayClient, samples: int, warmup: int) -> dict:
+    """InvalidateCache of one cached result (by argument value), one at a time."""
+    times = []
+    for i in range(warmup + samples):
+        args = {"key": f"inv-{uuid.uuid4()}"}
+        await client.invoke(request("bench_lookup", args))
+        start = time.perf_counter()
+        removed = await client.invalidate_cache("bench_lookup", args=args)
+        elapsed = (time.perf_counter() - start) * 1000
+        if removed != 1:
+            raise RuntimeError(f"invalidation removed {removed} entries, not 1")
+        if i >= warmup:
+            times.append(elapsed)
+    return {
+        "invalidate_p50_ms": percentile(times, 50),
+        "invalidate_p99_ms": percentile(times, 99),
+        "invalidate_samples": samples,
+    }
+
+
 async def run(*, quick: bool = False) -> dict[str, dict[str, Any]]:
     """Start cache + gateway, measure, stop; the figures by section."""
     hit_n, miss_n, warmup = (300, 100, 20) if quick else (3000, 600, 100)
@@ -209,6 +280,11 @@ async def run(*, quick: bool = False) -> dict[str, dict[str, Any]]:
         with_interceptors = await measure_hits(trellis_client, hit_n // 3, warmup)
         cache_figures["trellis_client_hit_p50_ms"] = with_interceptors["hit_p50_ms"]
         flight = await measure_single_flight(client, tools)
+        cache_figures |= await measure_invalidate(client, miss_n, warmup)
+        cache_figures |= await measure_hot_key(client, tools, "bench_hot", "refresh_ahead")
+        cache_figures |= await measure_hot_key(client, tools, "bench_hot_plain", "no_refresh")
+        cache_figures |= {"hot_ttl_s": HOT_TTL, "hot_refresh_ahead": HOT_FRACTION}
+        cache_figures |= {"hot_tool_ms": HOT_TOOL_MS, "hot_readers": HOT_READERS}
     finally:
         if bare is not None:
             await bare.close()
@@ -219,12 +295,5 @@ async def run(*, quick: bool = False) -> dict[str, dict[str, Any]]:
         "cache": {k: round(v, 4) if isinstance(v, float) else v for k, v in cache_figures.items()},
         "single_flight": flight,
     }
-    sections["targets_met"] = {name: _met(sections, name) for name in TARGETS}
+    sections["targets_met"] = targets_met(sections, TARGETS)
     return sections
-
-
-def _met(sections: dict[str, dict[str, Any]], name: str) -> bool:
-    section, key = name.split(".", 1)
-    op, bound = TARGETS[name]
-    value = sections[section][key]
-    return bool(value <= bound if op == "<=" else value == bound)

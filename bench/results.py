@@ -58,10 +58,31 @@ def merge_write(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> dict[s
     return data
 
 
+def meets(value: float, op: str, bound: float) -> bool:
+    """Whether ``value`` meets the target ``op bound`` (``<=``, ``>=`` or ``==``)."""
+    if op == "<=":
+        return value <= bound
+    if op == ">=":
+        return value >= bound
+    return value == bound
+
+
+def targets_met(
+    sections: Mapping[str, Mapping[str, Any]], targets: Mapping[str, tuple[str, float]]
+) -> dict[str, bool]:
+    """Each target's verdict (``section.key`` -> met); a figure not measured is not met."""
+    verdicts = {}
+    for name, (op, bound) in targets.items():
+        section, key = name.split(".", 1)
+        value = sections.get(section, {}).get(key)
+        verdicts[name] = value is not None and meets(value, op, bound)
+    return verdicts
+
+
 def print_table(
     sections: Mapping[str, Mapping[str, Any]], targets: Mapping[str, tuple[str, float]]
 ) -> None:
-    """One line per figure; targets shown as ``<= x`` / ``== x`` with ok/MISSED."""
+    """One line per figure; targets shown as ``<= x`` / ``>= x`` / ``== x`` with ok/MISSED."""
     rows = []
     for section, values in sections.items():
         if section in ("machine", "targets_met"):
@@ -72,7 +93,7 @@ def print_table(
             if name in targets:
                 op, bound = targets[name]
                 target = f"{op} {bound:g}"
-                ok = value <= bound if op == "<=" else value == bound
+                ok = meets(value, op, bound)
                 verdict = "ok" if ok else "MISSED"
             shown = f"{value:.3f}" if isinstance(value, float) else str(value)
             rows.append((name, shown, target, verdict))

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import pytest
 
 from trellis.runtime.channels import Channels
+from trellis.runtime.ports import free_port
 from trellis.runtime.server import Builder, RunningServer, start_service
 from trellis.runtime.settings import ServiceSettings
 from trellis_offline_model.server import RunningModel, start_offline_model
@@ -130,9 +131,7 @@ class RedisServer:
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()  # never the same port twice in one test process
 
 
 def _answers_ping(port: int) -> bool:

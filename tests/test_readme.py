@@ -7,6 +7,7 @@ from pathlib import Path
 
 from trellis_cli.app import app
 from trellis_cli.config_table import markdown
+from trellis_toolgateway.loader import LoadOptions, declared_registry, read_tools_file
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -74,3 +75,19 @@ def test_deployment_commands_name_real_services_and_overlays() -> None:
     assert overlays
     for overlay in overlays:
         assert (ROOT / overlay / "kustomization.yaml").exists(), overlay
+
+
+def test_the_cache_freshness_example_is_a_tools_file_whose_rules_reach_its_tools(
+    tmp_path: Path,
+) -> None:
+    (example,) = [b for b in re.findall(r"```yaml\n(.*?)```", README, re.S) if "invalidates:" in b]
+    (tmp_path / "sandbox").mkdir()
+    file = tmp_path / "tools.yaml"
+    file.write_text(example)
+    registry = declared_registry(file, LoadOptions())
+    assert registry.invalidation.invalidates("copy_file")
+    assert registry.invalidation.path_args == {"read_file": {"path"}, "list_dir": {"path"}}
+    assert registry.get("list_dir").tool.spec.refresh_ahead == 0.2
+    assert [(w.tool, w.tenants) for w in read_tools_file(file).warm] == [
+        ("run_command", ["default", "acme"])
+    ]

@@ -19,6 +19,7 @@ from trellis.runtime.errors import NotFound, TrellisError
 from trellis.runtime.logs import setup_logging
 from trellis.runtime.settings import StartupError
 from trellis.runtime.sqlite import DEFAULT_DATABASE_URL
+from trellis_cli import cache as cache_module
 from trellis_cli import costs as costs_module
 from trellis_cli import exits
 from trellis_cli import keys as keys_module
@@ -201,6 +202,7 @@ app.add_typer(runs_app, name="runs")
 app.command()(costs_module.costs)
 app.add_typer(costs_module.budget_app, name="budget")
 app.add_typer(keys_module.keys_app, name="keys")
+app.add_typer(cache_module.cache_app, name="cache")
 
 
 def main() -> None:

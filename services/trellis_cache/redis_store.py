@@ -10,7 +10,8 @@ hold other data and ``prefix`` isolates deployments:
 - ``<prefix>stats``: a hash of ``hits`` and ``misses`` (HINCRBY), shared by all replicas.
 
 Each operation is one small Lua script (one round trip, atomic): Set replaces an entry
-*and* its tag memberships; Invalidate by tag is SMEMBERS + DEL done server-side. Storing
+*and* its tag memberships; Invalidate by tag is SMEMBERS + DEL done server-side, by tag
+group (entries carrying every tag of the group) SINTER of the groups' sets. Storing
 the entry's own tags in the entry lets a tag invalidation skip a key whose stale
 membership outlived the entry it was set for (expired, then set again with other tags).
 The scripts touch keys they derive from ``prefix`` (not only ``KEYS``): fine on a single
@@ -36,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
@@ -87,22 +88,28 @@ end
 return 1
 """
 
-# ARGV: prefix, keys (JSON list), tags (JSON list). Returns how many entries went.
+# ARGV: prefix, keys, tags, groups (JSON lists; a group is a list of tags). Returns how
+# many entries went. A group's members are SINTER of its tag sets.
 _INVALIDATE = """
 local prefix = ARGV[1]
 local removed = 0
-local function drop(key, tag_wanted)
+local function carries_all(tags, wanted)
+  for _, w in ipairs(wanted) do
+    local found = false
+    for _, tag in ipairs(tags) do
+      if tag == w then found = true break end
+    end
+    if not found then return false end
+  end
+  return true
+end
+local function drop(key, wanted)
   local entry = prefix .. 'entry:' .. key
   local encoded = redis.call('HGET', entry, 't')
   if not encoded then return end
   local tags = cjson.decode(encoded)
-  if tag_wanted then
-    local carries = false
-    for _, tag in ipairs(tags) do
-      if tag == tag_wanted then carries = true end
-    end
-    if not carries then return end  -- stale membership: the entry was set anew
-  end
+  -- a stale membership: the entry was set anew without (all of) these tags
+  if wanted and not carries_all(tags, wanted) then return end
   for _, tag in ipairs(tags) do
     redis.call('SREM', prefix .. 'tag:' .. tag, key)
   end
@@ -112,8 +119,13 @@ end
 for _, key in ipairs(cjson.decode(ARGV[2])) do drop(key, nil) end
 for _, tag in ipairs(cjson.decode(ARGV[3])) do
   local tag_key = prefix .. 'tag:' .. tag
-  for _, key in ipairs(redis.call('SMEMBERS', tag_key)) do drop(key, tag) end
+  for _, key in ipairs(redis.call('SMEMBERS', tag_key)) do drop(key, {tag}) end
   redis.call('DEL', tag_key)
+end
+for _, group in ipairs(cjson.decode(ARGV[4])) do
+  local tag_keys = {}
+  for i, tag in ipairs(group) do tag_keys[i] = prefix .. 'tag:' .. tag end
+  for _, key in ipairs(redis.call('SINTER', unpack(tag_keys))) do drop(key, group) end
 end
 return removed
 """
@@ -170,8 +182,18 @@ class RedisStore:
         with self._failures("set"):
             await self._set(keys=[self._entry(key)], args=args)
 
-    async def invalidate(self, keys: Iterable[str] = (), tags: Iterable[str] = ()) -> int:
-        args = [self._prefix, json.dumps(sorted(set(keys))), json.dumps(sorted(set(tags)))]
+    async def invalidate(
+        self,
+        keys: Iterable[str] = (),
+        tags: Iterable[str] = (),
+        groups: Iterable[Sequence[str]] = (),
+    ) -> int:
+        args = [
+            self._prefix,
+            json.dumps(sorted(set(keys))),
+            json.dumps(sorted(set(tags))),
+            json.dumps([sorted(set(group)) for group in groups if group]),
+        ]
         with self._failures("invalidate"):
             return int(await self._invalidate(keys=[], args=args))
 

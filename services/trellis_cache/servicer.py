@@ -5,7 +5,7 @@ backend's ``Unavailable`` (reason CACHE_BACKEND_UNAVAILABLE), which the runtime'
 interceptor sends as UNAVAILABLE so the gateway falls back to running the tool.
 A Get marks its RPC's server span with ``trellis.cache_hit``. Keys and tags follow
 ``trellis.runtime.validation.CACHE_KEY`` (INVALID_ID otherwise; an empty key is
-KEY_REQUIRED).
+KEY_REQUIRED, an Invalidate tag group without tags TAG_GROUP_EMPTY).
 """
 
 from __future__ import annotations
@@ -60,8 +60,29 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def Invalidate(
         self, request: cache_pb2.InvalidateRequest, context: aio.ServicerContext
     ) -> cache_pb2.InvalidateResponse:
-        _check_keys([*_indexed("keys", request.keys), *_indexed("tags", request.tags)])
-        invalidated = await self._store.invalidate(list(request.keys), list(request.tags))
+        _check_keys(
+            [
+                *_indexed("keys", request.keys),
+                *_indexed("tags", request.tags),
+                *(
+                    pair
+                    for i, group in enumerate(request.groups)
+                    for pair in _indexed(f"groups[{i}].tags", group.tags)
+                ),
+            ]
+        )
+        empty = [i for i, group in enumerate(request.groups) if not group.tags]
+        if empty:
+            raise InvalidArgument(
+                "a tag group must name at least one tag (an empty group would match everything)",
+                reason="TAG_GROUP_EMPTY",
+                violations=[FieldViolation(f"groups[{i}].tags", "empty") for i in empty],
+            )
+        invalidated = await self._store.invalidate(
+            list(request.keys),
+            list(request.tags),
+            [list(group.tags) for group in request.groups],
+        )
         return cache_pb2.InvalidateResponse(invalidated=invalidated)
 
     async def GetStats(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,8 +43,14 @@ class Store(Protocol):
         """Store ``value`` for ``ttl`` seconds; an existing entry (and its tags) is replaced."""
         ...
 
-    async def invalidate(self, keys: Iterable[str] = (), tags: Iterable[str] = ()) -> int:
-        """Remove entries by key and by tag; return how many were removed."""
+    async def invalidate(
+        self,
+        keys: Iterable[str] = (),
+        tags: Iterable[str] = (),
+        groups: Iterable[Sequence[str]] = (),
+    ) -> int:
+        """Remove entries by key, by tag, and those carrying every tag of one of ``groups``
+        (each non-empty); return how many were removed."""
         ...
 
     async def stats(self) -> Stats: ...
@@ -109,11 +115,21 @@ class MemoryStore:
             self._remove(oldest)
             self._evictions += 1
 
-    async def invalidate(self, keys: Iterable[str] = (), tags: Iterable[str] = ()) -> int:
-        """Remove entries by key and by tag; return how many were removed."""
+    async def invalidate(
+        self,
+        keys: Iterable[str] = (),
+        tags: Iterable[str] = (),
+        groups: Iterable[Sequence[str]] = (),
+    ) -> int:
+        """Remove entries by key, by tag and by tag group; return how many were removed."""
         doomed = {k for k in keys if k in self._entries}
         for tag in tags:
             doomed |= self._by_tag.get(tag, set())
+        for group in groups:
+            # Smallest set first: the intersection costs its size, not the largest's.
+            members = sorted((self._by_tag.get(tag, set()) for tag in group), key=len)
+            if members:
+                doomed |= members[0].intersection(*members[1:])
         for key in doomed:
             self._remove(key)
         return len(doomed)

@@ -11,8 +11,14 @@ take one of three paths:
   in-process or shared in Redis (``trellis_toolgateway.redis_idempotency``); with the store
   unreachable the call is refused ``UNAVAILABLE``/``IDEMPOTENCY_STORE_UNAVAILABLE``;
 - cacheable tool: identical concurrent calls share one flight (``policy.singleflight``)
-  which reads the result cache, runs the tool on a miss and stores a success;
+  which reads the result cache, runs the tool on a miss and stores a success; a hit in
+  the tool's ``refresh_ahead`` window also starts one background refresh of the entry
+  (``refresh_ahead``);
 - anything else: run it.
+
+A side-effecting call that reached its backend drops the cached results its tool's
+``invalidates`` rules name (``invalidation``) before its outcome is returned, so a node
+depending on it reads fresh values; ``invalidate`` does the same for an operator.
 
 "Run it" is the execution policy (``execution``: breaker, concurrency limit, attempts
 with retries, output contract); the input contract is ``contracts``; the cache is used
@@ -27,21 +33,24 @@ Outcome fields this module decides:
 - ``cache_hit``: served without running: from the cache, or a single-flight follower
   sharing a successful result (both cost nothing, which is what the run's
   ``cache_hits`` tells the user).
+- ``cache_refreshing``: a hit on an entry in its refresh-ahead window.
 
 Every execution that reached the backend (``attempts > 0``) is reported once to the
 ``usage`` sink, with the run and node it ran for (the single-flight leader's, the
 first idempotent caller's, also when that caller left), as the call's outcome is final;
-nothing else is (cache hits, shared results and replays ran nothing).
+nothing else is (cache hits, shared results and replays ran nothing). A background
+refresh is reported outside any run (the tenant pays; the run that hit paid nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
@@ -58,15 +67,21 @@ from trellis.runtime.errors import (
     quote,
 )
 from trellis.runtime.logs import get_logger
-from trellis.runtime.metrics import TOOL_CALLS, TOOL_DURATION
+from trellis.runtime.metrics import (
+    CACHE_INVALIDATIONS,
+    CACHE_REFRESHES,
+    CACHE_STALE_SERVED,
+    TOOL_CALLS,
+    TOOL_DURATION,
+)
 from trellis_toolgateway.cache_keys import (
     args_fingerprint,
     cache_key,
-    cache_tags,
     idempotency_scope,
 )
 from trellis_toolgateway.contracts import validate_args
 from trellis_toolgateway.execution import PolicyRunner, failed_outcome
+from trellis_toolgateway.invalidation import PendingWrites, Target, Write, changed_tools
 from trellis_toolgateway.policy.breaker import (
     BreakerConfig,
     CircuitBreaker,
@@ -82,7 +97,8 @@ from trellis_toolgateway.policy.idempotency import (
 )
 from trellis_toolgateway.policy.retry import Backoff
 from trellis_toolgateway.policy.singleflight import SingleFlight
-from trellis_toolgateway.registry import Entry, ToolLookup
+from trellis_toolgateway.refresh_ahead import RefreshAhead, refresh_due
+from trellis_toolgateway.registry import Entry, ToolLookup, ToolRegistry
 from trellis_toolgateway.result_cache import FailOpenCache, ResultCache
 from trellis_toolgateway.tools.base import Json
 
@@ -99,6 +115,9 @@ _WRITES = (*_READS, CacheMode.CACHE_MODE_REFRESH)
 ATTR_ATTEMPTS = "trellis.tool.attempts"
 ATTR_SHARED = "trellis.single_flight.shared"
 ATTR_REPLAY = "trellis.idempotent_replay"
+#: A hit on an entry being refreshed ahead; on a background refresh's own span, "background".
+ATTR_REFRESHING = "trellis.cache.refreshing"
+ATTR_REFRESH = "trellis.cache.refresh"
 
 
 class UsageSink(Protocol):
@@ -119,6 +138,17 @@ class Call:
     @classmethod
     def from_proto(cls, call: common_pb2.ToolCall) -> Call:
         return cls(tool=call.tool, args=from_struct(call.args), node_id=call.node_id)
+
+
+class _Flown(NamedTuple):
+    """What one cache flight found or ran, and whether to store the outcome."""
+
+    outcome: NodeOutcome
+    cache_use: str
+    write: bool
+    #: A hit of a refresh-ahead tool: the entry's remaining TTL, and the read's ticket.
+    ttl_left: float | None = None
+    ticket: int = 0
 
 
 def _stamp(outcome: NodeOutcome, node_id: str, started_at: timestamp_pb2.Timestamp) -> None:
@@ -184,9 +214,14 @@ class Invoker:
         )
         self._idempotency = idempotency or MemoryIdempotencyStore(clock=clock)
         self._idempotency_ttl = idempotency_ttl
-        self._flights: SingleFlight[tuple[NodeOutcome, str, bool]] = SingleFlight()
-        # Idempotent runs outliving their cancelled caller; held so they are not GC'd.
-        self._background: set[asyncio.Task[NodeOutcome]] = set()
+        self._flights: SingleFlight[_Flown] = SingleFlight()
+        self._pending = PendingWrites()
+        self._refresh = RefreshAhead()
+        # Idempotent runs outliving their cancelled caller, and invalidations after a
+        # side effect; held so they are not GC'd, given the grace period on close.
+        self._background: set[asyncio.Task[Any]] = set()
+        # Background refreshes (refresh_ahead): cancelled on close, nothing depends on them.
+        self._refreshes: set[asyncio.Task[None]] = set()
 
     def breaker(self, tool: str) -> CircuitBreaker:
         """The breaker of ``tool`` (for status pages, metrics and tests)."""
@@ -254,13 +289,109 @@ class Invoker:
     async def _execute(
         self, entry: Entry, call: Call, run_id: str, span: trace.Span
     ) -> NodeOutcome:
-        """Run the tool under its policy; report the execution if it reached the backend."""
+        """Run the tool under its policy; report the execution if it reached the backend,
+        and drop the cached results it made stale (a side effect may have happened even
+        when the call then failed)."""
         outcome = await self._policy.run(entry, call.args, span)
         if self._usage is not None and outcome.attempts > 0:
             self._usage.executed(
                 tool=entry.tool.spec.name, run_id=run_id, node_id=call.node_id, outcome=outcome
             )
+        if outcome.attempts > 0 and entry.tool.spec.side_effects:
+            await self._invalidate_after(entry, call, span)
         return outcome
+
+    # -- invalidation ------------------------------------------------------------------
+
+    async def _invalidate_after(self, entry: Entry, call: Call, span: trace.Span) -> None:
+        """Drop what the side-effecting ``call`` made stale before it is answered.
+
+        The removal runs as a task of its own, shielded: a caller that leaves (its
+        deadline, a reset stream) does not stop it. A cache that fails it costs an error
+        log, ``trellis_cache_invalidations_total{outcome="error"}`` and a span event,
+        not the call: its effect happened.
+        """
+        index = self._registry.invalidation
+        if self._cache is None or not index.invalidates(entry.tool.spec.name):
+            return
+        targets = index.after_call(entry.tool, context.tenant(), call.args)
+        drop = asyncio.ensure_future(self._drop(targets, "side_effect", span, strict=False))
+        self._background.add(drop)
+        drop.add_done_callback(self._background.discard)
+        await asyncio.shield(drop)
+
+    async def _drop(
+        self, targets: Sequence[Target], cause: str, span: trace.Span, *, strict: bool
+    ) -> int:
+        """Remove ``targets``' entries; how many went. ``strict``: a cache failure raises
+        (an operator's request), else it is logged and counted."""
+        groups = [group for target in targets for group in target.groups]
+        if self._cache is None or not groups:
+            return 0
+        self._pending.invalidated(groups)  # results being computed now are not stored
+        try:
+            with context.request_scope(detached=True):  # the deadline of the cache client
+                removed = await self._cache.invalidate(groups)
+        except Exception as error:
+            for target in targets:
+                CACHE_INVALIDATIONS.labels(tool=target.tool, cause=cause, outcome="error").inc()
+            if strict:
+                raise
+            log.error(
+                "cached results not invalidated; they may be served until their TTL ends",
+                tools=[t.tool for t in targets],
+                cause=cause,
+            )
+            FailOpenCache.cache_failed("invalidate", error, span)
+            return 0
+        for target in targets:
+            CACHE_INVALIDATIONS.labels(tool=target.tool, cause=cause, outcome="ok").inc()
+        if span.is_recording():
+            span.add_event(
+                "trellis.cache.invalidated",
+                {
+                    "trellis.cache.cause": cause,
+                    "trellis.cache.tools": [t.tool for t in targets],
+                    "trellis.cache.entries": removed,
+                },
+            )
+        return removed
+
+    async def invalidate(
+        self, tool: str, tenant: str | None, args: Mapping[str, Json] | None = None
+    ) -> int:
+        """Drop ``tool``'s cached results for ``tenant`` (None: every tenant's), only
+        those for ``args`` values if given; how many went. ``NotFound`` for an unknown
+        tool; a cache failure raises (the caller asked for exactly this)."""
+        entry = self._registry.get(tool)
+        if entry is None:
+            raise NotFound(
+                f"unknown tool {quote(tool)}", reason="UNKNOWN_TOOL", metadata={"tool": tool}
+            )
+        target = self._registry.invalidation.explicit(entry.tool, tenant, args)
+        with self._tracer.start_as_current_span(
+            f"invalidate_cache {tool}",
+            kind=SpanKind.INTERNAL,
+            attributes={"gen_ai.tool.name": tool, "trellis.tenant_id": tenant or "*"},
+        ) as span:
+            return await self._drop([target], "explicit", span, strict=True)
+
+    async def reloaded(self, old: ToolRegistry, new: ToolRegistry) -> None:
+        """After a reload: drop the results of tools removed or changed (fail-open)."""
+        targets = changed_tools(old.tools(), new.tools(), old.invalidation, new.invalidation)
+        if targets:
+            log.info(
+                "tools changed on reload; their cached results dropped",
+                tools=[t.tool for t in targets],
+            )
+            await self._drop(targets, "reload", trace.INVALID_SPAN, strict=False)
+
+    async def settled(self) -> None:
+        """Wait for the cache flights and background refreshes under way, their writes
+        included (warming waits so that its results are stored when it returns)."""
+        while self._refreshes:
+            await asyncio.gather(*list(self._refreshes), return_exceptions=True)
+        await self._flights.drain()
 
     # -- the three paths ---------------------------------------------------------------
 
@@ -391,12 +522,16 @@ class Invoker:
             log.error("idempotency store failed to end a claim", key=key, error=str(error))
 
     async def aclose(self, grace: float = 0.0) -> None:
-        """Give idempotent runs whose callers left ``grace`` seconds to finish, then
-        cancel the rest (their keys are abandoned: unknown, never run again)."""
+        """Give idempotent runs whose callers left (and invalidations after a side
+        effect) ``grace`` seconds to finish, then cancel the rest (their keys are
+        abandoned: unknown, never run again). Background refreshes are cancelled."""
+        for refresh in list(self._refreshes):
+            refresh.cancel()
+        await asyncio.gather(*self._refreshes, return_exceptions=True)
         runs = list(self._background)
         if not runs:
             return
-        _, pending = await asyncio.wait(runs, timeout=grace) if grace > 0 else ((), runs)
+        _, pending = await asyncio.wait(runs, timeout=grace) if grace > 0 else ((), set(runs))
         for run in pending:
             run.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -414,31 +549,52 @@ class Invoker:
 
         Followers get a copy of the flight's outcome with nothing charged (attempts 0,
         cost 0); a shared success counts as a cache hit, both on the outcome and in
-        ``trellis_tool_calls_total{cache="hit"}``.
+        ``trellis_tool_calls_total{cache="hit"}``. A hit in the tool's refresh-ahead
+        window is marked ``cache_refreshing`` and may start the entry's refresh.
         """
         spec, tenant = entry.tool.spec, context.tenant()
         key = cache_key(tenant, spec.name, spec.version, call.args, shared=spec.shared_cache)
-        tags = cache_tags(spec.name, tenant, shared=spec.shared_cache)
         mode = CacheMode.CACHE_MODE_USE if cache_mode in _READS else cache_mode
+        writes: list[Write] = []  # the leader's, begun before it reads the cache
 
-        async def flight() -> tuple[NodeOutcome, str, bool]:
-            return await self._lookup_or_run(entry, call, run_id, key, mode, span)
+        async def flight() -> _Flown:
+            writes.append(self._pending.begin(self._tags_of(entry, tenant, call)))
+            try:
+                return await self._lookup_or_run(entry, call, run_id, key, mode, span)
+            except BaseException:
+                self._pending.end(writes[0])
+                raise
 
-        async def fill(result: tuple[NodeOutcome, str, bool]) -> None:
-            outcome, _, write = result
-            if write:
-                await self._cache.store(key, outcome.output, ttl, tags, span)
+        async def fill(flown: _Flown) -> None:
+            try:
+                write = writes[0]
+                if flown.write and not write.stale:
+                    await self._cache.store(key, flown.outcome.output, ttl, write.tags, span)
+            finally:
+                self._pending.end(writes[0])
 
-        (result, cache_use, _), shared = await self._flights.do((key, mode), flight, then=fill)
+        flown, shared = await self._flights.do((key, mode), flight, then=fill)
         outcome = NodeOutcome()
-        outcome.CopyFrom(result)  # each caller stamps its own copy
+        outcome.CopyFrom(flown.outcome)  # each caller stamps its own copy
+        cache_use = flown.cache_use
         if shared:
             span.set_attribute(ATTR_SHARED, True)
             outcome.attempts = 0
             outcome.cost_nano_usd = 0
             outcome.cache_hit = outcome.status == SUCCEEDED
             cache_use = "hit" if outcome.cache_hit else "miss"
+        if flown.ttl_left is not None and refresh_due(spec.refresh_ahead, ttl, flown.ttl_left):
+            outcome.cache_refreshing = True
+            CACHE_STALE_SERVED.labels(tool=spec.name).inc()
+            if self._refresh.claim(key, flown.ticket):
+                expires_at = time.monotonic() + flown.ttl_left
+                self._start_refresh(entry, call, key, ttl, expires_at)
         return outcome, cache_use
+
+    def _tags_of(self, entry: Entry, tenant: str, call: Call) -> Callable[[], list[str]]:
+        """The tags of ``call``'s cache entry, worked out (once) when first asked for."""
+        index = self._registry.invalidation
+        return functools.cache(lambda: index.tags(entry.tool, tenant, call.args))
 
     async def _lookup_or_run(
         self,
@@ -448,7 +604,7 @@ class Invoker:
         key: str,
         mode: common_pb2.CacheMode.ValueType,
         span: trace.Span,
-    ) -> tuple[NodeOutcome, str, bool]:
+    ) -> _Flown:
         """The outcome, how the cache was used, and whether to write the outcome to it.
 
         The write is left to the flight's ``then``: callers are answered first, and
@@ -457,14 +613,80 @@ class Invoker:
         cache_use, cache_ok = "bypass", True
         if self._cache is not None and mode in _READS:
             cache_use = "miss"
-            cached, cache_ok = await self._cache.lookup(key, span)
-            if cached is not None:
-                return cached, "hit", False
+            if entry.tool.spec.refresh_ahead > 0:
+                ticket = self._refresh.ticket()
+                cached, ttl_left, cache_ok = await self._cache.lookup_entry(key, span)
+                if cached is not None:
+                    return _Flown(cached, "hit", False, ttl_left, ticket)
+            else:
+                cached, cache_ok = await self._cache.lookup(key, span)
+                if cached is not None:
+                    return _Flown(cached, "hit", False)
         outcome = await self._execute(entry, call, run_id, span)
         # After a failed read, a write would most likely fail too and cost a second
         # cache timeout; skip it.
         write = self._cache is not None and cache_ok and mode in _WRITES
-        return outcome, cache_use, write and outcome.status == SUCCEEDED
+        return _Flown(outcome, cache_use, write and outcome.status == SUCCEEDED)
+
+    # -- refresh-ahead -----------------------------------------------------------------
+
+    def _start_refresh(
+        self, entry: Entry, call: Call, key: str, ttl: float, expires_at: float
+    ) -> None:
+        """Refresh ``key`` in the background (its claim is taken: see ``refresh_ahead``)."""
+        task = asyncio.create_task(
+            self._refresh_entry(entry, call, key, ttl, expires_at),
+            name=f"refresh-ahead {entry.tool.spec.name}",
+        )
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+
+    async def _refresh_entry(
+        self, entry: Entry, call: Call, key: str, ttl: float, expires_at: float
+    ) -> None:
+        """Run the tool again and store its result, as a flight of (key, REFRESH), so a
+        caller refreshing the same key at the same time shares it. Its own deadline (the
+        tool's timeout), its own span (a child of the hit's), outside any run."""
+        spec = entry.tool.spec
+        refreshed = False
+        attributes = {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": spec.name,
+            "trellis.tenant_id": context.tenant(),
+            ATTR_REFRESH: "background",
+        }
+        try:
+            with (
+                context.request_scope(detached=True),
+                self._tracer.start_as_current_span(
+                    f"execute_tool {spec.name}", kind=SpanKind.INTERNAL, attributes=attributes
+                ) as span,
+            ):
+
+                async def flight() -> _Flown:
+                    write = self._pending.begin(self._tags_of(entry, context.tenant(), call))
+                    try:
+                        outcome = await self._execute(entry, Call(spec.name, call.args), "", span)
+                        if outcome.status == SUCCEEDED and not write.stale and self._cache:
+                            await self._cache.store(key, outcome.output, ttl, write.tags, span)
+                    finally:
+                        self._pending.end(write)
+                    return _Flown(outcome, "refresh", False)
+
+                flown, _ = await self._flights.do((key, CacheMode.CACHE_MODE_REFRESH), flight)
+                refreshed = flown.outcome.status == SUCCEEDED
+                if not refreshed:
+                    span.set_attribute("error.type", flown.outcome.error.code)
+                    span.set_status(Status(StatusCode.ERROR, flown.outcome.error.message))
+        except Exception as error:  # a full queue, a bug: the old entry just expires
+            log.warning("background refresh failed", tool=spec.name, error=str(error))
+        finally:
+            if refreshed:
+                self._refresh.stored(key)
+            else:
+                self._refresh.failed(key, expires_at=expires_at)
+            outcome_label = "refreshed" if refreshed else "failed"
+            CACHE_REFRESHES.labels(tool=spec.name, outcome=outcome_label).inc()
 
     @staticmethod
     def _observe(
@@ -480,6 +702,8 @@ class Invoker:
         ).inc()
         TOOL_DURATION.labels(tool=tool).observe(seconds)
         span.set_attribute("trellis.cache_hit", outcome.cache_hit)
+        if outcome.cache_refreshing:
+            span.set_attribute(ATTR_REFRESHING, True)
         span.set_attribute(ATTR_ATTEMPTS, outcome.attempts)
         if not succeeded:
             span.set_attribute("error.type", outcome.error.code)

@@ -291,6 +291,29 @@ def _build(decl: ToolDecl, index: int, where: _Where, options: LoadOptions) -> T
     return _capped(tool, decl.max_result_bytes, options)
 
 
+def _freshness_problem(decl: Policy, tool: Tool) -> str | None:
+    """Why ``decl``'s cache freshness settings cannot apply to ``tool`` as built (its
+    side effects may come from its kind: an HTTP POST has them unless the file says not)."""
+    if decl.invalidates and not tool.spec.side_effects:
+        return "invalidates: only a tool with side effects makes results stale"
+    if decl.refresh_ahead and tool.spec.side_effects:
+        return "refresh_ahead: a tool with side effects is never cached"
+    return None
+
+
+def _with_freshness(tool: Tool, config: Policy) -> Tool:
+    """A source's ``refresh_ahead`` and ``invalidates`` on each of its tools (the first
+    acts on its cacheable tools, the second on its side-effecting ones)."""
+    given = {
+        name: getattr(config, name)
+        for name in ("refresh_ahead", "invalidates")
+        if name in config.model_fields_set
+    }
+    if given:
+        tool.spec = dataclasses.replace(tool.spec, **given)
+    return tool
+
+
 def _capped(tool: Tool, declared: int | None, options: LoadOptions) -> Tool:
     """``tool`` with its concrete output cap (see the module docstring)."""
     cap = options.result_cap(declared)
@@ -307,6 +330,8 @@ def declared_tools(
     registry = ToolRegistry()
     for index, decl in enumerate(tools_file.tools):
         tool = _build(decl, index, where, options)
+        if (problem := _freshness_problem(decl, tool)) is not None:
+            raise ToolsFileError(file, [f"tools[{index}].{problem}"])
         try:
             registry.register(tool)
         except (ValueError, SchemaError) as error:
@@ -405,6 +430,7 @@ def _handle(
     entry's, else the gateway's)."""
 
     def prepare(tool: Tool) -> Tool:
+        tool = _with_freshness(tool, config)
         return _capped(tool, tool.spec.max_result_bytes or config.max_result_bytes, options)
 
     return SourceHandle(
@@ -466,6 +492,7 @@ async def build_registry(
     process survives the reload); the holder closes the ones no longer used.
     """
     registry = declared_tools(tools_file, file, options)
+    registry.warm = list(tools_file.warm)
     try:
         await _add_sources(registry, tools_file, _where(tools_file, Path(file)), options, previous)
     except BaseException:

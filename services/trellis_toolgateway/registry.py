@@ -32,8 +32,10 @@ from typing import Protocol
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import TOOL_NAME_COLLISIONS
 from trellis_toolgateway.entries import Entry, entry_of
+from trellis_toolgateway.invalidation import InvalidationIndex
 from trellis_toolgateway.sources import SourceHandle
 from trellis_toolgateway.tools.base import Spec, Tool
+from trellis_toolgateway.tools.config import WarmCall
 
 log = get_logger(__name__)
 
@@ -73,6 +75,9 @@ class ToolLookup(Protocol):
 
     def snapshot(self) -> ToolRegistry: ...
 
+    @property
+    def invalidation(self) -> InvalidationIndex: ...
+
 
 class ToolRegistry:
     """Tools by name: the declared ones (``register``; a name twice is a bug) and, once
@@ -86,6 +91,9 @@ class ToolRegistry:
         self.collisions: list[Collision] = []
         #: Tools each source serves in this catalog (its listed ones minus collisions).
         self.served: dict[str, int] = {}
+        #: Calls to make so their results are cached (the tools file's ``warm``).
+        self.warm: list[WarmCall] = []
+        self._invalidation: InvalidationIndex | None = None
         for tool in tools or ():
             self.register(tool)
 
@@ -97,6 +105,7 @@ class ToolRegistry:
         entry = entry_of(tool)
         self._entries[name] = entry
         self._declared.append(entry)
+        self._invalidation = None
 
     def composed(self) -> ToolRegistry:
         """A new registry: these declared tools and sources, with each source's tools
@@ -105,6 +114,7 @@ class ToolRegistry:
         new._declared = list(self._declared)
         new._entries = {entry.tool.spec.name: entry for entry in self._declared}
         new.sources = list(self.sources)
+        new.warm = list(self.warm)
         owner = dict.fromkeys(new._entries, DECLARED)
         for handle in new.sources:
             served = 0
@@ -137,6 +147,16 @@ class ToolRegistry:
             digest.update(proto.SerializeToString(deterministic=True))
             digest.update(b"\x00")
         return digest.hexdigest()[:32]
+
+    def tools(self) -> dict[str, Tool]:
+        return {name: e.tool for name, e in self._entries.items()}
+
+    @property
+    def invalidation(self) -> InvalidationIndex:
+        """The ``invalidates`` rules resolved against these tools (built once)."""
+        if self._invalidation is None:
+            self._invalidation = InvalidationIndex(e.tool for e in self._entries.values())
+        return self._invalidation
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -193,6 +213,10 @@ class RegistryHolder:
 
     def snapshot(self) -> ToolRegistry:
         return self.current
+
+    @property
+    def invalidation(self) -> InvalidationIndex:
+        return self.current.invalidation
 
     def __contains__(self, name: object) -> bool:
         return name in self.current

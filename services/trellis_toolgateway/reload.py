@@ -11,7 +11,9 @@ whose bytes are the same as those last tried (``touch``) loads nothing.
 A file that does not load (YAML, schema, regex, JSON Schema, unknown builtin, missing
 secret, ...) is logged as one error naming the file and the place inside it, and the last
 good registry stays in force; the same bad bytes are not retried every poll, the next
-edit is. A good file replaces the registry atomically (``RegistryHolder.swap``).
+edit is. A good file replaces the registry atomically (``RegistryHolder.swap``), then
+``on_reload(old, new)`` runs (the service's: drop changed tools' cached results, warm
+the cache again); the next poll waits for it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -50,8 +53,16 @@ class ToolsFileWatcher:
     """Loads ``path`` into a ``RegistryHolder`` and reloads it every ``interval`` seconds
     when it changed (``interval`` 0: loaded once, never reloaded)."""
 
-    def __init__(self, path: str | os.PathLike[str], options: LoadOptions, *, interval: float):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        options: LoadOptions,
+        *,
+        interval: float,
+        on_reload: Callable[[ToolRegistry, ToolRegistry], Awaitable[None]] | None = None,
+    ):
         self.path = Path(path)
+        self.on_reload = on_reload
         self.interval = interval
         self.options = options
         self.holder: RegistryHolder | None = None
@@ -127,6 +138,11 @@ class ToolsFileWatcher:
             added=sorted(set(registry) - set(old)),
             removed=sorted(set(old) - set(registry)),
         )
+        if self.on_reload is not None:
+            try:
+                await self.on_reload(old, registry)
+            except Exception:  # the new registry is in force either way
+                _log().exception("after-reload work failed", file=str(self.path))
         return True
 
     async def _poll(self) -> None:

@@ -33,11 +33,24 @@ SUCCEEDED = common_pb2.NodeStatus.NODE_STATUS_SUCCEEDED
 
 
 class ResultCache(Protocol):
-    """What the invoker needs of a cache; ``trellis.clients.cache.CacheClient`` is one."""
+    """What the invoker needs of a cache; ``trellis.clients.cache.CacheClient`` is one.
+
+    ``entry`` (for tools with ``refresh_ahead``) and ``invalidate`` (for invalidation)
+    are only called when those are used.
+    """
 
     async def get(self, key: str) -> bytes | None: ...
 
+    async def entry(self, key: str) -> tuple[bytes, float] | None: ...
+
     async def set(self, key: str, value: bytes, ttl: float, tags: Sequence[str] = ()) -> None: ...
+
+    async def invalidate(
+        self,
+        keys: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        groups: Sequence[Sequence[str]] = (),
+    ) -> int: ...
 
 
 class FailOpenCache:
@@ -51,16 +64,38 @@ class FailOpenCache:
         try:
             stored = await self._cache.get(key)
         except Exception as error:  # fail-open, see module docstring
-            self._cache_failed("get", error, span)
+            self.cache_failed("get", error, span)
             return None, False
+        return self._decoded(stored, span), True
+
+    async def lookup_entry(
+        self, key: str, span: trace.Span
+    ) -> tuple[NodeOutcome | None, float, bool]:
+        """Like ``lookup``, with the entry's remaining TTL (seconds; 0 on a miss)."""
+        try:
+            found = await self._cache.entry(key)
+        except Exception as error:  # fail-open
+            self.cache_failed("get", error, span)
+            return None, 0.0, False
+        if found is None:
+            return None, 0.0, True
+        outcome = self._decoded(found[0], span)
+        return outcome, found[1] if outcome is not None else 0.0, True
+
+    async def invalidate(self, groups: Sequence[Sequence[str]]) -> int:
+        """Remove the entries of ``groups``; how many went. Raises what the cache raised:
+        whether that fails the caller is the caller's to decide."""
+        return await self._cache.invalidate(groups=groups)
+
+    def _decoded(self, stored: bytes | None, span: trace.Span) -> NodeOutcome | None:
         if stored is None:
-            return None, True
+            return None
         try:
             output = struct_pb2.Value.FromString(stored)
         except DecodeError as error:  # a bad entry: overwrite it with a fresh result
-            self._cache_failed("decode", error, span)
-            return None, True
-        return NodeOutcome(status=SUCCEEDED, output=output, cache_hit=True), True
+            self.cache_failed("decode", error, span)
+            return None
+        return NodeOutcome(status=SUCCEEDED, output=output, cache_hit=True)
 
     async def store(
         self, key: str, output: struct_pb2.Value, ttl: float, tags: list[str], span: trace.Span
@@ -75,10 +110,11 @@ class FailOpenCache:
         try:
             await self._cache.set(key, value, ttl, tags)
         except Exception as error:  # fail-open
-            self._cache_failed("set", error, span)
+            self.cache_failed("set", error, span)
 
     @staticmethod
-    def _cache_failed(operation: str, error: Exception, span: trace.Span) -> None:
+    def cache_failed(operation: str, error: Exception, span: trace.Span) -> None:
+        """Log, count and mark on ``span`` a cache operation that failed (the call goes on)."""
         kind = error.reason if isinstance(error, TrellisError) else type(error).__name__
         log.warning(
             "cache failed; running without it", operation=operation, error=kind, message=str(error)

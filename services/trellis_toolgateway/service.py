@@ -11,6 +11,10 @@ flushed (or written to its file) when the service stops.
 Side-effecting calls keep their idempotency keys in Redis with ``TRELLIS_REDIS_URL``
 (``idempotency``), else in this process. On stop, runs whose callers left get the
 grace period to store their outcome; the rest are abandoned (unknown, never rerun).
+
+The tools file's ``warm`` calls are made before the service is returned (so before it
+serves) and again after each reload, which first drops the cached results of tools
+that changed (``warming``, ``Invoker.reloaded``).
 """
 
 from __future__ import annotations
@@ -26,16 +30,19 @@ from trellis.runtime.logs import get_logger
 from trellis.runtime.server import Service
 from trellis.runtime.telemetry import Telemetry
 from trellis.toolgateway.v1 import toolgateway_pb2, toolgateway_pb2_grpc
+from trellis_toolgateway.cache_admin import CacheAdmins
 from trellis_toolgateway.invoker import Invoker
 from trellis_toolgateway.loader import LoadOptions
 from trellis_toolgateway.policy.breaker import BreakerConfig
 from trellis_toolgateway.policy.idempotency import StoreUnavailable
 from trellis_toolgateway.redis_idempotency import RedisIdempotencyStore, open_idempotency_store
+from trellis_toolgateway.registry import ToolRegistry
 from trellis_toolgateway.reload import ToolsFileWatcher
 from trellis_toolgateway.servicer import ToolGatewayServicer
 from trellis_toolgateway.settings import GatewaySettings
 from trellis_toolgateway.tenancy import TenantTools
 from trellis_toolgateway.tool_usage import ToolUsage
+from trellis_toolgateway.warming import warm
 
 log = get_logger(__name__)
 
@@ -79,7 +86,6 @@ async def build(settings: GatewaySettings, telemetry: Telemetry, channels: Chann
         await outbox.aclose()
         await client.aclose()
         raise
-    watcher.start()
     outbox.start()
     cache = CacheClient(channels.get(settings.cache_target), timeout=settings.cache_timeout_seconds)
     idempotency = open_idempotency_store(
@@ -107,7 +113,21 @@ async def build(settings: GatewaySettings, telemetry: Telemetry, channels: Chann
         idempotency_ttl=settings.idempotency_ttl_seconds,
         usage=ToolUsage(outbox),
     )
-    servicer = ToolGatewayServicer(registry, invoker, TenantTools.of(settings.tenant_tools))
+    tenant_tools = TenantTools.of(settings.tenant_tools)
+    servicer = ToolGatewayServicer(
+        registry, invoker, tenant_tools, CacheAdmins(settings.cache_admin_tenants)
+    )
+
+    async def after_reload(old: ToolRegistry, new: ToolRegistry) -> None:
+        await invoker.reloaded(old, new)
+        await warm(invoker, registry, new.warm, allowed=tenant_tools.allows)
+
+    watcher.on_reload = after_reload
+    watcher.start()
+    try:
+        await warm(invoker, registry, registry.current.warm, allowed=tenant_tools.allows)
+    except Exception:  # a bug in warming must not keep the gateway from serving
+        log.exception("warming the cache failed")
 
     def register(server: aio.Server) -> None:
         toolgateway_pb2_grpc.add_ToolGatewayServiceServicer_to_server(servicer, server)

@@ -8,7 +8,9 @@ learns at once that the catalog moved. An InvokeTool's ids and args are checked 
 (``check_invoke``: the run, node and tool ids, the idempotency key and the args bounds of
 ``trellis.runtime.validation``), then ``tenant_tools`` (``tenancy``), which also filters
 ListTools: a tenant restricted to some tools sees only the sources serving them and the
-collisions of their names.
+collisions of their names. InvalidateCache is checked the same way
+(``check_invalidate``), then scoped by ``admins`` (``cache_admin``): a caller drops its
+own tenant's results unless it is an admin tenant.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ from __future__ import annotations
 from grpc import aio
 
 from trellis.runtime import context as request_context
+from trellis.runtime.convert import from_struct
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.runtime.validation import (
     IDEMPOTENCY_KEY,
     NODE_ID,
     RUN_ID,
+    TENANT_ID,
     TOOL_NAME,
     Problems,
     struct_args_problem,
 )
 from trellis.toolgateway.v1 import toolgateway_pb2, toolgateway_pb2_grpc
+from trellis_toolgateway.cache_admin import CacheAdmins
 from trellis_toolgateway.invoker import Call, Invoker
 from trellis_toolgateway.registry import SourceHandle, ToolLookup, ToolRegistry
 from trellis_toolgateway.sources import SourceState
@@ -34,11 +39,16 @@ from trellis_toolgateway.tenancy import TenantTools
 
 class ToolGatewayServicer(toolgateway_pb2_grpc.ToolGatewayServiceServicer):
     def __init__(
-        self, registry: ToolLookup, invoker: Invoker, tenant_tools: TenantTools | None = None
+        self,
+        registry: ToolLookup,
+        invoker: Invoker,
+        tenant_tools: TenantTools | None = None,
+        admins: CacheAdmins | None = None,
     ) -> None:
         self._registry = registry
         self._invoker = invoker
         self._tenant_tools = tenant_tools or TenantTools()
+        self._admins = admins or CacheAdmins()
 
     async def ListTools(
         self, request: toolgateway_pb2.ListToolsRequest, context: aio.ServicerContext
@@ -83,6 +93,17 @@ class ToolGatewayServicer(toolgateway_pb2_grpc.ToolGatewayServiceServicer):
         return toolgateway_pb2.InvokeToolResponse(
             outcome=outcome, catalog_version=self._registry.snapshot().version
         )
+
+    async def InvalidateCache(
+        self, request: toolgateway_pb2.InvalidateCacheRequest, context: aio.ServicerContext
+    ) -> toolgateway_pb2.InvalidateCacheResponse:
+        check_invalidate(request)
+        caller = request_context.tenant()
+        tenant = self._admins.scope(caller, request.tenant_id, request.all_tenants)
+        if tenant == caller:
+            self._tenant_tools.check(caller, request.tool)
+        removed = await self._invoker.invalidate(request.tool, tenant, from_struct(request.args))
+        return toolgateway_pb2.InvalidateCacheResponse(invalidated=removed)
 
 
 _STATES = {
@@ -131,3 +152,20 @@ def check_invoke(request: toolgateway_pb2.InvokeToolRequest) -> None:
     if (problem := struct_args_problem(request.call.args)) is not None:
         problems.add("ARGS_INVALID", "call.args", problem)
     problems.refuse("tool call")
+
+
+def check_invalidate(request: toolgateway_pb2.InvalidateCacheRequest) -> None:
+    """``TOOL_REQUIRED`` without a tool; ``INVALID_ID`` for a tool or tenant id that breaks
+    its rule, ``ARGS_INVALID`` for args past their bounds (before anything is looked up)."""
+    if not request.tool:
+        raise InvalidArgument(
+            "tool is required",
+            reason="TOOL_REQUIRED",
+            violations=[FieldViolation("tool", "must name a tool (see ListTools)")],
+        )
+    problems = Problems()
+    problems.check_id("tool", request.tool, TOOL_NAME)
+    problems.check_id("tenant_id", request.tenant_id, TENANT_ID)
+    if (problem := struct_args_problem(request.args)) is not None:
+        problems.add("ARGS_INVALID", "args", problem)
+    problems.refuse("cache invalidation")

@@ -20,7 +20,7 @@ from pydantic_settings import NoDecode
 
 from trellis.clients.usage_outbox import default_outbox_path, validate_outbox_path
 from trellis.runtime.settings import ServiceSettings, validate_redis_url
-from trellis_toolgateway.tenancy import parse_tenant_tools
+from trellis_toolgateway.tenancy import parse_tenant_list, parse_tenant_tools
 
 
 class GatewaySettings(ServiceSettings):
@@ -134,6 +134,18 @@ class GatewaySettings(ServiceSettings):
         ' "*": ["echo"]} ("*" key: tenants not listed; absent: they may use all tools).'
         " Other calls: PERMISSION_DENIED (TOOL_NOT_ALLOWED); ListTools shows only these.",
     )
+
+    cache_admin_tenants: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Tenants whose InvalidateCache (`trellis cache invalidate`) may drop"
+        " another tenant's or every tenant's cached results (comma-separated or JSON list);"
+        " others drop only their own.",
+    )
+
+    @field_validator("cache_admin_tenants", mode="before")
+    @classmethod
+    def _admin_tenants(cls, value: object) -> object:
+        return parse_tenant_list(value)
 
     @field_validator("outbox_path")
     @classmethod

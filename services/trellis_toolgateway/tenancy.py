@@ -21,6 +21,7 @@ caller's API key (``trellis.runtime.auth``). No gRPC here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -58,6 +59,23 @@ def parse_tenant_tools(value: object) -> dict[str, list[str]]:
             raise ValueError(f"{tenant!r}: expected a list of tool names or patterns")
         rules[str(tenant)] = [t.strip() for t in tools]
     return rules
+
+
+def parse_tenant_list(value: object) -> list[str]:
+    """A list of tenants (comma-separated or JSON text, or decoded), each checked;
+    ValueError naming the bad one otherwise."""
+    if isinstance(value, str):
+        text = value.strip()
+        value = json.loads(text) if text.startswith("[") else text.split(",") if text else []
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise ValueError("expected tenants, comma-separated or as a JSON list")
+    tenants = [t.strip() for t in value]
+    for tenant in tenants:
+        try:
+            validate_tenant(tenant)
+        except KeyConfigError as error:
+            raise ValueError(str(error)) from None
+    return list(dict.fromkeys(tenants))
 
 
 @dataclass(frozen=True)

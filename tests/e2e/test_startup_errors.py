@@ -16,6 +16,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from trellis.runtime.ports import free_port as _free_port
+
 
 def _env(**variables: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRELLIS_", "OTEL_"))}
@@ -92,12 +94,6 @@ def test_the_offline_model_on_a_busy_port_exits_2(held_port: int) -> None:
     result = run("trellis_offline_model", TRELLIS_OFFLINE_MODEL_PORT=str(held_port))
     expected = f"trellis-offline-model: TRELLIS_OFFLINE_MODEL_PORT={held_port}: port already in use"
     assert one_line(result) == expected
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from grpc import aio
 
 from trellis.cache.v1 import cache_pb2, cache_pb2_grpc
-from trellis.runtime.convert import duration
+from trellis.runtime.convert import duration, seconds
 from trellis.runtime.errors import translated_rpc_errors
 
 
@@ -21,13 +21,28 @@ class CacheClient:
             response = await self._stub.Get(cache_pb2.GetRequest(key=key), timeout=self._timeout)
         return response.value if response.found else None
 
+    async def entry(self, key: str) -> tuple[bytes, float] | None:
+        """The value and its remaining TTL in seconds, or None on a miss."""
+        with translated_rpc_errors():
+            response = await self._stub.Get(cache_pb2.GetRequest(key=key), timeout=self._timeout)
+        return (response.value, seconds(response.ttl_remaining)) if response.found else None
+
     async def set(self, key: str, value: bytes, ttl: float, tags: Sequence[str] = ()) -> None:
         request = cache_pb2.SetRequest(key=key, value=value, ttl=duration(ttl), tags=tags)
         with translated_rpc_errors():
             await self._stub.Set(request, timeout=self._timeout)
 
-    async def invalidate(self, keys: Sequence[str] = (), tags: Sequence[str] = ()) -> int:
-        request = cache_pb2.InvalidateRequest(keys=keys, tags=tags)
+    async def invalidate(
+        self,
+        keys: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        groups: Sequence[Sequence[str]] = (),
+    ) -> int:
+        """Remove entries by key, by tag, and those carrying every tag of one of ``groups``;
+        how many went."""
+        request = cache_pb2.InvalidateRequest(
+            keys=keys, tags=tags, groups=[cache_pb2.TagGroup(tags=group) for group in groups]
+        )
         with translated_rpc_errors():
             response = await self._stub.Invalidate(request, timeout=self._timeout)
         return response.invalidated

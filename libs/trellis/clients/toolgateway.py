@@ -6,9 +6,13 @@ InvokeTool) gave it, so a caller holding a copy of the catalog knows when it mov
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from grpc import aio
 
 from trellis.common.v1 import common_pb2
+from trellis.runtime.convert import to_struct
 from trellis.runtime.errors import translated_rpc_errors
 from trellis.toolgateway.v1 import toolgateway_pb2, toolgateway_pb2_grpc
 
@@ -41,3 +45,23 @@ class ToolGatewayClient:
     def _seen(self, version: str) -> None:
         if version:  # a gateway without versions says nothing
             self.catalog_version = version
+
+    async def invalidate_cache(
+        self,
+        tool: str,
+        *,
+        tenant_id: str = "",
+        all_tenants: bool = False,
+        args: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Drop ``tool``'s cached results (the caller's tenant's unless it names another,
+        or all, as an admin tenant), only those for ``args`` values if given; how many."""
+        request = toolgateway_pb2.InvalidateCacheRequest(
+            tool=tool,
+            tenant_id=tenant_id,
+            all_tenants=all_tenants,
+            args=to_struct(dict(args or {})),
+        )
+        with translated_rpc_errors():
+            response = await self._stub.InvalidateCache(request, timeout=self._timeout)
+        return response.invalidated

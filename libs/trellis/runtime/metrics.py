@@ -29,6 +29,30 @@ RUN_DURATION = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 CACHE_REQUESTS = Counter("trellis_cache_requests", "Cache lookups by result.", ["result"])
+CACHE_INVALIDATIONS = Counter(
+    "trellis_cache_invalidations",
+    "Invalidations of a tool's cached results, by cause: side_effect (a call of a tool whose"
+    " invalidates names it), explicit (InvalidateCache), reload (the tool changed in the"
+    " tools file); outcome ok, or error when the cache did not take it.",
+    ["tool", "cause", "outcome"],
+)
+CACHE_WARM_CALLS = Counter(
+    "trellis_cache_warm_calls",
+    "Calls of the tools file's warm section: filled (ran, result cached), hit (already"
+    " cached), failed, skipped (unknown, uncacheable, or not shared_cache without tenants).",
+    ["tool", "outcome"],
+)
+CACHE_REFRESHES = Counter(
+    "trellis_cache_refreshes",
+    "Background refreshes of cached results (refresh_ahead), by outcome: refreshed, failed.",
+    ["tool", "outcome"],
+)
+CACHE_STALE_SERVED = Counter(
+    "trellis_cache_stale_served",
+    "Cache hits answered from an entry in its refresh-ahead window (the last part of its"
+    " TTL) while it is refreshed in the background.",
+    ["tool"],
+)
 #: ``tenant`` is empty (absent, to Prometheus) unless cost accounting runs with
 #: TRELLIS_METRICS_TENANT_LABEL=true: tenants are unbounded, so the label is opt-in.
 TOKENS = Counter(

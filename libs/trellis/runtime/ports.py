@@ -58,3 +58,22 @@ def check_port(host: str, port: int, variable: str) -> None:
     error = bind_error(host, port)
     if error is not None:
         raise StartupError(describe(variable, host, port, error))
+
+
+_handed_out: set[int] = set()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, never one this process handed out before.
+
+    The OS may give the same ephemeral port to two probes in a row once the first is
+    closed, so a stack whose ports are picked one after another could get one port
+    twice (a service's gRPC and metrics ports); remembering them rules that out.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port

@@ -42,6 +42,13 @@ class SingleFlight(Generic[T]):
     def __len__(self) -> int:
         return len(self._flights)
 
+    async def drain(self) -> None:
+        """Wait for the flights under way now, their ``then`` included (errors are the
+        callers')."""
+        tasks = [f.task for f in self._flights.values() if f.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+
     async def do(
         self,
         key: Hashable,

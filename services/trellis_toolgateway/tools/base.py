@@ -17,6 +17,7 @@ from typing import Any
 
 from trellis.common.v1 import common_pb2
 from trellis.runtime.convert import duration, to_struct
+from trellis_toolgateway.tools.config import Invalidation
 
 #: A JSON value as Python sees it (dict, list, str, int, float, bool, None).
 Json = Any
@@ -53,6 +54,11 @@ class Spec:
     #: with OUTPUT_TOO_LARGE. 0 = the gateway's default (``DEFAULT_MAX_RESULT_BYTES``
     #: for tools registered by hand; the loader fills in TRELLIS_TOOL_MAX_RESULT_BYTES).
     max_result_bytes: int = 0
+    #: A cache hit on a result in this last part of its TTL is answered at once and
+    #: refreshed in the background (0 = off; never for side-effecting tools).
+    refresh_ahead: float = 0.0
+    #: Cached results a call of this tool makes stale (side-effecting tools only).
+    invalidates: tuple[Invalidation, ...] = ()
 
     @property
     def cacheable(self) -> bool:
@@ -106,6 +112,13 @@ class Tool(ABC):
         Never above ``spec.cache_ttl``, which is what clients are told.
         """
         return self.spec.cache_ttl if self.spec.cacheable else 0.0
+
+    def cache_args(self, args: dict[str, Json]) -> dict[str, Json]:
+        """``args`` as cache tags and invalidation rules compare them: by name, each in
+        its canonical form, so two spellings of one value match (``uname   -a`` and
+        ``uname -a``; ``./notes/a.txt`` and ``notes/a.txt``). Defaults to ``args``; a
+        tool whose arguments have such spellings overrides it, and never raises."""
+        return args
 
 
 @dataclass

@@ -25,7 +25,7 @@ import asyncio
 import re
 import shlex
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trellis.runtime.errors import FieldViolation, InvalidArgument, quote
 from trellis_toolgateway.tools import config
@@ -100,6 +100,8 @@ class Resolved:
     argv: tuple[str, ...]
     #: The caller's command, normalised (``uname   -a`` -> ``uname -a``).
     text: str
+    #: Each placeholder's value; a path as its real path.
+    values: Mapping[str, str] = field(default_factory=dict)
 
 
 def describe_commands(templates: Sequence[Template]) -> str:
@@ -236,13 +238,27 @@ class CommandTool(Tool):
                 value = self._sandbox.resolve(value, field="args.command", tool=self.spec.name)
             values[param.name] = value
         argv = tuple(PLACEHOLDERS.sub(lambda m: values[m.group(1)], part) for part in template.argv)
-        return Resolved(template, argv, shlex.join(words))
+        return Resolved(template, argv, shlex.join(words), values)
 
     def cache_ttl_for(self, args: dict[str, Json]) -> float:
         try:
             return min(self.parse(args["command"]).template.cache_ttl, self.spec.cache_ttl)
         except (InvalidArgument, KeyError, TypeError):
             return 0.0  # the run will reject it; nothing to cache
+
+    def cache_args(self, args: dict[str, Json]) -> dict[str, Json]:
+        """The normalised command and each placeholder by name (a path relative to the
+        sandbox), so rules can name ``command`` or a placeholder such as ``path``."""
+        try:
+            resolved = self.parse(args["command"])
+        except (InvalidArgument, KeyError, TypeError):
+            return args
+        sandbox, params = self._sandbox, resolved.template.params
+        named: dict[str, Json] = {
+            name: sandbox.relative(value) if sandbox is not None and params[name].path else value
+            for name, value in resolved.values.items()
+        }
+        return {**named, "command": resolved.text}
 
     async def run(self, args: dict[str, Json]) -> Json:
         resolved = self.parse(args["command"])

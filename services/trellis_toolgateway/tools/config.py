@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from jsonschema import Draft202012Validator, SchemaError
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -25,6 +26,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from trellis.runtime.validation import TENANT_ID, TOOL_NAME
 
 Json = Any
 _NAME = r"^[a-zA-Z][a-zA-Z0-9_.\-]{0,63}$"
@@ -61,6 +64,60 @@ def env_only_templates(
     return values
 
 
+def _tool_or_pattern(value: str) -> str:
+    """A tool name, or a shell-style pattern over names (``files_*``)."""
+    if not TOOL_NAME.pattern.fullmatch(value.replace("*", "x").replace("?", "x")):
+        raise ValueError(f"not a tool name or pattern ({TOOL_NAME.rule}, * and ?): {value!r}")
+    return value
+
+
+ToolPattern = Annotated[str, AfterValidator(_tool_or_pattern)]
+
+
+class Invalidation(_Strict):
+    """Cached results a call of this tool makes stale (an ``invalidates:`` entry).
+
+    Once a call of a side-effecting tool has reached its backend, the gateway drops the
+    results of ``tools`` cached for the caller's tenant (the shared ones of a
+    ``shared_cache`` tool) before it answers, narrowed by every condition given:
+    ``args`` (their argument has this value), ``same_args`` (their argument equals this
+    call's) and ``same_path`` (their path argument is this call's path, inside it, or
+    one of its parent directories). A condition whose argument this call lacks is
+    dropped: more results go, never fewer.
+    """
+
+    #: Tools whose results go: names or shell-style patterns (``files_*``).
+    tools: list[ToolPattern] = Field(min_length=1)
+    #: Their argument -> the value it must have, e.g. ``{command: "df -h"}``.
+    args: dict[str, Json] = {}
+    #: Their argument -> this call's argument whose value it must equal.
+    same_args: dict[str, str] = {}
+    #: Their path argument -> this call's path argument (one pair).
+    same_path: dict[str, str] = Field({}, max_length=1)
+
+
+def _tenant(value: str) -> str:
+    if (problem := TENANT_ID.problem(value, required=True)) is not None:
+        raise ValueError(f"tenant {problem}")
+    return value
+
+
+def _tool_name(value: str) -> str:
+    if (problem := TOOL_NAME.problem(value, required=True)) is not None:
+        raise ValueError(f"tool {problem}")
+    return value
+
+
+class WarmCall(_Strict):
+    """A call the gateway makes at start and after each reload so first users hit."""
+
+    tool: Annotated[str, AfterValidator(_tool_name)]
+    args: dict[str, Json] = {}
+    #: Tenants to warm it for; empty: every tenant, which only a ``shared_cache`` tool's
+    #: one shared result can serve.
+    tenants: list[Annotated[str, AfterValidator(_tenant)]] = []
+
+
 class Policy(_Strict):
     """Execution policy and contract knobs shared by every kind of tool.
 
@@ -85,6 +142,19 @@ class Policy(_Strict):
     #: OUTPUT_TOO_LARGE. Unset: the gateway's TRELLIS_TOOL_MAX_RESULT_BYTES. Never above
     #: what fits in a gRPC message (TRELLIS_MAX_MESSAGE_BYTES).
     max_result_bytes: int | None = Field(None, ge=1, le=256 * 1024 * 1024)
+    #: A cache hit on a result in this last part of its TTL (0.2: the last fifth) is
+    #: answered at once and refreshed in the background; 0 = off.
+    refresh_ahead: float = Field(0.0, ge=0, lt=1)
+    #: Cached results a call of this (side-effecting) tool makes stale.
+    invalidates: tuple[Invalidation, ...] = ()
+
+    @model_validator(mode="after")
+    def _freshness_fits_side_effects(self) -> Policy:
+        if self.refresh_ahead and self.side_effects:
+            raise ValueError("refresh_ahead: a tool with side effects is never cached")
+        if self.invalidates and "side_effects" in self.model_fields_set and not self.side_effects:
+            raise ValueError("invalidates: only a tool with side effects makes results stale")
+        return self
 
     @field_validator("input_schema", "output_schema")
     @classmethod
@@ -368,6 +438,8 @@ class ToolsFile(_Strict):
     tools: list[ToolDecl] = []
     mcp_servers: list[McpServer] = []
     grpc_tool_servers: list[GrpcToolServer] = []
+    #: Calls made at start and after each reload, so their results are cached.
+    warm: list[WarmCall] = []
 
     @model_validator(mode="after")
     def _unique_names(self) -> ToolsFile:

@@ -44,6 +44,13 @@ def _os_failure(path: str, error: OSError) -> ToolError:
     return ToolError("IO_ERROR", f"{path!r}: {error.strerror or error}")
 
 
+def _canonical_path(sandbox: Sandbox, args: dict[str, Json], path: Json) -> dict[str, Json]:
+    """``args`` with ``path`` in its one spelling (``Tool.cache_args``)."""
+    if not isinstance(path, str):
+        return args
+    return {**args, "path": sandbox.canonical(path)}
+
+
 class ReadFileTool(Tool):
     """Text of one file under the sandbox root, at most ``max_bytes`` of it."""
 
@@ -76,6 +83,9 @@ class ReadFileTool(Tool):
             cache_ttl=0.0,
             timeout=10.0,
         )
+
+    def cache_args(self, args: dict[str, Json]) -> dict[str, Json]:
+        return _canonical_path(self._sandbox, args, args.get("path"))
 
     async def run(self, args: dict[str, Json]) -> Json:
         real = self._sandbox.resolve(args["path"], tool=self.spec.name)
@@ -147,6 +157,9 @@ class ListDirTool(Tool):
             cache_ttl=0.0,
             timeout=10.0,
         )
+
+    def cache_args(self, args: dict[str, Json]) -> dict[str, Json]:
+        return _canonical_path(self._sandbox, args, args.get("path", "."))
 
     async def run(self, args: dict[str, Json]) -> Json:
         shown = args.get("path", ".")

@@ -34,6 +34,15 @@ class Sandbox:
         """Whether an already resolved path is the root or below it."""
         return os.path.commonpath([self.root, real]) == self.root
 
+    def canonical(self, path: str) -> str:
+        """The one spelling of ``path``: its real path relative to the root (``.`` for
+        the root), so ``./a//b``, ``a/../a/b`` and a symlink to it name the same file in
+        cache tags. ``path`` itself when it is outside (a call with it fails anyway)."""
+        try:
+            return self.relative(self.resolve(path))
+        except InvalidArgument:
+            return path
+
     def relative(self, real: str) -> str:
         """How a resolved path is shown to callers: relative to the root (``.`` for it)."""
         return Path(os.path.relpath(real, self.root)).as_posix()

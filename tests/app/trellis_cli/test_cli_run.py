@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from trellis.runtime.errors import (
     Unavailable,
     translated_rpc_errors,
 )
+from trellis.runtime.ports import free_port
 from trellis.runtime.server import Service
 from trellis_cli import exits
 from trellis_cli.exits import ExitCode
@@ -50,12 +50,6 @@ def plan_file(tmp_path: Path, content: object, name: str = "plan.json") -> Path:
     path = tmp_path / name
     path.write_text(content if isinstance(content, str) else json.dumps(content))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the table, and what each run status and error maps to --------------------------------

@@ -1,8 +1,9 @@
 """The ``Store`` contract, run against both backends: in-memory and a real redis-server.
 
 Whatever ``TRELLIS_REDIS_URL`` says, the servicer must see the same behaviour: round
-trip with remaining TTL, expiry, invalidation by key and by tag, overwrite semantics,
-stats. Real time with short TTLs, because Redis expires on its own clock.
+trip with remaining TTL, expiry, invalidation by key, by tag and by tag group (entries
+carrying every tag of a group), overwrite semantics, stats. Real time with short TTLs,
+because Redis expires on its own clock.
 """
 
 from __future__ import annotations
@@ -62,6 +63,30 @@ async def test_invalidate_by_key_and_by_tag(store: Store) -> None:
     assert await store.invalidate(keys=["d", "missing"]) == 1
     assert await store.invalidate(tags=["tenant:t", "unknown"]) == 1
     assert (await store.stats()).entries == 0
+
+
+async def test_invalidate_by_tag_group_takes_entries_carrying_every_tag(store: Store) -> None:
+    await store.set("acme-a", b"1", ttl=60, tags=["tool:r", "tenant:acme", "arg:a"])
+    await store.set("acme-b", b"2", ttl=60, tags=["tool:r", "tenant:acme", "arg:b"])
+    await store.set("beta-a", b"3", ttl=60, tags=["tool:r", "tenant:beta", "arg:a"])
+    await store.set("acme-other", b"4", ttl=60, tags=["tool:o", "tenant:acme", "arg:a"])
+    removed = await store.invalidate(groups=[["tool:r", "tenant:acme", "arg:a"]])
+    assert removed == 1
+    assert await store.get("acme-a") is None
+    for kept in ("acme-b", "beta-a", "acme-other"):
+        assert await store.get(kept) is not None, kept
+    # groups are OR-ed; an entry two groups match counts once; a tag nobody has matches none
+    groups = [["tool:r", "tenant:acme"], ["tool:r", "arg:b"], ["tool:r", "unknown"]]
+    assert await store.invalidate(groups=groups) == 1  # acme-b
+    assert await store.invalidate(groups=[["tool:r"]]) == 1  # beta-a
+    assert (await store.stats()).entries == 1
+
+
+async def test_tag_group_skips_an_entry_set_anew_without_the_tags(store: Store) -> None:
+    await store.set("k", b"1", ttl=60, tags=["tool:r", "arg:a"])
+    await store.set("k", b"2", ttl=60, tags=["tool:r", "arg:b"])
+    assert await store.invalidate(groups=[["tool:r", "arg:a"]]) == 0
+    assert await store.invalidate(groups=[["tool:r", "arg:b"]]) == 1
 
 
 async def test_key_named_twice_counts_once(store: Store) -> None:

@@ -11,7 +11,6 @@ usage_id of the row recorded for that call, also when a fallback model answered.
 from __future__ import annotations
 
 import asyncio
-import socket
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from trellis.costs.v1 import costs_pb2
 from trellis.planner.v1 import planner_pb2
 from trellis.runtime import context
 from trellis.runtime.convert import to_struct, to_value
+from trellis.runtime.ports import free_port
 from trellis_costs.service import NAME as COSTS
 from trellis_costs.service import build as build_costs
 from trellis_costs.settings import CostsSettings
@@ -37,12 +37,6 @@ from trellis_planner.settings import PlannerSettings
 
 DEMO = "Report this machine's OS, disk usage and uptime"
 MODEL = "trellis-offline-rules-v1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def join_request(run_id: str) -> planner_pb2.JoinRequest:

@@ -18,7 +18,7 @@ from trellis.common.v1 import common_pb2
 from trellis.runtime import context
 from trellis.runtime.convert import from_value, timestamp_seconds, to_struct
 from trellis.runtime.errors import InvalidArgument, NotFound, Unavailable
-from trellis_toolgateway.cache_keys import cache_key
+from trellis_toolgateway.cache_keys import arg_tag, cache_key
 from trellis_toolgateway.invoker import Call, Invoker
 from trellis_toolgateway.registry import ToolRegistry
 from trellis_toolgateway.tools.base import FunctionTool, Spec
@@ -176,7 +176,9 @@ async def test_second_identical_call_is_a_cache_hit(tracer) -> None:
     assert second.node_id == "n2" and second.status == SUCCEEDED
     [(key, ttl, tags)] = cache.sets
     assert key == cache_key("default", "counted", "1", {"a": 1, "b": [1, 2]})
-    assert (ttl, tags) == (60, ["tool:counted", "tenant:default"])
+    assert (ttl, tags[:2]) == (60, ["tool:counted", "tenant:default"])
+    # and one tag per argument value, for invalidation by argument
+    assert sorted(tags[2:]) == sorted([arg_tag("counted", "a", 1), arg_tag("counted", "b", [1, 2])])
 
 
 async def test_tenants_never_share_results(tracer) -> None:
@@ -404,7 +406,7 @@ async def test_shared_cache_tools_share_results_across_tenants(tracer) -> None:
                 hits.append((await invoker.invoke(Call("counted", {"q": 1}))).cache_hit)
     assert hits == [False, True, False, False]
     assert (shared.runs, private.runs) == (1, 2)
-    assert cache.sets[0][2] == ["tool:counted", "tenant:*shared*"]
+    assert cache.sets[0][2][:2] == ["tool:counted", "tenant:*shared*"]
 
 
 def test_cache_keys_are_tenant_scoped_unless_shared() -> None:

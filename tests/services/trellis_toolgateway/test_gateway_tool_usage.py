@@ -10,7 +10,6 @@ answers without waiting for cost accounting.
 from __future__ import annotations
 
 import asyncio
-import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
 from trellis.runtime import context
 from trellis.runtime.convert import to_struct
+from trellis.runtime.ports import free_port
 from trellis.toolgateway.v1 import toolgateway_pb2
 from trellis_cache.service import NAME as CACHE
 from trellis_cache.service import build as build_cache
@@ -48,12 +48,6 @@ tools:
   - {name: echo_once, builtin: echo, side_effects: true, cost_nano_usd: 7000}
   - {name: flaky_sleep, builtin: sleep, timeout: 0.05, retries: 2, cost_nano_usd: 2000}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def request(tool: str, node_id: str, **args: object) -> toolgateway_pb2.InvokeToolRequest:

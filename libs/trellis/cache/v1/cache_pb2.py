@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctrellis/cache/v1/cache.proto\x12\x10trellis.cache.v1\x1a\x1egoogle/protobuf/duration.proto\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"]\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x30\n\rttl_remaining\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"^\n\nSetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04tags\x18\x04 \x03(\t\"\r\n\x0bSetResponse\"/\n\x11InvalidateRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\")\n\x12InvalidateResponse\x12\x13\n\x0binvalidated\x18\x01 \x01(\x03\"\x11\n\x0fGetStatsRequest\"t\n\x10GetStatsResponse\x12\x0c\n\x04hits\x18\x01 \x01(\x03\x12\x0e\n\x06misses\x18\x02 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x03\x12\x11\n\tevictions\x18\x04 \x01(\x03\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t2\xc2\x02\n\x0c\x43\x61\x63heService\x12\x42\n\x03Get\x12\x1c.trellis.cache.v1.GetRequest\x1a\x1d.trellis.cache.v1.GetResponse\x12\x42\n\x03Set\x12\x1c.trellis.cache.v1.SetRequest\x1a\x1d.trellis.cache.v1.SetResponse\x12W\n\nInvalidate\x12#.trellis.cache.v1.InvalidateRequest\x1a$.trellis.cache.v1.InvalidateResponse\x12Q\n\x08GetStats\x12!.trellis.cache.v1.GetStatsRequest\x1a\".trellis.cache.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctrellis/cache/v1/cache.proto\x12\x10trellis.cache.v1\x1a\x1egoogle/protobuf/duration.proto\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"]\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x30\n\rttl_remaining\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"^\n\nSetRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04tags\x18\x04 \x03(\t\"\r\n\x0bSetResponse\"[\n\x11InvalidateRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12*\n\x06groups\x18\x03 \x03(\x0b\x32\x1a.trellis.cache.v1.TagGroup\"\x18\n\x08TagGroup\x12\x0c\n\x04tags\x18\x01 \x03(\t\")\n\x12InvalidateResponse\x12\x13\n\x0binvalidated\x18\x01 \x01(\x03\"\x11\n\x0fGetStatsRequest\"t\n\x10GetStatsResponse\x12\x0c\n\x04hits\x18\x01 \x01(\x03\x12\x0e\n\x06misses\x18\x02 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x03 \x01(\x03\x12\x11\n\tevictions\x18\x04 \x01(\x03\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t2\xc2\x02\n\x0c\x43\x61\x63heService\x12\x42\n\x03Get\x12\x1c.trellis.cache.v1.GetRequest\x1a\x1d.trellis.cache.v1.GetResponse\x12\x42\n\x03Set\x12\x1c.trellis.cache.v1.SetRequest\x1a\x1d.trellis.cache.v1.SetResponse\x12W\n\nInvalidate\x12#.trellis.cache.v1.InvalidateRequest\x1a$.trellis.cache.v1.InvalidateResponse\x12Q\n\x08GetStats\x12!.trellis.cache.v1.GetStatsRequest\x1a\".trellis.cache.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,13 +41,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETRESPONSE']._serialized_start=300
   _globals['_SETRESPONSE']._serialized_end=313
   _globals['_INVALIDATEREQUEST']._serialized_start=315
-  _globals['_INVALIDATEREQUEST']._serialized_end=362
-  _globals['_INVALIDATERESPONSE']._serialized_start=364
-  _globals['_INVALIDATERESPONSE']._serialized_end=405
-  _globals['_GETSTATSREQUEST']._serialized_start=407
-  _globals['_GETSTATSREQUEST']._serialized_end=424
-  _globals['_GETSTATSRESPONSE']._serialized_start=426
-  _globals['_GETSTATSRESPONSE']._serialized_end=542
-  _globals['_CACHESERVICE']._serialized_start=545
-  _globals['_CACHESERVICE']._serialized_end=867
+  _globals['_INVALIDATEREQUEST']._serialized_end=406
+  _globals['_TAGGROUP']._serialized_start=408
+  _globals['_TAGGROUP']._serialized_end=432
+  _globals['_INVALIDATERESPONSE']._serialized_start=434
+  _globals['_INVALIDATERESPONSE']._serialized_end=475
+  _globals['_GETSTATSREQUEST']._serialized_start=477
+  _globals['_GETSTATSREQUEST']._serialized_end=494
+  _globals['_GETSTATSRESPONSE']._serialized_start=496
+  _globals['_GETSTATSRESPONSE']._serialized_end=612
+  _globals['_CACHESERVICE']._serialized_start=615
+  _globals['_CACHESERVICE']._serialized_end=937
 # @@protoc_insertion_point(module_scope)

@@ -42,12 +42,20 @@ class SetResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class InvalidateRequest(_message.Message):
-    __slots__ = ("keys", "tags")
+    __slots__ = ("keys", "tags", "groups")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[str]
     tags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, keys: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
+    groups: _containers.RepeatedCompositeFieldContainer[TagGroup]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., groups: _Optional[_Iterable[_Union[TagGroup, _Mapping]]] = ...) -> None: ...
+
+class TagGroup(_message.Message):
+    __slots__ = ("tags",)
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InvalidateResponse(_message.Message):
     __slots__ = ("invalidated",)

@@ -74,7 +74,8 @@ class CacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Invalidate(self, request, context):
-        """Removes entries by key and/or by tag.
+        """Removes entries by key, by tag and/or by tag group (entries carrying every tag
+        of a group).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

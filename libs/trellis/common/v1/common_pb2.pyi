@@ -68,7 +68,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., retryable: _Optional[bool] = ..., details: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class NodeOutcome(_message.Message):
-    __slots__ = ("node_id", "status", "output", "error", "cache_hit", "attempts", "started_at", "finished_at", "cost_nano_usd")
+    __slots__ = ("node_id", "status", "output", "error", "cache_hit", "attempts", "started_at", "finished_at", "cost_nano_usd", "cache_refreshing")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class NodeOutcome(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    CACHE_REFRESHING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     status: NodeStatus
     output: _struct_pb2.Value
@@ -87,7 +88,8 @@ class NodeOutcome(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
     cost_nano_usd: int
-    def __init__(self, node_id: _Optional[str] = ..., status: _Optional[_Union[NodeStatus, str]] = ..., output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., attempts: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_nano_usd: _Optional[int] = ...) -> None: ...
+    cache_refreshing: bool
+    def __init__(self, node_id: _Optional[str] = ..., status: _Optional[_Union[NodeStatus, str]] = ..., output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., attempts: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_nano_usd: _Optional[int] = ..., cache_refreshing: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("model", "input_tokens", "output_tokens", "cached_input_tokens", "cost_nano_usd", "estimated")

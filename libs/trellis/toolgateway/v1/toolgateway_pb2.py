@@ -22,30 +22,35 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from trellis.common.v1 import common_pb2 as trellis_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(trellis/toolgateway/v1/toolgateway.proto\x12\x16trellis.toolgateway.v1\x1a\x1etrellis/common/v1/common.proto\"1\n\x10ListToolsRequest\x12\x1d\n\x15known_catalog_version\x18\x01 \x01(\t\"\xe5\x01\n\x11ListToolsResponse\x12*\n\x05tools\x18\x01 \x03(\x0b\x32\x1b.trellis.common.v1.ToolSpec\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\x12\x11\n\tunchanged\x18\x03 \x01(\x08\x12\x39\n\x07sources\x18\x04 \x03(\x0b\x32(.trellis.toolgateway.v1.ToolSourceStatus\x12=\n\ncollisions\x18\x05 \x03(\x0b\x32).trellis.toolgateway.v1.ToolNameCollision\"\x84\x01\n\x10ToolSourceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x36\n\x05state\x18\x03 \x01(\x0e\x32\'.trellis.toolgateway.v1.ToolSourceState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\r\n\x05tools\x18\x05 \x01(\x05\"E\n\x11ToolNameCollision\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x11\n\tserved_by\x18\x02 \x01(\t\x12\x0f\n\x07skipped\x18\x03 \x01(\t\"\x99\x01\n\x11InvokeToolRequest\x12)\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1b.trellis.common.v1.ToolCall\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x30\n\ncache_mode\x18\x04 \x01(\x0e\x32\x1c.trellis.common.v1.CacheMode\"^\n\x12InvokeToolResponse\x12/\n\x07outcome\x18\x01 \x01(\x0b\x32\x1e.trellis.common.v1.NodeOutcome\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t*\x8c\x01\n\x0fToolSourceState\x12!\n\x1dTOOL_SOURCE_STATE_UNSPECIFIED\x10\x00\x12 \n\x1cTOOL_SOURCE_STATE_CONNECTING\x10\x01\x12\x18\n\x14TOOL_SOURCE_STATE_UP\x10\x02\x12\x1a\n\x16TOOL_SOURCE_STATE_DOWN\x10\x03\x32\xdb\x01\n\x12ToolGatewayService\x12`\n\tListTools\x12(.trellis.toolgateway.v1.ListToolsRequest\x1a).trellis.toolgateway.v1.ListToolsResponse\x12\x63\n\nInvokeTool\x12).trellis.toolgateway.v1.InvokeToolRequest\x1a*.trellis.toolgateway.v1.InvokeToolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(trellis/toolgateway/v1/toolgateway.proto\x12\x16trellis.toolgateway.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1etrellis/common/v1/common.proto\"1\n\x10ListToolsRequest\x12\x1d\n\x15known_catalog_version\x18\x01 \x01(\t\"\xe5\x01\n\x11ListToolsResponse\x12*\n\x05tools\x18\x01 \x03(\x0b\x32\x1b.trellis.common.v1.ToolSpec\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\x12\x11\n\tunchanged\x18\x03 \x01(\x08\x12\x39\n\x07sources\x18\x04 \x03(\x0b\x32(.trellis.toolgateway.v1.ToolSourceStatus\x12=\n\ncollisions\x18\x05 \x03(\x0b\x32).trellis.toolgateway.v1.ToolNameCollision\"\x84\x01\n\x10ToolSourceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x36\n\x05state\x18\x03 \x01(\x0e\x32\'.trellis.toolgateway.v1.ToolSourceState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\r\n\x05tools\x18\x05 \x01(\x05\"E\n\x11ToolNameCollision\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x11\n\tserved_by\x18\x02 \x01(\t\x12\x0f\n\x07skipped\x18\x03 \x01(\t\"\x99\x01\n\x11InvokeToolRequest\x12)\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1b.trellis.common.v1.ToolCall\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x30\n\ncache_mode\x18\x04 \x01(\x0e\x32\x1c.trellis.common.v1.CacheMode\"^\n\x12InvokeToolResponse\x12/\n\x07outcome\x18\x01 \x01(\x0b\x32\x1e.trellis.common.v1.NodeOutcome\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\"u\n\x16InvalidateCacheRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x13\n\x0b\x61ll_tenants\x18\x03 \x01(\x08\x12%\n\x04\x61rgs\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\".\n\x17InvalidateCacheResponse\x12\x13\n\x0binvalidated\x18\x01 \x01(\x03*\x8c\x01\n\x0fToolSourceState\x12!\n\x1dTOOL_SOURCE_STATE_UNSPECIFIED\x10\x00\x12 \n\x1cTOOL_SOURCE_STATE_CONNECTING\x10\x01\x12\x18\n\x14TOOL_SOURCE_STATE_UP\x10\x02\x12\x1a\n\x16TOOL_SOURCE_STATE_DOWN\x10\x03\x32\xcf\x02\n\x12ToolGatewayService\x12`\n\tListTools\x12(.trellis.toolgateway.v1.ListToolsRequest\x1a).trellis.toolgateway.v1.ListToolsResponse\x12\x63\n\nInvokeTool\x12).trellis.toolgateway.v1.InvokeToolRequest\x1a*.trellis.toolgateway.v1.InvokeToolResponse\x12r\n\x0fInvalidateCache\x12..trellis.toolgateway.v1.InvalidateCacheRequest\x1a/.trellis.toolgateway.v1.InvalidateCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'trellis.toolgateway.v1.toolgateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOOLSOURCESTATE']._serialized_start=842
-  _globals['_TOOLSOURCESTATE']._serialized_end=982
-  _globals['_LISTTOOLSREQUEST']._serialized_start=100
-  _globals['_LISTTOOLSREQUEST']._serialized_end=149
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=152
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=381
-  _globals['_TOOLSOURCESTATUS']._serialized_start=384
-  _globals['_TOOLSOURCESTATUS']._serialized_end=516
-  _globals['_TOOLNAMECOLLISION']._serialized_start=518
-  _globals['_TOOLNAMECOLLISION']._serialized_end=587
-  _globals['_INVOKETOOLREQUEST']._serialized_start=590
-  _globals['_INVOKETOOLREQUEST']._serialized_end=743
-  _globals['_INVOKETOOLRESPONSE']._serialized_start=745
-  _globals['_INVOKETOOLRESPONSE']._serialized_end=839
-  _globals['_TOOLGATEWAYSERVICE']._serialized_start=985
-  _globals['_TOOLGATEWAYSERVICE']._serialized_end=1204
+  _globals['_TOOLSOURCESTATE']._serialized_start=1039
+  _globals['_TOOLSOURCESTATE']._serialized_end=1179
+  _globals['_LISTTOOLSREQUEST']._serialized_start=130
+  _globals['_LISTTOOLSREQUEST']._serialized_end=179
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=182
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=411
+  _globals['_TOOLSOURCESTATUS']._serialized_start=414
+  _globals['_TOOLSOURCESTATUS']._serialized_end=546
+  _globals['_TOOLNAMECOLLISION']._serialized_start=548
+  _globals['_TOOLNAMECOLLISION']._serialized_end=617
+  _globals['_INVOKETOOLREQUEST']._serialized_start=620
+  _globals['_INVOKETOOLREQUEST']._serialized_end=773
+  _globals['_INVOKETOOLRESPONSE']._serialized_start=775
+  _globals['_INVOKETOOLRESPONSE']._serialized_end=869
+  _globals['_INVALIDATECACHEREQUEST']._serialized_start=871
+  _globals['_INVALIDATECACHEREQUEST']._serialized_end=988
+  _globals['_INVALIDATECACHERESPONSE']._serialized_start=990
+  _globals['_INVALIDATECACHERESPONSE']._serialized_end=1036
+  _globals['_TOOLGATEWAYSERVICE']._serialized_start=1182
+  _globals['_TOOLGATEWAYSERVICE']._serialized_end=1517
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from google.protobuf import struct_pb2 as _struct_pb2
 from trellis.common.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -82,3 +83,21 @@ class InvokeToolResponse(_message.Message):
     outcome: _common_pb2.NodeOutcome
     catalog_version: str
     def __init__(self, outcome: _Optional[_Union[_common_pb2.NodeOutcome, _Mapping]] = ..., catalog_version: _Optional[str] = ...) -> None: ...
+
+class InvalidateCacheRequest(_message.Message):
+    __slots__ = ("tool", "tenant_id", "all_tenants", "args")
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    ALL_TENANTS_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    tool: str
+    tenant_id: str
+    all_tenants: bool
+    args: _struct_pb2.Struct
+    def __init__(self, tool: _Optional[str] = ..., tenant_id: _Optional[str] = ..., all_tenants: _Optional[bool] = ..., args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class InvalidateCacheResponse(_message.Message):
+    __slots__ = ("invalidated",)
+    INVALIDATED_FIELD_NUMBER: _ClassVar[int]
+    invalidated: int
+    def __init__(self, invalidated: _Optional[int] = ...) -> None: ...

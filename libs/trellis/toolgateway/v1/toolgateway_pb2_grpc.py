@@ -45,6 +45,11 @@ class ToolGatewayServiceStub:
                 request_serializer=trellis_dot_toolgateway_dot_v1_dot_toolgateway__pb2.InvokeToolRequest.SerializeToString,
                 response_deserializer=trellis_dot_toolgateway_dot_v1_dot_toolgateway__pb2.InvokeToolResponse.FromString,
                 _registered_method=True)
+        self.InvalidateCache = channel.unary_unary(
+                '/trellis.toolgateway.v1.ToolGatewayService/InvalidateCache',
+                request_serializer=trellis_dot_toolgateway_dot_v1_dot_toolgateway__pb2.InvalidateCacheRequest.SerializeToString,
+                response_deserializer=trellis_dot_toolgateway_dot_v1_dot_toolgateway__pb2.InvalidateCacheResponse.FromString,
+                _registered_method=True)
 
 
 class ToolGatewayServiceServicer:
@@ -68,6 +73,15 @@ class ToolGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InvalidateCache(self, request, context):
+        """Drops cached results of one tool. Tenant-scoped: the caller's own results, unless
+        the caller's tenant is one of the gateway's admin tenants
+        (TRELLIS_CACHE_ADMIN_TENANTS), which may name another tenant or all of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +94,11 @@ def add_ToolGatewayServiceServicer_to_server(servicer, server):
                     servicer.InvokeTool,
                     request_deserializer=trellis_dot_toolgateway_dot_v1_dot_toolgateway__pb2.InvokeToolRequest.FromString,
                     response_serializer=trellis_dot_toolgateway_dot_v1_dot_toolgateway__pb2.InvokeToolResponse.SerializeToString,
+            ),
+            'InvalidateCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.InvalidateCache,
+                    request_deserializer=trellis_dot_toolgateway_dot_v1_dot_toolgateway__pb2.InvalidateCacheRequest.FromString,
+                    response_serializer=trellis_dot_toolgateway_dot_v1_dot_toolgateway__pb2.InvalidateCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +156,33 @@ class ToolGatewayService:
             '/trellis.toolgateway.v1.ToolGatewayService/InvokeTool',
             trellis_dot_toolgateway_dot_v1_dot_toolgateway__pb2.InvokeToolRequest.SerializeToString,
             trellis_dot_toolgateway_dot_v1_dot_toolgateway__pb2.InvokeToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InvalidateCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.toolgateway.v1.ToolGatewayService/InvalidateCache',
+            trellis_dot_toolgateway_dot_v1_dot_toolgateway__pb2.InvalidateCacheRequest.SerializeToString,
+            trellis_dot_toolgateway_dot_v1_dot_toolgateway__pb2.InvalidateCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,15 +1,9 @@
 """Each service serves Prometheus text on its /metrics port."""
 
-import socket
 import urllib.request
 
 from trellis.runtime.metrics import TOOL_CALLS, serve_metrics
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from trellis.runtime.ports import free_port
 
 
 def test_metrics_endpoint_serves_trellis_counters() -> None:
