@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -46,6 +46,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from trellis.clients.budget_check import BudgetPolicy
+from trellis.common.v1 import common_pb2
 from trellis.runtime import context
 from trellis.runtime.errors import (
     DeadlineExceeded,
@@ -98,10 +99,16 @@ class ChatCall:
         models: Sequence[str],
         attributes: dict[str, Any],
         usage_id: str = "",
+        options: Mapping[str, Any] | None = None,
+        expected_output_tokens: int | None = None,
     ) -> None:
         self._model = model
         #: The ledger row (and budget reservation) of this call; "" for none.
         self.usage_id = usage_id
+        #: Extra parameters of the request (response_format, temperature, ...).
+        self._options = dict(options or {})
+        #: Output the budget check estimates (None: the model's expected output).
+        self._expected_output = expected_output_tokens
         self._messages = list(messages)
         self._models = list(models)
         self._attributes = attributes
@@ -121,6 +128,18 @@ class ChatCall:
         self._by_deadline = False
         self._input_tokens = estimate_input_tokens(self._messages)
 
+    def usage(self) -> common_pb2.Usage:
+        """What the call used, as it is recorded: zero tokens when the endpoint never
+        answered (nothing was spent), else the result's (estimated if so marked)."""
+        result = self.result
+        usage = common_pb2.Usage(model=result.model or result.request_model)
+        if self.opened:
+            usage.input_tokens = result.input_tokens
+            usage.output_tokens = result.output_tokens
+            usage.cached_input_tokens = result.cached_input_tokens
+            usage.estimated = result.estimated
+        return usage
+
     async def reserve(self) -> None:
         """The budget check (BUDGET_EXCEEDED: the call must not be made); once per call,
         and done by ``async with`` when not called before."""
@@ -133,7 +152,11 @@ class ChatCall:
                 model.budget_policy,
                 self._models[0],
                 input_tokens=self._input_tokens,
-                output_tokens=model.expected_output_tokens,
+                output_tokens=(
+                    model.expected_output_tokens
+                    if self._expected_output is None
+                    else self._expected_output
+                ),
                 reservation_id=self.usage_id,
             )
         self._reserved = True
@@ -206,6 +229,7 @@ class ChatCall:
                     stream=True,
                     stream_options={"include_usage": True},
                     timeout=budget,
+                    **self._options,
                 )
         except BaseException as error:
             mapped = self._fail(error, end=True)
@@ -363,8 +387,15 @@ class ChatModel:
         run_id: str = "",
         step: str = "",
         usage_id: str = "",
+        options: Mapping[str, Any] | None = None,
+        expected_output_tokens: int | None = None,
+        span_attributes: Mapping[str, Any] | None = None,
     ) -> ChatCall:
-        """One call; ``usage_id`` names its ledger row and its budget reservation."""
+        """One call; ``usage_id`` names its ledger row and its budget reservation.
+
+        ``options`` are extra request parameters (``response_format``, ``temperature``,
+        ``max_completion_tokens``); ``expected_output_tokens`` replaces the model's
+        expected output in the budget estimate; ``span_attributes`` go on its spans."""
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": OPERATION,
             "gen_ai.provider.name": PROVIDER,
@@ -375,8 +406,17 @@ class ChatModel:
         }
         if step:
             attributes["trellis.planner.step"] = step
+        attributes.update(span_attributes or {})
         models = [model, *(m for m in self.fallback_models if m != model)]
-        return ChatCall(self, messages, models=models, attributes=attributes, usage_id=usage_id)
+        return ChatCall(
+            self,
+            messages,
+            models=models,
+            attributes=attributes,
+            usage_id=usage_id,
+            options=options,
+            expected_output_tokens=expected_output_tokens,
+        )
 
     async def aclose(self) -> None:
         await self.client.close()

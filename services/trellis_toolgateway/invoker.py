@@ -15,8 +15,10 @@ take one of three paths:
 - anything else: run it.
 
 "Run it" is the execution policy (``execution``: breaker, concurrency limit, attempts
-with retries, output contract); the input contract is ``contracts``; the cache is used
-fail-open through ``result_cache``.
+with retries, output contract), through ``batching`` for a tool that declares ``batch``
+(so cache, single-flight and idempotency apply per call, before batching); the input
+contract is ``contracts``; the cache is used fail-open through ``result_cache``, keyed
+by what decides a result (``Tool.cache_args``: a model tool's rendered prompt and model).
 
 Outcome fields this module decides:
 
@@ -27,6 +29,8 @@ Outcome fields this module decides:
 - ``cache_hit``: served without running: from the cache, or a single-flight follower
   sharing a successful result (both cost nothing, which is what the run's
   ``cache_hits`` tells the user).
+- ``usage``: model tokens a model tool's attempts spent (as ``cost_nano_usd``: the
+  leader's, never a follower's or a cache hit's).
 
 Every execution that reached the backend (``attempts > 0``) is reported once to the
 ``usage`` sink, with the run and node it ran for (the single-flight leader's, the
@@ -59,6 +63,7 @@ from trellis.runtime.errors import (
 )
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import TOOL_CALLS, TOOL_DURATION
+from trellis_toolgateway.batching import Batcher
 from trellis_toolgateway.cache_keys import (
     args_fingerprint,
     cache_key,
@@ -84,7 +89,7 @@ from trellis_toolgateway.policy.retry import Backoff
 from trellis_toolgateway.policy.singleflight import SingleFlight
 from trellis_toolgateway.registry import Entry, ToolLookup
 from trellis_toolgateway.result_cache import FailOpenCache, ResultCache
-from trellis_toolgateway.tools.base import Json
+from trellis_toolgateway.tools.base import CallInfo, Json
 
 log = get_logger(__name__)
 
@@ -182,6 +187,7 @@ class Invoker:
             sleep=sleep,
             rng=rng,
         )
+        self._batcher = Batcher(self._policy, tracer)
         self._idempotency = idempotency or MemoryIdempotencyStore(clock=clock)
         self._idempotency_ttl = idempotency_ttl
         self._flights: SingleFlight[tuple[NodeOutcome, str, bool]] = SingleFlight()
@@ -252,10 +258,15 @@ class Invoker:
             return outcome
 
     async def _execute(
-        self, entry: Entry, call: Call, run_id: str, span: trace.Span
+        self, entry: Entry, call: Call, run_id: str, span: trace.Span, idempotency_key: str = ""
     ) -> NodeOutcome:
-        """Run the tool under its policy; report the execution if it reached the backend."""
-        outcome = await self._policy.run(entry, call.args, span)
+        """Run the tool under its policy (with the calls it is batched with, if it batches);
+        report the execution if it reached the backend."""
+        info = CallInfo(run_id=run_id, node_id=call.node_id, idempotency_key=idempotency_key)
+        if entry.tool.spec.batched:
+            outcome = await self._batcher.run(entry, call.args, info, span)
+        else:
+            outcome = await self._policy.run(entry, call.args, span, info)
         if self._usage is not None and outcome.attempts > 0:
             self._usage.executed(
                 tool=entry.tool.spec.name, run_id=run_id, node_id=call.node_id, outcome=outcome
@@ -340,7 +351,9 @@ class Invoker:
                 span.set_attribute(ATTR_REPLAY, True)
                 return outcome
             # The first call ran nothing and let go of the key: try to own it.
-        run = asyncio.create_task(self._run_claimed(entry, call, run_id, key, started_at, span))
+        run = asyncio.create_task(
+            self._run_claimed(entry, call, run_id, key, idempotency_key, started_at, span)
+        )
         self._background.add(run)
         run.add_done_callback(self._background.discard)
         try:
@@ -355,6 +368,7 @@ class Invoker:
         call: Call,
         run_id: str,
         key: str,
+        idempotency_key: str,
         started_at: timestamp_pb2.Timestamp,
         span: trace.Span,
     ) -> NodeOutcome:
@@ -367,7 +381,7 @@ class Invoker:
         reads as unknown once its lease ends, so a retry still does not run it again.
         """
         try:
-            outcome = await self._execute(entry, call, run_id, span)
+            outcome = await self._execute(entry, call, run_id, span, idempotency_key)
         except asyncio.CancelledError:
             await self._let_go(self._idempotency.abandon, key)
             raise
@@ -392,14 +406,15 @@ class Invoker:
 
     async def aclose(self, grace: float = 0.0) -> None:
         """Give idempotent runs whose callers left ``grace`` seconds to finish, then
-        cancel the rest (their keys are abandoned: unknown, never run again)."""
+        cancel the rest (their keys are abandoned: unknown, never run again), and the
+        batches still gathering or under way."""
         runs = list(self._background)
-        if not runs:
-            return
-        _, pending = await asyncio.wait(runs, timeout=grace) if grace > 0 else ((), runs)
-        for run in pending:
-            run.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        if runs:
+            _, pending = await asyncio.wait(runs, timeout=grace) if grace > 0 else ((), runs)
+            for run in pending:
+                run.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self._batcher.aclose()
 
     async def _cached(
         self,
@@ -417,7 +432,13 @@ class Invoker:
         ``trellis_tool_calls_total{cache="hit"}``.
         """
         spec, tenant = entry.tool.spec, context.tenant()
-        key = cache_key(tenant, spec.name, spec.version, call.args, shared=spec.shared_cache)
+        key = cache_key(
+            tenant,
+            spec.name,
+            spec.version,
+            entry.tool.cache_args(call.args),
+            shared=spec.shared_cache,
+        )
         tags = cache_tags(spec.name, tenant, shared=spec.shared_cache)
         mode = CacheMode.CACHE_MODE_USE if cache_mode in _READS else cache_mode
 
@@ -436,6 +457,7 @@ class Invoker:
             span.set_attribute(ATTR_SHARED, True)
             outcome.attempts = 0
             outcome.cost_nano_usd = 0
+            outcome.ClearField("usage")
             outcome.cache_hit = outcome.status == SUCCEEDED
             cache_use = "hit" if outcome.cache_hit else "miss"
         return outcome, cache_use
