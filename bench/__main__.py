@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from bench import cache_bench, executor_bench
+from bench import batching_bench, cache_bench, executor_bench
 from bench.results import DEFAULT_PATH, machine_facts, merge_write, print_table
 
 
@@ -19,12 +19,20 @@ def main(argv: list[str] | None = None) -> int:
 
     sections = asyncio.run(cache_bench.run(quick=args.quick))
     executor = asyncio.run(executor_bench.run(quick=args.quick))
-    targets_met = {**sections.pop("targets_met", {}), **executor.pop("targets_met", {})}
+    batching = asyncio.run(batching_bench.run(quick=args.quick))
+    targets_met = {
+        **sections.pop("targets_met", {}),
+        **executor.pop("targets_met", {}),
+        **batching.pop("targets_met", {}),
+    }
     sections.update(executor)
+    sections.update(batching)
     sections["targets_met"] = targets_met
     sections["machine"] = machine_facts()
     merged = merge_write(args.out, sections)
-    print_table(sections, {**cache_bench.TARGETS, **executor_bench.TARGETS})
+    print_table(
+        sections, {**cache_bench.TARGETS, **executor_bench.TARGETS, **batching_bench.TARGETS}
+    )
     print(f"\nwrote {args.out}")
     failed = [name for name, ok in merged.get("targets_met", {}).items() if not ok]
     if failed:

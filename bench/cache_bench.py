@@ -30,7 +30,7 @@ from typing import Any
 
 from grpc import aio
 
-from bench.results import percentile
+from bench.results import percentile, targets_met
 from trellis.clients.cache import CacheClient
 from trellis.clients.toolgateway import ToolGatewayClient
 from trellis.common.v1 import common_pb2
@@ -219,12 +219,5 @@ async def run(*, quick: bool = False) -> dict[str, dict[str, Any]]:
         "cache": {k: round(v, 4) if isinstance(v, float) else v for k, v in cache_figures.items()},
         "single_flight": flight,
     }
-    sections["targets_met"] = {name: _met(sections, name) for name in TARGETS}
+    sections["targets_met"] = targets_met(sections, TARGETS)
     return sections
-
-
-def _met(sections: dict[str, dict[str, Any]], name: str) -> bool:
-    section, key = name.split(".", 1)
-    op, bound = TARGETS[name]
-    value = sections[section][key]
-    return bool(value <= bound if op == "<=" else value == bound)

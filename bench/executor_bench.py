@@ -42,6 +42,7 @@ from bench.dag_common import (
     skewed_plan,
     timed_run,
 )
+from bench.results import targets_met
 from trellis.clients.executor import ExecutorClient
 from trellis.clients.toolgateway import ToolGatewayClient
 from trellis.executor.v1 import executor_pb2
@@ -230,14 +231,5 @@ async def run(*, quick: bool = False) -> dict[str, dict[str, Any]]:
             await channels.close()
             await stack.stop()
             processor.shutdown()
-    sections["targets_met"] = {name: _met(sections, name) for name in TARGETS}
+    sections["targets_met"] = targets_met(sections, TARGETS)
     return sections
-
-
-def _met(sections: dict[str, dict[str, Any]], name: str) -> bool:
-    section, key = name.split(".", 1)
-    op, bound = TARGETS[name]
-    value = sections.get(section, {}).get(key)
-    if value is None:
-        return False
-    return value <= bound if op == "<=" else value == bound

@@ -58,6 +58,19 @@ def merge_write(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> dict[s
     return data
 
 
+def targets_met(
+    sections: Mapping[str, Mapping[str, Any]], targets: Mapping[str, tuple[str, float]]
+) -> dict[str, bool]:
+    """Whether each figure of ``targets`` (``section.key``: (``<=`` or ``==``, bound)) is met;
+    a figure that was not measured is not."""
+    met = {}
+    for name, (op, bound) in targets.items():
+        section, key = name.split(".", 1)
+        value = sections.get(section, {}).get(key)
+        met[name] = value is not None and bool(value <= bound if op == "<=" else value == bound)
+    return met
+
+
 def print_table(
     sections: Mapping[str, Mapping[str, Any]], targets: Mapping[str, tuple[str, float]]
 ) -> None:

@@ -27,6 +27,8 @@ its usage go back before a caller that waits a little longer than ``timeout`` gi
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import uuid
 from collections.abc import Sequence
 from contextlib import aclosing
@@ -135,10 +137,9 @@ def check_generate(request: planner_pb2.GenerateRequest) -> list[Share]:
     if size > MAX_PROMPT_BYTES:
         problems.add(INVALID_REQUEST, "messages", f"more than {MAX_PROMPT_BYTES} bytes")
     if request.HasField("output_schema"):
-        try:
-            Draft202012Validator.check_schema(from_struct(request.output_schema))
-        except SchemaError as error:
-            problems.add(INVALID_REQUEST, "output_schema", f"not a JSON Schema: {error.message}")
+        schema = json.dumps(from_struct(request.output_schema), sort_keys=True)
+        if (problem := _schema_problem(schema)) is not None:
+            problems.add(INVALID_REQUEST, "output_schema", f"not a JSON Schema: {problem}")
         problems.check_id("output_name", request.output_name, TOOL_NAME)
     if request.max_output_tokens < 0:
         problems.add(INVALID_REQUEST, "max_output_tokens", "must not be negative")
@@ -146,6 +147,17 @@ def check_generate(request: planner_pb2.GenerateRequest) -> list[Share]:
         problems.add(INVALID_REQUEST, "temperature", "must be between 0 and 2")
     problems.refuse("generate request")
     return shares
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_problem(schema: str) -> str | None:
+    """Why the JSON Schema ``schema`` (canonical JSON) is not one; checked once per schema:
+    a model tool sends the same few schemas again and again."""
+    try:
+        Draft202012Validator.check_schema(json.loads(schema))
+    except SchemaError as error:
+        return error.message
+    return None
 
 
 def check_embed(request: planner_pb2.EmbedRequest) -> list[Share]:

@@ -32,7 +32,7 @@ from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import TOOL_BREAKER_STATE
 from trellis.runtime.redact import redact_details, redact_text
 from trellis.runtime.shares import split
-from trellis.runtime.usage import add_usage
+from trellis.runtime.usage import add_usage, is_empty
 from trellis_toolgateway.policy.breaker import (
     BreakerConfig,
     Breakers,
@@ -223,7 +223,10 @@ class PolicyRunner:
             outcome = last[index] or _circuit_open(spec, breaker)
             outcome.attempts = attempts[index]
             outcome.cost_nano_usd = costs[index]
-            outcome.usage.CopyFrom(usage[index])
+            if usage[index].model or not is_empty(usage[index]):  # a model tool's call
+                outcome.usage.CopyFrom(usage[index])
+            else:
+                outcome.ClearField("usage")
             outcomes.append(outcome)
         return outcomes
 

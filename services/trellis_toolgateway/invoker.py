@@ -110,7 +110,15 @@ class UsageSink(Protocol):
     """Where executions are reported for costing (``trellis_toolgateway.tool_usage.ToolUsage``);
     it must not block the call."""
 
-    def executed(self, *, tool: str, run_id: str, node_id: str, outcome: NodeOutcome) -> None: ...
+    def executed(
+        self,
+        *,
+        tool: str,
+        run_id: str,
+        node_id: str,
+        outcome: NodeOutcome,
+        model_tool: bool = False,
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -269,7 +277,11 @@ class Invoker:
             outcome = await self._policy.run(entry, call.args, span, info)
         if self._usage is not None and outcome.attempts > 0:
             self._usage.executed(
-                tool=entry.tool.spec.name, run_id=run_id, node_id=call.node_id, outcome=outcome
+                tool=entry.tool.spec.name,
+                run_id=run_id,
+                node_id=call.node_id,
+                outcome=outcome,
+                model_tool=entry.tool.spec.calls_model,
             )
         return outcome
 

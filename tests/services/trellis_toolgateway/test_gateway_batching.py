@@ -20,8 +20,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY
 
 from tests.support.fake_cache import FakeCache
+from tests.support.recording_outbox import RecordingOutbox
 from trellis.common.v1 import common_pb2
-from trellis.costs.v1 import costs_pb2
 from trellis.runtime import context
 from trellis.runtime.convert import from_value
 from trellis_toolgateway.invoker import Call, Invoker
@@ -85,17 +85,6 @@ class QuoteServer:
         return app
 
 
-@dataclass
-class Outbox:
-    """Where ``ToolUsage`` submits rows (the service's durable outbox, minus the disk)."""
-
-    rows: list[costs_pb2.RecordUsageRequest] = field(default_factory=list)
-
-    def submit(self, request: costs_pb2.RecordUsageRequest) -> asyncio.Task[object]:
-        self.rows.append(request)
-        return asyncio.ensure_future(asyncio.sleep(0))
-
-
 TOOLS = """
 version: 1
 tools:
@@ -134,7 +123,7 @@ def spans() -> InMemorySpanExporter:
 class Gateway:
     invoker: Invoker
     cache: FakeCache
-    outbox: Outbox
+    outbox: RecordingOutbox
 
     async def call(self, symbol: str, node: str = "", **extra: Any) -> common_pb2.NodeOutcome:
         key = extra.pop("idempotency_key", "")
@@ -178,7 +167,7 @@ async def make_gateway(
         )
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(spans))
-        cache, outbox = FakeCache(), Outbox()
+        cache, outbox = FakeCache(), RecordingOutbox()
         invoker = Invoker(registry, cache, provider.get_tracer("test"), usage=ToolUsage(outbox))
         return Gateway(invoker, cache, outbox)
 

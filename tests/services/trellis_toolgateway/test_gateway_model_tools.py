@@ -25,6 +25,7 @@ from prometheus_client import REGISTRY
 
 from tests.support.fake_cache import FakeCache
 from tests.support.model_script import script_of
+from tests.support.recording_outbox import RecordingOutbox
 from trellis.clients.costs import CostsClient
 from trellis.clients.planner import PlannerClient
 from trellis.common.v1 import common_pb2
@@ -43,6 +44,7 @@ from trellis_toolgateway.loader import (
     declared_tools,
     parse_tools_file,
 )
+from trellis_toolgateway.tool_usage import ToolUsage
 
 SUCCEEDED = common_pb2.NodeStatus.NODE_STATUS_SUCCEEDED
 FAILED = common_pb2.NodeStatus.NODE_STATUS_FAILED
@@ -189,6 +191,21 @@ async def test_structured_output_is_the_parsed_object_and_the_node_reports_its_t
     assert row["input_tokens"] == prompt and row["output_tokens"] == count_tokens(answer)
     assert row["cost_nano_usd"] == prompt * INPUT_NANO + row["output_tokens"] * OUTPUT_NANO > 0
     assert outcome.cost_nano_usd == 0  # the tool itself declares no cost
+
+
+async def test_a_model_tool_is_a_tool_row_only_when_it_declares_a_cost_of_its_own(
+    planner, model
+) -> None:
+    outbox = RecordingOutbox()
+    priced = TOOLS.replace("    cache_ttl: 600\n", "    cache_ttl: 600\n    cost_nano_usd: 5\n", 1)
+    invoker = Invoker(
+        registry_of(planner, priced), None, trace.get_tracer(__name__), usage=ToolUsage(outbox)
+    )
+    await invoker.invoke(call("chat", "n1", question="hi"), run_id="r1")
+    assert outbox.rows == []  # its model row is the record of the call
+    outcome = await invoker.invoke(call("summarize", "n2", text=TEXT), run_id="r1")
+    assert outcome.cost_nano_usd == 5
+    assert [(r.node_id, r.tool_cost_nano_usd) for r in outbox.rows] == [("n2", 5)]
 
 
 async def test_without_an_output_schema_the_output_is_the_text(invoker, model) -> None:
