@@ -251,6 +251,7 @@ class Generator:
             options=options,
             expected_output_tokens=request.max_output_tokens or None,
             span_attributes=attributes,
+            streamed=False,  # the caller wants the whole answer: one response, not a chunk a token
         )
         with context.request_scope(timeout=_timeout(request.timeout)):
             await call.reserve()  # BUDGET_EXCEEDED: no call, nothing to record

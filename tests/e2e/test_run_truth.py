@@ -266,19 +266,18 @@ async def test_every_ending_reports_what_the_ledger_holds(stub, model, tmp_path:
     plan.append(node("after", "echo", ("s0", "b1"), value="${s0.summary} ${b1.summary}"))
     await ending("model_tools", executor_pb2.RunRequest(plan=plan))
     # ... also when the run's deadline cuts one short, or its client leaves mid-call.
-    model.state.delay_ms = 40
-    long_text = " ".join(["The disk is full of logs and old images and more."] * 4)
-    slow = [node("slow", "summarize", text=long_text)]
+    slow = [node("slow", "summarize", text="The disk is full of logs and old images.")]
+    script_of(model).stall(3)
     await ending("model_tool_timed_out", executor_pb2.RunRequest(plan=slow, options=timeout))
+    script_of(model).stall(3)
     request = executor_pb2.RunRequest(plan=slow, run_id=new_id("model_tool_cancelled"))
     call = stub.Run(request, timeout=30)
     async for event in call:
         if event.HasField("node_started"):
-            await asyncio.sleep(0.4)  # the model is streaming its answer
+            await asyncio.sleep(0.4)  # the model is working on its answer
             call.cancel()
             break
     endings["model_tool_cancelled"] = await stored(stub, request.run_id)
-    model.state.delay_ms = 0
 
     expected = {
         "succeeded": (SUCCEEDED, ""),

@@ -166,7 +166,9 @@ async def test_the_requests_timeout_bounds_the_model_call_and_the_answer_comes_b
         generator.generate(request(timeout=duration(0.3))), timeout=3
     )
     assert generated.error is not None and generated.error.code == "DEADLINE_EXCEEDED"
-    assert [r.usage_id for r in recorder.requests] == ["r1/n1/model"]
+    (row,) = recorder.requests  # sent and cut: its prompt was read, estimated
+    assert row.usage_id == "r1/n1/model" and row.estimated
+    assert row.usage.input_tokens > 0 and row.usage.output_tokens == 0
 
 
 async def test_over_budget_nothing_is_called_or_recorded(model, recorder, make_outbox) -> None:
@@ -292,3 +294,26 @@ async def test_an_embed_answer_without_a_vector_per_input_is_a_bad_response(
         4,
         True,
     )
+
+
+async def test_an_answer_that_is_not_a_completion_is_a_bad_response(
+    recorder, make_outbox, http_app
+) -> None:
+    async def completions(request: web.Request) -> web.Response:
+        usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+        answer = {"id": "x", "object": "chat.completion", "model": "m", "choices": 5}
+        return web.json_response({**answer, "created": 0, "usage": usage})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    port = await http_app(app)
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    chat = ChatModel(client, TracerProvider().get_tracer("t"), timeout=5)
+    generator = Generator(
+        chat, await make_outbox(recorder.record_usage), default_model="m", embedding_model="e"
+    )
+    generated = await generator.generate(request())
+    assert generated.error is not None and generated.error.code == "MODEL_BAD_RESPONSE"
+    (row,) = recorder.requests  # it answered unreadably: its tokens are estimated
+    assert row.estimated and row.usage.input_tokens > 0
+    await chat.aclose()
