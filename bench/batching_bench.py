@@ -10,8 +10,8 @@
 - ``model_fanout``: the embedded stack (``trellis_cli.stack.start_stack``) with a tools
   file holding one model tool (structured output, not cached, not batched), the offline
   model pausing 300 ms before every answer. ``single_call_ms``: an explicit plan of one
-  model-tool node, Run to ``finished`` (median of 3); ``wall_ms``: a plan of 10
-  independent model-tool nodes (median of 3). The nodes run at once, each its own
+  model-tool node, Run to ``finished`` (median of 5); ``wall_ms``: a plan of 10
+  independent model-tool nodes (median of 5). The nodes run at once, each its own
   Generate through the planner (budget check, rate limits, usage recorded), so the ideal
   is one call.
 """
@@ -239,7 +239,7 @@ async def measure_model_fanout(samples: int) -> dict[str, Any]:
 async def run(*, quick: bool = False) -> dict[str, dict[str, Any]]:
     sections: dict[str, dict[str, Any]] = {
         "batching": await measure_batching(),
-        "model_fanout": await measure_model_fanout(1 if quick else 3),
+        "model_fanout": await measure_model_fanout(1 if quick else 5),
     }
     sections["targets_met"] = targets_met(sections, TARGETS)
     return sections

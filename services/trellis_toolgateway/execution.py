@@ -54,6 +54,7 @@ from trellis_toolgateway.tools.base import (
     Json,
     Metered,
     Spec,
+    Tool,
     ToolError,
     calling,
 )
@@ -242,12 +243,10 @@ class PolicyRunner:
             bound, by_deadline = left, True
         try:
             async with asyncio.timeout(max(bound, 0.0)):
-                if len(items) == 1:
-                    with calling(items[0].call):
-                        produced = [await tool.run(items[0].args)]
-                else:
-                    assert isinstance(tool, BatchTool), f"{spec.name} cannot batch"
+                if len(items) > 1 and isinstance(tool, BatchTool):
                     produced = await tool.run_batch(items)
+                else:  # one call, or a tool that takes one at a time: each on its own
+                    produced = list(await asyncio.gather(*(_alone(tool, i) for i in items)))
         except InvalidArgument:
             raise  # the call broke the tool's contract: an RPC error, not an outcome
         except Exception as error:  # the whole request failed: every call with it
@@ -304,6 +303,15 @@ class PolicyRunner:
         if usage is not None:
             outcome.usage.CopyFrom(usage)
         return outcome, verdict
+
+
+async def _alone(tool: Tool, item: BatchItem) -> ItemResult:
+    """One call's result, its ``ToolError`` included (so one call's failure is its own)."""
+    with calling(item.call):
+        try:
+            return await tool.run(item.args)
+        except ToolError as error:
+            return error
 
 
 def _tool_failure(error: ToolError) -> tuple[NodeOutcome, Verdict]:

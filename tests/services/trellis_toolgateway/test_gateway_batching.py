@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -26,8 +27,10 @@ from trellis.runtime import context
 from trellis.runtime.convert import from_value
 from trellis_toolgateway.invoker import Call, Invoker
 from trellis_toolgateway.loader import LoadOptions, declared_tools, parse_tools_file
+from trellis_toolgateway.registry import ToolRegistry
 from trellis_toolgateway.service import http_client
 from trellis_toolgateway.tool_usage import ToolUsage
+from trellis_toolgateway.tools.base import FunctionTool, Spec, ToolError
 
 SUCCEEDED = common_pb2.NodeStatus.NODE_STATUS_SUCCEEDED
 FAILED = common_pb2.NodeStatus.NODE_STATUS_FAILED
@@ -373,3 +376,23 @@ async def test_each_calls_span_links_to_the_batch_span(make_gateway, spans) -> N
     for call in calls:
         assert [link.context.span_id for link in call.links] == [batch.context.span_id]
     assert batch.parent is not None and batch.parent.span_id in {c.context.span_id for c in calls}
+
+
+async def test_a_tool_without_run_batch_is_called_one_by_one_and_fails_alone() -> None:
+    seen: list[str] = []
+
+    async def shout(args: dict[str, Any]) -> Any:
+        seen.append(args["text"])
+        if args["text"] == "boom":
+            raise ToolError("NO_SHOUTING", "not that one")
+        return args["text"].upper()
+
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}}
+    spec = Spec("shout", "upper-cases", schema, {}, batch_max_items=4, batch_max_wait=0.05)
+    invoker = Invoker(ToolRegistry([FunctionTool(spec, shout)]), None, trace.get_tracer(__name__))
+    outcomes = await asyncio.gather(
+        *(invoker.invoke(Call("shout", {"text": t}, node_id=t)) for t in ("a", "boom", "c"))
+    )
+    assert sorted(seen) == ["a", "boom", "c"]
+    assert [o.status for o in outcomes] == [SUCCEEDED, FAILED, SUCCEEDED]
+    assert [output(outcomes[0]), outcomes[1].error.code] == ["A", "NO_SHOUTING"]
