@@ -91,3 +91,27 @@ def test_the_cache_freshness_example_is_a_tools_file_whose_rules_reach_its_tools
     assert [(w.tool, w.tenants) for w in read_tools_file(file).warm] == [
         ("run_command", ["default", "acme"])
     ]
+
+
+def _section(title: str) -> str:
+    """The README's text from heading ``title`` to the next heading of its level."""
+    match = re.search(rf"^(#+) {re.escape(title)}\n(.*?)(?=^\1 )", README, re.M | re.S)
+    assert match, f"README has no section {title!r}"
+    return match.group(2)
+
+
+def test_the_model_tools_and_batching_example_loads(tmp_path) -> None:
+    """The section's tools.yaml is a file the gateway takes as it is."""
+    from trellis_toolgateway.loader import LoadOptions, declared_tools, parse_tools_file
+
+    (example,) = re.findall(r"```yaml\n(.*?)```", _section("Model tools and batching"), re.S)
+    registry = declared_tools(
+        parse_tools_file(example, "README.md"), tmp_path / "tools.yaml", LoadOptions()
+    )
+    specs = {spec.name: spec for spec in registry.specs()}
+    assert set(specs) == {"summarize", "embed", "get_stock_price"}
+    assert all(spec.batched for spec in specs.values())
+    assert specs["summarize"].calls_model and specs["embed"].calls_model
+    assert specs["summarize"].cacheable and specs["summarize"].batch_max_items == 16
+    assert specs["get_stock_price"].request_cost(1) == 100_000
+    assert specs["get_stock_price"].request_cost(7) == 500_000

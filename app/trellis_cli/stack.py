@@ -110,20 +110,21 @@ async def start_stack(
         await start("cache", CacheSettings, build_cache)
         await start("costs", CostsSettings, build_costs, database_url=costs_url)
         await start(
-            "toolgateway",
-            GatewaySettings,
-            build_toolgateway,
-            cache_target=stack.target("cache"),
-            costs_target=stack.target("costs"),
-            **outboxes.get("toolgateway", {}),
-        )
-        await start(
             "planner",
             PlannerSettings,
             build_planner,
             costs_target=stack.target("costs"),
             openai_base_url=model_base_url,
             **outboxes.get("planner", {}),
+        )
+        await start(  # after the planner: its model tools call the planner
+            "toolgateway",
+            GatewaySettings,
+            build_toolgateway,
+            cache_target=stack.target("cache"),
+            costs_target=stack.target("costs"),
+            planner_target=stack.target("planner"),
+            **outboxes.get("toolgateway", {}),
         )
         await start(
             "executor",

@@ -8,6 +8,8 @@ network and no weights. It understands exactly the prompts Trellis's planner wri
 - ``prompt``    the sections ("## Tools", "## Goal", "## Outcomes") both sides agree on
 - ``planning``  goal + tool catalog -> a plan as JSON Lines, by keyword rules
 - ``answering`` goal + outcomes -> a short deterministic answer
+- ``generating`` model tools' structured output (one answer per item of a batch) and
+                the embeddings' vectors, made up by rules
 - ``tokens``    the deterministic tokenizer used for usage and stream pieces
 - ``behaviour`` what to do instead of the rules for one request, on cue (raw text, HTTP
                 errors, stalls, a broken stream); tests queue them (tests/support/model_script.py)

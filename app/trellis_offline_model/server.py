@@ -1,12 +1,14 @@
 """The HTTP face of the rule model: OpenAI's chat completions API, streamed or not.
 
-Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}`` and ``POST /v1/chat/completions``
+Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/embeddings``
+(``generating.vectors``, float or base64) and ``POST /v1/chat/completions``
 (``stream`` true: SSE ``data: {chunk}`` lines ending with ``data: [DONE]``, plus a final
 usage chunk with empty ``choices`` when ``stream_options.include_usage``; false: one
 ``chat.completion``; a scripted broken stream ends with one ``data:`` line that is not
 JSON, as a truncating proxy or a faulty provider sends it). Whatever model a request
-names, the answer comes from the rules and says so in ``model``. ``start_offline_model``
-embeds it in any asyncio program.
+names, the answer comes from the rules and says so in ``model`` (a model tool's request
+for structured output is answered by ``generating``). ``start_offline_model`` embeds it
+in any asyncio program.
 
 Pacing (``ModelState``, changeable while serving): ``delay_ms`` before every streamed
 piece (a slow model); ``line_delay_ms``: each line of a *plan* (the answer to a planning
@@ -19,8 +21,10 @@ after its last piece was written, for benchmarks that time what happens downstre
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
+import struct
 import time
 import uuid
 from collections import deque
@@ -31,6 +35,7 @@ from typing import Any
 from aiohttp import web
 
 from trellis.runtime.logs import get_logger
+from trellis_offline_model import generating
 from trellis_offline_model.behaviour import Behaviour
 from trellis_offline_model.prompt import message_text
 from trellis_offline_model.rules import MODEL_ID, is_plan_prompt, respond
@@ -145,7 +150,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return error_response(
             behaviour.status, behaviour.message, retry_after_ms=behaviour.retry_after_ms
         )
-    text = behaviour.text if behaviour.text is not None else respond(messages)
+    text = behaviour.text
+    if text is None:
+        text = generating.answer(body) or respond(messages)
     usage = _usage(sum(count_tokens(message_text(m)) for m in messages), count_tokens(text))
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
@@ -232,12 +239,49 @@ async def _stream(
     return response
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    """OpenAI's embeddings API over ``generating.vectors``; behaviours apply as to chats."""
+    state = request.app[STATE]
+    try:
+        body = await request.json()
+    except ValueError:
+        return error_response(400, "The request body is not valid JSON")
+    parsed = generating.embedding_request(body)
+    if isinstance(parsed, str):
+        return error_response(400, parsed, param="input")
+    texts, dimensions = parsed
+    state.requests.append(body)
+    behaviour = state.next_behaviour() or Behaviour()
+    if behaviour.stall_seconds:
+        await asyncio.sleep(behaviour.stall_seconds)
+    if behaviour.status:
+        return error_response(
+            behaviour.status, behaviour.message, retry_after_ms=behaviour.retry_after_ms
+        )
+    as_base64 = body.get("encoding_format") == "base64"
+    data = []
+    for index, vector in enumerate(generating.vectors(texts, dimensions)):
+        packed = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        embedding: object = packed if as_base64 else vector
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    tokens = sum(count_tokens(text) for text in texts)
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": generating.EMBEDDING_MODEL_ID,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
 def create_app(state: ModelState | None = None) -> web.Application:
     app = web.Application()
     app[STATE] = state or ModelState()
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     return app
 
 

@@ -14,7 +14,12 @@
  * long) is an answer, CallToolResponse.error, not a gRPC error; a request that breaks
  * the tool's contract is INVALID_ARGUMENT; an unknown tool is NOT_FOUND.
  *
- * Env: PORT (default 50070; 0 picks a free port), LOG_CALLS=1 prints "call <tool>" per call.
+ * CallTools (optional in the contract) takes several calls at once, for a gateway that
+ * batches them (`batch:` on the server's entry): one result per call, in order, and a
+ * call that fails fails alone, as an error result.
+ *
+ * Env: PORT (default 50070; 0 picks a free port), LOG_CALLS=1 prints "call <tool>" per
+ * CallTool and "calls <tool> x<n>" per CallTools.
  * Prints "listening <port>" once it accepts calls; exits on SIGTERM/SIGINT.
  */
 
@@ -163,31 +168,69 @@ function listTools(call, callback) {
   callback(null, { tools: Object.entries(TOOLS).map(([name, tool]) => toolSpec(name, tool)) });
 }
 
-function callTool(call, callback) {
-  const { tool: name } = call.request;
-  if (process.env.LOG_CALLS === '1') console.log(`call ${name}`);
-  const tool = Object.prototype.hasOwnProperty.call(TOOLS, name) ? TOOLS[name] : undefined;
-  if (!tool) {
-    callback({ code: grpc.status.NOT_FOUND, details: `unknown tool '${name}'` });
-    return;
+/** A gRPC error for the whole call (not a tool's failure). */
+class CallError extends Error {
+  constructor(code, details) {
+    super(details);
+    this.code = code;
+    this.details = details;
   }
-  const args = fromStruct(call.request.args);
+}
+
+/** The CallToolResponse for one request; throws CallError when the request is wrong. */
+function answer(request) {
+  const { tool: name } = request;
+  const tool = Object.prototype.hasOwnProperty.call(TOOLS, name) ? TOOLS[name] : undefined;
+  if (!tool) throw new CallError(grpc.status.NOT_FOUND, `unknown tool '${name}'`);
+  const args = fromStruct(request.args);
   // The gateway validates arguments against input_schema before calling; a server still
   // checks what it relies on, and a violation is the caller's fault: INVALID_ARGUMENT.
   if (typeof args.text !== 'string') {
-    callback({ code: grpc.status.INVALID_ARGUMENT, details: "args.text must be a string" });
-    return;
+    throw new CallError(grpc.status.INVALID_ARGUMENT, 'args.text must be a string');
   }
   try {
-    callback(null, { output: toValue(tool.run(args)) });
+    return { output: toValue(tool.run(args)) };
   } catch (error) {
     if (error instanceof ToolFailure) {
       const { code, message, retryable, details } = error;
-      callback(null, { error: { code, message, retryable, details } });
+      return { error: { code, message, retryable, details } };
+    }
+    throw new CallError(grpc.status.INTERNAL, `${name} failed: ${error.message}`);
+  }
+}
+
+function reply(callback, produce) {
+  try {
+    callback(null, produce());
+  } catch (error) {
+    if (error instanceof CallError) {
+      callback({ code: error.code, details: error.details });
       return;
     }
-    callback({ code: grpc.status.INTERNAL, details: `${name} failed: ${error.message}` });
+    callback({ code: grpc.status.INTERNAL, details: error.message });
   }
+}
+
+function callTool(call, callback) {
+  if (process.env.LOG_CALLS === '1') console.log(`call ${call.request.tool}`);
+  reply(callback, () => answer(call.request));
+}
+
+function callTools(call, callback) {
+  const calls = call.request.calls || [];
+  if (process.env.LOG_CALLS === '1') {
+    console.log(`calls ${calls.length ? calls[0].tool : ''} x${calls.length}`);
+  }
+  // A wrong call of a batch fails alone: as a result with its error, not the whole RPC.
+  const one = (request) => {
+    try {
+      return answer(request);
+    } catch (error) {
+      const code = error instanceof CallError ? grpc.status[error.code] || 'INTERNAL' : 'INTERNAL';
+      return { error: { code: `TOOL_SERVER_${code}`, message: error.message, retryable: false } };
+    }
+  };
+  reply(callback, () => ({ results: calls.map(one) }));
 }
 
 function main() {
@@ -197,7 +240,11 @@ function main() {
     process.exit(2);
   }
   const server = new grpc.Server();
-  server.addService(ToolServerService.service, { ListTools: listTools, CallTool: callTool });
+  server.addService(ToolServerService.service, {
+    ListTools: listTools,
+    CallTool: callTool,
+    CallTools: callTools,
+  });
   server.bindAsync(`127.0.0.1:${port}`, grpc.ServerCredentials.createInsecure(), (error, bound) => {
     if (error) {
       console.error(`cannot listen on 127.0.0.1:${port}: ${error.message}`);

@@ -10,15 +10,16 @@ node's outcome is charged to a ``CostMeter`` as it arrives, and the charge that 
 over ``max_cost_nano_usd`` stops the run (FAILED, RUN_COST_EXCEEDED).
 
 However the run ends, its ``finished`` carries what it really used and cost
-(``run_cost.py``), and its status is true: a run that reached its end is judged by
-``ending.py`` (SUCCEEDED, PARTIAL, FAILED); one that stopped says why (its deadline
-passed: FAILED DEADLINE_EXCEEDED with the nodes in flight CANCELLED; cancelled:
-CANCELLED; anything else: FAILED with the error's reason).
+(``run_cost.py``: model tools' nodes included), and its status is true: a run that
+reached its end is judged by ``ending.py`` (SUCCEEDED, PARTIAL, FAILED); one that
+stopped says why (its deadline passed: FAILED DEADLINE_EXCEEDED with the nodes in
+flight CANCELLED; cancelled: CANCELLED; anything else: FAILED with the error's reason).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -30,10 +31,20 @@ from trellis.executor.v1 import executor_pb2
 from trellis.planner.v1 import planner_pb2
 from trellis.runtime import context
 from trellis.runtime.convert import duration
-from trellis.runtime.errors import InvalidArgument, TrellisError
+from trellis.runtime.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    TrellisError,
+    Unauthenticated,
+)
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import RUN_DURATION
 from trellis.runtime.redact import redact_details, redact_text
+from trellis.runtime.usage import node_model_usage_id
 from trellis.runtime.validation import node_idempotency_key
 from trellis.toolgateway.v1 import toolgateway_pb2
 from trellis_executor import ports
@@ -73,6 +84,11 @@ class RunContext:
     def deadline(self) -> float:
         """When the run's time is up (monotonic)."""
         return self.started + self.limits.timeout
+
+    @functools.cached_property
+    def model_tools(self) -> frozenset[str]:
+        """The tools whose calls spend model tokens (their nodes report them)."""
+        return frozenset(tool.name for tool in self.tools if tool.calls_model)
 
 
 class RunExecution:
@@ -182,7 +198,7 @@ class RunExecution:
             max_parallel=run.limits.max_parallel,
             process_slots=self._process_slots,
             on_outcome=lambda outcome: meter.charge(
-                outcome.cost_nano_usd, f"node {outcome.node_id}"
+                outcome.cost_nano_usd + outcome.usage.cost_nano_usd, f"node {outcome.node_id}"
             ),
             redispatch_seconds=self._gateway_retry_seconds,
         )
@@ -297,9 +313,15 @@ class RunExecution:
             idempotency_key=node_idempotency_key(run.run_id, call.node_id),
             cache_mode=run.limits.cache_mode,  # type: ignore[arg-type]
         )
+        assert run.cost is not None
+        usage_id = node_model_usage_id(run.run_id, call.node_id)
         try:
             outcome = await self._gateway.invoke(request)
-        except TrellisError as error:
+        except BaseException as error:
+            if call.tool in run.model_tools and _may_have_run(error):
+                run.cost.node_unreported(usage_id)  # its model call may have been made
+            if not isinstance(error, TrellisError):
+                raise
             if error.reason == DEADLINE_EXCEEDED:
                 raise _deadline(run) from error
             outcome = ended(
@@ -308,11 +330,29 @@ class RunExecution:
             outcome.error.retryable = error.retryable
             outcome.attempts = 1
             return outcome
+        run.cost.node_usage(usage_id, outcome.usage)
         if outcome.status == common_pb2.NODE_STATUS_FAILED and (
             outcome.error.code == DEADLINE_EXCEEDED
         ):
             raise _deadline(run)
         return outcome
+
+
+#: Errors of an InvokeTool that refused the call: the tool never ran.
+_REFUSALS = (
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    PermissionDenied,
+    Unauthenticated,
+    ResourceExhausted,
+)
+
+
+def _may_have_run(error: BaseException) -> bool:
+    """Whether a failed InvokeTool may have run the tool (cancelled, cut, unanswered)."""
+    return not isinstance(error, _REFUSALS)
 
 
 def _deadline(run: RunContext) -> RunDeadlineExceeded:

@@ -3,16 +3,21 @@
 The planner reports every model call twice in its Plan and Join streams: when the call
 starts and when its usage is recorded (before anything that follows, errors included).
 So a stream that ends, well or badly, has told the run what it cost, and the run's cost
-cap counts each call as its report arrives. Tool calls cost what their outcomes say.
+cap counts each call as its report arrives. Tool calls cost what their outcomes say, and
+a model tool's node brings back the tokens its model calls spent (``NodeOutcome.usage``,
+priced by the ledger), which are the run's model usage too.
 
-Three things the streams cannot tell, for which the run asks the ledger
+What the streams and outcomes cannot tell, for which the run asks the ledger
 (``GetRunUsage``) once, at its end:
 
 - a call the run cancelled itself (the client went away, the deadline passed, the cost
   cap stopped it): the planner records its tokens as the stream is torn down, after
   the run stopped listening. The run waits for those usage ids to be in the ledger
   (``SETTLE_SECONDS`` at most);
-- a call whose cost was deferred (cost accounting was out of reach when it ended);
+- a call whose cost was deferred (cost accounting was out of reach when it ended), or a
+  model tool's node whose tokens came back without a cost;
+- a model tool's node that never reported (cancelled, cut by the deadline, its gateway
+  gone): its call's row is ``{run}/{node}/model`` (``trellis.runtime.usage``);
 - a resumed run: its earlier replica's calls.
 
 No ledger round trip is made for a run whose streams all ended on their own. When the
@@ -31,6 +36,7 @@ from trellis.costs.v1 import costs_pb2
 from trellis.planner.v1 import planner_pb2
 from trellis.runtime import context
 from trellis.runtime.logs import get_logger
+from trellis.runtime.usage import add_usage, is_empty
 from trellis_executor import ports
 
 log = get_logger(__name__)
@@ -39,17 +45,6 @@ log = get_logger(__name__)
 SETTLE_SECONDS = 2.0
 #: How often the ledger is asked again meanwhile.
 SETTLE_POLL_SECONDS = 0.02
-
-
-def add_usage(total: common_pb2.Usage, usage: common_pb2.Usage) -> None:
-    """Add ``usage`` to ``total`` in place (the model named last wins)."""
-    if usage.model:
-        total.model = usage.model
-    total.input_tokens += usage.input_tokens
-    total.output_tokens += usage.output_tokens
-    total.cached_input_tokens += usage.cached_input_tokens
-    total.cost_nano_usd += usage.cost_nano_usd
-    total.estimated = total.estimated or usage.estimated
 
 
 class RunCost:
@@ -76,6 +71,21 @@ class RunCost:
             self._deferred.add(report.usage_id)
         add_usage(self._model, report.usage)
         return report.usage.cost_nano_usd
+
+    def node_usage(self, usage_id: str, usage: common_pb2.Usage) -> None:
+        """A model tool's node reported what its model calls used (``usage_id``: its
+        first call's ledger row). The run's model stays the planner's."""
+        if is_empty(usage):
+            return
+        model = self._model.model
+        add_usage(self._model, usage)
+        self._model.model = model or usage.model
+        if usage.cost_nano_usd == 0:  # not priced yet (or no price): the ledger will say
+            self._deferred.add(usage_id)
+
+    def node_unreported(self, usage_id: str) -> None:
+        """A model tool's node ended without reporting its tokens: find them in the ledger."""
+        self._open.add(usage_id)
 
     def model_usage(self) -> common_pb2.Usage:
         usage = common_pb2.Usage()

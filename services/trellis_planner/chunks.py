@@ -1,4 +1,5 @@
-"""One event of a model's stream, read: only the fields the planner uses, each checked.
+"""One event of a model's stream (or a whole answer, unstreamed), read: only the fields
+the planner uses, each checked.
 
 The openai client builds each chunk without validating it, so an event that is JSON but
 not a ``chat.completion.chunk`` (a number, ``"choices": 5``, a ``"usage"`` string) would
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from openai.types import CompletionUsage
-from openai.types.chat import ChatCompletionChunk
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice as AnswerChoice
 from openai.types.chat.chat_completion_chunk import Choice, ChoiceDelta
 from openai.types.completion_usage import PromptTokensDetails
 
@@ -100,4 +102,28 @@ def read_chunk(chunk: object) -> ChunkParts:
         if finish:
             finish_reasons.append(finish)
     usage = _usage(getattr(chunk, "usage", None))
+    return ChunkParts(model, "".join(text), tuple(finish_reasons), usage)
+
+
+def read_completion(answer: object) -> ChunkParts:
+    """``read_chunk`` for an unstreamed answer (a ``chat.completion``): its model, the text
+    of its choices, their finish reasons and its usage, each checked the same way."""
+    if not isinstance(answer, ChatCompletion):
+        raise MalformedChunk(f"the answer is {type(answer).__name__}, not a completion object")
+    model = _field(answer, "model", str, "") or ""
+    choices = _field(answer, "choices", list, "") or []
+    text: list[str] = []
+    finish_reasons: list[str] = []
+    for index, choice in enumerate(choices):
+        where = f"choices[{index}]."
+        _object(choice, AnswerChoice, f"choices[{index}]")
+        message = getattr(choice, "message", None)
+        if message is not None:
+            _object(message, ChatCompletionMessage, f"{where}message")
+            if content := _field(message, "content", str, f"{where}message."):
+                text.append(content)
+        finish = _field(choice, "finish_reason", str, where)
+        if finish:
+            finish_reasons.append(finish)
+    usage = _usage(getattr(answer, "usage", None))
     return ChunkParts(model, "".join(text), tuple(finish_reasons), usage)

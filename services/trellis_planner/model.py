@@ -27,7 +27,9 @@ event that is not JSON, or not a chunk the planner can read, is MODEL_BAD_RESPON
 attempt that sent a request is observed in ``gen_ai_client_operation_duration_seconds``
 and one that answered in ``gen_ai_client_token_usage``. Usage comes from the stream's
 final usage chunk; when the endpoint sends none, or the call stops early, it is
-estimated and marked so.
+estimated and marked so. A caller that only wants the whole answer (a model tool's
+Generate) makes one unstreamed request instead (``streamed=False``), read and checked the
+same way (``chunks.read_completion``).
 """
 
 from __future__ import annotations
@@ -35,17 +37,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from openai import AsyncOpenAI
+from openai import APITimeoutError, AsyncOpenAI
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from trellis.clients.budget_check import BudgetPolicy
+from trellis.common.v1 import common_pb2
 from trellis.runtime import context
 from trellis.runtime.errors import (
     DeadlineExceeded,
@@ -54,7 +57,7 @@ from trellis.runtime.errors import (
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import GEN_AI_OPERATION_DURATION, GEN_AI_TOKEN_USAGE, MODEL_FALLBACKS
 from trellis_planner.budget import BudgetChecker, require_budget
-from trellis_planner.chunks import MalformedChunk, read_chunk
+from trellis_planner.chunks import ChunkParts, MalformedChunk, read_chunk, read_completion
 from trellis_planner.model_errors import estimate_input_tokens, estimate_tokens, model_error
 from trellis_planner.ratelimit import RateLimits
 
@@ -64,6 +67,8 @@ PROVIDER = "openai"
 OPERATION = "chat"
 #: The reason of a call cut short by the caller's deadline.
 DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+#: How an unstreamed request ends when it is cut while the model works on it.
+_CUT = (asyncio.CancelledError, TimeoutError, APITimeoutError)
 #: Failures after which the next fallback model is tried.
 FALLBACK_REASONS = frozenset({"MODEL_RATE_LIMITED", "MODEL_UNAVAILABLE", "MODEL_TIMEOUT"})
 
@@ -98,10 +103,20 @@ class ChatCall:
         models: Sequence[str],
         attributes: dict[str, Any],
         usage_id: str = "",
+        options: Mapping[str, Any] | None = None,
+        expected_output_tokens: int | None = None,
+        streamed: bool = True,
     ) -> None:
         self._model = model
+        #: False: one unstreamed request, whose whole answer ``deltas`` yields at once.
+        self._streamed = streamed
+        self._answer: Any = None
         #: The ledger row (and budget reservation) of this call; "" for none.
         self.usage_id = usage_id
+        #: Extra parameters of the request (response_format, temperature, ...).
+        self._options = dict(options or {})
+        #: Output the budget check estimates (None: the model's expected output).
+        self._expected_output = expected_output_tokens
         self._messages = list(messages)
         self._models = list(models)
         self._attributes = attributes
@@ -119,7 +134,26 @@ class ChatCall:
         self._reserved = False
         #: The current attempt is bounded by the caller's deadline, not the model timeout.
         self._by_deadline = False
+        #: An unstreamed request was sent and then cut (timed out, cancelled) unanswered.
+        self._cut = False
         self._input_tokens = estimate_input_tokens(self._messages)
+
+    def usage(self) -> common_pb2.Usage:
+        """What the call used, as it is recorded: zero tokens when the endpoint never
+        answered (nothing was spent), else the result's (estimated if so marked). An
+        unstreamed request cut while the model worked on it had its prompt read: its
+        input is estimated (the answer, never seen, is not)."""
+        result = self.result
+        usage = common_pb2.Usage(model=result.model or result.request_model)
+        if self.opened:
+            usage.input_tokens = result.input_tokens
+            usage.output_tokens = result.output_tokens
+            usage.cached_input_tokens = result.cached_input_tokens
+            usage.estimated = result.estimated
+        elif self._cut:
+            usage.input_tokens = self._input_tokens
+            usage.estimated = True
+        return usage
 
     async def reserve(self) -> None:
         """The budget check (BUDGET_EXCEEDED: the call must not be made); once per call,
@@ -133,7 +167,11 @@ class ChatCall:
                 model.budget_policy,
                 self._models[0],
                 input_tokens=self._input_tokens,
-                output_tokens=model.expected_output_tokens,
+                output_tokens=(
+                    model.expected_output_tokens
+                    if self._expected_output is None
+                    else self._expected_output
+                ),
                 reservation_id=self.usage_id,
             )
         self._reserved = True
@@ -200,14 +238,25 @@ class ChatCall:
                     metadata={"model": name},
                 )
             async with asyncio.timeout_at(self._loop_deadline()):
-                self._stream = await model.client.chat.completions.create(
-                    model=name,
-                    messages=self._messages,  # type: ignore[arg-type]
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    timeout=budget,
-                )
+                if self._streamed:
+                    self._stream = await model.client.chat.completions.create(
+                        model=name,
+                        messages=self._messages,  # type: ignore[arg-type]
+                        stream=True,
+                        stream_options={"include_usage": True},
+                        timeout=budget,
+                        **self._options,
+                    )
+                else:
+                    self._answer = await model.client.chat.completions.create(
+                        model=name,
+                        messages=self._messages,  # type: ignore[arg-type]
+                        timeout=budget,
+                        **self._options,
+                    )
         except BaseException as error:
+            if not self._streamed and self._started is not None:
+                self._cut = isinstance(error, _CUT)
             mapped = self._fail(error, end=True)
             if mapped is error:
                 raise
@@ -237,7 +286,17 @@ class ChatCall:
         return self._error
 
     async def deltas(self) -> AsyncIterator[str]:
-        """The output text as it streams, in the pieces the endpoint sends."""
+        """The output text as it streams, in the pieces the endpoint sends (an unstreamed
+        call's whole answer, once)."""
+        if not self._streamed:
+            try:
+                text = self._take(self._answer, read_completion)
+            except Exception as error:
+                raise self._fail(error) from error
+            if text:
+                yield text
+            self._finished = True
+            return
         iterator = self._stream.__aiter__()
         while True:
             try:
@@ -255,8 +314,8 @@ class ChatCall:
                 yield text
         self._finished = True
 
-    def _take(self, chunk: object) -> str:
-        parts = read_chunk(chunk)
+    def _take(self, chunk: object, read: Callable[[object], ChunkParts] = read_chunk) -> str:
+        parts = read(chunk)
         result = self.result
         if parts.model:
             result.model = parts.model
@@ -363,8 +422,18 @@ class ChatModel:
         run_id: str = "",
         step: str = "",
         usage_id: str = "",
+        options: Mapping[str, Any] | None = None,
+        expected_output_tokens: int | None = None,
+        span_attributes: Mapping[str, Any] | None = None,
+        streamed: bool = True,
     ) -> ChatCall:
-        """One call; ``usage_id`` names its ledger row and its budget reservation."""
+        """One call; ``usage_id`` names its ledger row and its budget reservation.
+
+        ``options`` are extra request parameters (``response_format``, ``temperature``,
+        ``max_completion_tokens``); ``expected_output_tokens`` replaces the model's
+        expected output in the budget estimate; ``span_attributes`` go on its spans;
+        ``streamed=False`` makes one unstreamed request (for a caller that wants the whole
+        answer anyway: one response to parse instead of a chunk per token)."""
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": OPERATION,
             "gen_ai.provider.name": PROVIDER,
@@ -375,8 +444,18 @@ class ChatModel:
         }
         if step:
             attributes["trellis.planner.step"] = step
+        attributes.update(span_attributes or {})
         models = [model, *(m for m in self.fallback_models if m != model)]
-        return ChatCall(self, messages, models=models, attributes=attributes, usage_id=usage_id)
+        return ChatCall(
+            self,
+            messages,
+            models=models,
+            attributes=attributes,
+            usage_id=usage_id,
+            options=options,
+            expected_output_tokens=expected_output_tokens,
+            streamed=streamed,
+        )
 
     async def aclose(self) -> None:
         await self.client.close()

@@ -20,6 +20,8 @@ uses the same id, so recording the call settles it):
 - ``{run_id}/join/{round}``         the join of a round
 - ``.../{attempt}`` is appended on a resumed run (attempt > 0); calls outside a run get
   a fresh uuid.
+- ``{run_id}/{node_id}/model[/...]``  a model tool's call for a node (``Generate``,
+  ``Embed``): the caller names it (``generate.py``), the node's id is on the row too.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ async def record(
     run_id: str,
     usage: common_pb2.Usage,
     estimated: bool,
+    node_id: str = "",
 ) -> int | None:
     """Record ``usage``; its cost in nano-USD, or None when it is delivered later.
 
@@ -65,6 +68,7 @@ async def record(
     request = costs_pb2.RecordUsageRequest(
         usage_id=usage_id,
         run_id=run_id,
+        node_id=node_id,
         kind=costs_pb2.USAGE_KIND_MODEL,
         usage=usage,
         estimated=estimated,

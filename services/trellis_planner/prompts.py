@@ -132,6 +132,7 @@ def tool_line(spec: common_pb2.ToolSpec) -> str:
             "name": spec.name,
             "description": spec.description,
             "input_schema": from_struct(spec.input_schema),
+            **batch_hint(spec),
         }
     )
 
@@ -250,3 +251,20 @@ def join_messages(request: planner_pb2.JoinRequest) -> list[Message]:
         {"role": "system", "content": JOIN_SYSTEM.format(replan_rule=rule)},
         {"role": "user", "content": user},
     ]
+
+
+# -- batchable tools ----------------------------------------------------------------------
+# A tool the gateway batches (ToolSpec.batch_max_items) is marked in its catalog line, so a
+# model emits one independent call per item for it (ten summaries: ten nodes), which run
+# together as one request, rather than folding the items into one call or chaining them.
+
+BATCH_HINT = (
+    "up to {n} calls of this tool run together as one request: write one independent call per item"
+)
+
+
+def batch_hint(spec: common_pb2.ToolSpec) -> dict[str, str]:
+    """``{"batch": ...}`` for a batchable tool's catalog line, else nothing."""
+    if spec.batch_max_items <= 1:
+        return {}
+    return {"batch": BATCH_HINT.format(n=spec.batch_max_items)}

@@ -5,7 +5,8 @@ and connection errors ``TRELLIS_MODEL_MAX_RETRIES`` times as Retry-After says; t
 model rate limits in Redis when ``TRELLIS_REDIS_URL`` is set (shared by all replicas),
 else in this process; the budget checked with cost accounting before every model call;
 usage delivered through the durable outbox at ``TRELLIS_OUTBOX_PATH``, whose
-redelivery loop runs with the service and is flushed when it stops.
+redelivery loop runs with the service and is flushed when it stops. The gateway's
+model and embed tools call the same model access through Generate and Embed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from trellis.runtime.logs import get_logger
 from trellis.runtime.server import Service
 from trellis.runtime.telemetry import Telemetry, instrument_redis
 from trellis_planner.core import Planner
+from trellis_planner.generate import Generator
 from trellis_planner.model import ChatModel
 from trellis_planner.ratelimit import (
     InProcessRateLimiter,
@@ -108,7 +110,13 @@ async def build(settings: PlannerSettings, telemetry: Telemetry, channels: Chann
         max_line_bytes=settings.max_plan_line_bytes,
         max_goal_bytes=settings.max_goal_bytes,
     )
-    servicer = PlannerServicer(planner)
+    generator = Generator(
+        model,
+        outbox,
+        default_model=settings.model,
+        embedding_model=settings.embedding_model,
+    )
+    servicer = PlannerServicer(planner, generator)
 
     def register(server: aio.Server) -> None:
         planner_pb2_grpc.add_PlannerServiceServicer_to_server(servicer, server)

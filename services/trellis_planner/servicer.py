@@ -1,4 +1,4 @@
-"""PlannerService over gRPC: protos in, ``Planner`` calls, protos out."""
+"""PlannerService over gRPC: protos in, ``Planner`` and ``Generator`` calls, protos out."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from grpc import aio
 
 from trellis.planner.v1 import planner_pb2, planner_pb2_grpc
 from trellis_planner.core import CallStarted, CallUsage, JoinEnd, PlanEnd, Planner
+from trellis_planner.generate import Generator
 
 
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
-    def __init__(self, planner: Planner) -> None:
+    def __init__(self, planner: Planner, generator: Generator) -> None:
         self._planner = planner
+        self._generator = generator
 
     async def Plan(
         self, request: planner_pb2.PlanRequest, context: aio.ServicerContext
@@ -41,6 +43,26 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                 yield planner_pb2.JoinResponse(usage=_call_usage(item))
             else:
                 yield planner_pb2.JoinResponse(answer_delta=item)
+
+    async def Generate(
+        self, request: planner_pb2.GenerateRequest, context: aio.ServicerContext
+    ) -> planner_pb2.GenerateResponse:
+        generated = await self._generator.generate(request)
+        return planner_pb2.GenerateResponse(
+            text=generated.text,
+            usage=[_call_usage(u) for u in generated.usage],
+            error=generated.error,
+        )
+
+    async def Embed(
+        self, request: planner_pb2.EmbedRequest, context: aio.ServicerContext
+    ) -> planner_pb2.EmbedResponse:
+        embedded = await self._generator.embed(request)
+        return planner_pb2.EmbedResponse(
+            embeddings=[planner_pb2.Embedding(values=v) for v in embedded.vectors],
+            usage=[_call_usage(u) for u in embedded.usage],
+            error=embedded.error,
+        )
 
 
 def _call_usage(item: CallStarted | CallUsage) -> planner_pb2.ModelCallUsage:

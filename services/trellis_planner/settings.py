@@ -28,6 +28,7 @@ from trellis.runtime.settings import ServiceSettings, validate_redis_url
 from trellis.runtime.validation import DEFAULT_MAX_GOAL_BYTES
 
 OFFLINE_MODEL = "trellis-offline-rules-v1"
+OFFLINE_EMBEDDING_MODEL = "trellis-offline-embed-v1"
 OFFLINE_BASE_URL = "http://127.0.0.1:8400/v1"
 
 
@@ -56,6 +57,11 @@ class PlannerSettings(ServiceSettings, BudgetCheckSettings):
         SecretStr("not-needed-offline"),
         validation_alias=AliasChoices("OPENAI_API_KEY"),
         description="API key of the endpoint (never logged).",
+    )
+    embedding_model: str = Field(
+        OFFLINE_EMBEDDING_MODEL,
+        min_length=1,
+        description="Embedding model of embed tools that name none (Embed).",
     )
     model_timeout_seconds: float = Field(60.0, gt=0, description="Upper bound of one model call.")
     max_nodes: int = Field(50, ge=1, le=1000, description="Plan size when a request gives none.")

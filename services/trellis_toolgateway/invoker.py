@@ -21,8 +21,10 @@ A side-effecting call that reached its backend drops the cached results its tool
 depending on it reads fresh values; ``invalidate`` does the same for an operator.
 
 "Run it" is the execution policy (``execution``: breaker, concurrency limit, attempts
-with retries, output contract); the input contract is ``contracts``; the cache is used
-fail-open through ``result_cache``.
+with retries, output contract), through ``batching`` for a tool that declares ``batch``
+(so cache, single-flight and idempotency apply per call, before batching); the input
+contract is ``contracts``; the cache is used fail-open through ``result_cache``, keyed
+by what decides a result (``Tool.cache_key_args``: a model tool's rendered prompt and model).
 
 Outcome fields this module decides:
 
@@ -34,6 +36,8 @@ Outcome fields this module decides:
   sharing a successful result (both cost nothing, which is what the run's
   ``cache_hits`` tells the user).
 - ``cache_refreshing``: a hit on an entry in its refresh-ahead window.
+- ``usage``: model tokens a model tool's attempts spent (as ``cost_nano_usd``: the
+  leader's, never a follower's or a cache hit's).
 
 Every execution that reached the backend (``attempts > 0``) is reported once to the
 ``usage`` sink, with the run and node it ran for (the single-flight leader's, the
@@ -74,6 +78,7 @@ from trellis.runtime.metrics import (
     TOOL_CALLS,
     TOOL_DURATION,
 )
+from trellis_toolgateway.batching import Batcher
 from trellis_toolgateway.cache_keys import (
     args_fingerprint,
     cache_key,
@@ -100,7 +105,7 @@ from trellis_toolgateway.policy.singleflight import SingleFlight
 from trellis_toolgateway.refresh_ahead import RefreshAhead, refresh_due
 from trellis_toolgateway.registry import Entry, ToolLookup, ToolRegistry
 from trellis_toolgateway.result_cache import FailOpenCache, ResultCache
-from trellis_toolgateway.tools.base import Json
+from trellis_toolgateway.tools.base import CallInfo, Json
 
 log = get_logger(__name__)
 
@@ -124,7 +129,15 @@ class UsageSink(Protocol):
     """Where executions are reported for costing (``trellis_toolgateway.tool_usage.ToolUsage``);
     it must not block the call."""
 
-    def executed(self, *, tool: str, run_id: str, node_id: str, outcome: NodeOutcome) -> None: ...
+    def executed(
+        self,
+        *,
+        tool: str,
+        run_id: str,
+        node_id: str,
+        outcome: NodeOutcome,
+        model_tool: bool = False,
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -212,6 +225,7 @@ class Invoker:
             sleep=sleep,
             rng=rng,
         )
+        self._batcher = Batcher(self._policy, tracer)
         self._idempotency = idempotency or MemoryIdempotencyStore(clock=clock)
         self._idempotency_ttl = idempotency_ttl
         self._flights: SingleFlight[_Flown] = SingleFlight()
@@ -287,15 +301,24 @@ class Invoker:
             return outcome
 
     async def _execute(
-        self, entry: Entry, call: Call, run_id: str, span: trace.Span
+        self, entry: Entry, call: Call, run_id: str, span: trace.Span, idempotency_key: str = ""
     ) -> NodeOutcome:
-        """Run the tool under its policy; report the execution if it reached the backend,
-        and drop the cached results it made stale (a side effect may have happened even
-        when the call then failed)."""
-        outcome = await self._policy.run(entry, call.args, span)
+        """Run the tool under its policy (with the calls it is batched with, if it
+        batches); report the execution if it reached the backend, and drop the cached
+        results it made stale (a side effect may have happened even when the call then
+        failed)."""
+        info = CallInfo(run_id=run_id, node_id=call.node_id, idempotency_key=idempotency_key)
+        if entry.tool.spec.batched:
+            outcome = await self._batcher.run(entry, call.args, info, span)
+        else:
+            outcome = await self._policy.run(entry, call.args, span, info)
         if self._usage is not None and outcome.attempts > 0:
             self._usage.executed(
-                tool=entry.tool.spec.name, run_id=run_id, node_id=call.node_id, outcome=outcome
+                tool=entry.tool.spec.name,
+                run_id=run_id,
+                node_id=call.node_id,
+                outcome=outcome,
+                model_tool=entry.tool.spec.calls_model,
             )
         if outcome.attempts > 0 and entry.tool.spec.side_effects:
             await self._invalidate_after(entry, call, span)
@@ -471,7 +494,9 @@ class Invoker:
                 span.set_attribute(ATTR_REPLAY, True)
                 return outcome
             # The first call ran nothing and let go of the key: try to own it.
-        run = asyncio.create_task(self._run_claimed(entry, call, run_id, key, started_at, span))
+        run = asyncio.create_task(
+            self._run_claimed(entry, call, run_id, key, idempotency_key, started_at, span)
+        )
         self._background.add(run)
         run.add_done_callback(self._background.discard)
         try:
@@ -486,6 +511,7 @@ class Invoker:
         call: Call,
         run_id: str,
         key: str,
+        idempotency_key: str,
         started_at: timestamp_pb2.Timestamp,
         span: trace.Span,
     ) -> NodeOutcome:
@@ -498,7 +524,7 @@ class Invoker:
         reads as unknown once its lease ends, so a retry still does not run it again.
         """
         try:
-            outcome = await self._execute(entry, call, run_id, span)
+            outcome = await self._execute(entry, call, run_id, span, idempotency_key)
         except asyncio.CancelledError:
             await self._let_go(self._idempotency.abandon, key)
             raise
@@ -524,17 +550,18 @@ class Invoker:
     async def aclose(self, grace: float = 0.0) -> None:
         """Give idempotent runs whose callers left (and invalidations after a side
         effect) ``grace`` seconds to finish, then cancel the rest (their keys are
-        abandoned: unknown, never run again). Background refreshes are cancelled."""
+        abandoned: unknown, never run again). Background refreshes and the batches still
+        gathering are cancelled."""
         for refresh in list(self._refreshes):
             refresh.cancel()
         await asyncio.gather(*self._refreshes, return_exceptions=True)
         runs = list(self._background)
-        if not runs:
-            return
-        _, pending = await asyncio.wait(runs, timeout=grace) if grace > 0 else ((), set(runs))
-        for run in pending:
-            run.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        if runs:
+            _, pending = await asyncio.wait(runs, timeout=grace) if grace > 0 else ((), set(runs))
+            for run in pending:
+                run.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self._batcher.aclose()  # the batches still gathering or under way
 
     async def _cached(
         self,
@@ -553,7 +580,13 @@ class Invoker:
         window is marked ``cache_refreshing`` and may start the entry's refresh.
         """
         spec, tenant = entry.tool.spec, context.tenant()
-        key = cache_key(tenant, spec.name, spec.version, call.args, shared=spec.shared_cache)
+        key = cache_key(
+            tenant,
+            spec.name,
+            spec.version,
+            entry.tool.cache_key_args(call.args),
+            shared=spec.shared_cache,
+        )
         mode = CacheMode.CACHE_MODE_USE if cache_mode in _READS else cache_mode
         writes: list[Write] = []  # the leader's, begun before it reads the cache
 
@@ -581,6 +614,7 @@ class Invoker:
             span.set_attribute(ATTR_SHARED, True)
             outcome.attempts = 0
             outcome.cost_nano_usd = 0
+            outcome.ClearField("usage")
             outcome.cache_hit = outcome.status == SUCCEEDED
             cache_use = "hit" if outcome.cache_hit else "miss"
         if flown.ttl_left is not None and refresh_due(spec.refresh_ahead, ttl, flown.ttl_left):

@@ -1,8 +1,8 @@
 """The tools file -> a ``ToolRegistry``: parse, validate, build every tool, ask the sources.
 
 Loading has two halves on purpose. Everything declared in the file (builtins, command
-templates, HTTP tools) is built synchronously and either entirely succeeds or raises
-``ToolsFileError`` naming the file and the place inside it
+templates, HTTP, model and embed tools) is built synchronously and either entirely
+succeeds or raises ``ToolsFileError`` naming the file and the place inside it
 (``tools[3].commands[0].params.path.pattern: invalid regular expression ...``): a bad
 file never becomes a half registry, and settings validation can run the same checks at
 start-up. Tool *sources* (MCP servers, remote gRPC tool servers) are asked for their
@@ -58,9 +58,14 @@ from trellis_toolgateway.tools.config import (
     ToolsFile,
 )
 from trellis_toolgateway.tools.config import CommandTool as CommandDecl
+from trellis_toolgateway.tools.config import EmbedTool as EmbedDecl
 from trellis_toolgateway.tools.config import HttpTool as HttpDecl
+from trellis_toolgateway.tools.config import ModelTool as ModelDecl
+from trellis_toolgateway.tools.embed import EmbedTool
 from trellis_toolgateway.tools.files import ListDirTool, ReadFileTool
 from trellis_toolgateway.tools.http import HttpTool, MissingSecret
+from trellis_toolgateway.tools.model import ModelTool
+from trellis_toolgateway.tools.model_calls import ModelAccess
 from trellis_toolgateway.tools.sandbox import Sandbox
 from trellis_toolgateway.tools.secrets import resolve
 from trellis_toolgateway.tools.sql import SqlQueryTool
@@ -72,7 +77,7 @@ BUNDLED_TOOLS_FILE = Path(__file__).with_name("tools.yaml")
 
 #: pydantic's prefix on errors raised by our own validators; noise in a one-line message.
 _VALUE_ERROR = "Value error, "
-_KINDS = ("builtin", "command", "http")
+_KINDS = ("builtin", "command", "http", "model", "embed")
 
 
 class ToolsFileError(Exception):
@@ -109,6 +114,9 @@ class LoadOptions:
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     #: Largest gRPC message (TRELLIS_MAX_MESSAGE_BYTES): every cap stays below it.
     max_message_bytes: int = 4 * 1024 * 1024
+    #: The planner, through which model and embed tools call models (None: they fail
+    #: with MODEL_ACCESS_UNAVAILABLE).
+    model_access: ModelAccess | None = None
 
     @property
     def source_timings(self) -> SourceTimings:
@@ -190,16 +198,26 @@ def read_tools_file(path: str | os.PathLike[str]) -> ToolsFile:
 
 def _policy_overrides(decl: Policy, skip: Sequence[str] = ()) -> dict[str, Any]:
     """The policy fields the file sets explicitly (the rest keep the tool's defaults)."""
-    return {
+    overrides = {
         name: getattr(decl, name)
         for name in Policy.model_fields
         if name in decl.model_fields_set and name not in skip and getattr(decl, name) is not None
     }
+    batch = overrides.pop("batch", None)
+    if batch is not None:
+        overrides.update(
+            batch_max_items=batch.max_items,
+            batch_max_wait=batch.max_wait_ms / 1000,
+            batch_cost_nano_usd=batch.cost_nano_usd,
+        )
+    return overrides
 
 
-def _with_policy(
-    tool: Tool, decl: BuiltinTool | CommandDecl | HttpDecl, skip: Sequence[str]
-) -> Tool:
+#: Fields a tool's entry gives to its constructor: not applied again as overrides.
+_OWN_CONTRACT = ("description", "input_schema", "output_schema", "timeout")
+
+
+def _with_policy(tool: Tool, decl: Policy, skip: Sequence[str]) -> Tool:
     spec: Spec = dataclasses.replace(tool.spec, name=decl.name, **_policy_overrides(decl, skip))
     tool.spec = spec  # an instance attribute: builtins' class-level specs stay untouched
     return tool
@@ -278,14 +296,19 @@ def _http(decl: HttpDecl, index: int, where: _Where, options: LoadOptions) -> To
     if "side_effects" not in decl.model_fields_set and decl.method != "GET":
         # Anything but GET may change the world: never cached unless the file says so.
         tool.spec = dataclasses.replace(tool.spec, side_effects=True)
-    return _with_policy(tool, decl, ("description", "input_schema", "output_schema", "timeout"))
+    return _with_policy(tool, decl, _OWN_CONTRACT)
 
 
 def _build(decl: ToolDecl, index: int, where: _Where, options: LoadOptions) -> Tool:
+    tool: Tool
     if isinstance(decl, BuiltinTool):
         tool = _builtin(decl, where)
     elif isinstance(decl, CommandDecl):
         tool = _command(decl, where, options)
+    elif isinstance(decl, ModelDecl):
+        tool = _with_policy(ModelTool(decl, options.model_access), decl, _OWN_CONTRACT)
+    elif isinstance(decl, EmbedDecl):
+        tool = _with_policy(EmbedTool(decl, options.model_access), decl, _OWN_CONTRACT)
     else:
         tool = _http(decl, index, where, options)
     return _capped(tool, decl.max_result_bytes, options)

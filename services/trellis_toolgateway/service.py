@@ -8,6 +8,9 @@ Each tool execution is recorded with cost accounting (``costs_target``) through 
 durable usage outbox at ``TRELLIS_OUTBOX_PATH``, in the background; the outbox is
 flushed (or written to its file) when the service stops.
 
+Model and embed tools call models through the planner (``planner_target``: its
+Generate and Embed), which owns model access.
+
 Side-effecting calls keep their idempotency keys in Redis with ``TRELLIS_REDIS_URL``
 (``idempotency``), else in this process. On stop, runs whose callers left get the
 grace period to store their outcome; the rest are abandoned (unknown, never rerun).
@@ -24,6 +27,7 @@ from grpc import aio
 
 from trellis.clients.cache import CacheClient
 from trellis.clients.costs import CostsClient
+from trellis.clients.planner import PlannerClient
 from trellis.clients.usage_outbox import UsageOutbox
 from trellis.runtime.channels import Channels
 from trellis.runtime.logs import get_logger
@@ -72,6 +76,7 @@ async def build(settings: GatewaySettings, telemetry: Telemetry, channels: Chann
         source_timeout=settings.tool_source_list_seconds,
         source_connect_timeout=settings.tool_source_connect_seconds,
         source_retry_max=settings.tool_source_retry_max_seconds,
+        model_access=PlannerClient(channels.get(settings.planner_target)),
     )
     watcher = ToolsFileWatcher(settings.tools_path, options, interval=settings.tools_reload_seconds)
     costs = CostsClient(channels.get(settings.costs_target))

@@ -8,6 +8,10 @@ the service's durable usage outbox (``trellis.clients.usage_outbox``) in the bac
 InvokeTool response never waits for cost accounting, and an outage only delays the
 row: the outbox keeps it on disk and redelivers it under the same tenant.
 
+A model tool's call that declares no cost of its own is not a tool row: the planner
+records its model call under ``{run}/{node}/model``, which says all there is (a zero-cost
+tool row beside it would only be one more ledger write per node).
+
 The usage_id is decided here, once per execution, before any delivery:
 ``{run_id}/{node_id}/tool/{12 hex digits}`` (a uuid for calls outside a run). A
 redelivery of it is deduplicated by the ledger; a genuinely repeated execution (the
@@ -45,10 +49,16 @@ class ToolUsage:
         self._outbox = outbox
 
     def executed(
-        self, *, tool: str, run_id: str, node_id: str, outcome: common_pb2.NodeOutcome
+        self,
+        *,
+        tool: str,
+        run_id: str,
+        node_id: str,
+        outcome: common_pb2.NodeOutcome,
+        model_tool: bool = False,
     ) -> None:
         """Record ``outcome`` if it reached the backend (the current tenant pays)."""
-        if outcome.attempts <= 0:
+        if outcome.attempts <= 0 or (model_tool and outcome.cost_nano_usd == 0):
             return
         self._outbox.submit(
             costs_pb2.RecordUsageRequest(

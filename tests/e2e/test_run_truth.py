@@ -4,7 +4,8 @@
   explicit plan with a failed node is FAILED naming it; a goal run that answered
   although a node failed is PARTIAL; a failure a later round recovered is not.
 - Costs: every ending's ``finished`` (and GetRun) holds exactly the tokens and nano-USD
-  the ledger holds for the run, estimated rows flagged — walked through in one test.
+  the ledger holds for the run, estimated rows flagged — walked through in one test,
+  model-tool nodes (their own model calls, batched or not) included.
 - Deadlines: whoever's deadline passes, the run ends FAILED DEADLINE_EXCEEDED with its
   nodes in flight CANCELLED; a client that cancels gets CANCELLED.
 """
@@ -23,6 +24,7 @@ import pytest
 from grpc import aio
 
 from tests.support.model_script import script_of
+from tests.support.tools_files import with_model_tools
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
 from trellis.runtime.convert import to_struct
@@ -74,8 +76,14 @@ async def stored(stub, run_id: str, *, settled: bool = True) -> executor_pb2.Run
 
 
 @pytest.fixture
-async def stack(process_stack):
-    return await process_stack(per_service={"executor": {"TRELLIS_GATEWAY_RETRY_SECONDS": "1"}})
+async def stack(process_stack, tmp_path: Path):
+    tools = with_model_tools(tmp_path)
+    return await process_stack(
+        per_service={
+            "executor": {"TRELLIS_GATEWAY_RETRY_SECONDS": "1"},
+            "toolgateway": {"TRELLIS_TOOLS_FILE": str(tools)},
+        }
+    )
 
 
 @pytest.fixture
@@ -249,7 +257,27 @@ async def test_every_ending_reports_what_the_ledger_holds(stub, model, tmp_path:
             call.cancel()  # mid-plan: the model call is cut, its tokens estimated
             break
     endings["cancelled"] = await stored(stub, request.run_id)
+
+    # Model tools' nodes: their model calls are the run's too (batched or not) ...
     model.state.delay_ms = 0
+    texts = [f"Report {i} says {'much ' * i}about disks. It ends here." for i in range(4)]
+    plan = [node(f"s{i}", "summarize", text=t) for i, t in enumerate(texts[:2])]
+    plan += [node(f"b{i}", "summarize_many", text=t) for i, t in enumerate(texts[2:])]
+    plan.append(node("after", "echo", ("s0", "b1"), value="${s0.summary} ${b1.summary}"))
+    await ending("model_tools", executor_pb2.RunRequest(plan=plan))
+    # ... also when the run's deadline cuts one short, or its client leaves mid-call.
+    slow = [node("slow", "summarize", text="The disk is full of logs and old images.")]
+    script_of(model).stall(3)
+    await ending("model_tool_timed_out", executor_pb2.RunRequest(plan=slow, options=timeout))
+    script_of(model).stall(3)
+    request = executor_pb2.RunRequest(plan=slow, run_id=new_id("model_tool_cancelled"))
+    call = stub.Run(request, timeout=30)
+    async for event in call:
+        if event.HasField("node_started"):
+            await asyncio.sleep(0.4)  # the model is working on its answer
+            call.cancel()
+            break
+    endings["model_tool_cancelled"] = await stored(stub, request.run_id)
 
     expected = {
         "succeeded": (SUCCEEDED, ""),
@@ -261,6 +289,9 @@ async def test_every_ending_reports_what_the_ledger_holds(stub, model, tmp_path:
         "timed_out": (FAILED, "DEADLINE_EXCEEDED"),
         "caller_deadline": (FAILED, "DEADLINE_EXCEEDED"),
         "cancelled": (CANCELLED, "CANCELLED"),
+        "model_tools": (SUCCEEDED, ""),
+        "model_tool_timed_out": (FAILED, "DEADLINE_EXCEEDED"),
+        "model_tool_cancelled": (CANCELLED, "CANCELLED"),
     }
     assert {k: (r.status, r.error.code) for k, r in endings.items()} == expected
     for name, run_ in endings.items():
@@ -268,11 +299,22 @@ async def test_every_ending_reports_what_the_ledger_holds(stub, model, tmp_path:
         reported = (usage.input_tokens, usage.output_tokens, run_.cost_nano_usd, usage.estimated)
         assert reported == ledger(run_.run_id), name
     # the endings that spent something spent it on the model, and some of it estimated
-    for name in ("invalid_plan", "cost_cap", "timed_out", "caller_deadline", "cancelled"):
+    spent = ("invalid_plan", "cost_cap", "timed_out", "caller_deadline", "cancelled")
+    for name in (*spent, "model_tools", "model_tool_timed_out", "model_tool_cancelled"):
         assert endings[name].usage.input_tokens > 0 and endings[name].cost_nano_usd > 0, name
-    for name in ("timed_out", "caller_deadline", "cancelled"):
+    cut = ("timed_out", "caller_deadline", "cancelled", "model_tool_timed_out")
+    for name in (*cut, "model_tool_cancelled"):
         assert endings[name].usage.estimated, name
     assert endings["explicit_failed"].cost_nano_usd == 0
+    # the explicit plans made no planner call: every token is a model tool's
+    model_nodes = {
+        o.node_id: o.usage for o in endings["model_tools"].outcomes if o.usage.input_tokens
+    }
+    assert set(model_nodes) == {"s0", "s1", "b0", "b1"}
+    assert (
+        sum(u.input_tokens for u in model_nodes.values())
+        == endings["model_tools"].usage.input_tokens
+    )
 
 
 DEMO = "Report this machine's OS, disk usage and uptime"

@@ -13,7 +13,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from tests.e2e.trace_edges import EXPECTED_EDGES, REDIS_EDGES, cross_edges, node_name
+from tests.e2e.trace_edges import (
+    EXPECTED_EDGES,
+    MODEL_TOOL_EDGES,
+    REDIS_EDGES,
+    cross_edges,
+    node_name,
+)
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
@@ -47,8 +53,9 @@ async def test_a_run_is_one_trace_across_all_five_services(tmp_path: Path, chann
         )
         for s in spans
     )
-    # the embedded stack's cache is in memory: every edge but Redis's, and nothing else
-    assert edges == EXPECTED_EDGES - REDIS_EDGES
+    # the embedded stack's cache is in memory, the demo uses no model tool: every edge
+    # but those, and nothing else
+    assert edges == EXPECTED_EDGES - REDIS_EDGES - MODEL_TOOL_EDGES
     # nothing of this run left the trace
     run_spans = [
         s

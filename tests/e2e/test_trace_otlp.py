@@ -2,9 +2,10 @@
 
 The test is the trace backend: an OTLP/gRPC receiver (``otlp_receiver``) on a free port
 that every service exports to, configured only by the standard OTEL_* variables. The
-cache runs on a real Redis so its command spans exist. After four runs for one tenant
+cache runs on a real Redis so its command spans exist. After five runs for one tenant
 (a planned run, the same goal again served from the cache, a run whose tool fails, a
-run that fails on its deadline) the services are stopped with SIGTERM, which shuts
+run that fails on its deadline, a run of a model tool, whose model call the gateway makes
+through the planner) the services are stopped with SIGTERM, which shuts
 down their tracer providers and so flushes every batched span before they exit; then
 each run's trace is checked: one trace id, one root, no orphans, the service edges of
 ``trace_edges``, and the attributes and statuses of the spans along the way.
@@ -18,7 +19,14 @@ from collections.abc import Iterable
 from grpc import aio
 
 from tests.e2e.otlp_receiver import OtlpReceiver, ReceivedSpan, SpanKind
-from tests.e2e.trace_edges import EXPECTED_EDGES, TOOL_RUN_EDGES, cross_edges, node_name
+from tests.e2e.trace_edges import (
+    EXPECTED_EDGES,
+    MODEL_TOOL_EDGES,
+    TOOL_RUN_EDGES,
+    cross_edges,
+    node_name,
+)
+from tests.support.tools_files import with_model_tools
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
 from trellis.runtime.context import TENANT_METADATA_KEY
@@ -140,10 +148,16 @@ _TOOL_ATTRIBUTES = (
 )
 
 
-async def test_each_run_is_one_trace_across_five_processes(process_stack, redis_server) -> None:
+async def test_each_run_is_one_trace_across_five_processes(
+    process_stack, redis_server, tmp_path
+) -> None:
     async with OtlpReceiver() as receiver:
         stack = await process_stack(
-            env=_otel_env(receiver), per_service={"cache": {"TRELLIS_REDIS_URL": redis_server.url}}
+            env=_otel_env(receiver),
+            per_service={
+                "cache": {"TRELLIS_REDIS_URL": redis_server.url},
+                "toolgateway": {"TRELLIS_TOOLS_FILE": str(with_model_tools(tmp_path))},
+            },
         )
         async with aio.insecure_channel(stack.executor_target) as channel:
             stub = executor_pb2_grpc.ExecutorServiceStub(channel)
@@ -158,6 +172,12 @@ async def test_each_run_is_one_trace_across_five_processes(process_stack, redis_
                 stub,
                 executor_pb2.RunRequest(plan=[_node("nap", "sleep", ms=5000)], options=options),
             )
+            model_tool = await _run(
+                stub,
+                executor_pb2.RunRequest(
+                    plan=[_node("sum", "summarize", text="Disks fill up. Logs grow.")]
+                ),
+            )
         # Callers first; SIGTERM -> graceful stop -> tracer provider shut down -> spans
         # flushed to the receiver before the process exits. The receiver answers
         # meanwhile, so the blocking waits run in threads.
@@ -166,7 +186,7 @@ async def test_each_run_is_one_trace_across_five_processes(process_stack, redis_
             assert process.process.returncode == 0, f"{process.name}:\n{process.output()}"
         spans = list(receiver.spans)
 
-    runs = (cold, warm, failing_tool, late)
+    runs = (cold, warm, failing_tool, late, model_tool)
     assert len({events[0].started.trace_id for events in runs}) == len(runs)
     traces = [_check_one_trace(spans, events) for events in runs]
 
@@ -174,14 +194,15 @@ async def test_each_run_is_one_trace_across_five_processes(process_stack, redis_
     # but a tool's usage record when every tool call was a cache hit).
     for events, trace in zip(runs[:2], traces[:2], strict=True):
         ran = any(f.outcome.attempts > 0 for f in _of_kind(events, "node_finished"))
-        assert _edges(trace) == (EXPECTED_EDGES if ran else EXPECTED_EDGES - TOOL_RUN_EDGES)
+        expected = EXPECTED_EDGES - MODEL_TOOL_EDGES  # the demo uses no model tool
+        assert _edges(trace) == (expected if ran else expected - TOOL_RUN_EDGES)
         assert {s.service for s in trace} == SERVICES
         assert {CHECK_BUDGET, RECORD_USAGE} <= {s.name for s in trace if s.service == "costs"}
     for trace in traces[2:]:  # explicit plans: no planner, nothing unlisted either
         assert _edges(trace) <= EXPECTED_EDGES
 
     # Model calls: GenAI client spans `chat {model}` with usage, for this run.
-    cold_trace, warm_trace, failing_trace, late_trace = traces
+    cold_trace, warm_trace, failing_trace, late_trace, model_trace = traces
     chats = [s for s in cold_trace if s.name.startswith("chat ")]
     assert len(chats) >= 2  # the plan and the join
     for chat in chats:
@@ -240,3 +261,21 @@ async def test_each_run_is_one_trace_across_five_processes(process_stack, redis_
     assert run_span.attributes["trellis.run_status"] == "failed"
     (invoke,) = [s for s in late_trace if s.service == "executor" and s.name.endswith("InvokeTool")]
     assert invoke.is_error  # the call cut short by the deadline (cancelled or timed out)
+
+    # A model tool's call: execute_tool in the gateway -> Generate in the planner -> its
+    # chat span (GenAI attributes, for this node) -> the ledger, all in the run's trace.
+    assert MODEL_TOOL_EDGES <= _edges(model_trace) <= EXPECTED_EDGES
+    by_id = {s.span_id: s for s in model_trace}
+    (chat,) = [s for s in model_trace if s.name.startswith("chat ")]
+    assert chat.service == "planner" and chat.kind == SpanKind.SPAN_KIND_CLIENT
+    assert chat.attributes["trellis.planner.step"] == "generate"
+    assert (chat.attributes["trellis.tool"], chat.attributes["trellis.node_id"]) == (
+        "summarize",
+        "sum",
+    )
+    assert chat.attributes["gen_ai.usage.input_tokens"] > 0
+    tool_span = _check_tool_spans(model_trace, model_tool)["sum"]
+    assert tool_span.span_id in _ancestors(chat, by_id)
+    assert (
+        model_tool[-1].finished.usage.input_tokens == chat.attributes["gen_ai.usage.input_tokens"]
+    )

@@ -19,6 +19,7 @@ EDGES: Mapping[tuple[str, str], str] = {
     ("executor", "toolgateway"): "ListTools and InvokeTool, one per node",
     ("executor", "planner"): "Plan (streamed nodes) and Join (streamed answer)",
     ("planner", "costs"): "CheckBudget before and RecordUsage after each model call",
+    ("toolgateway", "planner"): "Generate (Embed) of a model (embed) tool: the planner owns models",
     ("toolgateway", "cache"): "Get before running a cacheable tool, Set after",
     ("toolgateway", "costs"): "RecordUsage of each tool execution (from the usage outbox)",
     ("cache", "redis"): "the cache's commands, when TRELLIS_REDIS_URL is set",
@@ -30,6 +31,8 @@ EXPECTED_EDGES: frozenset[tuple[str, str]] = frozenset(EDGES)
 REDIS_EDGES: frozenset[tuple[str, str]] = frozenset(e for e in EDGES if e[1] == "redis")
 #: The edges only a tool that ran makes: a run served wholly from the cache has none.
 TOOL_RUN_EDGES: frozenset[tuple[str, str]] = frozenset({("toolgateway", "costs")})
+#: The edges only a model tool makes (a run of other tools has none).
+MODEL_TOOL_EDGES: frozenset[tuple[str, str]] = frozenset({("toolgateway", "planner")})
 
 REDIS = "redis"
 

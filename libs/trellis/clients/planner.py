@@ -8,6 +8,7 @@ from grpc import aio
 
 from trellis.clients._streams import stream
 from trellis.planner.v1 import planner_pb2, planner_pb2_grpc
+from trellis.runtime.errors import translated_rpc_errors
 
 
 class PlannerClient:
@@ -22,3 +23,18 @@ class PlannerClient:
     def join(self, request: planner_pb2.JoinRequest) -> AsyncIterator[planner_pb2.JoinResponse]:
         """Answer tokens, then ``done`` with FINISH or REPLAN."""
         return stream(self._stub.Join(request, timeout=self._timeout))
+
+    async def generate(
+        self, request: planner_pb2.GenerateRequest, *, within: float | None = None
+    ) -> planner_pb2.GenerateResponse:
+        """One model call (the RPC bounded by ``within`` seconds, else the client default);
+        a failure after the call was made is the response's ``error``."""
+        with translated_rpc_errors():
+            return await self._stub.Generate(request, timeout=within or self._timeout)
+
+    async def embed(
+        self, request: planner_pb2.EmbedRequest, *, within: float | None = None
+    ) -> planner_pb2.EmbedResponse:
+        """One embeddings call, with Generate's error rules."""
+        with translated_rpc_errors():
+            return await self._stub.Embed(request, timeout=within or self._timeout)

@@ -22,6 +22,20 @@ TOOL_CALLS = Counter(
 TOOL_DURATION = Histogram(
     "trellis_tool_duration_seconds", "Time to run one tool call (cache hits included).", ["tool"]
 )
+TOOL_BATCH_SIZE = Histogram(
+    "trellis_tool_batch_size",
+    "Calls of a batching tool sent to its backend in one request (1: alone in its window).",
+    ["tool"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+)
+TOOL_BATCHES = Counter(
+    "trellis_tool_batches", "Requests of batching tools (each carrying 1 or more calls).", ["tool"]
+)
+TOOL_BATCH_ITEMS = Counter(
+    "trellis_tool_batch_items",
+    "Calls of batching tools, counted when their request is sent.",
+    ["tool"],
+)
 RUN_DURATION = Histogram(
     "trellis_run_duration_seconds",
     "Wall time of whole runs.",

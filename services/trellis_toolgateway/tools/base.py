@@ -6,12 +6,18 @@ the invoker: a ``Spec`` (the contract: JSON Schemas, caching, timeout) and
 ``ToolError`` (a FAILED outcome with a stable code); a call that broke the contract
 raises ``trellis.runtime.errors.InvalidArgument`` (an RPC error). Nothing here knows
 about gRPC; ``Spec.to_proto`` only builds the wire message.
+
+A model tool's output comes ``Metered`` (with the tokens it spent, which its
+``ToolError`` carries too); ``current_call()`` tells a tool whom the call is for. A
+``BatchTool`` also takes several calls in one backend request (``run_batch``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +65,26 @@ class Spec:
     refresh_ahead: float = 0.0
     #: Cached results a call of this tool makes stale (side-effecting tools only).
     invalidates: tuple[Invalidation, ...] = ()
+    #: Concurrent calls sent to the backend together, up to this many (``batching``);
+    #: 0 or 1: every call on its own. Only for tools that implement ``BatchTool``.
+    batch_max_items: int = 0
+    #: How long the first call of a batch waits for others to join it (seconds).
+    batch_max_wait: float = 0.0
+    #: What one backend request of several items costs (nano-USD); None: the items'
+    #: ``cost_nano_usd`` each. Split exactly between the items it carried.
+    batch_cost_nano_usd: int | None = None
+    #: The tool calls a model through the planner (its outcomes carry model usage).
+    calls_model: bool = False
+
+    @property
+    def batched(self) -> bool:
+        return self.batch_max_items > 1
+
+    def request_cost(self, items: int) -> int:
+        """What one backend request carrying ``items`` calls costs (nano-USD)."""
+        if items > 1 and self.batch_cost_nano_usd is not None:
+            return self.batch_cost_nano_usd
+        return self.cost_nano_usd * items
 
     @property
     def cacheable(self) -> bool:
@@ -74,6 +100,8 @@ class Spec:
             side_effects=self.side_effects,
             cache_ttl=duration(self.cache_ttl),
             timeout=duration(self.timeout),
+            batch_max_items=self.batch_max_items if self.batched else 0,
+            calls_model=self.calls_model,
         )
 
 
@@ -87,12 +115,68 @@ class ToolError(Exception):
         *,
         retryable: bool = False,
         details: Mapping[str, str] | None = None,
+        usage: common_pb2.Usage | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retryable = retryable
         self.details = dict(details or {})
+        #: Model tokens the failed call spent all the same (a model tool's).
+        self.usage = usage
+
+
+@dataclass(frozen=True)
+class Metered:
+    """A tool's output and the model tokens spent to produce it (a model tool's answer,
+    with its cost as the ledger priced it): the node's ``NodeOutcome.usage``."""
+
+    output: Json
+    usage: common_pb2.Usage
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """Whom a tool call is for: the run, node and idempotency key the caller gave, and
+    which attempt of the call this is (1: the first; retries count up)."""
+
+    run_id: str = ""
+    node_id: str = ""
+    idempotency_key: str = ""
+    attempt: int = 1
+
+
+#: Outside a call (a tool run by hand, a test).
+NO_CALL = CallInfo()
+_CALL: ContextVar[CallInfo] = ContextVar("trellis_tool_call", default=NO_CALL)
+
+
+def current_call() -> CallInfo:
+    """The call a tool's ``run`` is running for (set by the execution policy), so tools
+    that pass ids on (usage ids, remote servers' idempotency keys) need no other argument."""
+    return _CALL.get()
+
+
+@contextmanager
+def calling(call: CallInfo) -> Iterator[None]:
+    token = _CALL.set(call)
+    try:
+        yield
+    finally:
+        _CALL.reset(token)
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One call of a batch: its arguments and whom it is for."""
+
+    args: dict[str, Json]
+    call: CallInfo
+
+
+#: What a batch gives back for one item: an output (or a ``Metered`` one), or the
+#: ``ToolError`` of that item alone.
+ItemResult = Any
 
 
 class Tool(ABC):
@@ -103,6 +187,11 @@ class Tool(ABC):
     @abstractmethod
     async def run(self, args: dict[str, Json]) -> Json:
         """The tool's output for ``args`` (already valid against ``spec.input_schema``)."""
+
+    def cache_key_args(self, args: dict[str, Json]) -> Json:
+        """What besides the tool's name and version decides its result, for the cache
+        key: the arguments; a model tool adds its model and the rendered prompt."""
+        return args
 
     def cache_ttl_for(self, args: dict[str, Json]) -> float:
         """How long the result for these ``args`` may be cached (0 = never).
@@ -119,6 +208,16 @@ class Tool(ABC):
         ``uname -a``; ``./notes/a.txt`` and ``notes/a.txt``). Defaults to ``args``; a
         tool whose arguments have such spellings overrides it, and never raises."""
         return args
+
+
+class BatchTool(Tool):
+    """A tool whose backend takes several calls in one request (``batch:`` in the
+    tools file); calls that arrive together are coalesced by ``batching``."""
+
+    @abstractmethod
+    async def run_batch(self, items: Sequence[BatchItem]) -> list[ItemResult]:
+        """One result per item, in order (an output, ``Metered``, or a ``ToolError`` for
+        that item); raise ``ToolError`` when the whole request failed."""
 
 
 @dataclass

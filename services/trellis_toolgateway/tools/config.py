@@ -1,8 +1,10 @@
 """The tools file (``TRELLIS_TOOLS_FILE``, YAML) as typed models.
 
 One file declares every tool the gateway serves: builtins (with their contract
-overridable), command templates, HTTP tools, and the tool sources whose tools are
-discovered at load time (MCP servers, remote gRPC tool servers). Everything that can
+overridable), command templates, HTTP tools, model and embed tools (calls of a model
+through the planner), and the tool sources whose tools are discovered at load time
+(MCP servers, remote gRPC tool servers). Tools whose backend takes several calls in one
+request (HTTP, model, embed, gRPC tool servers) may declare ``batch``. Everything that can
 be checked without running anything is checked here (regexes compile, JSON Schemas are
 valid, placeholders are declared, builtins exist), so validation errors name the path
 inside the file (``tools[3].commands[0].params.path.pattern: ...``), a bad file is
@@ -14,6 +16,7 @@ from __future__ import annotations
 import re
 import shlex
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from jsonschema import Draft202012Validator, SchemaError
 from pydantic import (
@@ -118,6 +121,21 @@ class WarmCall(_Strict):
     tenants: list[Annotated[str, AfterValidator(_tenant)]] = []
 
 
+class Batch(_Strict):
+    """Concurrent calls of one tool sent to its backend as one request (``batching``)."""
+
+    #: Most calls in one request.
+    max_items: int = Field(ge=2, le=2048)
+    #: How long the first call waits for others to join it.
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    #: What one request of several calls costs; unset: ``cost_nano_usd`` per call.
+    cost_nano_usd: int | None = Field(None, ge=0)
+
+
+#: The kinds of tool whose backend takes several calls in one request.
+BATCHING_KINDS = "http, model and embed tools and gRPC tool servers"
+
+
 class Policy(_Strict):
     """Execution policy and contract knobs shared by every kind of tool.
 
@@ -142,6 +160,8 @@ class Policy(_Strict):
     #: OUTPUT_TOO_LARGE. Unset: the gateway's TRELLIS_TOOL_MAX_RESULT_BYTES. Never above
     #: what fits in a gRPC message (TRELLIS_MAX_MESSAGE_BYTES).
     max_result_bytes: int | None = Field(None, ge=1, le=256 * 1024 * 1024)
+    #: Coalesce concurrent calls into one backend request (not every kind can).
+    batch: Batch | None = None
     #: A cache hit on a result in this last part of its TTL (0.2: the last fifth) is
     #: answered at once and refreshed in the background; 0 = off.
     refresh_ahead: float = Field(0.0, ge=0, lt=1)
@@ -167,6 +187,10 @@ class Policy(_Strict):
                 raise ValueError(f"not a valid JSON Schema at {where}: {error.message}") from None
         return schema
 
+    def _unbatched(self, what: str) -> None:
+        if self.batch is not None:
+            raise ValueError(f"batch: {what} cannot take several calls at once ({BATCHING_KINDS})")
+
 
 class BuiltinTool(Policy):
     kind: Literal["builtin"] = "builtin"
@@ -177,6 +201,11 @@ class BuiltinTool(Policy):
     max_bytes: int = Field(1024 * 1024, ge=1, le=64 * 1024 * 1024)
     #: list_dir: entries returned at most; sql_query: rows returned at most.
     max_items: int = Field(1000, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _no_batch(self) -> BuiltinTool:
+        self._unbatched("a builtin")
+        return self
 
 
 class CommandParam(_Strict):
@@ -275,6 +304,11 @@ class CommandTool(Policy):
     max_output_bytes: int = Field(64 * 1024, ge=1, le=16 * 1024 * 1024)
 
     @model_validator(mode="after")
+    def _no_batch(self) -> CommandTool:
+        self._unbatched("a command tool")
+        return self
+
+    @model_validator(mode="after")
     def _distinct_commands(self) -> CommandTool:
         seen: set[tuple[str, ...]] = set()
         for template in self.commands:
@@ -297,11 +331,15 @@ class HttpTool(Policy):
     #: Arguments sent as the JSON body (POST/PUT/PATCH) or query string (GET/DELETE).
     body_args: list[str] = []
     max_response_bytes: int = Field(1024 * 1024, ge=1)
+    #: With ``batch``: where several calls are POSTed as ``{"items": [<args>, ...]}``,
+    #: answered ``{"results": [<output or {"error": {...}}>, ...]}`` in the same order.
+    #: Unset: ``url`` (which then has no placeholders).
+    batch_url: str | None = None
 
-    @field_validator("url")
+    @field_validator("url", "batch_url")
     @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not re.match(r"^https?://[^/?#]+", url, re.IGNORECASE):
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"^https?://[^/?#]+", url, re.IGNORECASE):
             raise ValueError(f"must be an absolute http:// or https:// URL, got {url!r}")
         return url
 
@@ -326,6 +364,111 @@ class HttpTool(Policy):
             raise ValueError(f"arguments cannot be both in the URL and the body: {both}")
         return self
 
+    @model_validator(mode="after")
+    def _batch_endpoint(self) -> HttpTool:
+        if self.batch_url is not None and PLACEHOLDERS.search(self.batch_url):
+            raise ValueError("batch_url cannot have placeholders: each item's args go in the body")
+        if self.batch is not None and self.batch_url is None and self.url_params:
+            raise ValueError("batch needs a batch_url: url has placeholders for one call's args")
+        if self.batch_url is not None:
+            parts = urlsplit(self.batch_url)
+            host = (parts.hostname or "").lower()
+            port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+            if host not in self.allowed_hosts and f"{host}:{port}" not in self.allowed_hosts:
+                raise ValueError(f"batch_url: host {host!r} is not in allowed_hosts")
+        return self
+
+
+class PromptMessage(_Strict):
+    """One message of a model tool's prompt; ``{arg}`` placeholders take the arguments."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+_MODEL_NAME = r"^[\x21-\x7e]{1,128}$"
+
+
+def _object_schema(schema: dict[str, Json] | None, kind: str) -> dict[str, Json]:
+    if schema is None or schema.get("type") != "object":
+        raise ValueError(f"input_schema: a {kind} tool needs an object schema of its arguments")
+    return schema
+
+
+class ModelTool(Policy):
+    """A call of a model (through the planner) with a prompt made from the arguments."""
+
+    kind: Literal["model"] = "model"
+    name: str = Field(pattern=_NAME)
+    #: Messages with ``{arg}`` placeholders (strings as they are, other values as JSON).
+    prompt: list[PromptMessage] = Field(min_length=1)
+    #: Unset: the planner's model (TRELLIS_MODEL).
+    model: str | None = Field(None, pattern=_MODEL_NAME)
+    max_output_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float | None = Field(None, ge=0, le=2)
+    timeout: float = Field(60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _prompt_fits_the_schema(self) -> ModelTool:
+        schema = _object_schema(self.input_schema, "model")
+        known = set(schema.get("properties", {}))
+        used = {n for m in self.prompt for n in PLACEHOLDERS.findall(m.content)}
+        unknown = sorted(used - known)
+        if unknown:
+            raise ValueError(f"prompt: placeholders not in input_schema.properties: {unknown}")
+        return self
+
+    @model_validator(mode="after")
+    def _cached_only_if_deterministic(self) -> ModelTool:
+        if self.cache_ttl > 0 and self.temperature != 0:
+            raise ValueError(
+                "cache_ttl: only a deterministic model tool is cached; set temperature: 0"
+            )
+        return self
+
+
+#: The fixed contract of an embed tool.
+EMBED_INPUT_SCHEMA: dict[str, Json] = {
+    "type": "object",
+    "properties": {
+        "input": {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 2048},
+            ],
+            "description": "A text, or a list of texts, to embed.",
+        }
+    },
+    "required": ["input"],
+    "additionalProperties": False,
+}
+EMBED_OUTPUT_SCHEMA: dict[str, Json] = {
+    "type": "object",
+    "properties": {
+        "vectors": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        "model": {"type": "string"},
+    },
+    "required": ["vectors"],
+}
+
+
+class EmbedTool(Policy):
+    """Texts to vectors with an embeddings model (through the planner)."""
+
+    kind: Literal["embed"] = "embed"
+    name: str = Field(pattern=_NAME)
+    #: Unset: the planner's embedding model (TRELLIS_EMBEDDING_MODEL).
+    model: str | None = Field(None, pattern=_MODEL_NAME)
+    #: Length of the vectors, for models that can shorten them.
+    dimensions: int | None = Field(None, ge=1, le=65536)
+    timeout: float = Field(30.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _fixed_contract(self) -> EmbedTool:
+        if self.input_schema is not None or self.output_schema is not None:
+            raise ValueError("an embed tool's schemas are fixed (input: text or texts)")
+        return self
+
 
 def _tool_kind(value: Json) -> str | None:
     """A tool's ``kind``; an entry without one is a builtin (the common case)."""
@@ -337,7 +480,9 @@ def _tool_kind(value: Json) -> str | None:
 ToolDecl = Annotated[
     Annotated[BuiltinTool, Tag("builtin")]
     | Annotated[CommandTool, Tag("command")]
-    | Annotated[HttpTool, Tag("http")],
+    | Annotated[HttpTool, Tag("http")]
+    | Annotated[ModelTool, Tag("model")]
+    | Annotated[EmbedTool, Tag("embed")],
     Discriminator(_tool_kind),
 ]
 
@@ -401,6 +546,7 @@ class McpServer(Policy):
                 raise ValueError("headers are for url servers; give a stdio server env")
             if "transport" in self.model_fields_set:
                 raise ValueError("transport is for url servers")
+        self._unbatched("an MCP server")
         return self
 
     @field_validator("env")

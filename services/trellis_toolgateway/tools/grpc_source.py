@@ -14,6 +14,12 @@ when it sets one, else the config default. ``side_effects`` is the OR of both: e
 can declare a tool side-effecting, neither can make it cacheable by mistake. Concurrency,
 cost, shared cache and retries exist only in the config.
 
+Batches. With ``batch`` on the server's entry, calls of its tools that arrive together
+are one ``CallTools`` (results in order, each an output or that call's own error). The
+RPC is optional: a server that answers it UNIMPLEMENTED is called item by item
+(concurrently) from then on. Every request carries the call's run, node and idempotency
+key (``current_call``), so a server can run side effects once per key.
+
 Errors. A ``CallToolResponse.error`` is the tool's own failure (``ToolError`` with the
 server's code and retryability). gRPC UNAVAILABLE and DEADLINE_EXCEEDED are retryable
 ``TOOL_SERVER_UNAVAILABLE`` / ``TOOL_TIMEOUT``; INVALID_ARGUMENT is the caller breaking the
@@ -26,7 +32,9 @@ become ``TOOL_SERVER_<CODE>``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import grpc
 from grpc import aio
@@ -41,7 +49,19 @@ from trellis.runtime.errors import (
     is_retryable_code,
 )
 from trellis.tools.v1 import tools_pb2, tools_pb2_grpc
-from trellis_toolgateway.tools.base import Json, Spec, Tool, ToolError, ToolSource
+from trellis_toolgateway.tools.base import (
+    BatchItem,
+    BatchTool,
+    CallInfo,
+    ItemResult,
+    Json,
+    Spec,
+    Tool,
+    ToolError,
+    ToolSource,
+    calling,
+    current_call,
+)
 from trellis_toolgateway.tools.config import GrpcToolServer
 
 #: Longest wait for ``ListTools`` (the registry loads sources at start-up and reload).
@@ -93,6 +113,15 @@ def _policy(config: GrpcToolServer, remote: common_pb2.ToolSpec) -> dict[str, ob
         "cost_nano_usd": config.cost_nano_usd,
         "shared_cache": config.shared_cache,
         "retries": config.retries,
+        **(
+            {
+                "batch_max_items": config.batch.max_items,
+                "batch_max_wait": config.batch.max_wait_ms / 1000,
+                "batch_cost_nano_usd": config.batch.cost_nano_usd,
+            }
+            if config.batch is not None
+            else {}
+        ),
     }
 
 
@@ -109,37 +138,94 @@ def spec_of(config: GrpcToolServer, remote: common_pb2.ToolSpec) -> Spec:
     )
 
 
-class GrpcTool(Tool):
-    """One tool of a remote tool server; ``run`` is a ``CallTool`` RPC."""
+@dataclass
+class _Server:
+    """What the tools of one server share: its stub, its name, whether it batches."""
 
-    def __init__(
-        self, spec: Spec, remote_name: str, stub: tools_pb2_grpc.ToolServerServiceStub, server: str
-    ) -> None:
+    stub: tools_pb2_grpc.ToolServerServiceStub
+    name: str
+    #: False once the server answered CallTools UNIMPLEMENTED.
+    batches: bool = True
+
+
+class GrpcTool(BatchTool):
+    """One tool of a remote tool server; ``run`` is a ``CallTool`` RPC, ``run_batch`` a
+    ``CallTools`` one."""
+
+    def __init__(self, spec: Spec, remote_name: str, server: _Server) -> None:
         self.spec = spec
         self.remote_name = remote_name
-        self._stub = stub
         self._server = server
 
+    def _request(self, args: dict[str, Json], call: CallInfo) -> tools_pb2.CallToolRequest:
+        return tools_pb2.CallToolRequest(
+            tool=self.remote_name,
+            args=to_struct(args),
+            idempotency_key=call.idempotency_key,
+            run_id=call.run_id,
+            node_id=call.node_id,
+        )
+
     async def run(self, args: dict[str, Json]) -> Json:
-        # TODO(idempotency): Tool.run only receives args; pass idempotency_key, run_id and
-        # node_id in the request once the invoker hands them to tools (e.g. a call context).
-        request = tools_pb2.CallToolRequest(tool=self.remote_name, args=to_struct(args))
+        request = self._request(args, current_call())
         try:
             # The channel's interceptor shortens this to the incoming call's deadline.
-            response = await self._stub.CallTool(request, timeout=self.spec.timeout)
+            response = await self._server.stub.CallTool(request, timeout=self.spec.timeout)
         except grpc.RpcError as error:
-            raise rpc_tool_error(error, self._server) from error
+            raise rpc_tool_error(error, self._server.name) from error
         except DeadlineExceeded as error:  # the deadline ran out before the call was made
             raise ToolError(TIMEOUT, error.message, retryable=True) from error
+        result = self._result(response)
+        if isinstance(result, ToolError):
+            raise result
+        return result
+
+    async def run_batch(self, items: Sequence[BatchItem]) -> list[ItemResult]:
+        if self._server.batches:
+            request = tools_pb2.CallToolsRequest(
+                calls=[self._request(item.args, item.call) for item in items]
+            )
+            try:
+                response = await self._server.stub.CallTools(request, timeout=self.spec.timeout)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                    raise rpc_tool_error(error, self._server.name) from error
+                self._server.batches = False
+            except DeadlineExceeded as error:
+                raise ToolError(TIMEOUT, error.message, retryable=True) from error
+            else:
+                results = list(response.results)
+                return [
+                    self._result(results[i]) if i < len(results) else self._missing(len(results))
+                    for i in range(len(items))
+                ]
+        return list(await asyncio.gather(*(self._alone(item) for item in items)))
+
+    async def _alone(self, item: BatchItem) -> ItemResult:
+        """One item of a batch the server cannot take whole: its own CallTool."""
+        with calling(item.call):
+            try:
+                return await self.run(item.args)
+            except ToolError as error:
+                return error
+
+    def _result(self, response: tools_pb2.CallToolResponse) -> ItemResult:
         if response.HasField("error"):
             failure = response.error
-            raise ToolError(
+            return ToolError(
                 failure.code or "TOOL_FAILED",
                 failure.message or f"{self.spec.name} failed",
                 retryable=failure.retryable,
-                details=_details(failure.details, self._server),
+                details=_details(failure.details, self._server.name),
             )
         return from_value(response.output)
+
+    def _missing(self, answered: int) -> ToolError:
+        return ToolError(
+            "BATCH_RESULT_MISSING",
+            f"tool server {self._server.name!r} answered {answered} results for a larger batch",
+            details={"server": self._server.name},
+        )
 
 
 def _details(details: Mapping[str, str], server: str) -> dict[str, str]:
@@ -158,7 +244,7 @@ class GrpcSource(ToolSource):
 
     def __init__(self, config: GrpcToolServer, channel: aio.Channel) -> None:
         self.config = config
-        self._stub = tools_pb2_grpc.ToolServerServiceStub(channel)
+        self._server = _Server(tools_pb2_grpc.ToolServerServiceStub(channel), config.name)
 
     @property
     def name(self) -> str:
@@ -166,7 +252,7 @@ class GrpcSource(ToolSource):
 
     async def tools(self) -> list[Tool]:
         try:
-            response = await self._stub.ListTools(
+            response = await self._server.stub.ListTools(
                 tools_pb2.ListToolsRequest(), timeout=context.call_timeout(LIST_TIMEOUT)
             )
         except grpc.RpcError as error:
@@ -182,7 +268,7 @@ class GrpcSource(ToolSource):
                 raise ToolError(
                     "TOOL_SERVER_BAD_SPEC", f"tool server {self.name!r} listed a tool with no name"
                 )
-            tools.append(GrpcTool(spec_of(self.config, remote), remote.name, self._stub, self.name))
+            tools.append(GrpcTool(spec_of(self.config, remote), remote.name, self._server))
         return tools
 
     async def aclose(self) -> None:

@@ -9,6 +9,13 @@ they are resolved when the file loads, and their values are scrubbed from every 
 and error message (a server that echoes the request cannot leak them). All tools share
 the gateway's one pooled ``httpx.AsyncClient``.
 
+Batches (``batch`` in the file): several calls are one POST to ``batch_url`` (else
+``url``) whose JSON body is ``{"items": [<args>, ...]}``; the answer is
+``{"results": [...]}`` in the same order, each an output or ``{"error": {"code",
+"message", "retryable"}}`` (an object with only that key) failing that call alone. A
+call the answer has no result for fails ``BATCH_RESULT_MISSING``; an answer without a
+``results`` list fails the whole request (``HTTP_BAD_BATCH``).
+
 Errors: 5xx and transport failures are retryable (``HTTP_5XX``, ``HTTP_UNAVAILABLE``),
 4xx are not (``HTTP_4XX``); a redirect is ``HTTP_REDIRECT``. The body is read in chunks
 and never kept past a cap: ``max_response_bytes`` (``HTTP_RESPONSE_TOO_LARGE``) or, when
@@ -22,19 +29,21 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import httpx
 
 from trellis.runtime.errors import FieldViolation, InvalidArgument, quote
 from trellis_toolgateway.tools import config
-from trellis_toolgateway.tools.base import Json, Spec, Tool, ToolError
+from trellis_toolgateway.tools.base import BatchItem, BatchTool, ItemResult, Json, Spec, ToolError
 from trellis_toolgateway.tools.config import PLACEHOLDERS
 from trellis_toolgateway.tools.secrets import MissingSecret as MissingSecret
 from trellis_toolgateway.tools.secrets import resolve
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _SNIPPET = 200
+#: Longest error code taken from a batch answer.
+_MAX_CODE = 64
 
 
 def _as_text(value: Json) -> str:
@@ -61,7 +70,7 @@ def default_input_schema(decl: config.HttpTool) -> dict[str, Json]:
     }
 
 
-class HttpTool(Tool):
+class HttpTool(BatchTool):
     """One HTTP endpoint as a tool (see the module docstring)."""
 
     def __init__(
@@ -83,6 +92,7 @@ class HttpTool(Tool):
             output_schema=decl.output_schema or {},
             timeout=decl.timeout,
         )
+        self._batch_url = decl.batch_url or decl.url
 
     def scrub(self, value: Json) -> Json:
         """``value`` with every header secret replaced by ``[redacted]``."""
@@ -130,24 +140,66 @@ class HttpTool(Tool):
         )
 
     async def run(self, args: dict[str, Json]) -> Json:
-        if self._client is None:
-            raise self._error("HTTP_UNAVAILABLE", "the gateway has no HTTP client")
+        client = self._http()
         url = self._url(args)
         extra = {name: args[name] for name in self._decl.body_args if name in args}
         method = self._decl.method
         if method not in _BODY_METHODS and extra:
             # merged into the URL's own query: httpx's ``params`` would replace it
             url = url.copy_merge_params({k: _as_text(v) for k, v in extra.items()})
-        request = self._client.build_request(
+        request = client.build_request(
             method,
             url,
             headers=self._headers,
             json=extra if method in _BODY_METHODS else None,
             timeout=self.spec.timeout,
         )
-        shown = f"{method} {url.copy_with(query=None)}"
+        return await self._exchange(client, request, f"{method} {url.copy_with(query=None)}", 1)
+
+    async def run_batch(self, items: Sequence[BatchItem]) -> list[ItemResult]:
+        client = self._http()
+        url = httpx.URL(self._batch_url)
+        if not self._host_allowed(url):
+            raise self._not_allowed(f"host {quote(url.host)} is not in allowed_hosts")
+        request = client.build_request(
+            "POST",
+            url,
+            headers=self._headers,
+            json={"items": [item.args for item in items]},
+            timeout=self.spec.timeout,
+        )
+        shown = f"POST {url.copy_with(query=None)}"
+        answer = await self._exchange(client, request, shown, len(items))
+        results = answer.get("results") if isinstance(answer, dict) else None
+        if not isinstance(results, list):
+            raise self._error("HTTP_BAD_BATCH", f"{shown} answered no results list")
+        return [self._item(results, index, len(items), shown) for index in range(len(items))]
+
+    def _item(self, results: list[Json], index: int, count: int, shown: str) -> ItemResult:
+        if index >= len(results):
+            return self._error(
+                "BATCH_RESULT_MISSING", f"{shown} answered {len(results)} results for {count} calls"
+            )
+        value = results[index]
+        if isinstance(value, dict) and set(value) == {"error"} and isinstance(value["error"], dict):
+            error = value["error"]
+            code = str(error.get("code") or "TOOL_FAILED")[:_MAX_CODE]
+            message = str(error.get("message") or f"{self.spec.name} failed")
+            return self._error(code, message, retryable=error.get("retryable") is True)
+        return value
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise self._error("HTTP_UNAVAILABLE", "the gateway has no HTTP client")
+        return self._client
+
+    async def _exchange(
+        self, client: httpx.AsyncClient, request: httpx.Request, shown: str, items: int
+    ) -> Json:
+        """Send ``request`` and decode the answer (``items``: how many calls it carries,
+        which multiplies the size caps)."""
         try:
-            response = await self._client.send(request, stream=True, follow_redirects=False)
+            response = await client.send(request, stream=True, follow_redirects=False)
         except httpx.TransportError as error:
             raise self._error(
                 "HTTP_UNAVAILABLE",
@@ -155,12 +207,12 @@ class HttpTool(Tool):
                 retryable=True,
             ) from None
         try:
-            body = await self._read(response, shown)
+            body = await self._read(response, shown, items)
         finally:
             await response.aclose()
         return self._decode(response, body, shown)
 
-    async def _read(self, response: httpx.Response, shown: str) -> bytes:
+    async def _read(self, response: httpx.Response, shown: str, items: int = 1) -> bytes:
         status = response.status_code
         if 300 <= status < 400:
             raise self._error(
@@ -172,6 +224,7 @@ class HttpTool(Tool):
         cap, code = self._decl.max_response_bytes, "HTTP_RESPONSE_TOO_LARGE"
         if 0 < self.spec.max_result_bytes < cap:
             cap, code = self.spec.max_result_bytes, "OUTPUT_TOO_LARGE"
+        cap *= items
         try:
             async for chunk in response.aiter_bytes():
                 kept += chunk

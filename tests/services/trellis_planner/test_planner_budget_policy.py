@@ -4,10 +4,9 @@ TRELLIS_BUDGET_FAIL_OPEN=false refuses a model call cost accounting cannot check
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
+from tests.support.dead_target import dead_target
 from trellis.clients.costs import CostsClient
 from trellis.clients.planner import PlannerClient
 from trellis.costs.v1 import costs_pb2
@@ -21,13 +20,6 @@ from trellis_planner.service import NAME, build
 from trellis_planner.settings import PlannerSettings
 
 GOAL = "What is (17*23)+4?"
-
-
-def dead_target() -> str:
-    """A local port nobody listens on: cost accounting is down."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{probe.getsockname()[1]}"
 
 
 async def planner(serve, channels, model, tmp_path, costs_target: str, **settings) -> PlannerClient:

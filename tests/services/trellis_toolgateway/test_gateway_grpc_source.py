@@ -224,3 +224,77 @@ async def test_an_unreachable_server_is_unavailable(channels: Channels) -> None:
         assert output == {"text": "BACK"}
     finally:
         await restarted.stop()
+
+
+# -- batches (CallTools) ------------------------------------------------------------------
+
+
+async def _batched_invoker(tool_server, channels: Channels) -> Invoker:
+    batch = {"max_items": 8, "max_wait_ms": 50}
+    source = GrpcSource(config(tool_server.target, batch=batch), channels.get(tool_server.target))
+    tools = await tools_of(source)
+    assert tools["py.shout"].spec.batch_max_items == 8
+    return Invoker(ToolRegistry(list(tools.values())), None, trace.get_tracer(__name__))
+
+
+async def _shout_all(invoker: Invoker, *texts: str) -> list[common_pb2.NodeOutcome]:
+    return list(
+        await asyncio.gather(
+            *(
+                invoker.invoke(
+                    Call("py.shout", {"text": t}, node_id=f"n{i}"),
+                    run_id="r1",
+                    idempotency_key=f"r1/n{i}",
+                )
+                for i, t in enumerate(texts)
+            )
+        )
+    )
+
+
+async def test_calls_together_are_one_call_tools_with_each_calls_ids(
+    tool_server, channels: Channels
+) -> None:
+    invoker = await _batched_invoker(tool_server, channels)
+    outcomes = await _shout_all(invoker, "a", "boom", "c")
+    (batch,) = tool_server.servicer.batches
+    # shout has no side effects: its calls run without their idempotency keys
+    assert [(c.tool, c.run_id, c.node_id, c.idempotency_key) for c in batch] == [
+        ("shout", "r1", "n0", ""),
+        ("shout", "r1", "n1", ""),
+        ("shout", "r1", "n2", ""),
+    ]
+    assert tool_server.servicer.calls == []  # no CallTool at all
+    assert [o.status for o in outcomes] == [SUCCEEDED, FAILED, SUCCEEDED]
+    assert [from_value(o.output) for o in (outcomes[0], outcomes[2])] == [
+        {"text": "A"},
+        {"text": "C"},
+    ]
+    assert (outcomes[1].error.code, outcomes[1].error.details["server"]) == (
+        "CANNOT_SHOUT",
+        "pyremote",
+    )
+
+
+async def test_a_server_without_call_tools_is_called_item_by_item(
+    tool_server, channels: Channels
+) -> None:
+    tool_server.servicer.batching = False
+    invoker = await _batched_invoker(tool_server, channels)
+    outcomes = await _shout_all(invoker, "a", "b")
+    assert [from_value(o.output) for o in outcomes] == [{"text": "A"}, {"text": "B"}]
+    assert sorted(r.request.node_id for r in tool_server.servicer.calls) == ["n0", "n1"]
+    tool_server.servicer.batching = True  # it is not asked again
+    await _shout_all(invoker, "c", "d")
+    assert tool_server.servicer.batches == [] and len(tool_server.servicer.calls) == 4
+
+
+async def test_a_side_effecting_call_carries_its_run_node_and_idempotency_key(
+    tool_server, channels: Channels
+) -> None:
+    source = GrpcSource(config(tool_server.target), channels.get(tool_server.target))
+    invoker = Invoker(ToolRegistry(await source.tools()), None, trace.get_tracer(__name__))
+    await invoker.invoke(Call("py.fail", {}, node_id="n9"), run_id="r2", idempotency_key="r2/n9")
+    (received,) = tool_server.servicer.calls
+    assert (received.request.run_id, received.request.node_id) == ("r2", "n9")
+    assert received.request.idempotency_key == "r2/n9"

@@ -1,6 +1,7 @@
 """The gateway calls the Node.js example tool server (examples/node-tool-server) through
 GrpcSource and the Invoker: listing, outputs, the tool's own error path, input schema
-validation before the server is called, the server's own contract check, and SIGTERM.
+validation before the server is called, the server's own contract check, batches
+(CallTools), and SIGTERM.
 
 Needs node and examples/node-tool-server/node_modules (``make install`` installs them)."""
 
@@ -37,7 +38,8 @@ FAILED = common_pb2.NodeStatus.NODE_STATUS_FAILED
 class NodeServer:
     process: asyncio.subprocess.Process
     port: int
-    #: "call <tool>" lines the server printed, one per CallTool it received.
+    #: "call <tool>" lines the server printed, one per CallTool it received ("calls <tool>
+    #: x<n>" per CallTools).
     calls: list[str] = field(default_factory=list)
     reader: asyncio.Task[None] | None = None
 
@@ -185,6 +187,31 @@ async def test_the_server_rejects_a_contract_violation_the_gateway_let_through(
     # INVALID_ARGUMENT comes back as the same contract violation.
     with pytest.raises(InvalidArgument, match=r"args\.text must be a string"):
         await node_tools["node.reverse"].run({"text": 7})
+
+
+async def test_calls_together_are_one_call_tools_and_fail_alone(
+    node_server: NodeServer, channels: Channels
+) -> None:
+    batch = {"max_items": 10, "max_wait_ms": 100}
+    config = GrpcToolServer(name="node", target=node_server.target, prefix="node.", batch=batch)
+    tools = await GrpcSource(config, channels.get(node_server.target)).tools()
+    invoker = Invoker(ToolRegistry(tools), None, trace.get_tracer(__name__))
+    texts = ["one two", "x" * 10_001, "three"]
+    outcomes = await asyncio.gather(
+        *(
+            invoker.invoke(Call("node.word_count", {"text": t}, node_id=f"n{i}"))
+            for i, t in enumerate(texts)
+        )
+    )
+    assert [o.status for o in outcomes] == [SUCCEEDED, FAILED, SUCCEEDED]
+    assert from_value(outcomes[0].output) == {"words": 2, "chars": 7}
+    assert from_value(outcomes[2].output) == {"words": 1, "chars": 5}
+    assert outcomes[1].error.code == "TEXT_TOO_LONG"
+    for _ in range(200):
+        if node_server.calls:
+            break
+        await asyncio.sleep(0.01)
+    assert node_server.calls == ["calls word_count x3"]
 
 
 async def test_the_node_server_exits_cleanly_on_sigterm() -> None:

@@ -13,6 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import REGISTRY
 
+from tests.support.fake_cache import FakeCache
 from tests.support.gateway_registries import builtin_registry
 from trellis.common.v1 import common_pb2
 from trellis.runtime import context
@@ -26,23 +27,6 @@ from trellis_toolgateway.tools.base import FunctionTool, Spec
 SUCCEEDED = common_pb2.NodeStatus.NODE_STATUS_SUCCEEDED
 FAILED = common_pb2.NodeStatus.NODE_STATUS_FAILED
 Mode = common_pb2.CacheMode
-
-
-class FakeCache:
-    """In-memory ``ResultCache`` that records what the invoker asked of it."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-        self.gets: list[str] = []
-        self.sets: list[tuple[str, float, list[str]]] = []
-
-    async def get(self, key: str) -> bytes | None:
-        self.gets.append(key)
-        return self.data.get(key)
-
-    async def set(self, key: str, value: bytes, ttl: float, tags: Sequence[str] = ()) -> None:
-        self.sets.append((key, ttl, list(tags)))
-        self.data[key] = value
 
 
 class DownCache:

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etrellis/common/v1/common.proto\x12\x11trellis.common.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"d\n\x08ToolCall\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12%\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ndepends_on\x18\x04 \x03(\t\"\xa1\x01\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\x12\x36\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32%.trellis.common.v1.Error.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd5\x02\n\x0bNodeOutcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.trellis.common.v1.NodeStatus\x12&\n\x06output\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x18.trellis.common.v1.Error\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rcost_nano_usd\x18\t \x01(\x03\x12\x18\n\x10\x63\x61\x63he_refreshing\x18\n \x01(\x08\"\x8a\x01\n\x05Usage\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\x03\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x04 \x01(\x03\x12\x15\n\rcost_nano_usd\x18\x05 \x01(\x03\x12\x11\n\testimated\x18\x06 \x01(\x08\"\x8d\x02\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12-\n\x0cinput_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\routput_schema\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cside_effects\x18\x06 \x01(\x08\x12,\n\tcache_ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration*\x90\x01\n\nNodeStatus\x12\x1b\n\x17NODE_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15NODE_STATUS_SUCCEEDED\x10\x01\x12\x16\n\x12NODE_STATUS_FAILED\x10\x02\x12\x17\n\x13NODE_STATUS_SKIPPED\x10\x03\x12\x19\n\x15NODE_STATUS_CANCELLED\x10\x04*j\n\tCacheMode\x12\x1a\n\x16\x43\x41\x43HE_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43\x41\x43HE_MODE_USE\x10\x01\x12\x16\n\x12\x43\x41\x43HE_MODE_REFRESH\x10\x02\x12\x15\n\x11\x43\x41\x43HE_MODE_BYPASS\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etrellis/common/v1/common.proto\x12\x11trellis.common.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"d\n\x08ToolCall\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12%\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ndepends_on\x18\x04 \x03(\t\"\xa1\x01\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\x12\x36\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32%.trellis.common.v1.Error.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xfe\x02\n\x0bNodeOutcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.trellis.common.v1.NodeStatus\x12&\n\x06output\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x18.trellis.common.v1.Error\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rcost_nano_usd\x18\t \x01(\x03\x12\x18\n\x10\x63\x61\x63he_refreshing\x18\n \x01(\x08\x12\'\n\x05usage\x18\x0b \x01(\x0b\x32\x18.trellis.common.v1.Usage\"\x8a\x01\n\x05Usage\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\x03\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x04 \x01(\x03\x12\x15\n\rcost_nano_usd\x18\x05 \x01(\x03\x12\x11\n\testimated\x18\x06 \x01(\x08\"\xbb\x02\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12-\n\x0cinput_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\routput_schema\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0cside_effects\x18\x06 \x01(\x08\x12,\n\tcache_ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x62\x61tch_max_items\x18\t \x01(\x05\x12\x13\n\x0b\x63\x61lls_model\x18\n \x01(\x08*\x90\x01\n\nNodeStatus\x12\x1b\n\x17NODE_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15NODE_STATUS_SUCCEEDED\x10\x01\x12\x16\n\x12NODE_STATUS_FAILED\x10\x02\x12\x17\n\x13NODE_STATUS_SKIPPED\x10\x03\x12\x19\n\x15NODE_STATUS_CANCELLED\x10\x04*j\n\tCacheMode\x12\x1a\n\x16\x43\x41\x43HE_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43\x41\x43HE_MODE_USE\x10\x01\x12\x16\n\x12\x43\x41\x43HE_MODE_REFRESH\x10\x02\x12\x15\n\x11\x43\x41\x43HE_MODE_BYPASS\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERROR_DETAILSENTRY']._loaded_options = None
   _globals['_ERROR_DETAILSENTRY']._serialized_options = b'8\001'
-  _globals['_NODESTATUS']._serialized_start=1172
-  _globals['_NODESTATUS']._serialized_end=1316
-  _globals['_CACHEMODE']._serialized_start=1318
-  _globals['_CACHEMODE']._serialized_end=1424
+  _globals['_NODESTATUS']._serialized_start=1259
+  _globals['_NODESTATUS']._serialized_end=1403
+  _globals['_CACHEMODE']._serialized_start=1405
+  _globals['_CACHEMODE']._serialized_end=1511
   _globals['_TOOLCALL']._serialized_start=148
   _globals['_TOOLCALL']._serialized_end=248
   _globals['_ERROR']._serialized_start=251
@@ -47,9 +47,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERROR_DETAILSENTRY']._serialized_start=366
   _globals['_ERROR_DETAILSENTRY']._serialized_end=412
   _globals['_NODEOUTCOME']._serialized_start=415
-  _globals['_NODEOUTCOME']._serialized_end=756
-  _globals['_USAGE']._serialized_start=759
-  _globals['_USAGE']._serialized_end=897
-  _globals['_TOOLSPEC']._serialized_start=900
-  _globals['_TOOLSPEC']._serialized_end=1169
+  _globals['_NODEOUTCOME']._serialized_end=797
+  _globals['_USAGE']._serialized_start=800
+  _globals['_USAGE']._serialized_end=938
+  _globals['_TOOLSPEC']._serialized_start=941
+  _globals['_TOOLSPEC']._serialized_end=1256
 # @@protoc_insertion_point(module_scope)

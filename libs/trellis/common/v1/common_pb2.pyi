@@ -68,7 +68,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., retryable: _Optional[bool] = ..., details: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class NodeOutcome(_message.Message):
-    __slots__ = ("node_id", "status", "output", "error", "cache_hit", "attempts", "started_at", "finished_at", "cost_nano_usd", "cache_refreshing")
+    __slots__ = ("node_id", "status", "output", "error", "cache_hit", "attempts", "started_at", "finished_at", "cost_nano_usd", "cache_refreshing", "usage")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class NodeOutcome(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
     CACHE_REFRESHING_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     status: NodeStatus
     output: _struct_pb2.Value
@@ -89,7 +90,8 @@ class NodeOutcome(_message.Message):
     finished_at: _timestamp_pb2.Timestamp
     cost_nano_usd: int
     cache_refreshing: bool
-    def __init__(self, node_id: _Optional[str] = ..., status: _Optional[_Union[NodeStatus, str]] = ..., output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., attempts: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_nano_usd: _Optional[int] = ..., cache_refreshing: _Optional[bool] = ...) -> None: ...
+    usage: Usage
+    def __init__(self, node_id: _Optional[str] = ..., status: _Optional[_Union[NodeStatus, str]] = ..., output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., attempts: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_nano_usd: _Optional[int] = ..., cache_refreshing: _Optional[bool] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("model", "input_tokens", "output_tokens", "cached_input_tokens", "cost_nano_usd", "estimated")
@@ -108,7 +110,7 @@ class Usage(_message.Message):
     def __init__(self, model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., cost_nano_usd: _Optional[int] = ..., estimated: _Optional[bool] = ...) -> None: ...
 
 class ToolSpec(_message.Message):
-    __slots__ = ("name", "description", "version", "input_schema", "output_schema", "side_effects", "cache_ttl", "timeout")
+    __slots__ = ("name", "description", "version", "input_schema", "output_schema", "side_effects", "cache_ttl", "timeout", "batch_max_items", "calls_model")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +119,8 @@ class ToolSpec(_message.Message):
     SIDE_EFFECTS_FIELD_NUMBER: _ClassVar[int]
     CACHE_TTL_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_MAX_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_MODEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     version: str
@@ -125,4 +129,6 @@ class ToolSpec(_message.Message):
     side_effects: bool
     cache_ttl: _duration_pb2.Duration
     timeout: _duration_pb2.Duration
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., version: _Optional[str] = ..., input_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., output_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., side_effects: _Optional[bool] = ..., cache_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    batch_max_items: int
+    calls_model: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., version: _Optional[str] = ..., input_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., output_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., side_effects: _Optional[bool] = ..., cache_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., batch_max_items: _Optional[int] = ..., calls_model: _Optional[bool] = ...) -> None: ...

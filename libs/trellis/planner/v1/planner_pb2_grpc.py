@@ -45,6 +45,16 @@ class PlannerServiceStub:
                 request_serializer=trellis_dot_planner_dot_v1_dot_planner__pb2.JoinRequest.SerializeToString,
                 response_deserializer=trellis_dot_planner_dot_v1_dot_planner__pb2.JoinResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_unary(
+                '/trellis.planner.v1.PlannerService/Generate',
+                request_serializer=trellis_dot_planner_dot_v1_dot_planner__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=trellis_dot_planner_dot_v1_dot_planner__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/trellis.planner.v1.PlannerService/Embed',
+                request_serializer=trellis_dot_planner_dot_v1_dot_planner__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=trellis_dot_planner_dot_v1_dot_planner__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class PlannerServiceServicer:
@@ -65,6 +75,27 @@ class PlannerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """One model call for someone else (a model tool of the gateway): the messages as
+        given, strict structured output when `output_schema` is set. The call goes through
+        the planner's model access: budget check, rate limits, fallback models, GenAI spans
+        and metrics, and its usage recorded in the ledger under each share's usage id.
+        A caller's mistake, or a call refused before it was made (BUDGET_EXCEEDED), is an
+        RPC error; once the call was made, a failure is `error` in the response, next to
+        what the call used.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """One embeddings call (an embed tool of the gateway), under the same model access
+        and with the same error rules as Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlannerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +108,16 @@ def add_PlannerServiceServicer_to_server(servicer, server):
                     servicer.Join,
                     request_deserializer=trellis_dot_planner_dot_v1_dot_planner__pb2.JoinRequest.FromString,
                     response_serializer=trellis_dot_planner_dot_v1_dot_planner__pb2.JoinResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=trellis_dot_planner_dot_v1_dot_planner__pb2.GenerateRequest.FromString,
+                    response_serializer=trellis_dot_planner_dot_v1_dot_planner__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=trellis_dot_planner_dot_v1_dot_planner__pb2.EmbedRequest.FromString,
+                    response_serializer=trellis_dot_planner_dot_v1_dot_planner__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +175,60 @@ class PlannerService:
             '/trellis.planner.v1.PlannerService/Join',
             trellis_dot_planner_dot_v1_dot_planner__pb2.JoinRequest.SerializeToString,
             trellis_dot_planner_dot_v1_dot_planner__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.planner.v1.PlannerService/Generate',
+            trellis_dot_planner_dot_v1_dot_planner__pb2.GenerateRequest.SerializeToString,
+            trellis_dot_planner_dot_v1_dot_planner__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.planner.v1.PlannerService/Embed',
+            trellis_dot_planner_dot_v1_dot_planner__pb2.EmbedRequest.SerializeToString,
+            trellis_dot_planner_dot_v1_dot_planner__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from trellis.common.v1 import common_pb2 as trellis_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctrellis/tools/v1/tools.proto\x12\x10trellis.tools.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1etrellis/common/v1/common.proto\"\x12\n\x10ListToolsRequest\"?\n\x11ListToolsResponse\x12*\n\x05tools\x18\x01 \x03(\x0b\x32\x1b.trellis.common.v1.ToolSpec\"\x80\x01\n\x0f\x43\x61llToolRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12%\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\"c\n\x10\x43\x61llToolResponse\x12&\n\x06output\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.trellis.common.v1.Error2\xbc\x01\n\x11ToolServerService\x12T\n\tListTools\x12\".trellis.tools.v1.ListToolsRequest\x1a#.trellis.tools.v1.ListToolsResponse\x12Q\n\x08\x43\x61llTool\x12!.trellis.tools.v1.CallToolRequest\x1a\".trellis.tools.v1.CallToolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctrellis/tools/v1/tools.proto\x12\x10trellis.tools.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1etrellis/common/v1/common.proto\"\x12\n\x10ListToolsRequest\"?\n\x11ListToolsResponse\x12*\n\x05tools\x18\x01 \x03(\x0b\x32\x1b.trellis.common.v1.ToolSpec\"\x80\x01\n\x0f\x43\x61llToolRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12%\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\"c\n\x10\x43\x61llToolResponse\x12&\n\x06output\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.trellis.common.v1.Error\"D\n\x10\x43\x61llToolsRequest\x12\x30\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32!.trellis.tools.v1.CallToolRequest\"H\n\x11\x43\x61llToolsResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".trellis.tools.v1.CallToolResponse2\x92\x02\n\x11ToolServerService\x12T\n\tListTools\x12\".trellis.tools.v1.ListToolsRequest\x1a#.trellis.tools.v1.ListToolsResponse\x12Q\n\x08\x43\x61llTool\x12!.trellis.tools.v1.CallToolRequest\x1a\".trellis.tools.v1.CallToolResponse\x12T\n\tCallTools\x12\".trellis.tools.v1.CallToolsRequest\x1a#.trellis.tools.v1.CallToolsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,6 +41,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CALLTOOLREQUEST']._serialized_end=326
   _globals['_CALLTOOLRESPONSE']._serialized_start=328
   _globals['_CALLTOOLRESPONSE']._serialized_end=427
-  _globals['_TOOLSERVERSERVICE']._serialized_start=430
-  _globals['_TOOLSERVERSERVICE']._serialized_end=618
+  _globals['_CALLTOOLSREQUEST']._serialized_start=429
+  _globals['_CALLTOOLSREQUEST']._serialized_end=497
+  _globals['_CALLTOOLSRESPONSE']._serialized_start=499
+  _globals['_CALLTOOLSRESPONSE']._serialized_end=571
+  _globals['_TOOLSERVERSERVICE']._serialized_start=574
+  _globals['_TOOLSERVERSERVICE']._serialized_end=848
 # @@protoc_insertion_point(module_scope)

@@ -39,3 +39,15 @@ class CallToolResponse(_message.Message):
     output: _struct_pb2.Value
     error: _common_pb2.Error
     def __init__(self, output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
+
+class CallToolsRequest(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[CallToolRequest]
+    def __init__(self, calls: _Optional[_Iterable[_Union[CallToolRequest, _Mapping]]] = ...) -> None: ...
+
+class CallToolsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[CallToolResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[CallToolResponse, _Mapping]]] = ...) -> None: ...

@@ -45,6 +45,11 @@ class ToolServerServiceStub:
                 request_serializer=trellis_dot_tools_dot_v1_dot_tools__pb2.CallToolRequest.SerializeToString,
                 response_deserializer=trellis_dot_tools_dot_v1_dot_tools__pb2.CallToolResponse.FromString,
                 _registered_method=True)
+        self.CallTools = channel.unary_unary(
+                '/trellis.tools.v1.ToolServerService/CallTools',
+                request_serializer=trellis_dot_tools_dot_v1_dot_tools__pb2.CallToolsRequest.SerializeToString,
+                response_deserializer=trellis_dot_tools_dot_v1_dot_tools__pb2.CallToolsResponse.FromString,
+                _registered_method=True)
 
 
 class ToolServerServiceServicer:
@@ -63,6 +68,14 @@ class ToolServerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CallTools(self, request, context):
+        """Several calls of one tool in one request (optional: a server without it gets one
+        CallTool per item). Results come back in the order of the requests, one each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolServerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_ToolServerServiceServicer_to_server(servicer, server):
                     servicer.CallTool,
                     request_deserializer=trellis_dot_tools_dot_v1_dot_tools__pb2.CallToolRequest.FromString,
                     response_serializer=trellis_dot_tools_dot_v1_dot_tools__pb2.CallToolResponse.SerializeToString,
+            ),
+            'CallTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.CallTools,
+                    request_deserializer=trellis_dot_tools_dot_v1_dot_tools__pb2.CallToolsRequest.FromString,
+                    response_serializer=trellis_dot_tools_dot_v1_dot_tools__pb2.CallToolsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +150,33 @@ class ToolServerService:
             '/trellis.tools.v1.ToolServerService/CallTool',
             trellis_dot_tools_dot_v1_dot_tools__pb2.CallToolRequest.SerializeToString,
             trellis_dot_tools_dot_v1_dot_tools__pb2.CallToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CallTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.tools.v1.ToolServerService/CallTools',
+            trellis_dot_tools_dot_v1_dot_tools__pb2.CallToolsRequest.SerializeToString,
+            trellis_dot_tools_dot_v1_dot_tools__pb2.CallToolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,10 @@ class Received:
 @dataclass
 class ScriptedToolServer(tools_pb2_grpc.ToolServerServiceServicer):
     calls: list[Received] = field(default_factory=list)
+    #: Each CallTools request's calls.
+    batches: list[list[tools_pb2.CallToolRequest]] = field(default_factory=list)
+    #: False: CallTools answers UNIMPLEMENTED, as a server without it does.
+    batching: bool = True
 
     async def ListTools(
         self, request: tools_pb2.ListToolsRequest, context: aio.ServicerContext
@@ -83,6 +87,24 @@ class ScriptedToolServer(tools_pb2_grpc.ToolServerServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls")
         await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown tool {request.tool!r}")
         raise AssertionError("unreachable")
+
+    async def CallTools(
+        self, request: tools_pb2.CallToolsRequest, context: aio.ServicerContext
+    ) -> tools_pb2.CallToolsResponse:
+        """``shout`` for each call (a text "boom" fails that call alone); other tools of a
+        batch fail as unsupported."""
+        if not self.batching:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        self.batches.append(list(request.calls))
+        results = []
+        for call in request.calls:
+            text = from_struct(call.args).get("text", "")
+            if call.tool != "shout" or text == "boom":
+                error = common_pb2.Error(code="CANNOT_SHOUT", message=f"cannot shout {text!r}")
+                results.append(tools_pb2.CallToolResponse(error=error))
+            else:
+                results.append(tools_pb2.CallToolResponse(output=to_value({"text": text.upper()})))
+        return tools_pb2.CallToolsResponse(results=results)
 
 
 @dataclass
