@@ -14,7 +14,7 @@ throughout (every service's spans go to an in-memory exporter through a
   DAG as a LangGraph StateGraph of async sleeping nodes (median of 5).
 - ``fan_out``: 50 independent 100 ms sleeps with ``RunOptions.max_parallel = 50`` (the
   executor's default is 16, which would make the ideal 4 x 100 ms); ``chain``: 20 x 10 ms.
-- ``streamed_plan``: see ``bench.streamed_plan``.
+- ``streamed_plan``: per plan format (``streamed_plan.<format>.*``), see ``bench.streamed_plan``.
 - ``throughput``: 50 concurrent clients x 20 runs of a 5-node ``echo`` plan.
   ``overhead_*`` is each run's wall time minus its ideal (0 ms).
 """
@@ -42,7 +42,6 @@ from bench.dag_common import (
     skewed_plan,
     timed_run,
 )
-from bench.results import targets_met
 from trellis.clients.executor import ExecutorClient
 from trellis.clients.toolgateway import ToolGatewayClient
 from trellis.executor.v1 import executor_pb2
@@ -53,10 +52,15 @@ from trellis_cli.stack import start_stack
 #: figure -> (comparison, bound)
 TARGETS: dict[str, tuple[str, float]] = {
     "skewed_dag.trellis_over_critical": ("<=", 1.05),
-    "streamed_plan.emit_to_start_p50_ms": ("<=", 2.0),
+    **{
+        f"streamed_plan.{fmt}.emit_to_start_p50_ms": ("<=", 2.0)
+        for fmt in streamed_plan.FORMAT_MODELS
+    },
 }
 
 GANTT_PATH = Path(__file__).parent / "results" / "skewed_dag_gantt.png"
+#: The sections this module measures (``python -m bench --only <section>``).
+SECTIONS = ("skewed_dag", "fan_out", "chain", "streamed_plan", "throughput")
 FAN_OUT, FAN_OUT_MS = 50, 100
 CHAIN, CHAIN_STEP_MS = 20, 10
 
@@ -196,40 +200,48 @@ async def measure_throughput(
     }
 
 
-async def run(*, quick: bool = False) -> dict[str, dict[str, Any]]:
+async def run(*, quick: bool = False, only: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Every section, or those in ``only``."""
+    wanted = set(only or SECTIONS)
     samples = 3 if quick else 5
     exporter = InMemorySpanExporter()
     processor = BatchSpanProcessor(exporter)
     sections: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="trellis-bench-") as tmp:
         stack = await start_stack(
-            database_url=f"sqlite:///{tmp}/bench.db", span_processors=[processor]
+            database_url=f"sqlite:///{tmp}/bench.db",
+            span_processors=[processor],
+            model_plan_formats={m: f for f, m in streamed_plan.FORMAT_MODELS.items()},
         )
         channels = Channels()
         try:
             client = ExecutorClient(channels.get(stack.executor_target))
             gateway = ToolGatewayClient(channels.get(stack.target("toolgateway")))
-            sections["skewed_dag"] = await measure_skewed(client, gateway, samples)
-            sections["fan_out"] = await measure_shape(
-                client, fan_out_plan, FAN_OUT_MS, samples, max_parallel=FAN_OUT
-            )
-            sections["fan_out"]["nodes"] = FAN_OUT
-            sections["chain"] = await measure_shape(
-                client, chain_plan, CHAIN * CHAIN_STEP_MS, samples
-            )
-            sections["chain"]["nodes"] = CHAIN
-            sections["streamed_plan"] = await streamed_plan.measure(
-                stack, client, 2 if quick else 3
-            )
-            exporter.clear()
-            sections["throughput"] = await measure_throughput(
-                client, exporter, clients=50, runs_each=4 if quick else 20
-            )
-            processor.force_flush()
-            sections["throughput"]["spans_exported"] = len(exporter.get_finished_spans())
+            if "skewed_dag" in wanted:
+                sections["skewed_dag"] = await measure_skewed(client, gateway, samples)
+            if "fan_out" in wanted:
+                sections["fan_out"] = await measure_shape(
+                    client, fan_out_plan, FAN_OUT_MS, samples, max_parallel=FAN_OUT
+                )
+                sections["fan_out"]["nodes"] = FAN_OUT
+            if "chain" in wanted:
+                sections["chain"] = await measure_shape(
+                    client, chain_plan, CHAIN * CHAIN_STEP_MS, samples
+                )
+                sections["chain"]["nodes"] = CHAIN
+            if "streamed_plan" in wanted:
+                sections["streamed_plan"] = await streamed_plan.measure(
+                    stack, client, 2 if quick else 3
+                )
+            if "throughput" in wanted:
+                exporter.clear()
+                sections["throughput"] = await measure_throughput(
+                    client, exporter, clients=50, runs_each=4 if quick else 20
+                )
+                processor.force_flush()
+                sections["throughput"]["spans_exported"] = len(exporter.get_finished_spans())
         finally:
             await channels.close()
             await stack.stop()
             processor.shutdown()
-    sections["targets_met"] = targets_met(sections, TARGETS)
     return sections

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -85,11 +86,26 @@ async def _cancel_after_interrupt(
         say_cancelled(run_id, response.status)
 
 
+class PlanFormatChoice(StrEnum):
+    AUTO = "auto"
+    JSONL = "jsonl"
+    JSON_SCHEMA = "json_schema"
+    TOOL_CALLS = "tool_calls"
+
+
 @app.command()
 def demo(
     goal: Annotated[str, typer.Argument(help="What the agent should do.")] = DEMO_GOAL,
     times: Annotated[int, typer.Option(help="Run the goal this many times (2nd: cache hits).")] = 2,
     pace_ms: Annotated[int, typer.Option(help="Offline model delay per streamed token.")] = 2,
+    plan_format: Annotated[
+        PlanFormatChoice,
+        typer.Option(
+            envvar="TRELLIS_PLAN_FORMAT",
+            help="How the planner asks the model for plans (auto: per model; the offline"
+            " model gets jsonl).",
+        ),
+    ] = PlanFormatChoice.AUTO,
 ) -> None:
     """Start the embedded stack (five services, real gRPC) and run a goal.
 
@@ -111,6 +127,7 @@ def demo(
                 database_url=database_url,
                 model_base_url=choice.base_url,
                 model_delay_ms=pace_ms,
+                plan_format=plan_format.value,
             )
         except StartupError as error:
             raise exits.fail(str(error), ExitCode.USAGE) from None
@@ -118,7 +135,10 @@ def demo(
         target = exits.Target("embedded executor", stack.executor_target)
         code = ExitCode.SUCCEEDED
         try:
-            console.print(f"[bold]Trellis embedded stack[/] — executor at {stack.executor_target}")
+            console.print(
+                f"[bold]Trellis embedded stack[/] — executor at {stack.executor_target},"
+                f" plan format {plan_format.value}"
+            )
             console.print(choice.describe(), highlight=False)
             client = ExecutorClient(channels.get(stack.executor_target))
             with exits.reported(target):

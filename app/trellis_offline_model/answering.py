@@ -2,7 +2,8 @@
 
 One intro line, then one bullet per node: the first lines of a command's stdout, an
 expression's result, a failed node's error, a skipped node's reason. It never asks for
-another plan; tests that need a REPLAN script one.
+another plan; tests that need a REPLAN script one. When no tool ran, the answer says so
+and lists the tools there are (``nothing_matches``), in whatever language the goal was.
 """
 
 from __future__ import annotations
@@ -80,9 +81,41 @@ def bullet(outcome: Mapping[str, Any]) -> str:
     return f"- {call}: status {status or 'unknown'}"
 
 
-def answer(goal: str, outcomes: Iterable[Mapping[str, Any]]) -> str:
+#: Tools listed, at most, when nothing matched.
+MAX_LISTED = 20
+NO_MATCH = (
+    "No available tool matches this goal, so there is nothing to report. This is a "
+    "rule-based model: it plans a tool when the goal's words match the tool's name and "
+    "description (in English), and fills its arguments from quoted text, numbers, paths "
+    "and URLs in the goal."
+)
+
+
+def _first_sentence(text: str) -> str:
+    line = " ".join(text.split())
+    end = line.find(". ")
+    return _clip(line if end < 0 else line[: end + 1])
+
+
+def nothing_matches(tools: Iterable[Mapping[str, Any]]) -> str:
+    """The answer when no tool ran: say so, and list the tools (name and what it does)."""
+    listed = [t for t in tools if t.get("name")]
+    if not listed:
+        return NO_MATCH
+    lines = [NO_MATCH, "", "The tools available:"]
+    for tool in listed[:MAX_LISTED]:
+        description = _first_sentence(str(tool.get("description") or ""))
+        lines.append(f"- {tool['name']}: {description}" if description else f"- {tool['name']}")
+    if len(listed) > MAX_LISTED:
+        lines.append(f"- and {len(listed) - MAX_LISTED} more")
+    return "\n".join(lines)
+
+
+def answer(
+    goal: str, outcomes: Iterable[Mapping[str, Any]], tools: Iterable[Mapping[str, Any]] = ()
+) -> str:
     bullets = [bullet(o) for o in outcomes]
     if not bullets:
-        return "No available tool matches this goal, so there is nothing to report."
+        return nothing_matches(tools)
     intro = f"Results for: {_clip(goal)}" if goal else "Results:"
     return "\n".join([intro, *bullets])

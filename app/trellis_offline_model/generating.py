@@ -28,7 +28,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from trellis_offline_model.prompt import OUTCOMES, TOOLS, Prompt, message_text
+from trellis_offline_model.conversation import message_text
+
+#: The name the planner gives its plan's JSON Schema (a json_schema plan request).
+PLAN_SCHEMA_NAME = "trellis_plan"
 
 EMBEDDING_MODEL_ID = "trellis-offline-embed-v1"
 #: Length of the vectors when a request names no ``dimensions``.
@@ -55,9 +58,7 @@ def structured_schema(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
     schema = spec.get("schema") if isinstance(spec, Mapping) else None
     if not isinstance(schema, Mapping) or body.get("tools"):
         return None
-    messages = body.get("messages") or []
-    sections = Prompt([m for m in messages if isinstance(m, Mapping)]).sections
-    if TOOLS in sections or OUTCOMES in sections:
+    if spec.get("name") == PLAN_SCHEMA_NAME:  # the planner asking for a plan, not a tool
         return None
     return schema
 

@@ -1,18 +1,26 @@
 """Planning by rules: goal + tool catalog -> tool calls, no model weights involved.
 
-The rules read the catalog the way an LLM would read it, but literally:
+The rules read the catalog the way an LLM would read it, but literally. Four tools of
+the bundled catalog have rules of their own (when their schema is the one the rule
+fills):
 
 - ``run_command``: its description lists allowed commands, one per line, as
   ``- `df -h`: disk usage, disk space, storage``. A command is planned when one of its
   keywords (or the command itself) appears in the goal as a whole word or phrase,
-  case-insensitively; commands come in description order, each once.
-- ``arithmetic``: one call per arithmetic expression in the goal ("(17*23)+4").
+  case-insensitively; commands come in description order, each once. A command with a
+  ``{placeholder}`` takes a path from the goal, and is left out when there is none.
+- ``arithmetic``: one call per arithmetic expression in the goal ("(17*23)+4"), in any
+  language around it.
 - ``sleep``: "sleep 200 ms" / "sleep 2 s".
 - ``echo``: ``echo "hello"``; ``echo the result`` (or ``echo it``) echoes the output of the
   call planned just before it, the one chained dependency the rules know.
 
-Commands come first, then the other calls in the order the goal mentions them. Calls are
-independent unless chained. A goal no rule matches gets an empty plan.
+Every other tool (builtin, command, HTTP, MCP, gRPC alike) is planned when the goal's
+words match its name and description, with arguments from the goal (``matching.py``).
+
+Commands come first, then the other calls in the order the goal mentions them, then the
+matched tools in catalog order. Calls are independent unless chained. A goal no rule
+matches gets an empty plan.
 
 A repair round (the planner rejected some lines and lists the nodes it accepted) gets
 ``remaining``: the goal's plan minus the nodes already accepted.
@@ -24,13 +32,15 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from trellis_offline_model import matching
+
 RUN_COMMAND = "run_command"
 ARITHMETIC = "arithmetic"
 SLEEP = "sleep"
 ECHO = "echo"
 
 _COMMAND_LINE = re.compile(r"^\s*[-*]\s*`([^`]+)`\s*:\s*(.*)$")
-_EXPRESSION = re.compile(r"(?<![\w.])[(\-]*\d[\d\s.()+\-*/%]*")
+_EXPRESSION = re.compile(r"(?<![A-Za-z0-9_.])[(\-]*\d[\d\s.()+\-*/%]*")
 _HAS_OPERATOR = re.compile(r"[\d)]\s*(?:\*\*|//|[-+*/%])\s*[-(]*\s*\d")
 _SLEEP = re.compile(
     r"\bsleep(?:s|ing)?\s+(?:for\s+)?(\d+(?:\.\d+)?)\s*"
@@ -41,7 +51,35 @@ _ECHO_LITERAL = re.compile(r"\becho\s+(?:\"([^\"]*)\"|'([^']*)'|`([^`]*)`|“([^
 _REFERENCE = re.compile(r"\$(\{?)([A-Za-z0-9_\-]+)")
 _ECHO_PREVIOUS = re.compile(r"\becho\s+(?:the\s+result|the\s+output|it|that)\b", re.I)
 
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+#: The parameter each rule fills, so a tool of the same name and another schema is
+#: matched like any tool instead.
+RULE_PARAMETERS = {RUN_COMMAND: "command", ARITHMETIC: "expression", SLEEP: "ms", ECHO: "value"}
+
 Node = dict[str, Any]
+
+
+def has_rule(tool: Mapping[str, Any]) -> bool:
+    """Whether ``tool`` is one the dedicated rules fill (its schema has their parameter,
+    or no parameters at all)."""
+    parameter = RULE_PARAMETERS.get(str(tool.get("name")))
+    if parameter is None:
+        return False
+    properties = matching.parameters(tool.get("input_schema"))
+    return not properties or parameter in properties
+
+
+def _command(command: str, goal: str) -> str | None:
+    """``command`` with its placeholders filled by paths from the goal (None: no path)."""
+    names = _PLACEHOLDER.findall(command)
+    if not names:
+        return command
+    paths = matching.GoalValues.of(goal).paths
+    if len(paths) < len(names):
+        return None
+    for name, path in zip(names, paths, strict=False):
+        command = command.replace(f"{{{name}}}", path, 1)
+    return command
 
 
 def allowed_commands(description: str) -> list[tuple[str, list[str]]]:
@@ -108,26 +146,34 @@ def plan(goal: str, catalog: Iterable[Mapping[str, Any]], *, first_id: int = 1) 
     Nodes are numbered ``n{first_id}``, ``n{first_id + 1}``, ... (a replan continues
     after the previous plan's ids).
     """
-    by_name = {str(t.get("name")): t for t in catalog if t.get("name")}
+    tools = [t for t in catalog if t.get("name")]
+    ruled = {str(t["name"]): t for t in tools if has_rule(t)}
     nodes: list[Node] = []
 
     def add(tool: str, args: dict[str, Any], depends_on: list[str]) -> None:
         node_id = f"n{first_id + len(nodes)}"
         nodes.append({"node_id": node_id, "tool": tool, "args": args, "depends_on": depends_on})
 
-    if RUN_COMMAND in by_name:
-        description = str(by_name[RUN_COMMAND].get("description", ""))
-        for command, keywords in allowed_commands(description):
-            if any(mentions(goal, k) for k in [command, *keywords]):
-                if all(n["args"].get("command") != command for n in nodes):
+    if RUN_COMMAND in ruled:
+        description = str(ruled[RUN_COMMAND].get("description", ""))
+        for template, keywords in allowed_commands(description):
+            if any(mentions(goal, k) for k in [template, *keywords]):
+                command = _command(template, goal)
+                if command and all(n["args"].get("command") != command for n in nodes):
                     add(RUN_COMMAND, {"command": command}, [])
-    for _, tool, args in _other_calls(goal, set(by_name)):
+    for _, tool, args in _other_calls(goal, set(ruled)):
         if args is None:
             if nodes:
                 previous = nodes[-1]["node_id"]
                 add(tool, {"value": f"${previous}"}, [previous])
             continue
         add(tool, args, [])
+    others = [t for t in tools if not has_rule(t)]
+    values = matching.GoalValues.of(goal)
+    for tool in matching.matching(goal, others):
+        args = matching.fill(goal, tool.get("input_schema"), values)
+        if args is not None:
+            add(str(tool["name"]), args, [])
     return nodes
 
 

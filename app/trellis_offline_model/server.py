@@ -10,12 +10,20 @@ names, the answer comes from the rules and says so in ``model`` (a model tool's 
 for structured output is answered by ``generating``). ``start_offline_model`` embeds it
 in any asyncio program.
 
+The chunks have the shapes of OpenAI's streaming API (checked against the ``openai``
+package's own types in the tests): a first delta with the ``role``; text as ``content``
+pieces; tool calls as deltas keyed by ``index``, the first with the call's ``id``,
+``type`` and function ``name`` (arguments ``""``), then argument fragments; then an empty
+delta with ``finish_reason`` (``tool_calls`` or ``stop``).
+
 Pacing (``ModelState``, changeable while serving): ``delay_ms`` before every streamed
-piece (a slow model); ``line_delay_ms``: each line of a *plan* (the answer to a planning
-prompt, scripted or not) takes that long to stream, its pieces spread evenly over it, so
-a plan's nodes arrive one per ``line_delay_ms``, token by token, as from a model that
-writes a node at a steady pace; ``on_plan_line`` is called with each plan line right
-after its last piece was written, for benchmarks that time what happens downstream.
+piece (a slow model); ``line_delay_ms``: each node of a *plan* (a JSON Lines line, a
+node object of a ``{"nodes"}`` document, a tool call) takes that long to stream, its
+pieces spread evenly over it, so a plan's nodes arrive one per ``line_delay_ms``, token
+by token, as from a model that writes a node at a steady pace; ``on_plan_node`` is
+called with each node's index in the reply and its text (the line, the object, the
+call's arguments) right after its last piece was written, for benchmarks that time what
+happens downstream.
 """
 
 from __future__ import annotations
@@ -37,9 +45,9 @@ from aiohttp import web
 from trellis.runtime.logs import get_logger
 from trellis_offline_model import generating
 from trellis_offline_model.behaviour import Behaviour
-from trellis_offline_model.prompt import message_text
-from trellis_offline_model.rules import MODEL_ID, is_plan_prompt, respond
-from trellis_offline_model.tokens import count_tokens, lines, pieces
+from trellis_offline_model.conversation import message_text
+from trellis_offline_model.rules import MODEL_ID, Reply, as_text, render, respond
+from trellis_offline_model.tokens import count_tokens, pieces
 
 log = get_logger(__name__)
 
@@ -73,12 +81,12 @@ class ModelState:
 
     #: Pause before each streamed piece.
     delay_ms: float = 0.0
-    #: How long each line of a plan (JSONL: one node per line) takes to stream.
+    #: How long each node of a plan (a line, a node object, a tool call) takes to stream.
     line_delay_ms: float = 0.0
-    #: Called with each plan line once it has been written to the stream.
-    on_plan_line: Callable[[str], None] | None = None
-    #: What to do instead of the rules for the next request (``behaviour.py``).
-    next_behaviour: Callable[[], Behaviour | None] = lambda: None
+    #: Called with (index, text) of each plan node once it has been written to the stream.
+    on_plan_node: Callable[[int, str], None] | None = None
+    #: What to do instead of the rules for the next request, given its body.
+    next_behaviour: Callable[[Mapping[str, Any]], Behaviour | None] = lambda body: None
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECORDED_REQUESTS))
 
 
@@ -143,100 +151,204 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return error_response(400, problem, param="messages")
     state.requests.append(body)
 
-    behaviour = state.next_behaviour() or Behaviour()
+    behaviour = state.next_behaviour(body) or Behaviour()
     if behaviour.stall_seconds:
         await asyncio.sleep(behaviour.stall_seconds)
     if behaviour.status:
         return error_response(
             behaviour.status, behaviour.message, retry_after_ms=behaviour.retry_after_ms
         )
-    text = behaviour.text
-    if text is None:
-        text = generating.answer(body) or respond(messages)
-    usage = _usage(sum(count_tokens(message_text(m)) for m in messages), count_tokens(text))
+    if behaviour.plan is not None:
+        reply = render(body, list(behaviour.plan))
+    elif behaviour.text is not None:
+        reply = as_text(body, behaviour.text)
+    elif behaviour.deltas is not None:
+        reply = Reply()
+    elif (structured := generating.answer(body)) is not None:
+        reply = as_text(body, structured)  # a model tool's structured output
+    else:
+        reply = respond(body)
+    written = _written(reply, behaviour)
+    usage = _usage(_prompt_tokens(body, messages), count_tokens(written))
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "created": int(time.time()),
         "model": MODEL_ID,
         "system_fingerprint": None,
     }
+    calls = [_call(i, c.name, c.arguments) for i, c in enumerate(reply.tool_calls)]
+    finish = behaviour.finish_reason or ("tool_calls" if _calls_in(reply, behaviour) else "stop")
     if not body.get("stream"):
+        message: dict[str, Any] = {"role": "assistant", "content": reply.text or None}
+        if calls:
+            message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+        elif message["content"] is None:
+            message["content"] = ""
         return web.json_response(
             {
                 **head,
                 "object": "chat.completion",
-                "choices": [_choice({"role": "assistant", "content": text}, "stop", stream=False)],
+                "choices": [_choice(message, finish, stream=False)],
                 "usage": usage,
             }
         )
     options = body.get("stream_options") or {}
     include_usage = isinstance(options, Mapping) and bool(options.get("include_usage"))
-    plan = is_plan_prompt(messages)
-    return await _stream(
-        request, state, head, text, usage if include_usage else None, plan=plan, behaviour=behaviour
-    )
+    stream = _Stream(request, state, head, usage if include_usage else None, behaviour)
+    return await stream.run(reply, finish)
 
 
-async def _stream(
-    request: web.Request,
-    state: ModelState,
-    head: dict[str, Any],
-    text: str,
-    usage: dict[str, int] | None,
-    *,
-    plan: bool,
-    behaviour: Behaviour,
-) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
-    await response.prepare(request)
-    base = {**head, "object": "chat.completion.chunk"}
-    if usage is not None:
-        base["usage"] = None  # as OpenAI does: usage only on the last chunk
+def _prompt_tokens(body: Mapping[str, Any], messages: list[Mapping[str, Any]]) -> int:
+    """The messages' text, tool calls, and the tools or response schema of the request."""
+    total = sum(count_tokens(message_text(m)) for m in messages)
+    for message in messages:
+        if message.get("tool_calls"):
+            total += count_tokens(json.dumps(message["tool_calls"]))
+    for key in ("tools", "response_format"):
+        if body.get(key):
+            total += count_tokens(json.dumps(body[key]))
+    return total
 
-    async def send(payload: object) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload)
-        await response.write(f"data: {data}\n\n".encode())
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {**base, "choices": [_choice(delta, finish, stream=True)]}
+def _written(reply: Reply, behaviour: Behaviour) -> str:
+    """Everything the reply writes (what its completion tokens count)."""
+    out = reply.text + "".join(c.name + c.arguments for c in reply.tool_calls)
+    for delta in behaviour.deltas or ():
+        out += str(delta.get("content") or "") + str(delta.get("refusal") or "")
+        for call in delta.get("tool_calls") or ():
+            function = call.get("function") or {}
+            out += str(function.get("name") or "") + str(function.get("arguments") or "")
+    return out
 
-    sent = 0
-    try:
-        await send(chunk({"role": "assistant", "content": ""}))
-        loop = asyncio.get_running_loop()
-        for line in lines(text):
-            line_pieces = pieces(line)
-            # a paced plan line takes line_delay_ms, its pieces spread evenly over it
-            # (on a schedule, so the sleeps' overshoot does not add up)
-            step = state.line_delay_ms / 1000 / len(line_pieces) if plan and line_pieces else 0
-            started = loop.time()
-            for i, piece in enumerate(line_pieces, 1):
-                if sent == behaviour.break_after_pieces:
-                    break
-                if state.delay_ms:
-                    await asyncio.sleep(state.delay_ms / 1000)
-                if step:
-                    await asyncio.sleep(max(0.0, started + i * step - loop.time()))
-                await send(chunk({"content": piece}))
-                sent += 1
-            if sent == behaviour.break_after_pieces:
-                break
-            if plan and state.on_plan_line is not None:
-                state.on_plan_line(line)
-        if behaviour.break_after_pieces is not None:  # a broken stream: no stop, no usage
-            await send(behaviour.broken_event)  # as it is: not JSON
-            await response.write_eof()
-            return response
-        await send(chunk({}, "stop"))
+
+def _calls_in(reply: Reply, behaviour: Behaviour) -> bool:
+    return bool(reply.tool_calls) or any(d.get("tool_calls") for d in behaviour.deltas or ())
+
+
+def _call(index: int, name: str, arguments: str) -> dict[str, Any]:
+    """A tool call as its first streamed delta has it (with ``arguments`` when whole)."""
+    return {
+        "index": index,
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+
+
+def _fragment(index: int, piece: str) -> dict[str, Any]:
+    """The delta of a piece of call ``index``'s arguments."""
+    return {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
+
+
+class _Stream:
+    """One SSE response: the role chunk, the reply's pieces, the finish, the usage."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        state: ModelState,
+        head: dict[str, Any],
+        usage: dict[str, int] | None,
+        behaviour: Behaviour,
+    ) -> None:
+        self._request = request
+        self._state = state
+        self._usage = usage
+        self._behaviour = behaviour
+        self._base = {**head, "object": "chat.completion.chunk"}
         if usage is not None:
-            await send({**base, "choices": [], "usage": usage})
-        await send("[DONE]")
-        await response.write_eof()
-    except ConnectionResetError:
-        log.debug("client went away mid-stream")
-    return response
+            self._base["usage"] = None  # as OpenAI does: usage only on the last chunk
+        self._response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        self._sent = 0
+
+    async def _send(self, payload: object) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        await self._response.write(f"data: {data}\n\n".encode())
+
+    async def _delta(self, delta: dict[str, Any], finish: str | None = None) -> None:
+        await self._send({**self._base, "choices": [_choice(delta, finish, stream=True)]})
+
+    @property
+    def _broken(self) -> bool:
+        return self._sent == self._behaviour.break_after_pieces
+
+    async def _paced(self, deltas: list[dict[str, Any]]) -> None:
+        """Send ``deltas`` spread over ``line_delay_ms`` (on a schedule, so the sleeps'
+        overshoot does not add up), each after ``delay_ms``."""
+        loop = asyncio.get_running_loop()
+        step = self._state.line_delay_ms / 1000 / len(deltas) if deltas else 0
+        started = loop.time()
+        for i, delta in enumerate(deltas, 1):
+            if self._broken:
+                return
+            if self._state.delay_ms:
+                await asyncio.sleep(self._state.delay_ms / 1000)
+            if step:
+                await asyncio.sleep(max(0.0, started + i * step - loop.time()))
+            await self._delta(delta)
+            self._sent += 1
+
+    async def _plain(self, text: str) -> None:
+        for piece in pieces(text):
+            if self._broken:
+                return
+            if self._state.delay_ms:
+                await asyncio.sleep(self._state.delay_ms / 1000)
+            await self._delta({"content": piece})
+            self._sent += 1
+
+    def _emitted(self, index: int, text: str) -> None:
+        if self._state.on_plan_node is not None and not self._broken:
+            self._state.on_plan_node(index, text)
+
+    async def _text(self, reply: Reply) -> None:
+        if not reply.units:
+            await self._plain(reply.text)
+            return
+        for index, unit in enumerate(reply.units):
+            await self._plain(reply.separators[index])
+            await self._paced([{"content": piece} for piece in pieces(unit)])
+            self._emitted(index, unit)
+        await self._plain(reply.separators[-1])
+
+    async def _tool_calls(self, reply: Reply) -> None:
+        """Each call: its first delta (id, name), then its arguments' fragments, the
+        whole paced like one node of a plan."""
+        for index, call in enumerate(reply.tool_calls):
+            if self._broken:
+                return
+            fragments = [_fragment(index, piece) for piece in pieces(call.arguments)]
+            await self._paced([{"tool_calls": [_call(index, call.name, "")]}, *fragments])
+            self._emitted(index, call.arguments)
+
+    async def run(self, reply: Reply, finish: str) -> web.StreamResponse:
+        await self._response.prepare(self._request)
+        behaviour = self._behaviour
+        try:
+            calls = bool(reply.tool_calls) or _calls_in(reply, behaviour)
+            await self._delta({"role": "assistant", "content": None if calls else ""})
+            if behaviour.deltas is not None:
+                for delta in behaviour.deltas:
+                    if self._broken:
+                        break
+                    await self._delta(dict(delta))
+                    self._sent += 1
+            await self._text(reply)
+            await self._tool_calls(reply)
+            if behaviour.break_after_pieces is not None:  # a broken stream: no stop, no usage
+                await self._send(behaviour.broken_event)  # as it is: not JSON
+                await self._response.write_eof()
+                return self._response
+            await self._delta({}, finish)
+            if self._usage is not None:
+                await self._send({**self._base, "choices": [], "usage": self._usage})
+            await self._send("[DONE]")
+            await self._response.write_eof()
+        except ConnectionResetError:
+            log.debug("client went away mid-stream")
+        return self._response
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -251,7 +363,7 @@ async def embeddings(request: web.Request) -> web.Response:
         return error_response(400, parsed, param="input")
     texts, dimensions = parsed
     state.requests.append(body)
-    behaviour = state.next_behaviour() or Behaviour()
+    behaviour = state.next_behaviour(body) or Behaviour()
     if behaviour.stall_seconds:
         await asyncio.sleep(behaviour.stall_seconds)
     if behaviour.status:

@@ -6,6 +6,9 @@
   was recovered by a later planning round; else it is PARTIAL: the answer is kept and
   the error names what failed. A failed node counts as recovered when a later round
   ran the same tool successfully (the replanner's replacement for it).
+- A goal run whose join no model could answer (``unanswered``: the join's error) is
+  PARTIAL with error MODEL_UNAVAILABLE: its answer is the template of its tool results
+  (``fallback_answer.py``); the error's details name the cause and the failed nodes.
 
 Nodes SKIPPED because a dependency failed are not counted: their failed dependency is.
 Runs that stop before their end (deadline, cancel, cost cap, invalid plan) are judged
@@ -19,7 +22,9 @@ from collections.abc import Mapping, Sequence
 
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
+from trellis.runtime.errors import TrellisError
 from trellis.runtime.redact import redact_text
+from trellis_executor.fallback_answer import UNANSWERED
 
 RunStatus = executor_pb2.RunStatus
 FAILED = common_pb2.NODE_STATUS_FAILED
@@ -64,9 +69,27 @@ def judged(
     failures: Sequence[common_pb2.NodeOutcome],
     calls: Mapping[str, common_pb2.ToolCall],
     answer: str,
+    unanswered: TrellisError | None = None,
 ) -> executor_pb2.RunFinished:
     """The ``finished`` of a run that reached its end (usage and cost filled in later)."""
     finished = executor_pb2.RunFinished(answer=answer, failed_nodes=len(failures))
+    if unanswered is not None:
+        finished.status = RunStatus.RUN_STATUS_PARTIAL
+        message = (
+            f"no model could answer ({unanswered.reason}: {unanswered.message}); the answer "
+            "lists each tool's result"
+        )
+        if failures:
+            message += f", and {_partial_message(failures, calls).removeprefix('answered, but ')}"
+        finished.error.CopyFrom(
+            common_pb2.Error(
+                code=UNANSWERED,
+                message=redact_text(message),
+                retryable=unanswered.retryable,
+                details={"cause": unanswered.reason, "failed_nodes": str(len(failures))},
+            )
+        )
+        return finished
     if not failures:
         finished.status = RunStatus.RUN_STATUS_SUCCEEDED
         return finished

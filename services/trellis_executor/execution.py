@@ -14,6 +14,14 @@ However the run ends, its ``finished`` carries what it really used and cost
 reached its end is judged by ``ending.py`` (SUCCEEDED, PARTIAL, FAILED); one that
 stopped says why (its deadline passed: FAILED DEADLINE_EXCEEDED with the nodes in
 flight CANCELLED; cancelled: CANCELLED; anything else: FAILED with the error's reason).
+
+Plan formats (the planner chooses one per run and says so first on the Plan stream; the
+run keeps it in its progress and sends it back on every Plan and Join): with
+``tool_calls`` the model's text beside its calls is part of the answer (``answer_delta``
+on the Plan stream too), a plan that answered instead of calling tools needs no join,
+and a join may stream the next round's nodes instead of an answer: they are dispatched
+as they arrive, as round + 1, without another Plan call. A join no model could answer
+(``fallback_answer.py``) still answers, from the outcomes.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 from opentelemetry import trace
@@ -50,6 +59,7 @@ from trellis.toolgateway.v1 import toolgateway_pb2
 from trellis_executor import ports
 from trellis_executor.ending import judged, unrecovered_failures
 from trellis_executor.events import RunEvents
+from trellis_executor.fallback_answer import fallback_answer, no_model_answered
 from trellis_executor.limits import DEADLINE_EXCEEDED, CostMeter, Limits, RunDeadlineExceeded
 from trellis_executor.plan import NodeChecker, order_explicit_plan
 from trellis_executor.run_cost import RunCost, tool_cost
@@ -79,6 +89,8 @@ class RunContext:
     cost: RunCost | None = None
     meter: CostMeter | None = None
     scheduler: DagScheduler | None = None
+    #: Every answer piece sent to the client (narration of tool-call rounds included).
+    answer: list[str] = field(default_factory=list)
 
     @property
     def deadline(self) -> float:
@@ -204,44 +216,104 @@ class RunExecution:
         )
         if restored is not None:
             await scheduler.resume(restored.plan, restored.outcomes)
-        tool_names = [t.name for t in run.tools]
         if run.request.plan:  # explicit plan: no planner, no join
             ordered = [call for _, call in order_explicit_plan(run.request.plan)]
             # checked in _prepare; on a resume, the nodes not stored before the crash
             await scheduler.run_plan([c for c in ordered if c.node_id not in scheduler.calls])
             failures = unrecovered_failures(scheduler.calls, scheduler.outcomes)
             return judged(explicit=True, failures=failures, calls=scheduler.calls, answer="")
+        if run.progress.plan_format:
+            span_format(run.progress.plan_format)
         while True:
             progress = run.progress
             round_ = progress.round
             # A resumed round whose plan had begun streaming keeps the nodes it stored
             # as its plan; the join sees their outcomes and may ask for another round.
             if not progress.joining and len(scheduler.calls) == progress.round_start:
-                checker = NodeChecker(tool_names, run.limits.max_nodes, seen=scheduler.calls)
-                plan = self._plan(run, scheduler, round_, progress.replan_reason)
-                await scheduler.run(plan, checker)
+                planned = _Planned()
+                plan = self._plan(run, scheduler, round_, progress.replan_reason, planned)
+                await scheduler.run(plan, self._checker(run, scheduler))
+                if planned.answered:  # tool_calls: the model answered instead of calling
+                    return self._judged(run, scheduler)
+            progress = run.progress
             await self._save(run, replace(progress, joining=True, usage=cost.model_usage()))
-            decision, answer, reason = await self._join(run, scheduler, round_)
-            if decision != planner_pb2.JOIN_DECISION_REPLAN or round_ >= run.limits.max_replans:
-                failures = unrecovered_failures(
-                    scheduler.calls, scheduler.outcomes, run.progress.round_starts
-                )
-                return judged(
-                    explicit=False, failures=failures, calls=scheduler.calls, answer=answer
-                )
-            log.info("replanning", run_id=run.run_id, round=round_ + 1, reason=reason)
-            start = len(scheduler.calls)
-            await self._save(
-                run,
-                Progress(
-                    round_ + 1,
-                    False,
-                    start,
-                    reason,
-                    cost.model_usage(),
-                    (*progress.round_starts, start),
-                ),
-            )
+            joined = _Joined()
+            try:
+                async with aclosing(self._join(run, scheduler, round_, joined)) as nodes:
+                    first = await anext(nodes, None)
+                    if first is not None:  # tool_calls: the model called the next round's tools
+                        await self._next_round(run, scheduler, round_, joined.reason)
+                        await scheduler.run(_chain(first, nodes), self._checker(run, scheduler))
+                        continue
+            except TrellisError as error:
+                if joined.nodes or not no_model_answered(error):
+                    raise
+                return self._unanswered(run, scheduler, error)
+            if joined.decision != planner_pb2.JOIN_DECISION_REPLAN or (
+                round_ >= run.limits.max_replans
+            ):
+                return self._judged(run, scheduler)
+            log.info("replanning", run_id=run.run_id, round=round_ + 1, reason=joined.reason)
+            await self._next_round(run, scheduler, round_, joined.reason)
+
+    def _checker(self, run: RunContext, scheduler: DagScheduler) -> NodeChecker:
+        tool_names = [t.name for t in run.tools]
+        return NodeChecker(tool_names, run.limits.max_nodes, seen=scheduler.calls)
+
+    async def _next_round(
+        self, run: RunContext, scheduler: DagScheduler, round_: int, reason: str
+    ) -> None:
+        """Save that round ``round_ + 1`` begins with the next node."""
+        assert run.cost is not None
+        start = len(scheduler.calls)
+        progress = run.progress
+        await self._save(
+            run,
+            replace(
+                progress,
+                round=round_ + 1,
+                joining=False,
+                round_start=start,
+                replan_reason=reason,
+                usage=run.cost.model_usage(),
+                round_starts=(*progress.round_starts, start),
+            ),
+        )
+
+    def _judged(self, run: RunContext, scheduler: DagScheduler) -> executor_pb2.RunFinished:
+        failures = unrecovered_failures(
+            scheduler.calls, scheduler.outcomes, run.progress.round_starts
+        )
+        return judged(
+            explicit=False, failures=failures, calls=scheduler.calls, answer="".join(run.answer)
+        )
+
+    def _unanswered(
+        self, run: RunContext, scheduler: DagScheduler, error: TrellisError
+    ) -> executor_pb2.RunFinished:
+        """The join failed for want of a model: answer from the outcomes (PARTIAL)."""
+        log.warning(
+            "no model could answer: the run answers with its tool results",
+            run_id=run.run_id,
+            reason=error.reason,
+        )
+        text = fallback_answer(error, scheduler.calls, scheduler.outcomes)
+        self._answer(run, ("\n\n" if run.answer else "") + text)
+        failures = unrecovered_failures(
+            scheduler.calls, scheduler.outcomes, run.progress.round_starts
+        )
+        return judged(
+            explicit=False,
+            failures=failures,
+            calls=scheduler.calls,
+            answer="".join(run.answer),
+            unanswered=error,
+        )
+
+    @staticmethod
+    def _answer(run: RunContext, text: str) -> None:
+        run.answer.append(text)
+        run.events.answer(text)
 
     async def _save(self, run: RunContext, progress: Progress) -> None:
         run.progress = progress
@@ -258,6 +330,7 @@ class RunExecution:
         scheduler: DagScheduler,
         round_: int,
         replan_reason: str,
+        planned: _Planned,
     ) -> AsyncIterator[common_pb2.ToolCall]:
         request = planner_pb2.PlanRequest(
             run_id=run.run_id,
@@ -270,6 +343,8 @@ class RunExecution:
             previous_outcomes=list(scheduler.outcomes.values()),
             replan_reason=replan_reason,
             attempt=run.resumes,
+            plan_format=run.progress.plan_format,  # type: ignore[arg-type]
+            round_starts=run.progress.round_starts,
         )
         async for response in self._planner.plan(request):
             event = response.WhichOneof("event")
@@ -277,10 +352,25 @@ class RunExecution:
                 yield response.node
             elif event == "usage":
                 self._model_call(run, response.usage, f"planning round {round_}")
+            elif event == "answer_delta":
+                self._answer(run, response.answer_delta)
+            elif event == "started":
+                await self._keep_format(run, response.started.plan_format)
+            elif event == "done":
+                planned.answered = response.done.answered
+
+    async def _keep_format(self, run: RunContext, plan_format: int) -> None:
+        """The run's plan format, once the planner chose it: saved, on the run's span."""
+        if plan_format and not run.progress.plan_format:
+            span_format(plan_format)
+            await self._save(run, replace(run.progress, plan_format=plan_format))
 
     async def _join(
-        self, run: RunContext, scheduler: DagScheduler, round_: int
-    ) -> tuple[int, str, str]:
+        self, run: RunContext, scheduler: DagScheduler, round_: int, joined: _Joined
+    ) -> AsyncIterator[common_pb2.ToolCall]:
+        """The join's answer goes to the client; the next round's nodes (tool_calls) are
+        yielded as they stream; the decision lands in ``joined``."""
+        allow_replan = round_ < run.limits.max_replans
         request = planner_pb2.JoinRequest(
             run_id=run.run_id,
             goal=run.request.goal,
@@ -288,21 +378,24 @@ class RunExecution:
             outcomes=list(scheduler.outcomes.values()),
             model=run.limits.model,
             round=round_,
-            allow_replan=round_ < run.limits.max_replans,
+            allow_replan=allow_replan,
             attempt=run.resumes,
+            plan_format=run.progress.plan_format,  # type: ignore[arg-type]
+            round_starts=run.progress.round_starts,
+            tools=run.tools,
+            max_nodes=run.limits.max_nodes,
         )
-        parts: list[str] = []
-        decision, reason = planner_pb2.JOIN_DECISION_FINISH, ""
         async for response in self._planner.join(request):
             event = response.WhichOneof("event")
             if event == "done":
-                decision, reason = response.done.decision, response.done.reason
+                joined.decision, joined.reason = response.done.decision, response.done.reason
             elif event == "usage":
                 self._model_call(run, response.usage, f"joining round {round_}")
             elif event == "answer_delta":
-                parts.append(response.answer_delta)
-                run.events.answer(response.answer_delta)
-        return decision, "".join(parts), reason
+                self._answer(run, response.answer_delta)
+            elif event == "node" and allow_replan:
+                joined.nodes += 1
+                yield response.node
 
     async def _invoke(self, run: RunContext, call: common_pb2.ToolCall) -> common_pb2.NodeOutcome:
         """The node's outcome; raises ``RunDeadlineExceeded`` when the run's deadline cut
@@ -353,6 +446,36 @@ _REFUSALS = (
 def _may_have_run(error: BaseException) -> bool:
     """Whether a failed InvokeTool may have run the tool (cancelled, cut, unanswered)."""
     return not isinstance(error, _REFUSALS)
+
+
+@dataclass
+class _Planned:
+    """What a Plan stream said besides its nodes."""
+
+    answered: bool = False
+
+
+@dataclass
+class _Joined:
+    """How a Join stream ended, and how many next-round nodes it streamed."""
+
+    decision: int = planner_pb2.JOIN_DECISION_FINISH
+    reason: str = ""
+    nodes: int = 0
+
+
+async def _chain(
+    first: common_pb2.ToolCall, rest: AsyncIterator[common_pb2.ToolCall]
+) -> AsyncIterator[common_pb2.ToolCall]:
+    yield first
+    async for call in rest:
+        yield call
+
+
+def span_format(plan_format: int) -> None:
+    """Put the run's plan format on its span (the current one)."""
+    name = common_pb2.PlanFormat.Name(plan_format).removeprefix("PLAN_FORMAT_").lower()  # type: ignore[arg-type]
+    trace.get_current_span().set_attribute("trellis.plan_format", name)
 
 
 def _deadline(run: RunContext) -> RunDeadlineExceeded:

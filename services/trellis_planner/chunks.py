@@ -1,6 +1,10 @@
 """One event of a model's stream (or a whole answer, unstreamed), read: only the fields
 the planner uses, each checked.
 
+The fields: the model, the content text, the refusal text, the tool-call deltas (keyed by
+``index``: the first delta of a call brings its ``id`` and function ``name``, later ones
+fragments of its ``arguments``), the finish reasons and the usage.
+
 The openai client builds each chunk without validating it, so an event that is JSON but
 not a ``chat.completion.chunk`` (a number, ``"choices": 5``, a ``"usage"`` string) would
 reach the planner as an AttributeError (an INTERNAL error for the caller) or as a wrong
@@ -18,7 +22,12 @@ from typing import Any
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice as AnswerChoice
-from openai.types.chat.chat_completion_chunk import Choice, ChoiceDelta
+from openai.types.chat.chat_completion_chunk import (
+    Choice,
+    ChoiceDelta,
+    ChoiceDeltaToolCall,
+    ChoiceDeltaToolCallFunction,
+)
 from openai.types.completion_usage import PromptTokensDetails
 
 
@@ -36,6 +45,16 @@ class ChunkUsage:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one streamed tool call: ``index`` says which call it belongs to."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChunkParts:
     """What the planner takes from one chunk."""
 
@@ -43,6 +62,13 @@ class ChunkParts:
     text: str
     finish_reasons: tuple[str, ...]
     usage: ChunkUsage | None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    refusal: str = ""
+
+    @property
+    def output(self) -> bool:
+        """Whether the chunk carries anything the model wrote."""
+        return bool(self.text or self.tool_calls or self.refusal)
 
 
 def _field(owner: object, name: str, kind: type, where: str) -> Any:
@@ -81,14 +107,35 @@ def _usage(usage: object) -> ChunkUsage | None:
     )
 
 
+def _tool_calls(delta: ChoiceDelta, where: str) -> list[ToolCallDelta]:
+    calls = _field(delta, "tool_calls", list, where) or []
+    out = []
+    for number, call in enumerate(calls):
+        at = f"{where}tool_calls[{number}]"
+        _object(call, ChoiceDeltaToolCall, at)
+        index = _field(call, "index", int, f"{at}.")
+        if index is None or index < 0:
+            raise MalformedChunk(f"{at}.index is missing or negative")
+        name = arguments = ""
+        if (function := getattr(call, "function", None)) is not None:
+            _object(function, ChoiceDeltaToolCallFunction, f"{at}.function")
+            name = _field(function, "name", str, f"{at}.function.") or ""
+            arguments = _field(function, "arguments", str, f"{at}.function.") or ""
+        call_id = _field(call, "id", str, f"{at}.") or ""
+        out.append(ToolCallDelta(index, call_id, name, arguments))
+    return out
+
+
 def read_chunk(chunk: object) -> ChunkParts:
-    """The model name, text, finish reasons and usage of one chunk; MalformedChunk if any
-    of them is not what the chat completions API sends."""
+    """The model name, text, refusal, tool-call deltas, finish reasons and usage of one
+    chunk; MalformedChunk if any of them is not what the chat completions API sends."""
     if not isinstance(chunk, ChatCompletionChunk):
         raise MalformedChunk(f"an event is {type(chunk).__name__}, not a chunk object")
     model = _field(chunk, "model", str, "") or ""
     choices = _field(chunk, "choices", list, "") or []
     text: list[str] = []
+    refusal: list[str] = []
+    calls: list[ToolCallDelta] = []
     finish_reasons: list[str] = []
     for index, choice in enumerate(choices):
         where = f"choices[{index}]."
@@ -98,11 +145,21 @@ def read_chunk(chunk: object) -> ChunkParts:
             _object(delta, ChoiceDelta, f"{where}delta")
             if content := _field(delta, "content", str, f"{where}delta."):
                 text.append(content)
+            if refused := _field(delta, "refusal", str, f"{where}delta."):
+                refusal.append(refused)
+            calls.extend(_tool_calls(delta, f"{where}delta."))
         finish = _field(choice, "finish_reason", str, where)
         if finish:
             finish_reasons.append(finish)
     usage = _usage(getattr(chunk, "usage", None))
-    return ChunkParts(model, "".join(text), tuple(finish_reasons), usage)
+    return ChunkParts(
+        model,
+        "".join(text),
+        tuple(finish_reasons),
+        usage,
+        tuple(calls),
+        "".join(refusal),
+    )
 
 
 def read_completion(answer: object) -> ChunkParts:

@@ -60,7 +60,7 @@ class JsonLine:
     error: JsonLinesError | None = None
 
 
-def _utf8_length(text: str) -> int:
+def utf8_length(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
@@ -113,7 +113,7 @@ class JsonLinesParser:
         self._pieces.append(piece)
         if self._limit is None:
             return
-        self._pending_bytes += _utf8_length(piece)
+        self._pending_bytes += utf8_length(piece)
         if self._pending_bytes > self._limit:
             out.append(self._refuse())
 

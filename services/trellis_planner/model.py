@@ -12,6 +12,11 @@ connection errors (``TRELLIS_MODEL_MAX_RETRIES``) honouring Retry-After; when an
 attempt still fails with a retryable error (MODEL_RATE_LIMITED, MODEL_UNAVAILABLE,
 MODEL_TIMEOUT) the next fallback model is tried, if the request has time left.
 
+Models whose breaker is open (``breaker.py``: they failed several calls in a row) are
+skipped for the next one without a request; when every model of the call is skipped the
+call fails at once, MODEL_UNAVAILABLE with RetryInfo (the first cool-down to end). Each
+attempt's result (and, once a stream opened, how it ended) is recorded with the breakers.
+
 Fallback happens only while no response stream is open. An opened stream may already
 be billed and its text may already be with the caller, and a call has one ledger row
 for one model: so once a stream is open its failure is final, even before its first token.
@@ -53,9 +58,11 @@ from trellis.runtime import context
 from trellis.runtime.errors import (
     DeadlineExceeded,
     TrellisError,
+    Unavailable,
 )
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import GEN_AI_OPERATION_DURATION, GEN_AI_TOKEN_USAGE, MODEL_FALLBACKS
+from trellis_planner.breaker import ALLOWED, Admission, ModelBreakers, verdict_of
 from trellis_planner.budget import BudgetChecker, require_budget
 from trellis_planner.chunks import ChunkParts, MalformedChunk, read_chunk, read_completion
 from trellis_planner.model_errors import estimate_input_tokens, estimate_tokens, model_error
@@ -72,6 +79,9 @@ _CUT = (asyncio.CancelledError, TimeoutError, APITimeoutError)
 #: Failures after which the next fallback model is tried.
 FALLBACK_REASONS = frozenset({"MODEL_RATE_LIMITED", "MODEL_UNAVAILABLE", "MODEL_TIMEOUT"})
 
+#: A chat message: role and content, and for tool calling ``tool_calls`` / ``tool_call_id``.
+Message = dict[str, Any]
+
 
 @dataclass
 class ChatResult:
@@ -81,6 +91,9 @@ class ChatResult:
     request_model: str
     model: str = ""
     text: str = ""
+    #: What the model wrote besides text (tool-call names and arguments, a refusal):
+    #: counted when the tokens are estimated.
+    other_output: str = ""
     input_tokens: int = 0
     output_tokens: int = 0
     cached_input_tokens: int = 0
@@ -90,15 +103,20 @@ class ChatResult:
     finish_reasons: list[str] = field(default_factory=list)
     #: Models tried before ``request_model`` that failed (empty: the first one answered).
     failed_models: list[str] = field(default_factory=list)
+    #: Models not tried because their breaker was open.
+    skipped_models: list[str] = field(default_factory=list)
 
 
 class ChatCall:
-    """``async with model.chat(...) as call: async for text in call.deltas(): ...``"""
+    """``async with model.chat(...) as call: async for parts in call.deltas(): ...``
+
+    ``options`` are extra request fields (``tools``, ``tool_choice``,
+    ``parallel_tool_calls``, ``response_format``)."""
 
     def __init__(
         self,
         model: ChatModel,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[Message],
         *,
         models: Sequence[str],
         attributes: dict[str, Any],
@@ -118,6 +136,7 @@ class ChatCall:
         #: Output the budget check estimates (None: the model's expected output).
         self._expected_output = expected_output_tokens
         self._messages = list(messages)
+        self._options = dict(options or {})
         self._models = list(models)
         self._attributes = attributes
         self.result = ChatResult(request_model=self._models[0], model=self._models[0])
@@ -136,7 +155,9 @@ class ChatCall:
         self._by_deadline = False
         #: An unstreamed request was sent and then cut (timed out, cancelled) unanswered.
         self._cut = False
-        self._input_tokens = estimate_input_tokens(self._messages)
+        #: The breaker's leave for the model whose stream is open.
+        self._admission: Admission = ALLOWED
+        self._input_tokens = estimate_input_tokens(self._messages, self._options)
 
     def usage(self) -> common_pb2.Usage:
         """What the call used, as it is recorded: zero tokens when the endpoint never
@@ -179,8 +200,16 @@ class ChatCall:
     async def __aenter__(self) -> ChatCall:
         await self.reserve()
         input_tokens = self._input_tokens
+        breakers = self._model.breakers
         failure: TrellisError | None = None
+        waits: list[float] = []
         for name in self._models:
+            admission = ALLOWED if breakers is None else await breakers.admit(name)
+            if not admission.allowed:
+                self.result.skipped_models.append(name)
+                waits.append(admission.retry_after)
+                log.info("model skipped: its breaker is open", model=name)
+                continue
             if failure is not None:
                 left = context.remaining()
                 if left is not None and left <= 0:
@@ -197,13 +226,31 @@ class ChatCall:
             try:
                 await self._attempt(name, input_tokens)
             except TrellisError as error:
+                await self._judge(name, admission, error.reason)
                 if error.reason not in FALLBACK_REASONS:
                     raise
                 failure = error
+            except BaseException:
+                await self._judge(name, admission, "DEADLINE_EXCEEDED")  # cancelled: neutral
+                raise
             else:
+                self._admission = admission
                 return self
-        assert failure is not None
-        raise failure
+        if failure is not None:
+            raise failure
+        skipped = ", ".join(self.result.skipped_models)
+        raise Unavailable(
+            f"no model to call: the breakers of {skipped} are open after repeated failures",
+            reason="MODEL_UNAVAILABLE",
+            metadata={"model": self._models[0], "skipped_models": skipped},
+            retry_delay=min(waits, default=None),
+        )
+
+    async def _judge(self, name: str, admission: Admission, reason: str | None) -> None:
+        """Tell the breakers how a call of ``name`` went (``reason``: None if it answered)."""
+        breakers = self._model.breakers
+        if breakers is not None:
+            await breakers.record(name, admission, verdict_of(reason))
 
     async def _attempt(self, name: str, input_tokens: int) -> None:
         """One model: rate limits, then the request; raises the mapped error."""
@@ -213,6 +260,8 @@ class ChatCall:
         attributes = {**self._attributes, "gen_ai.request.model": name}
         if result.failed_models:
             attributes["trellis.fallback_from"] = result.failed_models[-1]
+        if result.skipped_models:
+            attributes["trellis.breaker_skipped"] = list(result.skipped_models)
         self._span = model.tracer.start_span(
             f"{OPERATION} {name}", kind=SpanKind.CLIENT, attributes=attributes
         )
@@ -285,16 +334,17 @@ class ChatCall:
             self._end_span()
         return self._error
 
-    async def deltas(self) -> AsyncIterator[str]:
-        """The output text as it streams, in the pieces the endpoint sends (an unstreamed
-        call's whole answer, once)."""
+    async def deltas(self) -> AsyncIterator[ChunkParts]:
+        """What the model writes as it streams (text, tool-call deltas, a refusal, finish
+        reasons), one chunk at a time; chunks with nothing of it are not yielded. An
+        unstreamed call's whole answer comes as one."""
         if not self._streamed:
             try:
-                text = self._take(self._answer, read_completion)
+                parts = self._take(self._answer, read_completion)
             except Exception as error:
                 raise self._fail(error) from error
-            if text:
-                yield text
+            if parts.output:
+                yield parts
             self._finished = True
             return
         iterator = self._stream.__aiter__()
@@ -302,7 +352,7 @@ class ChatCall:
             try:
                 async with asyncio.timeout_at(self._loop_deadline()):
                     chunk = await iterator.__anext__()
-                text = self._take(chunk)
+                parts = self._take(chunk)
             except StopAsyncIteration:
                 break
             except json.JSONDecodeError as error:  # the client parses each event's data
@@ -310,11 +360,11 @@ class ChatCall:
                 raise self._fail(bad) from error
             except Exception as error:
                 raise self._fail(error) from error
-            if text:
-                yield text
+            if parts.output or parts.finish_reasons:
+                yield parts
         self._finished = True
 
-    def _take(self, chunk: object, read: Callable[[object], ChunkParts] = read_chunk) -> str:
+    def _take(self, chunk: object, read: Callable[[object], ChunkParts] = read_chunk) -> ChunkParts:
         parts = read(chunk)
         result = self.result
         if parts.model:
@@ -325,11 +375,14 @@ class ChatCall:
             result.output_tokens = parts.usage.output_tokens
             result.cached_input_tokens = parts.usage.cached_input_tokens
         result.finish_reasons.extend(parts.finish_reasons)
-        if parts.text:
+        if parts.output:
             if result.time_to_first_token is None and self._started is not None:
                 result.time_to_first_token = time.monotonic() - self._started
             result.text += parts.text
-        return parts.text
+            result.other_output += parts.refusal
+            for call in parts.tool_calls:
+                result.other_output += call.name + call.arguments
+        return parts
 
     async def __aexit__(
         self,
@@ -345,8 +398,15 @@ class ChatCall:
         result = self.result
         if not (self._finished and self._usage_seen):
             result.estimated = True
-            result.input_tokens = result.input_tokens or estimate_input_tokens(self._messages)
-            result.output_tokens = max(result.output_tokens, estimate_tokens(result.text))
+            result.input_tokens = result.input_tokens or self._input_tokens
+            written = estimate_tokens(result.text) + estimate_tokens(result.other_output)
+            result.output_tokens = max(result.output_tokens, written)
+        if self.opened:
+            error = self._error if self._error is not None else exc
+            reason = None
+            if error is not None:
+                reason = getattr(error, "reason", None) or "DEADLINE_EXCEEDED"  # cancelled
+            await self._judge(result.request_model, self._admission, reason)
         self._end_span()
 
     def _end_span(self) -> None:
@@ -400,8 +460,10 @@ class ChatModel:
         budget: BudgetChecker | None = None,
         budget_policy: BudgetPolicy | None = None,
         expected_output_tokens: int = 0,
+        breakers: ModelBreakers | None = None,
     ) -> None:
         self.client = client
+        self.breakers = breakers
         self.tracer = tracer
         self.timeout = timeout
         self.fallback_models = list(fallback_models)
@@ -416,7 +478,7 @@ class ChatModel:
 
     def chat(
         self,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[Message],
         *,
         model: str,
         run_id: str = "",
@@ -429,9 +491,9 @@ class ChatModel:
     ) -> ChatCall:
         """One call; ``usage_id`` names its ledger row and its budget reservation.
 
-        ``options`` are extra request parameters (``response_format``, ``temperature``,
-        ``max_completion_tokens``); ``expected_output_tokens`` replaces the model's
-        expected output in the budget estimate; ``span_attributes`` go on its spans;
+        ``options`` are extra request fields (``tools``, ``response_format``,
+        ``temperature``, ``max_completion_tokens``); ``expected_output_tokens`` replaces the
+        model's expected output in the budget estimate; ``span_attributes`` go on its spans;
         ``streamed=False`` makes one unstreamed request (for a caller that wants the whole
         answer anyway: one response to parse instead of a chunk per token)."""
         attributes: dict[str, Any] = {
@@ -441,10 +503,10 @@ class ChatModel:
             **self._server,
             "trellis.run_id": run_id,
             "trellis.tenant_id": context.tenant(),
+            **(span_attributes or {}),
         }
         if step:
             attributes["trellis.planner.step"] = step
-        attributes.update(span_attributes or {})
         models = [model, *(m for m in self.fallback_models if m != model)]
         return ChatCall(
             self,
@@ -461,3 +523,5 @@ class ChatModel:
         await self.client.close()
         if self.rate_limits is not None:
             await self.rate_limits.aclose()
+        if self.breakers is not None:
+            await self.breakers.aclose()

@@ -3,7 +3,8 @@
 One place decides which model failures are retryable (and so may fall back to the
 next model) and what a caller sees: MODEL_TIMEOUT, MODEL_RATE_LIMITED (with the
 endpoint's Retry-After as RetryInfo), MODEL_UNAVAILABLE, MODEL_AUTH_FAILED,
-MODEL_REJECTED, MODEL_BAD_RESPONSE.
+MODEL_REJECTED, MODEL_BAD_RESPONSE; and MODEL_REFUSED for a model that declined
+(``refused``).
 
 MODEL_BAD_RESPONSE (a stream event that is not JSON, or not a chunk: ``chunks.py``) is the
 provider's fault, like a connection cut mid-stream, so it is UNAVAILABLE (the caller may
@@ -13,8 +14,10 @@ more (``model.py``), so it is not among the fallback reasons.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import openai
 
@@ -33,8 +36,35 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
 
-def estimate_input_tokens(messages: Sequence[dict[str, str]]) -> int:
-    return sum(estimate_tokens(m.get("content", "")) for m in messages)
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def estimate_input_tokens(
+    messages: Sequence[Mapping[str, Any]], options: Mapping[str, Any] | None = None
+) -> int:
+    """The messages' text (content, tool calls) and the request's tool definitions or
+    response schema (``options``), at about four characters a token."""
+    total = 0
+    for message in messages:
+        total += estimate_tokens(_text(message.get("content") or ""))
+        if calls := message.get("tool_calls"):
+            total += estimate_tokens(_text(calls))
+    for key in ("tools", "response_format"):
+        if options and options.get(key):
+            total += estimate_tokens(_text(options[key]))
+    return total
+
+
+def refused(model: str, text: str) -> FailedPrecondition:
+    """The model declined the request (the API's ``refusal``): not retryable, its words
+    quoted (bounded) so the caller knows why."""
+    words = " ".join(text.split())
+    if len(words) > 300:
+        words = words[:299] + "…"
+    return FailedPrecondition(
+        f"model {model} refused: {words}", reason="MODEL_REFUSED", metadata={"model": model}
+    )
 
 
 def retry_after(error: openai.APIStatusError) -> float | None:

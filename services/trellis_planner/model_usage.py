@@ -17,7 +17,9 @@ uses the same id, so recording the call settles it):
 
 - ``{run_id}/plan/{round}``         the plan of a round (round 0 is the first plan)
 - ``{run_id}/plan-repair/{round}``  the repair call of that round's plan, if any
-- ``{run_id}/join/{round}``         the join of a round
+- ``{run_id}/join/{round}``         the join of a round (tool_calls: it may call round + 1's
+  tools, and then no ``plan`` call is made for round + 1)
+- ``{run_id}/join-repair/{round}``  the repair call of those tool calls, if any
 - ``.../{attempt}`` is appended on a resumed run (attempt > 0); calls outside a run get
   a fresh uuid.
 - ``{run_id}/{node_id}/model[/...]``  a model tool's call for a node (``Generate``,
@@ -46,7 +48,7 @@ class UsageSender(Protocol):
 
 def usage_id(run_id: str, step: str, round_: int, attempt: int = 0) -> str:
     """``{run_id}/{step}/{round}`` (``/{attempt}`` on a resumed run); a fresh uuid for
-    calls outside a run. ``step`` is ``plan``, ``plan-repair`` or ``join``."""
+    calls outside a run. ``step`` is ``plan``, ``plan-repair``, ``join`` or ``join-repair``."""
     if not run_id:
         return str(uuid.uuid4())
     return f"{run_id}/{step}/{round_}" + (f"/{attempt}" if attempt else "")

@@ -2,8 +2,9 @@
 
 One ``AsyncOpenAI`` client (one HTTP connection pool) per planner, retrying 429, 5xx
 and connection errors ``TRELLIS_MODEL_MAX_RETRIES`` times as Retry-After says; the
-model rate limits in Redis when ``TRELLIS_REDIS_URL`` is set (shared by all replicas),
-else in this process; the budget checked with cost accounting before every model call;
+model rate limits and breakers in Redis when ``TRELLIS_REDIS_URL`` is set (shared by
+all replicas), else in this process; the plan format chosen per model; the budget
+checked with cost accounting before every model call;
 usage delivered through the durable outbox at ``TRELLIS_OUTBOX_PATH``, whose
 redelivery loop runs with the service and is flushed when it stops. The gateway's
 model and embed tools call the same model access through Generate and Embed.
@@ -22,7 +23,9 @@ from trellis.runtime.channels import Channels
 from trellis.runtime.logs import get_logger
 from trellis.runtime.server import Service
 from trellis.runtime.telemetry import Telemetry, instrument_redis
+from trellis_planner.breaker import BreakerConfig, InProcessBreakers, ModelBreakers, RedisBreakers
 from trellis_planner.core import Planner
+from trellis_planner.formats import FormatChooser
 from trellis_planner.generate import Generator
 from trellis_planner.model import ChatModel
 from trellis_planner.ratelimit import (
@@ -77,14 +80,36 @@ def make_rate_limits(settings: PlannerSettings, telemetry: Telemetry | None = No
     )
 
 
+def make_breakers(
+    settings: PlannerSettings, telemetry: Telemetry | None = None
+) -> ModelBreakers | None:
+    """The model breakers ``settings`` give (None: off), in Redis or in this process."""
+    config = BreakerConfig(
+        failures=settings.model_breaker_failures,
+        cooldown=settings.model_breaker_cooldown_seconds,
+    )
+    if not config.enabled:
+        return None
+    if settings.redis_url:
+        breakers = RedisBreakers.from_url(settings.redis_url, config)
+        if telemetry is not None:
+            instrument_redis(telemetry, breakers.client)
+        return breakers
+    return InProcessBreakers(config)
+
+
 async def build(settings: PlannerSettings, telemetry: Telemetry, channels: Channels) -> Service:
     costs = CostsClient(channels.get(settings.costs_target))
     rate_limits = make_rate_limits(settings, telemetry)
+    breakers = make_breakers(settings, telemetry)
+    formats = FormatChooser(settings.plan_format, settings.model_plan_formats)
     log.info(
         "model access",
         model=settings.model,
+        plan_format=formats.choose(settings.model).value,
         fallback_models=settings.fallback_models,
         rate_limits=rate_limits.limiter.backend,
+        breakers=breakers.backend if breakers is not None else "off",
         max_retries=settings.model_max_retries,
     )
     model = ChatModel(
@@ -96,6 +121,7 @@ async def build(settings: PlannerSettings, telemetry: Telemetry, channels: Chann
         budget=costs,
         budget_policy=BudgetPolicy.of(settings),
         expected_output_tokens=settings.model_expected_output_tokens,
+        breakers=breakers,
     )
     try:
         outbox = await UsageOutbox.open(settings.outbox_path, costs.record_usage)
@@ -109,6 +135,7 @@ async def build(settings: PlannerSettings, telemetry: Telemetry, channels: Chann
         max_nodes=settings.max_nodes,
         max_line_bytes=settings.max_plan_line_bytes,
         max_goal_bytes=settings.max_goal_bytes,
+        formats=formats,
     )
     generator = Generator(
         model,

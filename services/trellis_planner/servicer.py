@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator
 
 from grpc import aio
 
+from trellis.common.v1 import common_pb2
 from trellis.planner.v1 import planner_pb2, planner_pb2_grpc
-from trellis_planner.core import CallStarted, CallUsage, JoinEnd, PlanEnd, Planner
+from trellis_planner.core import CallStarted, CallUsage, JoinEnd, PlanEnd, Planner, PlanStarted
 from trellis_planner.generate import Generator
 
 
@@ -21,9 +22,15 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     ) -> AsyncIterator[planner_pb2.PlanResponse]:
         async for item in self._planner.plan(request):
             if isinstance(item, PlanEnd):
-                yield planner_pb2.PlanResponse(done=planner_pb2.PlanDone(usage=item.usage))
+                done = planner_pb2.PlanDone(usage=item.usage, answered=item.answered)
+                yield planner_pb2.PlanResponse(done=done)
+            elif isinstance(item, PlanStarted):
+                started = planner_pb2.PlanStarted(plan_format=item.plan_format.proto)
+                yield planner_pb2.PlanResponse(started=started)
             elif isinstance(item, CallStarted | CallUsage):
                 yield planner_pb2.PlanResponse(usage=_call_usage(item))
+            elif isinstance(item, str):
+                yield planner_pb2.PlanResponse(answer_delta=item)
             else:
                 yield planner_pb2.PlanResponse(node=item)
 
@@ -41,6 +48,8 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                 yield planner_pb2.JoinResponse(done=done)
             elif isinstance(item, CallStarted | CallUsage):
                 yield planner_pb2.JoinResponse(usage=_call_usage(item))
+            elif isinstance(item, common_pb2.ToolCall):
+                yield planner_pb2.JoinResponse(node=item)
             else:
                 yield planner_pb2.JoinResponse(answer_delta=item)
 

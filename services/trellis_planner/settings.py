@@ -9,6 +9,11 @@ Model access: ``TRELLIS_FALLBACK_MODELS`` is a comma-separated list (or a JSON l
 ``TRELLIS_MODEL_RATE_LIMITS`` overrides them per model as JSON, e.g.
 ``{"gpt-4o": {"rpm": 500, "tpm": 30000}}`` (a missing key keeps the default).
 ``TRELLIS_REDIS_URL`` shares the limits between replicas; empty keeps them per process.
+Plan format (README "Using a real model"): ``TRELLIS_PLAN_FORMAT`` (``auto``, ``jsonl``,
+``json_schema``, ``tool_calls``) and, for ``auto``, ``TRELLIS_MODEL_PLAN_FORMATS`` as JSON
+``{"<model or fnmatch pattern>": "<format>"}`` (``formats.py``). Model breakers:
+``TRELLIS_MODEL_BREAKER_FAILURES`` failures in a row open a model's breaker for
+``TRELLIS_MODEL_BREAKER_COOLDOWN_SECONDS`` (``breaker.py``; 0 failures: off).
 ``TRELLIS_OUTBOX_PATH`` is the SQLite file keeping usage events cost accounting could
 not take yet (``trellis.clients.usage_outbox``); one per process, on a volume that outlives it.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -26,6 +31,7 @@ from trellis.clients.budget_check import BudgetCheckSettings
 from trellis.clients.usage_outbox import default_outbox_path, validate_outbox_path
 from trellis.runtime.settings import ServiceSettings, validate_redis_url
 from trellis.runtime.validation import DEFAULT_MAX_GOAL_BYTES
+from trellis_planner.formats import PlanFormat
 
 OFFLINE_MODEL = "trellis-offline-rules-v1"
 OFFLINE_EMBEDDING_MODEL = "trellis-offline-embed-v1"
@@ -107,8 +113,31 @@ class PlannerSettings(ServiceSettings, BudgetCheckSettings):
     )
     redis_url: str = Field(
         "",
-        description="Redis sharing the model rate limits between planner replicas "
-        "(redis://, rediss://, unix://); empty: per process.",
+        description="Redis sharing the model rate limits and breakers between planner "
+        "replicas (redis://, rediss://, unix://); empty: per process.",
+    )
+    plan_format: Literal["auto", "jsonl", "json_schema", "tool_calls"] = Field(
+        "auto",
+        description="How the model is asked for plans: jsonl, json_schema (response_format), "
+        "tool_calls (function calling), or auto: per model (TRELLIS_MODEL_PLAN_FORMATS, "
+        "then the built-in table; unknown models get tool_calls).",
+    )
+    model_plan_formats: dict[str, PlanFormat] = Field(
+        {},
+        description='auto\'s table, before the built-in one, JSON: {"my-model": "jsonl", '
+        '"llama*": "json_schema"} (exact names first, then fnmatch patterns in order).',
+    )
+    model_breaker_failures: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="Failed calls in a row (unavailable, timing out, broken streams) after "
+        "which a model is skipped for the next fallback model; 0 = no breaker.",
+    )
+    model_breaker_cooldown_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How long an open model breaker skips its model before one call probes it.",
     )
 
     outbox_path: Path = Field(

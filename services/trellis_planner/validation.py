@@ -177,6 +177,11 @@ class PlanValidator:
         return self._max_nodes
 
     @property
+    def previous_ids(self) -> list[str]:
+        """Ids of earlier rounds' nodes and of the nodes accepted so far."""
+        return [*self._previous, *self._ids]
+
+    @property
     def full(self) -> bool:
         """No more nodes fit: any further node is over ``max_nodes``."""
         return len(self._ids) >= self._max_nodes
@@ -200,19 +205,21 @@ class PlanValidator:
             return False
         return set(depends) | set(referenced_nodes(new_args)) == set(call.depends_on)
 
-    def check(self, value: Any, line: int) -> common_pb2.ToolCall:
+    def check(self, value: Any, line: int | str) -> common_pb2.ToolCall:
         """The node as a ToolCall, or ``InvalidArgument`` (reason INVALID_PLAN, or
-        TOO_MANY_NODES past ``max_nodes``, the executor's reason for the same limit)."""
+        TOO_MANY_NODES past ``max_nodes``, the executor's reason for the same limit).
+        ``line`` says where the model wrote it (a line number, or e.g. "tool call 2")."""
+        where = f"line {line}" if isinstance(line, int) else line
         at = f"plan[{len(self._ids)}]"
         if self.full:
             raise InvalidArgument(
-                f"plan has more than {self._max_nodes} nodes (line {line})",
+                f"plan has more than {self._max_nodes} nodes ({where})",
                 reason="TOO_MANY_NODES",
                 violations=[FieldViolation("plan", f"at most {self._max_nodes} nodes")],
             )
         if not isinstance(value, Mapping):
             raise invalid_plan(
-                f"{at} (line {line}) is not a JSON object",
+                f"{at} ({where}) is not a JSON object",
                 [FieldViolation(at, f"must be a JSON object, got {type(value).__name__}")],
             )
         violations: list[FieldViolation] = []
@@ -263,7 +270,7 @@ class PlanValidator:
                 )
         if violations:
             detail = "; ".join(f"{v.field}: {v.description}" for v in violations)
-            raise invalid_plan(f"invalid plan node at line {line}: {detail}", violations)
+            raise invalid_plan(f"invalid plan node at {where}: {detail}", violations)
         deps = list(dict.fromkeys([*depends_on, *referenced_nodes(args)]))
         self._ids.append(node_id)  # type: ignore[arg-type]  # checked above
         call = common_pb2.ToolCall(

@@ -63,6 +63,18 @@ async def test_a_run_is_one_trace_across_all_five_services(tmp_path: Path, chann
         if s.attributes.get("trellis.run_id") == events[0].run_id
     ]
     assert run_spans and all(s.context.trace_id == trace_id for s in run_spans)
+    # the run's plan format is on the run, the planner's RPCs and its model calls
+    formats = {
+        s.name: s.attributes["trellis.plan_format"]
+        for s in spans
+        if "trellis.plan_format" in s.attributes
+    }
+    assert formats == {
+        "trellis.run": "jsonl",
+        "/trellis.planner.v1.PlannerService/Plan": "jsonl",
+        "/trellis.planner.v1.PlannerService/Join": "jsonl",
+        "chat trellis-offline-rules-v1": "jsonl",
+    }
 
 
 class _Started(SpanProcessor):

@@ -19,10 +19,12 @@ from hypothesis import strategies as st
 
 from tests.properties.strategies import json_values, model_lines
 from trellis.runtime.errors import InvalidArgument
-from trellis_planner.core import _line_error
+from trellis_planner.candidates import _candidate
+from trellis_planner.formats import PlanFormat
 from trellis_planner.jsonl import JsonLine, JsonLinesError, JsonLinesParser, LineTooLong
+from trellis_planner.plan_round import unreadable
 
-#: Every reason a line of the model's plan can be rejected with (core._line_error).
+#: Every reason a line of the model's plan can be rejected with (plan_round.unreadable).
 LINE_REJECTION_CODES = {"INVALID_PLAN"}
 
 texts = st.one_of(
@@ -69,7 +71,7 @@ def test_non_strict_parser_never_raises_and_chunking_does_not_matter(
             assert line.value is None
             assert line.error.line_number == line.number
             assert line.error.problem.startswith("not valid JSON")
-            rejection = _line_error(line)
+            rejection = unreadable(PlanFormat.JSONL, _candidate(line), "line")
             assert isinstance(rejection, InvalidArgument)
             assert rejection.reason in LINE_REJECTION_CODES
             assert rejection.violations

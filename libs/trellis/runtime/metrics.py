@@ -141,6 +141,12 @@ MODEL_FALLBACKS = Counter(
     "Model calls sent to a fallback model after the previous one failed.",
     ["model", "fallback"],
 )
+MODEL_BREAKER_STATE = Gauge(
+    "trellis_model_breaker_state",
+    "Circuit breaker of each model, as this planner last saw it: 0 closed, 1 half-open"
+    " (one probe call), 2 open (skipped for the next fallback model).",
+    ["model"],
+)
 BUDGET_REMAINING_USD = Gauge(
     "trellis_budget_remaining_usd",
     "Headroom left under a tenant's tightest budget limit after held estimates, USD"

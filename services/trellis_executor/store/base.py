@@ -129,6 +129,10 @@ class Progress:
     usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
     #: Index (in planning order) of the first node of rounds 1, 2, ... (round 0 starts at 0).
     round_starts: tuple[int, ...] = ()
+    #: The plan format the planner chose for the run (``common_pb2.PlanFormat``; 0 until
+    #: the first plan started): every later Plan and Join of the run, a resumed one
+    #: included, asks for the same.
+    plan_format: int = 0
 
     def to_json(self) -> str:
         fields = {k: v for k, v in asdict(self).items() if k != "usage"}
@@ -248,6 +252,7 @@ def build_run(
     created_at: datetime,
     finished_blob: bytes | None,
     finished_at: datetime | None,
+    progress: str | None = None,
 ) -> executor_pb2.Run:
     """One row of ``runs`` as a Run message; both backends share it so they agree."""
     run = executor_pb2.Run(
@@ -257,6 +262,7 @@ def build_run(
         status=status,  # type: ignore[arg-type]
         trace_id=trace_id,
         created_at=timestamp(created_at),
+        plan_format=Progress.from_json(progress).plan_format,  # type: ignore[arg-type]
     )
     if finished_blob:
         finished = executor_pb2.RunFinished.FromString(finished_blob)

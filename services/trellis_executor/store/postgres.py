@@ -245,8 +245,8 @@ class PostgresRunStore:
     async def get(self, run_id: str) -> executor_pb2.Run | None:
         async def read(conn: asyncpg.Connection) -> tuple[Any, list[Any]]:
             row = await conn.fetchrow(
-                "SELECT tenant_id, goal, status, trace_id, created_at, finished, finished_at"
-                " FROM runs WHERE run_id = $1",
+                "SELECT tenant_id, goal, status, trace_id, created_at, finished, finished_at,"
+                " progress FROM runs WHERE run_id = $1",
                 run_id,
             )
             if row is None:
@@ -268,6 +268,7 @@ class PostgresRunStore:
             row["created_at"],
             row["finished"],
             row["finished_at"],
+            row["progress"],
         )
         return add_nodes(run, [(n["call"], n["outcome"]) for n in nodes])
 

@@ -223,13 +223,14 @@ class SqliteRunStore:
 
     async def get(self, run_id: str) -> executor_pb2.Run | None:
         rows = await self._db.execute_fetchall(
-            "SELECT tenant_id, goal, status, trace_id, created_at, finished, finished_at"
-            " FROM runs WHERE run_id = ?",
+            "SELECT tenant_id, goal, status, trace_id, created_at, finished, finished_at,"
+            " progress FROM runs WHERE run_id = ?",
             (run_id,),
         )
         if not rows:
             return None
-        tenant_id, goal, status, trace_id, created_at, finished_blob, finished_at = next(iter(rows))
+        row = next(iter(rows))
+        tenant_id, goal, status, trace_id, created_at, finished_blob, finished_at, progress = row
         run = build_run(
             run_id,
             tenant_id,
@@ -239,6 +240,7 @@ class SqliteRunStore:
             datetime.fromisoformat(created_at),
             finished_blob,
             datetime.fromisoformat(finished_at) if finished_at else None,
+            progress,
         )
         nodes = await self._db.execute_fetchall(
             "SELECT call, outcome FROM run_nodes WHERE run_id = ? ORDER BY seq", (run_id,)

@@ -9,9 +9,10 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
-import pexpect
 import pytest
 from google.protobuf import json_format
 
@@ -253,22 +254,21 @@ async def test_every_command_names_an_unreachable_executor() -> None:
 
 def interrupt(args: list[str], wait_for: str) -> tuple[int, str]:
     """``trellis ARGS`` in a pseudo-terminal: Ctrl-C once ``wait_for`` shows; its exit
-    status and everything it wrote."""
-    child = pexpect.spawn(
-        str(TRELLIS), args, env=clean_env(COLUMNS="100", LINES="30"), encoding="utf-8", timeout=60
+    status and everything it wrote (see tests/support/pty_interrupt.py for why in a process
+    of its own)."""
+    helper = [sys.executable, "-m", "tests.support.pty_interrupt", wait_for, "60"]
+    done = subprocess.run(
+        [*helper, str(TRELLIS), *args],
+        env=clean_env(COLUMNS="100", LINES="30"),
+        cwd=Path(__file__).parents[3],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
-    try:
-        child.expect(wait_for)
-        child.sendintr()
-        child.expect(pexpect.EOF)
-        child.close()
-        return (
-            child.exitstatus if child.exitstatus is not None else -child.signalstatus,
-            child.before,
-        )
-    finally:
-        if child.isalive():
-            child.kill(9)
+    result = json.loads(done.stdout)
+    assert result["shown"], f"trellis {args} ended ({result['code']}) first: {result['output']!r}"
+    return result["code"], result["output"]
 
 
 async def test_ctrl_c_cancels_the_run_and_says_so(stack, client, tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ async def test_demo_uses_the_endpoint_openai_base_url_names(tmp_path: Path, mode
     """OPENAI_BASE_URL/OPENAI_API_KEY/TRELLIS_MODEL reach the planner: the plan and the
     answer come from that endpoint (here a scripted server of the test's own)."""
     script = script_of(model)
-    script.reply('{"node_id": "n1", "tool": "echo", "args": {"value": "from the endpoint"}}\n')
+    script.plan({"node_id": "n1", "tool": "echo", "args": {"value": "from the endpoint"}})
     script.reply("Answered by the endpoint the demo was pointed at.")
     process = await asyncio.create_subprocess_exec(
         str(TRELLIS),
@@ -89,3 +89,27 @@ def _demo(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess
         text=True,
         timeout=120,
     )
+
+
+def test_demo_with_tool_calls_plans_in_rounds(tmp_path: Path) -> None:
+    trellis = Path(sys.executable).parent / "trellis"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRELLIS_", "OPENAI_"))}
+    goal = "compute 6*7 then echo the result"
+    args = ["demo", "--plan-format", "tool_calls", "--times", "1", "--pace-ms", "0", goal]
+    result = subprocess.run(
+        [str(trellis), *args],
+        cwd=tmp_path,
+        env={**env, "COLUMNS": "160"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "plan format tool_calls" in out and "status: succeeded" in out
+    # round 2's echo got round 1's result itself (the conversation), not a reference
+    assert '- echo {"value": {"result": 42}}: 42' in out
+    bad = subprocess.run(
+        [str(trellis), "demo", "--plan-format", "yaml"], cwd=tmp_path, env=env, capture_output=True
+    )
+    assert bad.returncode == 2

@@ -12,6 +12,7 @@ from openai import AsyncOpenAI
 from tests.support.model_script import script_of
 from trellis_offline_model.generating import (
     EMBEDDING_MODEL_ID,
+    PLAN_SCHEMA_NAME,
     batch_items,
     fill,
     structured_schema,
@@ -58,8 +59,8 @@ def test_a_value_matching_the_schema_is_made_from_the_text() -> None:
 def test_plans_and_joins_are_not_model_tool_requests() -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], "response_format": structured({})}
     assert structured_schema(body) == {}
-    plan = {"role": "system", "content": "## Tools\n{}"}
-    assert structured_schema({**body, "messages": [plan]}) is None
+    plan = structured({"type": "object"}, name=PLAN_SCHEMA_NAME)
+    assert structured_schema({**body, "response_format": plan}) is None
     assert structured_schema({**body, "tools": [{"type": "function"}]}) is None
     assert structured_schema({"messages": body["messages"]}) is None
 
@@ -145,3 +146,11 @@ async def test_embeddings_refuse_bad_input_and_follow_the_script(
     script_of(model).fail(429)
     with pytest.raises(openai.RateLimitError):
         await client.embeddings.create(model="e", input="x")
+
+
+def test_the_plan_schema_name_is_the_planners() -> None:
+    """The offline model stands apart from the services (it plays an external server), so it
+    keeps its own copy of the name the planner gives its plan schema."""
+    from trellis_planner.plan_schema import SCHEMA_NAME
+
+    assert PLAN_SCHEMA_NAME == SCHEMA_NAME

@@ -1,4 +1,4 @@
-"""Plan pacing (``line_delay_ms``, ``on_plan_line``) and repair rounds of the offline model.
+"""Plan pacing (``line_delay_ms``, ``on_plan_node``) and repair rounds of the offline model.
 
 Through the real openai client: a plan streams one line per ``line_delay_ms``, the hook
 sees each line once it is written, answers and other texts are not line-paced; the rules
@@ -15,7 +15,8 @@ from openai import AsyncOpenAI
 
 from tests.support.model_script import script_of
 from trellis_offline_model import planning
-from trellis_offline_model.rules import MODEL_ID, is_plan_prompt, respond
+from trellis_offline_model.conversation import ChatRequest
+from trellis_offline_model.rules import MODEL_ID, respond
 from trellis_offline_model.server import RunningModel, start_offline_model
 from trellis_offline_model.settings import OfflineModelSettings
 from trellis_offline_model.tokens import lines
@@ -37,14 +38,15 @@ PLAN_MESSAGES = [
     {"role": "user", "content": DEMO},
 ]
 JOIN_MESSAGES = [
+    {"role": "user", "content": "x"},
     {
         "role": "user",
-        "content": "## Goal\nx\n\n## Outcomes\n"
+        "content": "Outcomes:\n"
         + "\n".join(
             json.dumps({"node_id": f"n{i}", "tool": "echo", "status": "SUCCEEDED", "output": i})
             for i in range(1, 4)
         ),
-    }
+    },
 ]
 
 
@@ -76,7 +78,7 @@ async def stream_lines(model: RunningModel, messages, clock: list[float] | None 
 async def test_line_delay_paces_each_plan_line_and_the_hook_sees_it() -> None:
     model = await start_offline_model(line_delay_ms=100)
     seen: list[tuple[float, str]] = []
-    model.state.on_plan_line = lambda line: seen.append((time.monotonic(), line))
+    model.state.on_plan_node = lambda index, line: seen.append((time.monotonic(), line))
     try:
         clock: list[float] = []
         got = await stream_lines(model, PLAN_MESSAGES, clock)
@@ -119,17 +121,18 @@ async def test_a_paced_line_still_streams_token_by_token(model: RunningModel) ->
 async def test_answers_are_not_line_paced(model: RunningModel) -> None:
     model.state.line_delay_ms = 300
     lines_seen: list[str] = []
-    model.state.on_plan_line = lines_seen.append
+    model.state.on_plan_node = lambda index, line: lines_seen.append(line)
     started = time.monotonic()
     got = await stream_lines(model, JOIN_MESSAGES)
     assert len(got) == 4 and time.monotonic() - started < 0.3
     assert lines_seen == []
 
 
-def test_plan_prompts_are_told_from_others() -> None:
-    assert is_plan_prompt(PLAN_MESSAGES)
-    assert not is_plan_prompt(JOIN_MESSAGES)
-    assert not is_plan_prompt([{"role": "user", "content": "hello"}])
+def test_plan_requests_are_told_from_others() -> None:
+    assert ChatRequest({"messages": PLAN_MESSAGES}).is_plan()
+    assert not ChatRequest({"messages": JOIN_MESSAGES}).is_plan()
+    assert not ChatRequest({"messages": [{"role": "user", "content": "hello"}]}).is_plan()
+    assert ChatRequest({"messages": JOIN_MESSAGES, "tools": []}).is_plan()
 
 
 def test_lines_keep_their_newlines() -> None:
@@ -162,8 +165,12 @@ def node(node_id: str, command: str) -> dict:
     return {"node_id": node_id, "tool": "run_command", "args": {"command": command}}
 
 
+def plan_text(messages: list[dict]) -> str:
+    return respond({"messages": messages}).text
+
+
 def test_a_repair_gets_the_nodes_not_yet_accepted() -> None:
-    plan = respond(repair_request([node("n1", "uname -a")]))
+    plan = plan_text(repair_request([node("n1", "uname -a")]))
     assert [json.loads(line) for line in plan.splitlines()] == [
         {"node_id": "n2", "tool": "run_command", "args": {"command": "df -h"}, "depends_on": []},
         {"node_id": "n3", "tool": "run_command", "args": {"command": "uptime"}, "depends_on": []},
@@ -172,13 +179,13 @@ def test_a_repair_gets_the_nodes_not_yet_accepted() -> None:
 
 def test_repaired_nodes_get_fresh_ids_after_the_accepted_ones() -> None:
     accepted = [node("a7", "df -h"), {"node_id": "n4", "tool": "echo", "args": {"value": 1}}]
-    plan = respond(repair_request(accepted))
+    plan = plan_text(repair_request(accepted))
     assert [(n["node_id"], n["args"]["command"]) for n in map(json.loads, plan.splitlines())] == [
         ("n5", "uname -a"),
         ("n6", "uptime"),
     ]
     everything = [node("n1", "uname -a"), node("n2", "df -h"), node("n3", "uptime")]
-    assert respond(repair_request(everything)) == ""
+    assert plan_text(repair_request(everything)) == ""
 
 
 def test_references_to_an_accepted_node_follow_it() -> None:

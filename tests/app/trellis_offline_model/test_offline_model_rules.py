@@ -3,7 +3,8 @@
 import json
 
 from trellis_offline_model import answering, planning
-from trellis_offline_model.rules import FALLBACK, respond
+from trellis_offline_model.rules import FALLBACK
+from trellis_offline_model.rules import respond as reply
 from trellis_offline_model.tokens import count_tokens, pieces
 
 COMMANDS = (
@@ -19,6 +20,10 @@ CATALOG = [
     {"name": "sleep", "description": "Wait.", "input_schema": {}},
     {"name": "echo", "description": "Return the value.", "input_schema": {}},
 ]
+
+
+def respond(messages: list[dict]) -> str:
+    return reply({"messages": messages}).text
 
 
 def calls(goal: str) -> list[tuple[str, dict, list[str]]]:
@@ -128,8 +133,12 @@ def test_respond_dispatches_on_the_prompt_sections() -> None:
         "status": "SUCCEEDED",
         "output": {"result": 4},
     }
-    user = f"## Goal\nWhat is 2+2?\n\n## Outcomes\n{json.dumps(outcome)}"
-    joined = respond([{"role": "user", "content": user}])
+    joined = respond(
+        [
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "user", "content": f"Outcomes:\n{json.dumps(outcome)}"},
+        ]
+    )
     assert joined == "Results for: What is 2+2?\n- 2+2 = 4"
     assert respond([{"role": "user", "content": "hello"}]) == FALLBACK
     assert "rule-based" in FALLBACK

@@ -109,12 +109,24 @@ async def test_load_returns_request_progress_resumes_and_root_span(replicas) -> 
         "cd" * 8,
     )
     usage = common_pb2.Usage(model="m", input_tokens=10, output_tokens=5, cost_nano_usd=77)
-    progress = Progress(round=1, joining=True, round_start=3, replan_reason="why", usage=usage)
+    progress = Progress(
+        round=1,
+        joining=True,
+        round_start=3,
+        replan_reason="why",
+        usage=usage,
+        round_starts=(3,),
+        plan_format=common_pb2.PLAN_FORMAT_TOOL_CALLS,
+    )
+    assert (await a.get("r1")).plan_format == common_pb2.PLAN_FORMAT_UNSPECIFIED
     await a.save_progress("r1", progress)
+    assert (await a.get("r1")).plan_format == common_pb2.PLAN_FORMAT_TOOL_CALLS  # GetRun
     await a.release(["r1"])
     await b.claim(limit=1)
     saved = await b.load("r1")
     assert saved is not None and saved.progress == progress and saved.resumes == 1
+    old = '{"round": 2, "joining": false, "round_start": 0, "replan_reason": "", "usage": {}}'
+    assert Progress.from_json(old).plan_format == 0  # saved before the field existed
     assert await a.load("nope") is None
 
 

@@ -145,3 +145,45 @@ async def test_without_the_ledger_a_run_keeps_what_it_saw() -> None:
     cost.model_call(report("r/plan/0", 10, 0, cost_deferred=True))
     await cost.settle(Ledger(ConnectionError("down")), "r")
     assert cost.model_usage().input_tokens == 10 and not cost.settled
+
+
+def test_a_run_no_model_could_answer_is_partial_with_its_results() -> None:
+    from trellis.runtime.convert import to_struct, to_value
+    from trellis.runtime.errors import Unavailable
+    from trellis_executor.fallback_answer import fallback_answer, no_model_answered
+
+    plan = {
+        "n1": common_pb2.ToolCall(node_id="n1", tool="df", args=to_struct({"path": "/"})),
+        "n2": common_pb2.ToolCall(node_id="n2", tool="http"),
+        "n3": common_pb2.ToolCall(node_id="n3", tool="echo"),
+    }
+    done = {
+        "n1": common_pb2.NodeOutcome(
+            node_id="n1", status=OK, output=to_value({"used": "40%", "free": "60 GB"})
+        ),
+        "n2": common_pb2.NodeOutcome(
+            node_id="n2", status=FAIL, error=common_pb2.Error(code="HTTP_5XX", message="502")
+        ),
+        "n3": common_pb2.NodeOutcome(node_id="n3", status=OK, output=to_value("x" * 900)),
+    }
+    error = Unavailable("model gpt-4o failed with HTTP 503", reason="MODEL_UNAVAILABLE")
+    assert no_model_answered(error)
+    assert not no_model_answered(Unavailable("x", reason="BUDGET_UNAVAILABLE"))
+    text = fallback_answer(error, plan, done)
+    lines = text.splitlines()
+    assert lines[0] == (
+        "No model could answer (MODEL_UNAVAILABLE: model gpt-4o failed with HTTP 503), so "
+        "here is what each tool returned:"
+    )
+    assert lines[1] == '- n1 df {"path": "/"}: {"free": "60 GB", "used": "40%"}'
+    assert lines[2] == "- n2 http: FAILED (HTTP_5XX: 502)"
+    assert lines[3].startswith("- n3 echo: xxx") and lines[3].endswith("…") and len(lines[3]) < 520
+    assert fallback_answer(error, {}, {}).endswith("and no tool ran.")
+    failures = unrecovered_failures(plan, done)
+    finished = judged(explicit=False, failures=failures, calls=plan, answer=text, unanswered=error)
+    assert finished.status == executor_pb2.RUN_STATUS_PARTIAL and finished.answer == text
+    assert finished.error.code == "MODEL_UNAVAILABLE" and finished.error.retryable
+    assert dict(finished.error.details) == {"cause": "MODEL_UNAVAILABLE", "failed_nodes": "1"}
+    assert finished.error.message.startswith("no model could answer (MODEL_UNAVAILABLE: ")
+    assert finished.error.message.endswith("and 1 node failed: n2 (http: HTTP_5XX)")
+    assert finished.failed_nodes == 1

@@ -23,7 +23,7 @@ from trellis.planner.v1 import planner_pb2, planner_pb2_grpc
 from trellis.runtime.convert import to_struct, to_value
 from trellis_costs import service as costs_service
 from trellis_costs.settings import CostsSettings
-from trellis_planner.core import CallStarted, CallUsage, Planner
+from trellis_planner.core import CallStarted, CallUsage, Planner, PlanStarted
 from trellis_planner.service import NAME, build
 from trellis_planner.settings import PlannerSettings
 
@@ -49,7 +49,7 @@ def join_request(run_id: str = "run-1") -> planner_pb2.JoinRequest:
 
 def is_content(item) -> bool:
     """A node or answer text, not a call's usage report."""
-    return not isinstance(item, CallStarted | CallUsage)
+    return not isinstance(item, CallStarted | CallUsage | PlanStarted)
 
 
 async def cancel_after_first_item(stream) -> None:
@@ -93,6 +93,7 @@ async def test_consumer_closing_the_stream_early_records_estimated_usage(
 ):
     model.state.delay_ms = 5
     stream = planner.plan(plan_request(tools))
+    assert isinstance(await anext(stream), PlanStarted)
     assert isinstance(await anext(stream), CallStarted)
     first = await anext(stream)
     assert first.node_id == "n1"
@@ -186,6 +187,7 @@ async def test_plan_cancelled_by_the_client_is_in_the_ledger_once(stack, tools, 
     stub, costs, db = stack
     model.state.delay_ms = 30  # the demo plan takes about 2 s to stream
     call = stub.Plan(plan_request(tools, run_id="gone"), timeout=30)
+    assert (await call.read()).started.plan_format == common_pb2.PLAN_FORMAT_JSONL
     started = await call.read()
     assert (started.usage.usage_id, started.usage.started) == ("gone/plan/0", True)
     first = await call.read()

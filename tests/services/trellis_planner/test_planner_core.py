@@ -19,7 +19,7 @@ from trellis.runtime.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from trellis_planner.core import CallStarted, CallUsage, JoinEnd, PlanEnd, Planner
+from trellis_planner.core import CallStarted, CallUsage, JoinEnd, PlanEnd, Planner, PlanStarted
 from trellis_planner.model import ChatModel
 
 DEMO = "Report this machine's OS, disk usage and uptime"
@@ -28,7 +28,9 @@ MODEL = "trellis-offline-rules-v1"
 
 async def collect(stream) -> tuple[list, object]:
     """(nodes or answer pieces, the end item), without the per-call usage reports."""
-    items = [item async for item in stream if not isinstance(item, CallStarted | CallUsage)]
+    items = [
+        item async for item in stream if not isinstance(item, CallStarted | CallUsage | PlanStarted)
+    ]
     return items[:-1], items[-1]
 
 
@@ -118,7 +120,7 @@ async def test_unknown_tool_is_an_invalid_plan_and_usage_is_still_recorded(
     seen = []
     with pytest.raises(InvalidArgument) as raised:
         async for item in planner.plan(plan_request("anything", tools)):
-            if not isinstance(item, CallStarted | CallUsage):
+            if not isinstance(item, CallStarted | CallUsage | PlanStarted):
                 seen.append(item)
     assert [n.node_id for n in seen] == ["n1"]  # the valid first node went out at once
     assert raised.value.reason == "INVALID_PLAN"
@@ -308,8 +310,9 @@ async def test_join_prompt_tells_the_model_about_replanning(planner, model):
     last_round, may_replan = (r["messages"][0]["content"] for r in model.requests)
     assert "REPLAN:" not in last_round and "last round" in last_round
     assert '"REPLAN: <what is missing>"' in may_replan
-    user = model.requests[0]["messages"][1]["content"]
-    outcome = json.loads(user.split("## Outcomes\n")[1].splitlines()[1])
+    goal, outcomes = (m["content"] for m in model.requests[0]["messages"][1:])
+    assert goal == "How loaded is it?"
+    outcome = json.loads(outcomes.split("## Outcomes\n")[1].splitlines()[1])
     assert outcome["tool"] == "run_command" and outcome["status"] == "SUCCEEDED"
 
 

@@ -94,9 +94,11 @@ async def test_structured_output_is_asked_for_strictly_and_recorded_for_the_node
         "n1",
         costs_pb2.USAGE_KIND_MODEL,
     )
-    assert row.usage.input_tokens == count_tokens("Summarise.") + count_tokens(
-        "Cats sleep a lot. Dogs do not."
-    )
+    # what the endpoint reported: the messages and the response schema it was sent
+    [sent] = model.requests
+    asked = count_tokens("Summarise.") + count_tokens("Cats sleep a lot. Dogs do not.")
+    schema = count_tokens(json.dumps(sent["response_format"]))
+    assert row.usage.input_tokens == asked + schema
     assert row.usage.output_tokens == count_tokens(generated.text)
     (usage,) = generated.usage
     assert (usage.usage_id, usage.usage.cost_nano_usd, usage.deferred) == (

@@ -14,7 +14,7 @@ from opentelemetry.trace import StatusCode
 from tests.support.model_script import script_of
 from trellis.planner.v1 import planner_pb2
 from trellis.runtime.errors import InvalidArgument, Unavailable
-from trellis_planner.core import CallStarted, CallUsage, PlanEnd, Planner
+from trellis_planner.core import CallStarted, CallUsage, PlanEnd, Planner, PlanStarted
 from trellis_planner.model import ChatModel
 from trellis_planner.service import make_client
 from trellis_planner.settings import PlannerSettings
@@ -40,7 +40,7 @@ async def drain(stream) -> list:
 
 def content(items: list) -> list:
     """Nodes and answer text, without the calls' usage reports."""
-    return [i for i in items if not isinstance(i, CallStarted | CallUsage)]
+    return [i for i in items if not isinstance(i, CallStarted | CallUsage | PlanStarted)]
 
 
 # --- a broken stream ----------------------------------------------------------------------
@@ -123,7 +123,7 @@ async def test_a_chunk_with_only_unusual_fields_still_works(chat_model, model):
     script_of(model).break_stream("ok", after_pieces=5, event=event)  # after all of "ok"
     call = chat_model.chat([{"role": "user", "content": "hi"}], model=MODEL)
     async with call:
-        text = "".join([piece async for piece in call.deltas()])
+        text = "".join([parts.text async for parts in call.deltas()])
     assert text == "ok!" and call.result.finish_reasons == ["eos"]
     assert call.result.estimated  # the stream ended without its usage chunk
 

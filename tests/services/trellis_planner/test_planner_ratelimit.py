@@ -126,7 +126,7 @@ async def limited(model):
 async def complete(chat: ChatModel, name: str) -> str:
     call = chat.chat(MESSAGES, model=name)
     async with call:
-        return "".join([text async for text in call.deltas()])
+        return "".join([parts.text async for parts in call.deltas()])
 
 
 async def test_second_call_in_the_window_waits_within_the_deadline(limited, model):

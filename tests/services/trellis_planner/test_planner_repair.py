@@ -19,7 +19,7 @@ from trellis.runtime.convert import from_struct, to_struct
 from trellis.runtime.errors import InvalidArgument
 from trellis_costs import service as costs_service
 from trellis_costs.settings import CostsSettings
-from trellis_planner.core import CallStarted, CallUsage, PlanEnd
+from trellis_planner.core import CallStarted, CallUsage, PlanEnd, PlanStarted
 from trellis_planner.service import NAME, build
 from trellis_planner.settings import PlannerSettings
 
@@ -39,7 +39,7 @@ async def run(planner, plan_request) -> tuple[list, list]:
     """(items streamed before the end or the error, [PlanEnd] or [])."""
     items = []
     async for item in planner.plan(plan_request):
-        if not isinstance(item, CallStarted | CallUsage):
+        if not isinstance(item, CallStarted | CallUsage | PlanStarted):
             items.append(item)
     return [i for i in items if not isinstance(i, PlanEnd)], [
         i for i in items if isinstance(i, PlanEnd)
@@ -52,6 +52,8 @@ def brief_item(item) -> str:
         return f"started {item.usage_id}"
     if isinstance(item, CallUsage):
         return f"used {item.usage_id}"
+    if isinstance(item, PlanStarted):
+        return f"format {item.plan_format}"
     return item.node_id
 
 
@@ -122,6 +124,7 @@ async def test_plan_still_invalid_after_the_repair_is_invalid_argument(
         async for item in planner.plan(request("anything", tools)):
             streamed.append(item)
     assert [brief_item(i) for i in streamed] == [
+        "format jsonl",
         "started run-1/plan/0",
         "n1",  # a node streamed is never retracted
         "used run-1/plan/0",
@@ -171,6 +174,7 @@ async def test_over_max_nodes_is_not_repaired(planner, tools, model, recorder):
         async for item in planner.plan(request(DEMO, tools, max_nodes=2)):
             items.append(item)
     assert [brief_item(i) for i in items] == [
+        "format jsonl",
         "started run-1/plan/0",
         "n1",
         "n2",
@@ -206,11 +210,17 @@ async def test_repair_over_grpc(serve, channels, model, tools, tmp_path):
     script_of(model).reply("not a plan\n")
     script_of(model).reply(line("n1", "arithmetic", {"expression": "2+3"}))
     responses = [r async for r in client.plan(request("What is 2+3?", tools))]
-    assert [r.WhichOneof("event") for r in responses] == ["usage"] * 3 + ["node", "usage", "done"]
-    plan, repair = responses[1].usage, responses[4].usage
+    assert [r.WhichOneof("event") for r in responses] == [
+        "started",
+        *["usage"] * 3,
+        "node",
+        "usage",
+        "done",
+    ]
+    plan, repair = responses[2].usage, responses[5].usage
     assert (plan.usage_id, repair.usage_id) == ("run-1/plan/0", "run-1/plan-repair/0")
-    assert responses[3].node.tool == "arithmetic"
-    done = responses[5].done
+    assert responses[4].node.tool == "arithmetic"
+    done = responses[6].done
     assert done.usage.output_tokens == plan.usage.output_tokens + repair.usage.output_tokens > 0
     assert done.usage.cost_nano_usd == plan.usage.cost_nano_usd + repair.usage.cost_nano_usd
     report = await CostsClient(channels.get(costs.target)).get_usage()

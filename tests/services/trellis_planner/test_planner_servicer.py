@@ -68,8 +68,9 @@ async def planner(serve, channels, model, costs) -> PlannerClient:
 
 
 async def responses(stream) -> tuple[list, object]:
-    """(nodes or answer deltas, the ``done`` response), without the usage events."""
-    items = [item async for item in stream if item.WhichOneof("event") != "usage"]
+    """(nodes or answer deltas, the ``done`` response), without the usage events and
+    the plan's ``started``."""
+    items = [item async for item in stream if item.WhichOneof("event") not in ("usage", "started")]
     return items[:-1], items[-1]
 
 
@@ -181,7 +182,7 @@ async def test_a_plan_line_over_the_limit_is_invalid_plan(serve, channels, model
         async for response in planner.plan(request):
             seen.append(response.WhichOneof("event"))
     # the node before the long line went out, and the call's usage before the error
-    assert seen == ["usage", "node", "usage"]
+    assert seen == ["started", "usage", "node", "usage"]
     assert raised.value.reason == "INVALID_PLAN"
     assert [(v.field, v.description) for v in raised.value.violations] == [
         ("plan", "line 2 is longer than 1024 bytes")

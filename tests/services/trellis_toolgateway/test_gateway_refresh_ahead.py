@@ -61,7 +61,7 @@ class Usage:
     def __init__(self) -> None:
         self.runs: list[str] = []
 
-    def executed(self, *, tool: str, run_id: str, node_id: str, outcome) -> None:
+    def executed(self, *, tool: str, run_id: str, node_id: str, outcome, model_tool=False) -> None:
         self.runs.append(run_id)
 
 

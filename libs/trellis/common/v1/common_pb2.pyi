@@ -26,6 +26,13 @@ class CacheMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CACHE_MODE_USE: _ClassVar[CacheMode]
     CACHE_MODE_REFRESH: _ClassVar[CacheMode]
     CACHE_MODE_BYPASS: _ClassVar[CacheMode]
+
+class PlanFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLAN_FORMAT_UNSPECIFIED: _ClassVar[PlanFormat]
+    PLAN_FORMAT_JSONL: _ClassVar[PlanFormat]
+    PLAN_FORMAT_JSON_SCHEMA: _ClassVar[PlanFormat]
+    PLAN_FORMAT_TOOL_CALLS: _ClassVar[PlanFormat]
 NODE_STATUS_UNSPECIFIED: NodeStatus
 NODE_STATUS_SUCCEEDED: NodeStatus
 NODE_STATUS_FAILED: NodeStatus
@@ -35,6 +42,10 @@ CACHE_MODE_UNSPECIFIED: CacheMode
 CACHE_MODE_USE: CacheMode
 CACHE_MODE_REFRESH: CacheMode
 CACHE_MODE_BYPASS: CacheMode
+PLAN_FORMAT_UNSPECIFIED: PlanFormat
+PLAN_FORMAT_JSONL: PlanFormat
+PLAN_FORMAT_JSON_SCHEMA: PlanFormat
+PLAN_FORMAT_TOOL_CALLS: PlanFormat
 
 class ToolCall(_message.Message):
     __slots__ = ("node_id", "tool", "args", "depends_on")

@@ -22,7 +22,7 @@ JOIN_DECISION_FINISH: JoinDecision
 JOIN_DECISION_REPLAN: JoinDecision
 
 class PlanRequest(_message.Message):
-    __slots__ = ("run_id", "goal", "tools", "max_nodes", "model", "round", "previous_plan", "previous_outcomes", "replan_reason", "attempt")
+    __slots__ = ("run_id", "goal", "tools", "max_nodes", "model", "round", "previous_plan", "previous_outcomes", "replan_reason", "attempt", "plan_format", "round_starts")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     GOAL_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,8 @@ class PlanRequest(_message.Message):
     PREVIOUS_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     REPLAN_REASON_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_STARTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     goal: str
     tools: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolSpec]
@@ -43,13 +45,23 @@ class PlanRequest(_message.Message):
     previous_outcomes: _containers.RepeatedCompositeFieldContainer[_common_pb2.NodeOutcome]
     replan_reason: str
     attempt: int
-    def __init__(self, run_id: _Optional[str] = ..., goal: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolSpec, _Mapping]]] = ..., max_nodes: _Optional[int] = ..., model: _Optional[str] = ..., round: _Optional[int] = ..., previous_plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., previous_outcomes: _Optional[_Iterable[_Union[_common_pb2.NodeOutcome, _Mapping]]] = ..., replan_reason: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+    plan_format: _common_pb2.PlanFormat
+    round_starts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, run_id: _Optional[str] = ..., goal: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolSpec, _Mapping]]] = ..., max_nodes: _Optional[int] = ..., model: _Optional[str] = ..., round: _Optional[int] = ..., previous_plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., previous_outcomes: _Optional[_Iterable[_Union[_common_pb2.NodeOutcome, _Mapping]]] = ..., replan_reason: _Optional[str] = ..., attempt: _Optional[int] = ..., plan_format: _Optional[_Union[_common_pb2.PlanFormat, str]] = ..., round_starts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PlanStarted(_message.Message):
+    __slots__ = ("plan_format",)
+    PLAN_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    plan_format: _common_pb2.PlanFormat
+    def __init__(self, plan_format: _Optional[_Union[_common_pb2.PlanFormat, str]] = ...) -> None: ...
 
 class PlanDone(_message.Message):
-    __slots__ = ("usage",)
+    __slots__ = ("usage", "answered")
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_FIELD_NUMBER: _ClassVar[int]
     usage: _common_pb2.Usage
-    def __init__(self, usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
+    answered: bool
+    def __init__(self, usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., answered: _Optional[bool] = ...) -> None: ...
 
 class ModelCallUsage(_message.Message):
     __slots__ = ("usage_id", "started", "usage", "cost_deferred")
@@ -64,17 +76,21 @@ class ModelCallUsage(_message.Message):
     def __init__(self, usage_id: _Optional[str] = ..., started: _Optional[bool] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost_deferred: _Optional[bool] = ...) -> None: ...
 
 class PlanResponse(_message.Message):
-    __slots__ = ("node", "done", "usage")
+    __slots__ = ("node", "done", "usage", "started", "answer_delta")
     NODE_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_DELTA_FIELD_NUMBER: _ClassVar[int]
     node: _common_pb2.ToolCall
     done: PlanDone
     usage: ModelCallUsage
-    def __init__(self, node: _Optional[_Union[_common_pb2.ToolCall, _Mapping]] = ..., done: _Optional[_Union[PlanDone, _Mapping]] = ..., usage: _Optional[_Union[ModelCallUsage, _Mapping]] = ...) -> None: ...
+    started: PlanStarted
+    answer_delta: str
+    def __init__(self, node: _Optional[_Union[_common_pb2.ToolCall, _Mapping]] = ..., done: _Optional[_Union[PlanDone, _Mapping]] = ..., usage: _Optional[_Union[ModelCallUsage, _Mapping]] = ..., started: _Optional[_Union[PlanStarted, _Mapping]] = ..., answer_delta: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("run_id", "goal", "plan", "outcomes", "model", "round", "allow_replan", "attempt")
+    __slots__ = ("run_id", "goal", "plan", "outcomes", "model", "round", "allow_replan", "attempt", "plan_format", "round_starts", "tools", "max_nodes")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     GOAL_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +99,10 @@ class JoinRequest(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ALLOW_REPLAN_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_STARTS_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     goal: str
     plan: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]
@@ -91,7 +111,11 @@ class JoinRequest(_message.Message):
     round: int
     allow_replan: bool
     attempt: int
-    def __init__(self, run_id: _Optional[str] = ..., goal: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., outcomes: _Optional[_Iterable[_Union[_common_pb2.NodeOutcome, _Mapping]]] = ..., model: _Optional[str] = ..., round: _Optional[int] = ..., allow_replan: _Optional[bool] = ..., attempt: _Optional[int] = ...) -> None: ...
+    plan_format: _common_pb2.PlanFormat
+    round_starts: _containers.RepeatedScalarFieldContainer[int]
+    tools: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolSpec]
+    max_nodes: int
+    def __init__(self, run_id: _Optional[str] = ..., goal: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., outcomes: _Optional[_Iterable[_Union[_common_pb2.NodeOutcome, _Mapping]]] = ..., model: _Optional[str] = ..., round: _Optional[int] = ..., allow_replan: _Optional[bool] = ..., attempt: _Optional[int] = ..., plan_format: _Optional[_Union[_common_pb2.PlanFormat, str]] = ..., round_starts: _Optional[_Iterable[int]] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolSpec, _Mapping]]] = ..., max_nodes: _Optional[int] = ...) -> None: ...
 
 class JoinDone(_message.Message):
     __slots__ = ("decision", "reason", "usage")
@@ -104,14 +128,16 @@ class JoinDone(_message.Message):
     def __init__(self, decision: _Optional[_Union[JoinDecision, str]] = ..., reason: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("answer_delta", "done", "usage")
+    __slots__ = ("answer_delta", "done", "usage", "node")
     ANSWER_DELTA_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     answer_delta: str
     done: JoinDone
     usage: ModelCallUsage
-    def __init__(self, answer_delta: _Optional[str] = ..., done: _Optional[_Union[JoinDone, _Mapping]] = ..., usage: _Optional[_Union[ModelCallUsage, _Mapping]] = ...) -> None: ...
+    node: _common_pb2.ToolCall
+    def __init__(self, answer_delta: _Optional[str] = ..., done: _Optional[_Union[JoinDone, _Mapping]] = ..., usage: _Optional[_Union[ModelCallUsage, _Mapping]] = ..., node: _Optional[_Union[_common_pb2.ToolCall, _Mapping]] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")

@@ -69,7 +69,8 @@ class PlannerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Join(self, request, context):
-        """Streams answer tokens, then `done` with FINISH or REPLAN.
+        """Streams answer tokens (or, tool_calls format, the next round's nodes), then
+        `done` with FINISH or REPLAN.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
