@@ -16,6 +16,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from trellis.common.v1 import common_pb2
@@ -90,17 +91,41 @@ class DagScheduler:
         self._waiting: dict[str, set[str]] = {}
         self._dependents: dict[str, list[str]] = {}
         self._group: asyncio.TaskGroup | None = None
+        #: Nodes handed to a task, which may be cancelled before it ever runs.
+        self._started: list[str] = []
 
     async def run(self, calls: AsyncIterator[common_pb2.ToolCall], checker: NodeChecker) -> None:
         """Consume ``calls`` and return when every node of them has an outcome."""
-        async with asyncio.TaskGroup() as group:
-            self._group = group
+        async with self._node_tasks():
             index = 0
             async for call in calls:
                 checker.check(call, f"plan[{index}]")
                 index += 1
                 await self._admit(call)
-        self._group = None
+
+    @asynccontextmanager
+    async def _node_tasks(self) -> AsyncIterator[None]:
+        """The task group the nodes run in; when the run stops, the ready nodes whose task
+        never got to run (cancelled before it started, or waiting for a slot) are recorded
+        as cancelled, so each node the run meant to start reports how it ended."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                yield
+        except BaseException:
+            await asyncio.shield(self._never_started())
+            raise
+        finally:
+            self._group = None
+
+    async def _never_started(self) -> None:
+        await asyncio.sleep(0)  # a cancelled node's own (shielded) record goes first
+        for node_id in self._started:
+            if node_id not in self.outcomes:
+                message = "the run stopped before the node started"
+                await self._record(
+                    ended(node_id, Status.NODE_STATUS_CANCELLED, "CANCELLED", message)
+                )
 
     async def run_plan(self, calls: Sequence[common_pb2.ToolCall]) -> None:
         """Run a whole plan known up front (an explicit one, already checked and in
@@ -108,11 +133,9 @@ class DagScheduler:
         if not calls:
             return
         await self._events.planned(*calls)
-        async with asyncio.TaskGroup() as group:
-            self._group = group
+        async with self._node_tasks():
             for call in calls:
                 await self._admit(call, announce=False)
-        self._group = None
 
     async def resume(
         self, plan: Iterable[common_pb2.ToolCall], outcomes: Iterable[common_pb2.NodeOutcome]
@@ -121,8 +144,7 @@ class DagScheduler:
         the others (in flight when the run stopped, or not started) run now, and this
         returns when every one of them has an outcome. ``plan`` is in planning order."""
         done = {outcome.node_id: outcome for outcome in outcomes}
-        async with asyncio.TaskGroup() as group:
-            self._group = group
+        async with self._node_tasks():
             for call in plan:
                 outcome = done.get(call.node_id)
                 if outcome is None:
@@ -130,7 +152,6 @@ class DagScheduler:
                 else:
                     self.calls[call.node_id] = call
                     self._remember(outcome)
-        self._group = None
 
     async def _admit(self, call: common_pb2.ToolCall, *, announce: bool = True) -> None:
         self.calls[call.node_id] = call
@@ -153,6 +174,7 @@ class DagScheduler:
 
     def _start(self, call: common_pb2.ToolCall) -> None:
         assert self._group is not None
+        self._started.append(call.node_id)
         self._group.create_task(self._execute(call), name=f"node:{call.node_id}")
 
     async def _execute(self, call: common_pb2.ToolCall) -> None:

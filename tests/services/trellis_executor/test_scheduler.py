@@ -131,3 +131,26 @@ async def test_cancelling_marks_in_flight_nodes_cancelled() -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert scheduler.outcomes["long"].status == common_pb2.NODE_STATUS_CANCELLED
+
+
+async def test_a_stop_before_ready_nodes_ran_records_them_cancelled() -> None:
+    """A plan that fails right after a valid node (the model's next line is broken): the
+    node's task never ran, and it still reports how it ended, as does one queued for a slot."""
+
+    async def broken_after_two() -> AsyncIterator[common_pb2.ToolCall]:
+        yield call("first", 1000)
+        yield call("queued", 0)
+        raise ValueError("the model's next line is broken")
+
+    tools, events = FakeTools(), Recorder()
+    scheduler = DagScheduler(tools, events, max_parallel=1)
+    [error] = await asyncio.gather(
+        scheduler.run(broken_after_two(), checker()), return_exceptions=True
+    )
+    assert isinstance(error, BaseExceptionGroup)
+    assert {n: o.status for n, o in scheduler.outcomes.items()} == {
+        "first": common_pb2.NODE_STATUS_CANCELLED,
+        "queued": common_pb2.NODE_STATUS_CANCELLED,
+    }
+    assert scheduler.outcomes["queued"].error.message == "the run stopped before the node started"
+    assert [n for k, n, _ in events.log if k == "finished"].count("queued") == 1
