@@ -146,7 +146,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
     except ValueError:
         return error_response(400, "The request body is not valid JSON")
-    messages, problem = _parse(body)
+    _, problem = _parse(body)
     if problem:
         return error_response(400, problem, param="messages")
     state.requests.append(body)
@@ -169,7 +169,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     else:
         reply = respond(body)
     written = _written(reply, behaviour)
-    usage = _usage(_prompt_tokens(body, messages), count_tokens(written))
+    usage = _usage(prompt_tokens(body), count_tokens(written))
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "created": int(time.time()),
@@ -198,8 +198,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await stream.run(reply, finish)
 
 
-def _prompt_tokens(body: Mapping[str, Any], messages: list[Mapping[str, Any]]) -> int:
-    """The messages' text, tool calls, and the tools or response schema of the request."""
+def prompt_tokens(body: Mapping[str, Any]) -> int:
+    """The prompt tokens of a (valid) chat request: the messages' text, tool calls, and
+    the tools or response schema it sends."""
+    messages: list[Mapping[str, Any]] = body["messages"]
     total = sum(count_tokens(message_text(m)) for m in messages)
     for message in messages:
         if message.get("tool_calls"):

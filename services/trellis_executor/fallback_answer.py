@@ -68,10 +68,12 @@ def fallback_answer(
     calls: Mapping[str, common_pb2.ToolCall],
     outcomes: Mapping[str, common_pb2.NodeOutcome],
 ) -> str:
-    """The template answer (see the module docstring); secrets redacted."""
+    """The template answer (see the module docstring), a line per node in plan order
+    (not the order they finished in); secrets redacted."""
     cause = f"{error.reason}: {error.message}"
     if not outcomes:
         return redact_text(f"No model could answer ({_clip(cause)}), and no tool ran.")
     lines = [f"No model could answer ({_clip(cause)}), so here is what each tool returned:"]
-    lines.extend(_line(calls.get(node_id), outcome) for node_id, outcome in outcomes.items())
+    in_plan_order = [n for n in calls if n in outcomes] + [n for n in outcomes if n not in calls]
+    lines.extend(_line(calls.get(node_id), outcomes[node_id]) for node_id in in_plan_order)
     return redact_text("\n".join(lines))

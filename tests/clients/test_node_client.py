@@ -267,13 +267,18 @@ async def test_the_callers_deadline_ends_the_run_failed_deadline_exceeded(
     result = await run_client(
         stack, "--json", "--timeout-ms", "1500", "--run-id", "late-1", "--plan-file", plan
     )
-    # The run's deadline is the caller's, a little earlier: its ending reaches the client.
+    # The run's deadline is the caller's, a little earlier, so its ending normally reaches
+    # the client first; on a starved machine the caller's own deadline can still win the
+    # race, and the client then says so itself. Either way the exit code is FAILED.
     assert result.returncode == EXIT.FAILED, result
-    finished = result.events()[-1].finished
-    assert (finished.status, finished.error.code) == (
-        executor_pb2.RUN_STATUS_FAILED,
-        "DEADLINE_EXCEEDED",
-    )
+    last = result.events()[-1]
+    if last.HasField("finished"):
+        assert (last.finished.status, last.finished.error.code) == (
+            executor_pb2.RUN_STATUS_FAILED,
+            "DEADLINE_EXCEEDED",
+        )
+    else:
+        assert "DEADLINE_EXCEEDED" in result.stderr, result
     stored = await executor.get_run("late-1")
     assert (stored.status, stored.error.code) == (
         executor_pb2.RUN_STATUS_FAILED,

@@ -33,6 +33,7 @@ from trellis.costs.v1 import costs_pb2
 from trellis.runtime.convert import from_value
 from trellis_costs.service import build as build_costs
 from trellis_costs.settings import CostsSettings
+from trellis_offline_model.server import prompt_tokens
 from trellis_offline_model.tokens import count_tokens
 from trellis_planner import service as planner_service
 from trellis_planner.ratelimit import InProcessRateLimiter, Limit, RateLimits
@@ -186,7 +187,7 @@ async def test_structured_output_is_the_parsed_object_and_the_node_reports_its_t
     (row,) = ledger("r1")
     assert (row["usage_id"], row["node_id"], row["kind"]) == ("r1/n1/model", "n1", "model")
     assert reported(outcome) == usage_of(row)
-    prompt = sum(count_tokens(m["content"]) for m in request["messages"])
+    prompt = prompt_tokens(request)
     answer = json.dumps(from_value(outcome.output))
     assert row["input_tokens"] == prompt and row["output_tokens"] == count_tokens(answer)
     assert row["cost_nano_usd"] == prompt * INPUT_NANO + row["output_tokens"] * OUTPUT_NANO > 0
@@ -305,7 +306,7 @@ async def test_ten_model_calls_at_once_stay_within_the_models_rate_limit(
     planner = await start_planner(serve, channels, model, costs)
     invoker = Invoker(registry_of(planner), None, trace.get_tracer(__name__))
     arrivals: list[float] = []
-    model.state.next_behaviour = lambda: arrivals.append(time.monotonic())  # type: ignore[func-returns-value]
+    model.state.next_behaviour = lambda body: arrivals.append(time.monotonic())  # type: ignore[func-returns-value]
     waited = (
         REGISTRY.get_sample_value(
             "trellis_model_rate_limited_total",
@@ -351,7 +352,7 @@ async def test_a_batch_is_one_model_request_and_its_tokens_are_split_exactly(
     rows = ledger("r1")
     assert [r["usage_id"] for r in rows] == [f"r1/n{i}/model" for i in range(5)]
     assert [usage_of(r) for r in rows] == [reported(o) for o in outcomes]
-    prompt = sum(count_tokens(m["content"]) for m in request["messages"])
+    prompt = prompt_tokens(request)
     answer = json.dumps({"results": [from_value(o.output) for o in outcomes]})
     assert sum(r["input_tokens"] for r in rows) == prompt
     assert sum(r["output_tokens"] for r in rows) == count_tokens(answer)
