@@ -22,12 +22,13 @@ from grpc import aio
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from trellis.costs.v1 import costs_pb2
+from trellis_costs.service import NAME as COSTS_NAME
 
 _COSTS_SERVICE = costs_pb2.DESCRIPTOR.services_by_name["CostAccountingService"]
 #: ``package.Service/Method`` of every cost-accounting RPC.
 BOOKKEEPING_RPCS = frozenset(f"{_COSTS_SERVICE.full_name}/{m.name}" for m in _COSTS_SERVICE.methods)
-#: ``service.name`` of the cost-accounting process (``run_service("trellis-costs", ...)``).
-COSTS_SERVICE_NAME = "trellis-costs"
+#: ``service.name`` of the cost-accounting process (its service name, ``costs``).
+COSTS_SERVICE_NAME = COSTS_NAME
 
 #: A span as counted: (``service.name`` of the process that made it, span name).
 SpanKey = tuple[str, str]
