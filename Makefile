@@ -15,7 +15,7 @@ help:
 	@echo "make proto  - regenerate the committed Python stubs from protos/"
 	@echo "make lint   - buf lint, buf format, buf breaking (vs main), ruff, lint-imports (layers)"
 	@echo "make up     - start the five services as processes on their default ports"
-	@echo "make bench  - cache, single-flight and executor figures into bench/results/latest.json"
+	@echo "make bench  - cache, executor, batching and five-process figures into bench/results/latest.json"
 	@echo "make soak   - SOAK_CLIENTS (50) clients x SOAK_SECONDS (60) s against the stack as processes"
 
 $(INSTALLED): pyproject.toml
@@ -57,7 +57,8 @@ run: $(INSTALLED)
 up: $(INSTALLED)
 	$(VENV)/bin/trellis up
 
-# The benchmark-only extra (langgraph for the baseline, matplotlib for the Gantt chart).
+# The benchmark-only extra (langgraph for the baseline, matplotlib for the Gantt chart,
+# py-spy for bench/profile_processes.py).
 $(VENV)/.bench-installed: $(INSTALLED) pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	@touch $@

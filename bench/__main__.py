@@ -1,7 +1,7 @@
 """``python -m bench``: run the benchmarks, merge the figures into latest.json, print them.
 
-``--only NAME`` (repeatable) runs some of them - a benchmark (cache, executor, batching)
-or one section of the executor's (skewed_dag, streamed_plan, ...); the other figures in
+``--only NAME`` (repeatable) runs some of them - a benchmark (cache, executor, batching,
+processes) or one section of the executor's (skewed_dag, streamed_plan, ...); the other figures in
 the file are kept as they are.
 """
 
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from bench import batching_bench, cache_bench, executor_bench
+from bench import batching_bench, cache_bench, executor_bench, process_bench
 from bench.results import DEFAULT_PATH, machine_facts, merge_write, print_table, targets_met
 
 #: The benchmarks, by name, in the order they run.
@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "cache": cache_bench,
     "executor": executor_bench,
     "batching": batching_bench,
+    "processes": process_bench,
 }
 
 

@@ -170,11 +170,11 @@ def echo_plan():
     ]
 
 
-async def measure_throughput(
-    client: ExecutorClient, exporter: InMemorySpanExporter, clients: int, runs_each: int
-) -> dict[str, Any]:
-    await timed_run(client, executor_pb2.RunRequest(plan=echo_plan()))
-    exporter.clear()
+async def drive_echo_runs(
+    client: ExecutorClient, clients: int, runs_each: int
+) -> tuple[list[float], float]:
+    """``clients`` concurrent clients each running ``runs_each`` echo plans one after
+    another: every run's wall time (ms) and the elapsed seconds of the whole load."""
     walls: list[float] = []
 
     async def one_client() -> None:
@@ -184,7 +184,10 @@ async def measure_throughput(
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one_client() for _ in range(clients)))
-    elapsed = time.perf_counter() - t0
+    return walls, time.perf_counter() - t0
+
+
+def throughput_figures(walls: list[float], elapsed: float, clients: int) -> dict[str, Any]:
     nodes = len(walls) * len(echo_plan())
     return {
         "concurrent_clients": clients,
@@ -196,6 +199,17 @@ async def measure_throughput(
         "runs_per_s": r(len(walls) / elapsed, 1),
         "overhead_p50_ms": r(percentile_ms(walls, 50)),
         "overhead_p99_ms": r(percentile_ms(walls, 99)),
+    }
+
+
+async def measure_throughput(
+    client: ExecutorClient, exporter: InMemorySpanExporter, clients: int, runs_each: int
+) -> dict[str, Any]:
+    await timed_run(client, executor_pb2.RunRequest(plan=echo_plan()))
+    exporter.clear()
+    walls, elapsed = await drive_echo_runs(client, clients, runs_each)
+    return {
+        **throughput_figures(walls, elapsed, clients),
         "tracing": "on (BatchSpanProcessor -> in-memory exporter)",
     }
 

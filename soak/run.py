@@ -33,11 +33,11 @@ from grpc import aio
 
 from soak import workload
 from soak.rss import RssSampler
-from soak.stack import ProcessStack, start_process_stack
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
 from trellis.runtime.convert import timestamp_seconds
 from trellis.runtime.errors import from_rpc_error
+from trellis_cli.processes import ProcessStack, start_process_stack
 
 RunStatus = executor_pb2.RunStatus
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -348,7 +348,9 @@ async def _soak_in(config: SoakConfig, workdir: Path) -> dict[str, Any]:
     if config.max_active_runs is not None:
         executor_env["TRELLIS_MAX_ACTIVE_RUNS"] = str(config.max_active_runs)
     stack = await start_process_stack(
-        workdir, model_line_delay_ms=config.model_line_delay_ms, executor_env=executor_env
+        workdir,
+        model_line_delay_ms=config.model_line_delay_ms,
+        per_service={"executor": executor_env},
     )
     try:
         return await _drive(config, stack, (("authorization", f"Bearer {key}"),))

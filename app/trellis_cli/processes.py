@@ -1,10 +1,13 @@
-"""The stack the soak runs against: the offline model and the five services as processes.
+"""The stack as processes for the soak and the benchmarks: the offline model and the
+five services, each ``python -m <module>`` on free loopback ports.
 
-Each process is ``python -m <module>`` (as ``trellis up`` runs them, whose start-up
-waits are reused) on free loopback ports, with its SQLite files and log in the soak's
-work directory, no tracing export, no metrics port and warnings-only logs. The
-environment is this one without ``TRELLIS_*``/``OTEL_*`` variables, plus the soak's.
-Processes are stopped by their own PIDs (SIGTERM, then SIGKILL after a grace).
+``trellis up`` runs the same modules on fixed ports and its start-up waits are reused
+here. Each process keeps its SQLite files and log in a work directory, has no metrics
+port and logs warnings only; tracing exports nothing unless the caller's environment
+says so (``common_env`` with ``OTEL_EXPORTER_OTLP_ENDPOINT``...). The environment is this
+one without ``TRELLIS_*``/``OTEL_*`` variables, plus the caller's (store URLs, API keys,
+OTLP endpoint). Processes are stopped by their own PIDs (SIGTERM, then SIGKILL after a
+grace).
 """
 
 from __future__ import annotations
@@ -60,9 +63,17 @@ class ProcessStack:
     def executor_target(self) -> str:
         return f"127.0.0.1:{self.procs['executor'].port}"
 
+    def target(self, name: str) -> str:
+        return f"127.0.0.1:{self.procs[name].port}"
+
     @property
     def pids(self) -> dict[str, int]:
         return {name: proc.pid for name, proc in self.procs.items()}
+
+    @property
+    def service_pids(self) -> dict[str, int]:
+        """The five services' PIDs (the offline model left out)."""
+        return {name: proc.pid for name, proc in self.procs.items() if name != MODEL.name}
 
     def dead(self) -> dict[str, int | None]:
         """Processes that exited, with their exit codes."""
@@ -99,15 +110,16 @@ def _base_env() -> dict[str, str]:
 async def start_process_stack(
     workdir: Path,
     *,
-    model_line_delay_ms: float,
-    executor_env: Mapping[str, str] | None = None,
+    model_line_delay_ms: float = 0.0,
     common_env: Mapping[str, str] | None = None,
+    per_service: Mapping[str, Mapping[str, str]] | None = None,
 ) -> ProcessStack:
     """Start the model and the five services in ``workdir``; return once all are ready.
 
-    ``executor_env`` goes to the executor only (e.g. ``TRELLIS_MAX_ACTIVE_RUNS``),
-    ``common_env`` to every service. On a start-up failure everything started is stopped
-    and ``RuntimeError`` carries the failing process's log.
+    ``common_env`` goes to every service (a PostgreSQL ``TRELLIS_DATABASE_URL`` replaces
+    the per-service SQLite files; the OTLP endpoint), ``per_service[name]`` to one (e.g.
+    the executor's ``TRELLIS_API_KEYS``). On a start-up failure everything started is
+    stopped and ``RuntimeError`` carries the failing process's log.
     """
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
     stack = ProcessStack(workdir)
@@ -134,7 +146,7 @@ async def start_process_stack(
                 "TRELLIS_DATABASE_URL": f"sqlite:///{workdir / spec.name}.db",
                 "TRELLIS_OUTBOX_PATH": str(workdir / f"{spec.name}-outbox.db"),
                 **(common_env or {}),
-                **((executor_env or {}) if spec.name == "executor" else {}),
+                **(per_service or {}).get(spec.name, {}),
             }
             await _spawn(stack, spec.name, spec.module, ports[spec.name], env)
     except BaseException:
