@@ -53,6 +53,7 @@ from trellis.runtime.errors import (
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import RUN_DURATION
 from trellis.runtime.redact import redact_details, redact_text
+from trellis.runtime.rpc_spans import call_attributes
 from trellis.runtime.usage import node_model_usage_id
 from trellis.runtime.validation import node_idempotency_key
 from trellis.toolgateway.v1 import toolgateway_pb2
@@ -63,6 +64,7 @@ from trellis_executor.fallback_answer import fallback_answer, no_model_answered
 from trellis_executor.limits import DEADLINE_EXCEEDED, CostMeter, Limits, RunDeadlineExceeded
 from trellis_executor.plan import NodeChecker, order_explicit_plan
 from trellis_executor.run_cost import RunCost, tool_cost
+from trellis_executor.run_span import run_totals
 from trellis_executor.scheduler import DagScheduler, ended
 from trellis_executor.store import Progress
 
@@ -172,6 +174,15 @@ class RunExecution:
         self, run: RunContext, finished: executor_pb2.RunFinished, span: trace.Span
     ) -> None:
         await self._account(run, finished)
+        scheduler = run.scheduler
+        span.set_attributes(
+            run_totals(
+                finished,
+                len(scheduler.calls) if scheduler is not None else 0,
+                scheduler.outcomes.values() if scheduler is not None else (),
+                run.request,
+            )
+        )
         elapsed = time.monotonic() - run.started
         finished.duration.CopyFrom(duration(elapsed))
         status = RunStatus.Name(finished.status).removeprefix("RUN_STATUS_").lower()
@@ -409,7 +420,8 @@ class RunExecution:
         assert run.cost is not None
         usage_id = node_model_usage_id(run.run_id, call.node_id)
         try:
-            outcome = await self._gateway.invoke(request)
+            with call_attributes({"trellis.node_id": call.node_id, "gen_ai.tool.name": call.tool}):
+                outcome = await self._gateway.invoke(request)
         except BaseException as error:
             if call.tool in run.model_tools and _may_have_run(error):
                 run.cost.node_unreported(usage_id)  # its model call may have been made

@@ -36,6 +36,7 @@ from trellis.runtime.errors import (
     Unavailable,
 )
 from trellis.runtime.logs import get_logger
+from trellis.runtime.telemetry import span_id_of, trace_id_of
 from trellis_executor import ports
 from trellis_executor.events import Queue, RunEvents
 from trellis_executor.execution import RunContext, RunExecution
@@ -331,7 +332,7 @@ class Runner:
 
     def _launch(self, run: RunContext, span: trace.Span, *, detached: bool = False) -> ActiveRun:
         task = asyncio.create_task(self._execution.execute(run, span), name=f"run:{run.run_id}")
-        trace_id = format(span.get_span_context().trace_id, "032x")
+        trace_id = trace_id_of(span)  # empty when tracing is off
         active = ActiveRun(task, run.events, trace_id, context.tenant(), detached)
         self._active[run.run_id] = active
 
@@ -423,14 +424,13 @@ class Runner:
             BudgetPolicy.of(self._settings),
             refused="no run started",
         )
-        span_context = span.get_span_context()
         write = asyncio.ensure_future(
             self._store.create(
                 run_id,
                 context.tenant(),
                 _with_timeout(request, limits.timeout),
-                format(span_context.trace_id, "032x"),
-                format(span_context.span_id, "016x"),
+                trace_id_of(span),
+                span_id_of(span),
             )
         )
         abandoned = False

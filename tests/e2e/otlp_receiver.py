@@ -34,6 +34,7 @@ class ReceivedSpan:
     attributes: dict[str, Any]
     status: int
     status_message: str
+    resource: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_error(self) -> bool:
@@ -88,6 +89,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                             attributes=_attributes(span.attributes),
                             status=span.status.code,
                             status_message=span.status.message,
+                            resource=resource,
                         )
                     )
         return trace_service_pb2.ExportTraceServiceResponse()

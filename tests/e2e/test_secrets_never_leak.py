@@ -233,7 +233,8 @@ async def test_a_sentinel_secret_never_leaks(tmp_path: Path, redis_server, chann
     # -- spans --------------------------------------------------------------------------
     spans = exporter.get_finished_spans()
     services = {span.resource.attributes["service.name"] for span in spans}
-    assert services == {"executor", "planner", "toolgateway", "cache", "costs"}
+    # cost accounting's bookkeeping makes spans only when it fails (rpc_spans): not here
+    assert services == {"executor", "planner", "toolgateway", "cache"}
     dumps = [span.to_json() for span in spans]
     leaked = [text for text in dumps if leaks(text)]
     assert not leaked, leaked[:1]

@@ -7,6 +7,9 @@ the child span) for a child whose parent is in another service: a gRPC client sp
 and the server span it caused, or a Redis command span under the cache's RPC.
 Redis is named as the child "service" of its command spans (``db.system`` redis),
 the way Jaeger's dependency graph shows a database.
+
+Cost accounting's run-time RPCs are bookkeeping (``trellis.runtime.rpc_spans``): they
+make spans only when they fail, so the edges to ``costs`` are in a trace only then.
 """
 
 from __future__ import annotations
@@ -15,26 +18,42 @@ from collections.abc import Iterable, Mapping
 
 #: Why each edge exists, by edge.
 EDGES: Mapping[tuple[str, str], str] = {
-    ("executor", "costs"): "CheckBudget before the run starts",
+    ("executor", "costs"): "CheckBudget before the run starts, when it fails",
     ("executor", "toolgateway"): "ListTools and InvokeTool, one per node",
     ("executor", "planner"): "Plan (streamed nodes) and Join (streamed answer)",
-    ("planner", "costs"): "CheckBudget before and RecordUsage after each model call",
+    ("planner", "costs"): "CheckBudget before and RecordUsage after a model call, when they fail",
     ("toolgateway", "planner"): "Generate (Embed) of a model (embed) tool: the planner owns models",
     ("toolgateway", "cache"): "Get before running a cacheable tool, Set after",
-    ("toolgateway", "costs"): "RecordUsage of each tool execution (from the usage outbox)",
+    ("toolgateway", "costs"): "RecordUsage of a tool execution (usage outbox), when it fails",
     ("cache", "redis"): "the cache's commands, when TRELLIS_REDIS_URL is set",
 }
 
-#: Every edge of a planned run, the cache on Redis.
-EXPECTED_EDGES: frozenset[tuple[str, str]] = frozenset(EDGES)
+#: The edges only failed bookkeeping makes.
+BOOKKEEPING_EDGES: frozenset[tuple[str, str]] = frozenset(e for e in EDGES if e[1] == "costs")
+#: Every edge of a planned run whose bookkeeping succeeded, the cache on Redis.
+EXPECTED_EDGES: frozenset[tuple[str, str]] = frozenset(EDGES) - BOOKKEEPING_EDGES
 #: The edges that need the Redis backend (the embedded stack caches in memory).
 REDIS_EDGES: frozenset[tuple[str, str]] = frozenset(e for e in EDGES if e[1] == "redis")
-#: The edges only a tool that ran makes: a run served wholly from the cache has none.
-TOOL_RUN_EDGES: frozenset[tuple[str, str]] = frozenset({("toolgateway", "costs")})
 #: The edges only a model tool makes (a run of other tools has none).
 MODEL_TOOL_EDGES: frozenset[tuple[str, str]] = frozenset({("toolgateway", "planner")})
 
 REDIS = "redis"
+#: The service whose run-time RPCs are bookkeeping, and the one span it had of its own.
+_BOOKKEEPING = ("trellis.costs.v1.CostAccountingService/", "trellis.ledger.record")
+#: The most of a run's spans bookkeeping may be (the issue's target).
+MAX_BOOKKEEPING_SHARE = 0.15
+
+
+def is_bookkeeping(name: str) -> bool:
+    """Whether a span (by name) is budget or usage bookkeeping (GetUsage and SetBudget,
+    which a person calls, never appear in a run's trace)."""
+    return name.startswith(_BOOKKEEPING[0]) or name == _BOOKKEEPING[1]
+
+
+def bookkeeping_share(names: Iterable[str]) -> float:
+    """The share of spans, by name, that are bookkeeping."""
+    names = list(names)
+    return sum(map(is_bookkeeping, names)) / len(names)
 
 
 def node_name(service: str, attributes: Mapping[str, object] | None) -> str:

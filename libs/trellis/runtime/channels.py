@@ -2,7 +2,8 @@
 
 Every channel gets the same service config (round_robin over all resolved addresses,
 transparent retries of UNAVAILABLE only), keepalive, message limits and the client
-interceptors (tracing, deadline and tenant propagation). Services ask for a channel
+interceptors (deadline and tenant propagation, and with a tracer the calls' spans:
+``trellis.runtime.client_interceptors``). Services ask for a channel
 by target and never build one themselves. With ``credentials`` (mTLS, see
 ``trellis.runtime.tls``) every channel is a TLS channel with them.
 """
@@ -14,8 +15,9 @@ from collections.abc import Sequence
 
 import grpc
 from grpc import aio
+from opentelemetry import trace
 
-from trellis.runtime.interceptors import propagating_client_interceptors
+from trellis.runtime.client_interceptors import client_interceptors
 
 RETRY_POLICY = {
     "maxAttempts": 4,
@@ -54,11 +56,11 @@ class Channels:
         max_message_bytes: int = 4 * 1024 * 1024,
         interceptors: Sequence[aio.ClientInterceptor] = (),
         credentials: grpc.ChannelCredentials | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._options = channel_options(max_message_bytes)
         self._credentials = credentials
-        # Tracing first so its span covers the propagated call.
-        self._interceptors = [*interceptors, *propagating_client_interceptors()]
+        self._interceptors = [*interceptors, *client_interceptors(tracer)]
         self._channels: dict[str, aio.Channel] = {}
 
     def get(self, target: str) -> aio.Channel:

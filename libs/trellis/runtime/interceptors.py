@@ -3,8 +3,10 @@
 Server side: each handler runs inside a request scope (incoming deadline and tenant),
 the tenant is set on the RPC's server span (``trellis.tenant_id``), and
 ``TrellisError`` becomes a rich gRPC status; anything unexpected becomes INTERNAL
-without leaking internals. Client side: every call's timeout is shortened to the
-incoming deadline and the tenant is forwarded as metadata.
+without leaking internals; with a tracer, each call's server span is opened here too.
+Client side (``propagate``, applied by ``trellis.runtime.client_interceptors``): every
+call's timeout is shortened to the incoming deadline and the tenant is forwarded as
+metadata.
 
 Where the tenant comes from: with ``api_keys`` (the executor, auth on), the methods of
 the ``protected`` services need ``authorization: Bearer <key>`` and run as the key's
@@ -42,6 +44,7 @@ from trellis.runtime.errors import (
     to_status,
 )
 from trellis.runtime.metrics import RPC_ERRORS
+from trellis.runtime.rpc_spans import ServerCall, rpc_method, server_span
 from trellis.runtime.validation import TENANT_ID
 
 log = logging.getLogger(__name__)
@@ -55,9 +58,12 @@ ATTR_TENANT = "trellis.tenant_id"
 _NO_RETRY = (("grpc-retry-pushback-ms", "-1"),)
 
 
-async def _abort(ctx: aio.ServicerContext, error: TrellisError, method: str) -> None:
+async def _abort(
+    ctx: aio.ServicerContext, error: TrellisError, method: str, call: ServerCall
+) -> None:
     RPC_ERRORS.labels(method=method, code=error.code.name, reason=error.reason).inc()
     status = to_status(error)
+    call.failed(status.code, status.details)
     await ctx.abort(
         status.code, status.details, trailing_metadata=(*status.trailing_metadata, *_NO_RETRY)
     )
@@ -136,25 +142,27 @@ def _scope(ctx: aio.ServicerContext, method: str, api_keys: ApiKeys | None):
                 "unauthenticated call refused: %s %s from %s", method, error.reason, ctx.peer()
             )
             raise
-    # The tracing interceptor runs first, so the current span is this RPC's server span.
+    # The current span is this RPC's server span (``server_span``).
     trace.get_current_span().set_attribute(ATTR_TENANT, tenant_id or context.tenant())
     return context.request_scope(timeout=ctx.time_remaining(), tenant_id=tenant_id)
 
 
-async def _fail(ctx: aio.ServicerContext, method: str, exc: Exception) -> None:
+async def _fail(ctx: aio.ServicerContext, method: str, exc: Exception, call: ServerCall) -> None:
     if isinstance(exc, TrellisError):
-        await _abort(ctx, exc, method)
+        await _abort(ctx, exc, method, call)
         return
     log.exception("unhandled error in %s", method)
-    await _abort(ctx, Internal(f"internal error ({type(exc).__name__})"), method)
+    await _abort(ctx, Internal(f"internal error ({type(exc).__name__})"), method, call)
 
 
-async def _entered_scope(ctx: aio.ServicerContext, method: str, api_keys: ApiKeys | None):  # type: ignore[no-untyped-def]
+async def _entered_scope(  # type: ignore[no-untyped-def]
+    ctx: aio.ServicerContext, method: str, api_keys: ApiKeys | None, call: ServerCall
+):
     """The request's scope, or the call aborted (a refused key: UNAUTHENTICATED)."""
     try:
         return _scope(ctx, method, api_keys)
     except TrellisError as error:
-        await _abort(ctx, error, method)  # raises AbortError
+        await _abort(ctx, error, method, call)  # raises AbortError
         raise
 
 
@@ -169,49 +177,73 @@ def _parsed(method: str, request: Any) -> Any:
 
 
 def _wrap_unary(
-    method: str, behavior: Callable[..., Awaitable[Any]], api_keys: ApiKeys | None
+    method: str,
+    behavior: Callable[..., Awaitable[Any]],
+    api_keys: ApiKeys | None,
+    tracer: trace.Tracer | None,
 ) -> Callable[..., Any]:
+    rpc = rpc_method(method)
+
     async def handler(request: Any, ctx: aio.ServicerContext) -> Any:
-        with await _entered_scope(ctx, method, api_keys):
-            try:
-                return await behavior(_parsed(method, request), ctx)
-            except aio.AbortError:
-                raise
-            except Exception as exc:
-                await _fail(ctx, method, exc)
+        with server_span(tracer, rpc, ctx.invocation_metadata()) as call:
+            with await _entered_scope(ctx, method, api_keys, call):
+                try:
+                    return await behavior(_parsed(method, request), ctx)
+                except aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await _fail(ctx, method, exc, call)
 
     return handler
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[..., Any], api_keys: ApiKeys | None
+    method: str,
+    behavior: Callable[..., Any],
+    api_keys: ApiKeys | None,
+    tracer: trace.Tracer | None,
 ) -> Callable[..., Any]:
     """Wrap a streaming handler of either style: an async generator, or a coroutine that
     sends with ``context.write`` (grpcio-health-checking's ``Watch``)."""
+    rpc = rpc_method(method)
 
     async def handler(request: Any, ctx: aio.ServicerContext) -> AsyncIterator[Any]:
-        with await _entered_scope(ctx, method, api_keys):
-            try:
-                responses = behavior(_parsed(method, request), ctx)
-                if inspect.isawaitable(responses):
-                    await responses
-                    return
-                async for item in responses:
-                    yield item
-            except aio.AbortError:
-                raise
-            except Exception as exc:
-                await _fail(ctx, method, exc)
+        with server_span(tracer, rpc, ctx.invocation_metadata()) as call:
+            with await _entered_scope(ctx, method, api_keys, call):
+                try:
+                    responses = behavior(_parsed(method, request), ctx)
+                    if inspect.isawaitable(responses):
+                        await responses
+                        return
+                    async for item in responses:
+                        yield item
+                except aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await _fail(ctx, method, exc, call)
 
     return handler
 
 
 class ServerRulesInterceptor(aio.ServerInterceptor):
     """Request scope and error mapping for every handler of a server; with ``api_keys``,
-    authentication of the methods of the ``protected`` services (full proto names)."""
+    authentication of the methods of the ``protected`` services (full proto names); with
+    ``tracer``, each call's server span (``trellis.runtime.rpc_spans``).
 
-    def __init__(self, api_keys: ApiKeys | None = None, protected: Iterable[str] = ()) -> None:
+    One interceptor does all of it: the span is opened in the same wrapper that maps
+    errors, so the status is put on it directly (no servicer-context proxy per call),
+    and a server runs one interceptor per call rather than two.
+    """
+
+    def __init__(
+        self,
+        api_keys: ApiKeys | None = None,
+        protected: Iterable[str] = (),
+        *,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
         self._api_keys = api_keys
+        self._tracer = tracer
         self._protected = tuple(f"/{name}/" for name in protected)
         # Wrapped handlers are built once per method, not per call (hot path).
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -228,13 +260,16 @@ class ServerRulesInterceptor(aio.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
             keys = self._api_keys if method.startswith(self._protected) else None
-            cached = (handler, _wrap(method, handler, keys))
+            cached = (handler, _wrap(method, handler, keys, self._tracer))
             self._wrapped[method] = cached
         return cached[1]
 
 
 def _wrap(
-    method: str, handler: grpc.RpcMethodHandler, api_keys: ApiKeys | None
+    method: str,
+    handler: grpc.RpcMethodHandler,
+    api_keys: ApiKeys | None,
+    tracer: trace.Tracer | None,
 ) -> grpc.RpcMethodHandler:
     kwargs = {
         "request_deserializer": _tolerant(handler.request_deserializer),
@@ -242,22 +277,24 @@ def _wrap(
     }
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary(method, handler.unary_unary, api_keys), **kwargs
+            _wrap_unary(method, handler.unary_unary, api_keys, tracer), **kwargs
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream(method, handler.unary_stream, api_keys), **kwargs
+            _wrap_stream(method, handler.unary_stream, api_keys, tracer), **kwargs
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            _wrap_unary(method, handler.stream_unary, api_keys), **kwargs
+            _wrap_unary(method, handler.stream_unary, api_keys, tracer), **kwargs
         )
     return grpc.stream_stream_rpc_method_handler(
-        _wrap_stream(method, handler.stream_stream, api_keys), **kwargs
+        _wrap_stream(method, handler.stream_stream, api_keys, tracer), **kwargs
     )
 
 
-def _propagate(details: aio.ClientCallDetails) -> aio.ClientCallDetails:
+def propagate(details: aio.ClientCallDetails) -> aio.ClientCallDetails:
+    """``details`` with the timeout cut to the incoming deadline and the tenant added
+    (``trellis.runtime.client_interceptors`` applies it to every call)."""
     left = context.remaining()
     timeout = details.timeout
     if left is not None:
@@ -268,18 +305,3 @@ def _propagate(details: aio.ClientCallDetails) -> aio.ClientCallDetails:
     if context.TENANT_METADATA_KEY not in metadata:
         metadata.add(context.TENANT_METADATA_KEY, context.tenant())
     return details._replace(timeout=timeout, metadata=metadata)
-
-
-class PropagateUnaryUnary(aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        return await continuation(_propagate(client_call_details), request)
-
-
-class PropagateUnaryStream(aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        return await continuation(_propagate(client_call_details), request)
-
-
-def propagating_client_interceptors() -> list[aio.ClientInterceptor]:
-    """Deadline and tenant propagation for every call on a channel."""
-    return [PropagateUnaryUnary(), PropagateUnaryStream()]

@@ -147,9 +147,11 @@ async def start_server(
     """Build the service and serve it on ``settings.host:settings.port``."""
     register_settings(settings)  # its SecretStr values are redacted from now on
     service = await builder(settings, telemetry, channels)
-    rules = ServerRulesInterceptor(api_keys=service.api_keys, protected=service.service_names)
+    rules = ServerRulesInterceptor(
+        api_keys=service.api_keys, protected=service.service_names, tracer=telemetry.rpc_tracer
+    )
     server = aio.server(
-        interceptors=[*telemetry.server_interceptors(), rules],
+        interceptors=[rules],
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -230,7 +232,7 @@ async def start_service(
     telemetry = setup_telemetry(name, processors=list(span_processors))
     channels = Channels(
         max_message_bytes=settings.max_message_bytes,
-        interceptors=telemetry.client_interceptors(),
+        tracer=telemetry.rpc_tracer,
         credentials=None if files is None else files.channel_credentials(),
     )
     return await start_server(settings, builder, telemetry=telemetry, channels=channels)
