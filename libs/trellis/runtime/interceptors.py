@@ -42,7 +42,7 @@ from trellis.runtime.errors import (
     to_status,
 )
 from trellis.runtime.metrics import RPC_ERRORS
-from trellis.runtime.validation import TENANT_ID
+from trellis.runtime.validation import SESSION_ID, TENANT_ID
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,22 @@ def _scope(ctx: aio.ServicerContext, method: str, api_keys: ApiKeys | None):
             raise
     # The tracing interceptor runs first, so the current span is this RPC's server span.
     trace.get_current_span().set_attribute(ATTR_TENANT, tenant_id or context.tenant())
-    return context.request_scope(timeout=ctx.time_remaining(), tenant_id=tenant_id)
+    session_id = _request_session(ctx)
+    return context.request_scope(
+        timeout=ctx.time_remaining(), tenant_id=tenant_id, session_id=session_id
+    )
+
+
+def _request_session(ctx: aio.ServicerContext) -> str | None:
+    """The ``x-trellis-session-id`` a caller forwarded (the ledger labels usage with it)."""
+    session_id = _metadata_value(ctx, context.SESSION_METADATA_KEY)
+    if session_id and (problem := SESSION_ID.problem(session_id)) is not None:
+        raise InvalidArgument(
+            f"metadata {context.SESSION_METADATA_KEY}: {problem}",
+            reason="INVALID_ID",
+            violations=[FieldViolation(context.SESSION_METADATA_KEY, problem)],
+        )
+    return session_id or None
 
 
 async def _fail(ctx: aio.ServicerContext, method: str, exc: Exception) -> None:
@@ -267,6 +282,8 @@ def _propagate(details: aio.ClientCallDetails) -> aio.ClientCallDetails:
     metadata = aio.Metadata(*(details.metadata or ()))
     if context.TENANT_METADATA_KEY not in metadata:
         metadata.add(context.TENANT_METADATA_KEY, context.tenant())
+    if context.session() and context.SESSION_METADATA_KEY not in metadata:
+        metadata.add(context.SESSION_METADATA_KEY, context.session())
     return details._replace(timeout=timeout, metadata=metadata)
 
 
