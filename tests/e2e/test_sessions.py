@@ -205,3 +205,31 @@ async def test_fifty_turns_stay_within_the_budget_and_reuse_the_summary(
         assert session.summary_through_turn > 0 and len(session.turns) == 50
     finally:
         await stack.stop()
+
+
+async def test_each_turn_is_its_own_trace_with_the_session_on_the_run_span(
+    tmp_path: Path, channels
+) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    stack = await start_stack(
+        database_url=f"sqlite:///{tmp_path}/t.db", span_processors=[SimpleSpanProcessor(exporter)]
+    )
+    try:
+        executor = ExecutorClient(channels.get(stack.executor_target))
+        await turn(executor, "what is 2+2", "traced", run_id="traced-1")
+        await turn(executor, "and multiply that by 3", "traced", run_id="traced-2")
+        await turn(executor, "what is 1+1", "", run_id="alone")
+    finally:
+        await stack.stop()
+    runs = {
+        s.attributes["trellis.run_id"]: s
+        for s in exporter.get_finished_spans()
+        if s.name == "trellis.run"
+    }
+    assert runs["traced-1"].attributes["session.id"] == "traced"
+    assert runs["traced-2"].attributes["session.id"] == "traced"
+    assert "session.id" not in runs["alone"].attributes
+    assert runs["traced-1"].context.trace_id != runs["traced-2"].context.trace_id
