@@ -9,9 +9,10 @@ import asyncio
 
 import pytest
 
+from tests.support.model_script import script_of
 from trellis.clients.executor import ExecutorClient
 from trellis.executor.v1 import executor_pb2
-from trellis.runtime.errors import FailedPrecondition
+from trellis.runtime.errors import FailedPrecondition, TrellisError
 from trellis_executor.store import PostgresRunStore
 from trellis_executor.store.sessions import SessionRules
 
@@ -36,6 +37,43 @@ async def test_session_survives_an_executor_restart_on_postgres(
     assert systems and all('"goal": "what is 2+2"' in text for text in systems)
     session = await executor.get_session("durable")
     assert [t.goal for t in session.turns] == ["what is 2+2", "and multiply that by 3"]
+
+
+async def test_a_turn_resumed_after_a_crash_still_sees_its_context(
+    process_stack, postgres_url, model, channels
+) -> None:
+    stack = await process_stack(per_service={"executor": {"TRELLIS_DATABASE_URL": postgres_url}})
+    executor = ExecutorClient(channels.get(stack.executor_target), timeout=60)
+    first = executor_pb2.RunRequest(goal="what is 2+2", session_id="crashy")
+    assert "4" in [e async for e in executor.run(first)][-1].finished.answer
+
+    script_of(model).stall(30)  # the next turn's plan call hangs: the executor dies under it
+    model.requests.clear()
+    follow = executor_pb2.RunRequest(
+        goal="and multiply that by 3", session_id="crashy", run_id="crashy-2"
+    )
+    running = asyncio.ensure_future(collect(executor.run(follow)))
+    for _ in range(400):  # until the stalled plan call reached the model
+        if model.requests:
+            break
+        await asyncio.sleep(0.05)
+    assert model.requests, "the turn's plan call never reached the model"
+    stack.processes["executor"].kill()
+    with pytest.raises(TrellisError):  # the stream broke with the executor
+        await running
+    model.requests.clear()
+    await stack.restart("executor")  # resumes its own unfinished runs at start-up
+    executor = ExecutorClient(channels.get(stack.executor_target), timeout=60)
+    events = await asyncio.wait_for(collect(executor.resume_run("crashy-2")), 60)
+    assert "12" in events[-1].finished.answer, events[-1]
+    systems = [
+        m["content"] for body in model.requests for m in body["messages"] if m["role"] == "system"
+    ]
+    assert systems and all('"goal": "what is 2+2"' in text for text in systems)
+
+
+async def collect(stream) -> list[executor_pb2.RunResponse]:
+    return [event async for event in stream]
 
 
 async def test_concurrent_turns_on_two_replicas_admit_one(postgres_url) -> None:
