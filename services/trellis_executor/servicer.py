@@ -83,7 +83,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self, request: executor_pb2.ListSessionsRequest, context: aio.ServicerContext
     ) -> executor_pb2.ListSessionsResponse:
         check_list_sessions(request)
-        return await self._runner.sessions.list(request)
+        return await self._runner.sessions.list_page(request)
 
     async def DeleteSession(
         self, request: executor_pb2.DeleteSessionRequest, context: aio.ServicerContext

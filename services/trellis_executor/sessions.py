@@ -76,7 +76,7 @@ class Sessions:
             raise session_not_found(session_id)
         return build_session(*found)
 
-    async def list(
+    async def list_page(
         self, request: executor_pb2.ListSessionsRequest
     ) -> executor_pb2.ListSessionsResponse:
         tenant = context.tenant()

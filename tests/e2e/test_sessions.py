@@ -233,3 +233,20 @@ async def test_each_turn_is_its_own_trace_with_the_session_on_the_run_span(
     assert runs["traced-2"].attributes["session.id"] == "traced"
     assert "session.id" not in runs["alone"].attributes
     assert runs["traced-1"].context.trace_id != runs["traced-2"].context.trace_id
+
+
+async def test_list_sessions_pages_with_signed_tokens(stack, executor) -> None:
+    for name in ("p1", "p2", "p3"):
+        await turn(executor, "what is 1+1", name)
+    first = await executor.list_sessions(page_size=2)
+    assert [s.session_id for s in first.sessions] == ["p3", "p2"]
+    assert first.sessions[0].turn_count == 1 and first.sessions[0].last_goal == "what is 1+1"
+    rest = await executor.list_sessions(page_size=2, page_token=first.next_page_token)
+    assert [s.session_id for s in rest.sessions] == ["p1"] and not rest.next_page_token
+    with pytest.raises(InvalidArgument) as tampered:
+        await executor.list_sessions(page_token=first.next_page_token[:-2] + "xx")
+    assert tampered.value.reason == "INVALID_PAGE_TOKEN"
+    with context.request_scope(tenant_id="someone-else"):
+        with pytest.raises(InvalidArgument) as foreign:
+            await executor.list_sessions(page_token=first.next_page_token)
+        assert foreign.value.reason == "INVALID_PAGE_TOKEN"
