@@ -79,6 +79,9 @@ async def test_run_session_then_list_show_delete_and_costs(stack, channels) -> N
     assert listed.code == 0 and re.search(r"cli-s\s+2\b", listed.stdout), listed
     shown = await trellis("sessions", "show", "cli-s", *target)
     assert shown.code == 0 and "and multiply that by 3" in shown.stdout, shown
+    run_id = re.search(r"run_id: (\S+)", second.stdout).group(1)
+    run_shown = await trellis("runs", "show", run_id, *target)
+    assert "session: cli-s" in run_shown.stdout, run_shown
     as_json = await trellis("sessions", "show", "cli-s", "--json", *target)
     assert json.loads(as_json.stdout)["session_id"] == "cli-s"
 
