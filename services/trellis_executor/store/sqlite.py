@@ -110,16 +110,12 @@ _OWNED = "EXISTS (SELECT 1 FROM runs r WHERE r.run_id = :run_id AND r.owner = :o
 
 
 def _now() -> str:
-    return _iso(datetime.now(UTC))
-
-
-def _iso(moment: datetime) -> str:
-    """ISO 8601 with microseconds always written, so the texts sort as the times do."""
-    return moment.isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat()
 
 
 def _expired_before(ttl_seconds: float) -> str:
-    return _iso(datetime.now(UTC) - timedelta(seconds=ttl_seconds))
+    """Last activity before this (ISO text, as stored) means the session expired."""
+    return (datetime.now(UTC) - timedelta(seconds=ttl_seconds)).isoformat()
 
 
 #: A session's turns: its runs since it (re)started.
@@ -350,7 +346,7 @@ class SqliteRunStore:
         after = ""
         params: list[object] = [tenant_id, _expired_before(ttl_seconds)]
         if cursor is not None:
-            moment = _iso(from_micros(cursor.updated_us))
+            moment = from_micros(cursor.updated_us).isoformat()
             after = " AND (updated_at < ? OR (updated_at = ? AND session_id < ?))"
             params += [moment, moment, cursor.session_id]
         found = await self._db.execute_fetchall(
