@@ -22,6 +22,11 @@ on the Plan stream too), a plan that answered instead of calling tools needs no 
 and a join may stream the next round's nodes instead of an answer: they are dispatched
 as they arrive, as round + 1, without another Plan call. A join no model could answer
 (``fallback_answer.py``) still answers, from the outcomes.
+
+A turn of a session (``RunRequest.session_id``) first reads its context from the run
+store (``sessions.py``: folded by the planner's Summarize when over budget, that model
+call charged to the run like its plan) and sends it with every Plan and Join; a resumed
+turn reads it again. The run's onward calls carry the session id, for the ledger.
 """
 
 from __future__ import annotations
