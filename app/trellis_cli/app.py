@@ -1,5 +1,5 @@
-"""``trellis``: run the embedded demo, run a goal against a stack, start the stack, look at
-runs and tools, costs, budgets and keys."""
+"""``trellis``: run the embedded demo, run a goal against a stack, chat in a session,
+start the stack, look at runs, sessions and tools, costs, budgets and keys."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from trellis.runtime.logs import setup_logging
 from trellis.runtime.settings import StartupError
 from trellis.runtime.sqlite import DEFAULT_DATABASE_URL
 from trellis_cli import cache as cache_module
+from trellis_cli import chat as chat_module
 from trellis_cli import costs as costs_module
 from trellis_cli import exits
 from trellis_cli import keys as keys_module
@@ -31,6 +32,7 @@ from trellis_cli.model_choice import ModelChoiceError, model_choice
 from trellis_cli.plan_file import PlanFileError, read_plan
 from trellis_cli.runs import Interrupted, client_channels, follow_to_end, until_interrupted
 from trellis_cli.runs_app import runs_app, say_cancelled
+from trellis_cli.sessions_app import sessions_app
 from trellis_cli.tools_command import tools
 
 DEMO_GOAL = "Report this machine's OS, disk usage and uptime"
@@ -169,6 +171,13 @@ def run(
     run_id: Annotated[
         str, typer.Option(help="Choose the run's id (idempotent); default: a new uuid4 hex.")
     ] = "",
+    session: Annotated[
+        str,
+        typer.Option(
+            help="Run the goal as the next turn of this session: the planner sees its"
+            " earlier turns (`trellis sessions show ID`)."
+        ),
+    ] = "",
     as_json: Json = False,
 ) -> None:
     """Run a goal (or an explicit plan) against a running stack.
@@ -181,6 +190,7 @@ def run(
         raise typer.BadParameter("give a goal or --plan-file")
     request = _request(goal, plan_file)
     request.run_id = run_id
+    request.session_id = session
     setup_logging("warning")
 
     async def main() -> ExitCode:
@@ -218,7 +228,9 @@ def up(
 
 
 app.command()(tools)
+app.command()(chat_module.chat)
 app.add_typer(runs_app, name="runs")
+app.add_typer(sessions_app, name="sessions")
 app.command()(costs_module.costs)
 app.add_typer(costs_module.budget_app, name="budget")
 app.add_typer(keys_module.keys_app, name="keys")

@@ -166,16 +166,23 @@ def costs(
     ] = "",
     target: Target = DEFAULT_TARGET,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    session: Annotated[
+        str, typer.Option("--session", help="Only the usage of this session's turns.")
+    ] = "",
     timeout: Timeout = 10.0,
 ) -> None:
-    """Usage and cost of a tenant by day and model or tool, with totals."""
+    """Usage and cost of a tenant by day and model or tool, with totals (of one session
+    with --session)."""
     today = datetime.now(UTC).date().isoformat()
     start, end = start or today, end or today
-    report = _call(target, tenant, timeout, lambda c: c.get_usage(tenant, start, end))
+    report = _call(
+        target, tenant, timeout, lambda c: c.get_usage(tenant, start, end, session_id=session)
+    )
     if as_json:
         typer.echo(json.dumps(report_json(report, start, end), indent=2))
         return
-    table = report_table(report, f"costs of {tenant}, {start} to {end}")
+    title = f"costs of {tenant}" + (f", session {session}" if session else "")
+    table = report_table(report, f"{title}, {start} to {end}")
     # Never cut a figure short: wider than the terminal, lines wrap instead.
     natural = console.measure(table, options=console.options.update_width(10_000)).maximum
     Console(width=max(console.width, natural)).print(table)

@@ -177,6 +177,8 @@ def show(
     view = RunView.from_run(run)
     created = _local(run.created_at, wide=True)
     console.print(f"[bold]run {run.run_id}[/] — {status_name(run.status)}, created {created}")
+    if run.session_id:
+        console.print(f"session: {run.session_id}", highlight=False)
     if run.goal:
         console.print(f"goal: {run.goal}", highlight=False)
     if view.nodes:

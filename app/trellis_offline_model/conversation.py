@@ -6,7 +6,8 @@ The rules never read the planner's prose or its ``## `` headings. What they read
   ``response_format`` JSON Schema (one per tool: the tool name as an enum, the tool's
   description, its args schema), else the JSON objects in the system message that look
   like tool specs (``name`` and ``input_schema``: JSON Lines plans list them so);
-- the goal: the first user message;
+- the goal: the first user message; on a turn of a session, made a goal of its own from
+  the earlier turns in the system message (``follow_up.py``: "and multiply that by 3");
 - JSON objects, one per line, in the messages: tool calls (``node_id``, ``tool``: an
   earlier round's plan before the last assistant message, a repair round's accepted
   nodes after it), outcomes (``node_id``, ``status``: what a join answers from) and
@@ -25,6 +26,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from trellis_offline_model import follow_up
 
 Tool = dict[str, Any]
 
@@ -149,6 +152,33 @@ class ChatRequest:
     def goal(self) -> str:
         users = [message_text(m) for m in self.messages if m.get("role") == "user"]
         return users[0].strip() if users else ""
+
+    def session_turns(self) -> list[dict[str, Any]]:
+        """A session turn's earlier turns (the system message's ``turn`` lines)."""
+        return [o for o in self._objects("system") if "turn" in o and "goal" in o]
+
+    def plan_goal(self) -> str:
+        """The goal, made a goal of its own when it follows up the previous turn."""
+        return follow_up.resolve(self.goal(), self.session_turns())
+
+    def fold(self) -> tuple[str, list[dict[str, Any]]] | None:
+        """A Summarize request's previous summary and turns to fold (None: not one)."""
+        if self.is_plan():
+            return None
+        objects = self._objects("user")
+        turns = [o for o in objects if "turn" in o and "goal" in o]
+        if not turns:
+            return None
+        summary = next((str(o["summary"]) for o in objects if "summary" in o), "")
+        return summary, turns
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        for key in ("max_completion_tokens", "max_tokens"):
+            value = self.body.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def _objects(self, role: str | None = None, start: int = 0, end: int | None = None) -> list:
         out: list[dict[str, Any]] = []

@@ -8,9 +8,11 @@ Three ways to plan, chosen by the request, as a real server would be asked:
   (with the strict schema's nulls for arguments it leaves out);
 - otherwise, a catalog of tool specs in the messages: JSON Lines, one node per line.
 
-Anything else is a join (the answer from the outcomes in the messages), or, without
-outcomes or tools, a fixed notice. A repair round (accepted nodes after the model's
-own output) gets the part of the plan that was not accepted.
+Anything else is a fold of a session's turns (Summarize: a deterministic condensation,
+``follow_up.py``), a join (the answer from the outcomes in the messages), or, without
+outcomes or tools, a fixed notice. A turn of a session plans its goal made a goal of its
+own from the earlier turns ("and multiply that by 3" after 2+2 is ``4 * 3``). A repair
+round (accepted nodes after the model's own output) gets the part of the plan that was not accepted.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from trellis_offline_model import answering, planning, tokens, tool_rounds
+from trellis_offline_model import answering, follow_up, planning, tokens, tool_rounds
 from trellis_offline_model.conversation import ChatRequest
 from trellis_offline_model.tool_rounds import Call
 
 MODEL_ID = "trellis-offline-rules-v1"
+#: Size of a fold's condensation when the request sets no output limit.
+FOLD_TOKENS = 500
 
 FALLBACK = (
     f"{MODEL_ID} is a rule-based model, not an LLM: it only answers Trellis planning "
@@ -61,7 +65,7 @@ def _next_id(previous: list[dict[str, Any]]) -> int:
 
 def _nodes(request: ChatRequest) -> list[dict[str, Any]]:
     previous = request.previous_plan()
-    nodes = planning.plan(request.goal(), request.catalog(), first_id=_next_id(previous))
+    nodes = planning.plan(request.plan_goal(), request.catalog(), first_id=_next_id(previous))
     accepted = request.accepted()
     if accepted:
         nodes = planning.remaining(nodes, accepted, first_id=_next_id([*previous, *accepted]))
@@ -130,6 +134,10 @@ def respond(body: Mapping[str, Any]) -> Reply:
         return _json_plan(request, _nodes(request))
     if request.is_plan():
         return _jsonl_plan(_nodes(request))
+    fold = request.fold()
+    if fold is not None:
+        max_chars = (request.max_output_tokens or FOLD_TOKENS) * 4
+        return Reply(text=follow_up.condense(fold[0], fold[1], max_chars))
     outcomes = request.outcomes()
     if outcomes or request.listed_tools():
         return Reply(text=answering.answer(request.goal(), outcomes, request.listed_tools()))

@@ -44,7 +44,7 @@ def next_calls(request: ChatRequest) -> list[Call]:
     done: set[str] = set()
     failed: set[str] = set()
     calls: list[Call] = []
-    for node in planning.plan(request.goal(), request.catalog()):
+    for node in planning.plan(request.plan_goal(), request.catalog()):
         deps = node["depends_on"]
         if any(d in failed for d in deps) or not all(d in outputs for d in deps):
             if any(d in failed for d in deps):

@@ -28,6 +28,7 @@ from trellis.runtime.validation import (
     MODEL_NAME,
     NODE_ID,
     RUN_ID,
+    SESSION_ID,
     TENANT_ID,
     TOOL_NAME,
     USAGE_ID,
@@ -144,7 +145,9 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
         """Totals of ``tenant_id`` (empty: the caller's) by UTC day, kind and model or
         tool over the inclusive window of days (empty: today)."""
         start_day, end_day = _window(request, self._budgets.today())
-        report = await self._ledger.usage(_tenant(request.tenant_id), start_day, end_day)
+        report = await self._ledger.usage(
+            _tenant(request.tenant_id), start_day, end_day, request.session_id
+        )
         return costs_pb2.GetUsageResponse(
             rows=[_usage_row(row) for row in report.rows],
             total_cost_nano_usd=report.total_cost_nano_usd,
@@ -235,6 +238,7 @@ def _usage_event(request: costs_pb2.RecordUsageRequest, tenant_id: str) -> Usage
         ("node_id", request.node_id, NODE_ID),
         ("tool", request.tool, TOOL_NAME),
         ("usage.model", usage.model, MODEL_NAME),
+        ("session_id", request.session_id, SESSION_ID),
     )
     if violations:
         raise InvalidArgument(
@@ -257,6 +261,7 @@ def _usage_event(request: costs_pb2.RecordUsageRequest, tenant_id: str) -> Usage
         occurred_at=(
             request.occurred_at.ToDatetime(tzinfo=UTC) if request.HasField("occurred_at") else None
         ),
+        session_id=request.session_id,
     )
 
 
@@ -341,6 +346,9 @@ def _window(request: costs_pb2.GetUsageRequest, today: str) -> tuple[str, str]:
         violations.append(FieldViolation("end_day", "must not be before start_day"))
     if violations:
         raise InvalidArgument("bad window of days", reason="INVALID_DAY", violations=violations)
+    session = id_violations(("session_id", request.session_id, SESSION_ID))
+    if session:
+        raise InvalidArgument("bad session id", reason="INVALID_ID", violations=session)
     return days["start_day"], days["end_day"]
 
 

@@ -22,6 +22,11 @@ on the Plan stream too), a plan that answered instead of calling tools needs no 
 and a join may stream the next round's nodes instead of an answer: they are dispatched
 as they arrive, as round + 1, without another Plan call. A join no model could answer
 (``fallback_answer.py``) still answers, from the outcomes.
+
+A turn of a session (``RunRequest.session_id``) first reads its context from the run
+store (``sessions.py``: folded by the planner's Summarize when over budget, that model
+call charged to the run like its plan) and sends it with every Plan and Join; a resumed
+turn reads it again. The run's onward calls carry the session id, for the ledger.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from trellis_executor.plan import NodeChecker, order_explicit_plan
 from trellis_executor.run_cost import RunCost, tool_cost
 from trellis_executor.run_span import run_totals
 from trellis_executor.scheduler import DagScheduler, ended
+from trellis_executor.sessions import Sessions
 from trellis_executor.store import Progress
 
 log = get_logger(__name__)
@@ -93,6 +99,8 @@ class RunContext:
     scheduler: DagScheduler | None = None
     #: Every answer piece sent to the client (narration of tool-call rounds included).
     answer: list[str] = field(default_factory=list)
+    #: The earlier turns of the run's session (None: no session, or its first turn).
+    session: planner_pb2.SessionContext | None = None
 
     @property
     def deadline(self) -> float:
@@ -116,7 +124,9 @@ class RunExecution:
         ledger: ports.Ledger,
         process_slots: asyncio.Semaphore,
         gateway_retry_seconds: float,
+        sessions: Sessions | None = None,
     ) -> None:
+        self._sessions = sessions
         self._planner = planner
         self._gateway = gateway
         self._ledger = ledger
@@ -148,7 +158,8 @@ class RunExecution:
         """How the run ended (None: it moved to another replica)."""
         try:
             left = run.deadline - time.monotonic()
-            with context.request_scope(timeout=left):
+            session_id = run.request.session_id or None
+            with context.request_scope(timeout=left, session_id=session_id):
                 async with asyncio.timeout(left):
                     return await self._plan_dispatch_join(run)
         except Exception as raised:
@@ -180,7 +191,6 @@ class RunExecution:
                 finished,
                 len(scheduler.calls) if scheduler is not None else 0,
                 scheduler.outcomes.values() if scheduler is not None else (),
-                run.request,
             )
         )
         elapsed = time.monotonic() - run.started
@@ -233,6 +243,14 @@ class RunExecution:
             await scheduler.run_plan([c for c in ordered if c.node_id not in scheduler.calls])
             failures = unrecovered_failures(scheduler.calls, scheduler.outcomes)
             return judged(explicit=True, failures=failures, calls=scheduler.calls, answer="")
+        if run.request.session_id and self._sessions is not None:
+            run.session = await self._sessions.context_of(
+                run.run_id,
+                run.request.session_id,
+                model=run.limits.model,
+                attempt=run.resumes,
+                charge=lambda report: self._model_call(run, report, "session summary"),
+            )
         if run.progress.plan_format:
             span_format(run.progress.plan_format)
         while True:
@@ -356,6 +374,7 @@ class RunExecution:
             attempt=run.resumes,
             plan_format=run.progress.plan_format,  # type: ignore[arg-type]
             round_starts=run.progress.round_starts,
+            session=run.session,
         )
         async for response in self._planner.plan(request):
             event = response.WhichOneof("event")
@@ -395,6 +414,7 @@ class RunExecution:
             round_starts=run.progress.round_starts,
             tools=run.tools,
             max_nodes=run.limits.max_nodes,
+            session=run.session,
         )
         async for response in self._planner.join(request):
             event = response.WhichOneof("event")

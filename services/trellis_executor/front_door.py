@@ -4,7 +4,7 @@ stores or runs it. No gRPC here.
 The rules are ``trellis.runtime.validation``'s; this module applies them to the
 ExecutorService requests and names the fields as a client wrote them (``run_id``,
 ``goal``, ``options.model``, ``plan[2].node_id``). Reasons, in the order checked (the
-first one found is the error's): ``INVALID_ID`` for the run id and model name,
+first one found is the error's): ``INVALID_ID`` for the run id, session id and model name,
 ``GOAL_TOO_LARGE`` / ``INVALID_GOAL`` for the goal, ``INVALID_PLAN`` for an explicit
 plan's nodes (ids, tool names, args depth, size and numbers).
 """
@@ -30,6 +30,7 @@ def check_run_request(request: executor_pb2.RunRequest, max_goal_bytes: int) -> 
     """Raise ``InvalidArgument`` naming every field of ``request`` that breaks its rule."""
     problems = Problems()
     problems.check_id("run_id", request.run_id, RUN_ID)
+    problems.check_id("session_id", request.session_id, SESSION_ID)
     problems.check_text("goal", request.goal, max_goal_bytes)
     problems.check_id("options.model", request.options.model, MODEL_NAME)
     for index, call in enumerate(request.plan):
@@ -44,6 +45,23 @@ def check_run_id(run_id: str) -> None:
     reason = "INVALID_ID" if run_id else "RUN_ID_REQUIRED"
     problems.check_id("run_id", run_id, RUN_ID, required=True, reason=reason)
     problems.refuse("request")
+
+
+def check_session_id(session_id: str) -> None:
+    """GetSession, DeleteSession: ``SESSION_ID_REQUIRED`` when empty, ``INVALID_ID`` when
+    it could not be a session id (so the store is never asked)."""
+    problems = Problems()
+    reason = "INVALID_ID" if session_id else "SESSION_ID_REQUIRED"
+    problems.check_id("session_id", session_id, SESSION_ID, required=True, reason=reason)
+    problems.refuse("request")
+
+
+def check_list_sessions(request: executor_pb2.ListSessionsRequest) -> None:
+    """ListSessions: ``INVALID_PAGE_SIZE`` for a negative page size."""
+    problems = Problems()
+    if request.page_size < 0:
+        problems.add("INVALID_PAGE_SIZE", "page_size", f"must be >= 0, got {request.page_size}")
+    problems.refuse("list request")
 
 
 def _timestamp_problem(moment: timestamp_pb2.Timestamp) -> str | None:

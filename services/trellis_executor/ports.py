@@ -16,6 +16,10 @@ class Planner(Protocol):
 
     def join(self, request: planner_pb2.JoinRequest) -> AsyncIterator[planner_pb2.JoinResponse]: ...
 
+    async def summarize(
+        self, request: planner_pb2.SummarizeRequest
+    ) -> planner_pb2.SummarizeResponse: ...
+
 
 class Gateway(Protocol):
     #: The gateway's catalog version in its latest answer.

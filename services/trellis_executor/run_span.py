@@ -2,8 +2,8 @@
 
 So a reader sees in Jaeger's span list what a run cost and did without adding up its
 children: cost (nano-USD), model tokens (GenAI usage names, the run being an
-``invoke_agent`` operation), cache hits, its nodes by status, and ``session.id`` when
-the run belongs to a session.
+``invoke_agent`` operation), cache hits and its nodes by status. (``session.id`` is set
+when the span starts, by the runner.)
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ def run_totals(
     finished: executor_pb2.RunFinished,
     planned: int,
     outcomes: Iterable[common_pb2.NodeOutcome],
-    request: executor_pb2.RunRequest,
 ) -> dict[str, AttributeValue]:
     """The span attributes of a run that ended as ``finished`` after planning
     ``planned`` nodes, of which ``outcomes`` ended."""
@@ -45,15 +44,4 @@ def run_totals(
         if (status := _STATUSES.get(outcome.status)) is not None:
             counts[status] += 1
     totals.update({f"trellis.nodes.{status}": n for status, n in counts.items()})
-    if session_id := session_of(request):
-        totals["session.id"] = session_id
     return totals
-
-
-def session_of(request: executor_pb2.RunRequest) -> str:
-    """The run's session id; empty when it has none.
-
-    Hook for sessions: read through ``getattr`` so this works before and after
-    ``RunRequest.session_id`` exists (another change adds it).
-    """
-    return str(getattr(request, "session_id", "") or "")

@@ -45,6 +45,7 @@ from trellis_executor.leases import LeaseKeeper
 from trellis_executor.limits import Limits
 from trellis_executor.plan import NodeChecker, order_explicit_plan
 from trellis_executor.run_list import PageTokens, list_page
+from trellis_executor.sessions import Sessions
 from trellis_executor.settings import ExecutorSettings
 from trellis_executor.store import RunStore
 
@@ -99,12 +100,20 @@ class Runner:
         self._store = store
         self._tracer = tracer
         self._settings = settings
+        self.sessions = Sessions(
+            store,
+            planner,
+            context_tokens=settings.session_context_tokens,
+            ttl_seconds=settings.session_ttl,
+            max_turns=settings.session_max_turns,
+        )
         self._execution = RunExecution(
             planner=planner,
             gateway=gateway,
             ledger=ledger,
             process_slots=asyncio.Semaphore(settings.max_parallel_process),
             gateway_retry_seconds=settings.gateway_retry_seconds,
+            sessions=self.sessions,
         )
         self._active: dict[str, ActiveRun] = {}
         #: Runs being created or resumed here: not in ``_active`` yet, not claimable.
@@ -170,6 +179,7 @@ class Runner:
                 "trellis.run_id": run_id,
                 "trellis.tenant_id": context.tenant(),
                 "gen_ai.operation.name": "invoke_agent",
+                **_session_attribute(request.session_id),
             },
         )
         active, abandoned = None, False
@@ -362,6 +372,7 @@ class Runner:
                         "trellis.tenant_id": stored.tenant_id,
                         "trellis.resumes": saved.resumes,
                         "gen_ai.operation.name": "invoke_agent",
+                        **_session_attribute(saved.request.session_id),
                     },
                 )
                 # the timeout decided at the start is in the stored request's options
@@ -431,6 +442,8 @@ class Runner:
                 _with_timeout(request, limits.timeout),
                 trace_id_of(span),
                 span_id_of(span),
+                session_id=request.session_id,
+                rules=self.sessions.rules if request.session_id else None,
             )
         )
         abandoned = False
@@ -487,6 +500,11 @@ def _with_timeout(request: executor_pb2.RunRequest, timeout: float) -> executor_
     stored.CopyFrom(request)
     stored.options.timeout.CopyFrom(duration(timeout))
     return stored
+
+
+def _session_attribute(session_id: str) -> dict[str, str]:
+    """The run span's ``session.id`` (OpenTelemetry's semantic convention), when a turn."""
+    return {"session.id": session_id} if session_id else {}
 
 
 def _not_found(run_id: str) -> NotFound:

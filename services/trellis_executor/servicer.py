@@ -13,7 +13,13 @@ from grpc import aio
 from trellis.executor.v1 import executor_pb2, executor_pb2_grpc
 from trellis.runtime.errors import FieldViolation, InvalidArgument
 from trellis.runtime.validation import DEFAULT_MAX_GOAL_BYTES
-from trellis_executor.front_door import check_list_runs, check_run_id, check_run_request
+from trellis_executor.front_door import (
+    check_list_runs,
+    check_list_sessions,
+    check_run_id,
+    check_run_request,
+    check_session_id,
+)
 from trellis_executor.runner import Runner
 
 
@@ -65,3 +71,23 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self, request: executor_pb2.ListToolsRequest, context: aio.ServicerContext
     ) -> executor_pb2.ListToolsResponse:
         return executor_pb2.ListToolsResponse(tools=await self._runner.tools())
+
+    async def GetSession(
+        self, request: executor_pb2.GetSessionRequest, context: aio.ServicerContext
+    ) -> executor_pb2.GetSessionResponse:
+        check_session_id(request.session_id)
+        session = await self._runner.sessions.get(request.session_id)
+        return executor_pb2.GetSessionResponse(session=session)
+
+    async def ListSessions(
+        self, request: executor_pb2.ListSessionsRequest, context: aio.ServicerContext
+    ) -> executor_pb2.ListSessionsResponse:
+        check_list_sessions(request)
+        return await self._runner.sessions.list_page(request)
+
+    async def DeleteSession(
+        self, request: executor_pb2.DeleteSessionRequest, context: aio.ServicerContext
+    ) -> executor_pb2.DeleteSessionResponse:
+        check_session_id(request.session_id)
+        turns = await self._runner.sessions.delete(request.session_id)
+        return executor_pb2.DeleteSessionResponse(turns=turns)

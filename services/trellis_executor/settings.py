@@ -73,6 +73,23 @@ class ExecutorSettings(ServiceSettings, BudgetCheckSettings):
         description="A run whose owner has not renewed its lease for this long is taken"
         " over by another replica; leases are renewed every third of it.",
     )
+    session_context_tokens: int = Field(
+        2000,
+        ge=100,
+        description="Budget (estimated tokens) of a session's earlier turns in a turn's"
+        " prompts; over it the oldest turns are folded into a summary by the model.",
+    )
+    session_ttl: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="Seconds of inactivity after which a session expires: Get/Delete say"
+        " NOT_FOUND, and its next turn starts it afresh without the old turns.",
+    )
+    session_max_turns: int = Field(
+        200,
+        ge=1,
+        description="Most turns of one session; the next Run is FAILED_PRECONDITION SESSION_FULL.",
+    )
     auth: bool = Field(
         True,
         description="Every ExecutorService call needs an API key (metadata `authorization:"

@@ -29,9 +29,10 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from trellis.runtime import context
 from trellis.runtime.errors import DeadlineExceeded, TrellisError, Unavailable
 from trellis.runtime.metrics import GEN_AI_OPERATION_DURATION, GEN_AI_TOKEN_USAGE
+from trellis.runtime.tokens import estimate_tokens
 from trellis_planner.budget import require_budget
 from trellis_planner.model import DEADLINE_EXCEEDED, PROVIDER, ChatModel
-from trellis_planner.model_errors import estimate_tokens, model_error
+from trellis_planner.model_errors import model_error
 
 OPERATION = "embeddings"
 #: The most inputs one embeddings request may carry (OpenAI's limit).

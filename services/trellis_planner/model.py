@@ -62,10 +62,11 @@ from trellis.runtime.errors import (
 )
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import GEN_AI_OPERATION_DURATION, GEN_AI_TOKEN_USAGE, MODEL_FALLBACKS
+from trellis.runtime.tokens import estimate_tokens
 from trellis_planner.breaker import ALLOWED, Admission, ModelBreakers, verdict_of
 from trellis_planner.budget import BudgetChecker, require_budget
 from trellis_planner.chunks import ChunkParts, MalformedChunk, read_chunk, read_completion
-from trellis_planner.model_errors import estimate_input_tokens, estimate_tokens, model_error
+from trellis_planner.model_errors import estimate_input_tokens, model_error
 from trellis_planner.ratelimit import RateLimits
 
 log = get_logger(__name__)

@@ -28,12 +28,8 @@ from trellis.runtime.errors import (
     TrellisError,
     Unavailable,
 )
+from trellis.runtime.tokens import estimate_tokens
 from trellis_planner.chunks import MalformedChunk
-
-
-def estimate_tokens(text: str) -> int:
-    """About four characters per token: the usual rule of thumb for BPE vocabularies."""
-    return math.ceil(len(text) / 4)
 
 
 def _text(value: Any) -> str:

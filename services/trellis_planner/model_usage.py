@@ -33,6 +33,7 @@ from typing import Protocol
 
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
+from trellis.runtime import context
 from trellis.runtime.convert import timestamp
 
 
@@ -75,6 +76,7 @@ async def record(
         usage=usage,
         estimated=estimated,
         occurred_at=timestamp(),
+        session_id=context.session(),
     )
     response = await sender.send(request)
     return None if response is None else response.cost_nano_usd

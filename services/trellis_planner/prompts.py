@@ -15,6 +15,12 @@ One home for all of them, so the conversation a model sees is written in one pla
 - The join (``jsonl``/``json_schema``): the goal, then each node's outcome as one JSON
   object per line; when no tool ran, the catalog (name and description) so the answer
   can say what is available.
+- A turn of a session (every format, plan and join alike): the system message ends with
+  the conversation so far, one JSON object per line (``trellis.contract.session_context``:
+  the summary of older turns, then each earlier turn's goal, answer and compact tool
+  results), so a follow-up ("and multiply that by 3") can be understood.
+- A fold (Summarize): the system asks for a summary; the user message holds the
+  previous summary and the turns to fold, as the same JSON lines.
 
 The prose and its ``## `` headings are for models only: the offline rules model reads
 the request's ``tools`` / ``response_format`` and the JSON objects in these messages
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trellis.common.v1 import common_pb2
+from trellis.contract.session_context import context_lines, summary_line, turn_line
 from trellis.planner.v1 import planner_pb2
 from trellis.runtime.convert import from_struct, from_value
 from trellis_planner.formats import PlanFormat
@@ -185,6 +192,23 @@ description):
 {tools}
 """
 
+SESSION_CONTEXT = """
+
+## Conversation so far
+This goal continues a conversation with the user. Its earlier turns, oldest first, one \
+JSON object per line (first a summary of the oldest turns, when there is one). Use them to \
+understand what the goal refers to ("that", "it", "the same for ..."); do not redo their work \
+unless the goal asks for it.
+{lines}"""
+
+SUMMARY_SYSTEM = """\
+You are the memory of Trellis. Fold the earlier turns of a conversation into one summary \
+that a planner can rely on later: the user's goals, the answers and the facts and figures \
+they found, the names, paths and values a follow-up could refer to. Oldest first, plain \
+text, no preamble, at most {max_words} words. The user message holds the previous summary \
+(if any) and the turns to fold, one JSON object per line.\
+"""
+
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=False)
@@ -270,8 +294,16 @@ def plan_messages(
     if fmt is PlanFormat.TOOL_CALLS:
         rounds = _rounds(request.previous_plan, request.round_starts)
         outcomes = {o.node_id: o for o in request.previous_outcomes}
-        return conversation(
-            request.goal, rounds, outcomes, max_nodes, last_round=False, function_of=function_of
+        return with_session(
+            conversation(
+                request.goal,
+                rounds,
+                outcomes,
+                max_nodes,
+                last_round=False,
+                function_of=function_of,
+            ),
+            _session(request),
         )
     messages = [
         {"role": "system", "content": plan_system(fmt, request.tools, max_nodes)},
@@ -284,7 +316,13 @@ def plan_messages(
             reason=request.replan_reason or "(not given)",
         )
         messages.append({"role": "user", "content": context})
-    return messages
+    return with_session(messages, _session(request))
+
+
+def _session(
+    request: planner_pb2.PlanRequest | planner_pb2.JoinRequest,
+) -> planner_pb2.SessionContext | None:
+    return request.session if request.HasField("session") else None
 
 
 @dataclass(frozen=True)
@@ -435,6 +473,36 @@ def tool_repair_messages(
     return out
 
 
+# -- sessions -------------------------------------------------------------------------
+
+
+def with_session(
+    messages: list[Message], session: planner_pb2.SessionContext | None
+) -> list[Message]:
+    """``messages`` with the session's conversation so far at the end of the system
+    message (unchanged when the run is no turn of a session, or its first)."""
+    if session is None or not (session.turns or session.summary):
+        return messages
+    section = SESSION_CONTEXT.format(lines="\n".join(context_lines(session)))
+    first = dict(messages[0])
+    first["content"] = (first.get("content") or "") + section
+    return [first, *messages[1:]]
+
+
+def summary_messages(
+    session: planner_pb2.SessionContext, fold: int, max_words: int
+) -> list[Message]:
+    """Ask for a summary of the previous summary and the ``fold`` oldest turns."""
+    lines = []
+    if session.summary:
+        lines.append(summary_line(session.summary, session.summary_through_turn))
+    lines.extend(turn_line(turn) for turn in session.turns[:fold])
+    return [
+        {"role": "system", "content": SUMMARY_SYSTEM.format(max_words=max_words)},
+        {"role": "user", "content": "\n".join(lines)},
+    ]
+
+
 # -- the join -------------------------------------------------------------------------
 
 
@@ -449,11 +517,12 @@ def join_messages(request: planner_pb2.JoinRequest) -> list[Message]:
             _json({"name": t.name, "description": t.description}) for t in request.tools
         )
         body = JOIN_NO_TOOLS.format(tools=tools or "(none)")
-    return [
+    messages: list[Message] = [
         {"role": "system", "content": JOIN_SYSTEM.format(replan_rule=rule)},
         {"role": "user", "content": request.goal},
         {"role": "user", "content": body},
     ]
+    return with_session(messages, _session(request))
 
 
 def tool_join_messages(
@@ -461,7 +530,7 @@ def tool_join_messages(
 ) -> list[Message]:
     """The tool_calls conversation of the run so far, for the model to answer (or, when
     ``allow_replan``, to call more tools)."""
-    return conversation(
+    messages = conversation(
         request.goal,
         _rounds(request.plan, request.round_starts),
         {o.node_id: o for o in request.outcomes},
@@ -469,3 +538,4 @@ def tool_join_messages(
         last_round=not request.allow_replan,
         function_of=function_of,
     )
+    return with_session(messages, _session(request))

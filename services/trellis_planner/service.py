@@ -37,6 +37,7 @@ from trellis_planner.ratelimit import (
 )
 from trellis_planner.servicer import PlannerServicer
 from trellis_planner.settings import PlannerSettings
+from trellis_planner.summarize import Summarizer
 
 NAME = "planner"
 SERVICE_NAME = planner_pb2.DESCRIPTOR.services_by_name["PlannerService"].full_name
@@ -143,7 +144,8 @@ async def build(settings: PlannerSettings, telemetry: Telemetry, channels: Chann
         default_model=settings.model,
         embedding_model=settings.embedding_model,
     )
-    servicer = PlannerServicer(planner, generator)
+    summarizer = Summarizer(model, outbox, default_model=settings.model)
+    servicer = PlannerServicer(planner, generator, summarizer)
 
     def register(server: aio.Server) -> None:
         planner_pb2_grpc.add_PlannerServiceServicer_to_server(servicer, server)

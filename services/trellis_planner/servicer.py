@@ -10,12 +10,14 @@ from trellis.common.v1 import common_pb2
 from trellis.planner.v1 import planner_pb2, planner_pb2_grpc
 from trellis_planner.core import CallStarted, CallUsage, JoinEnd, PlanEnd, Planner, PlanStarted
 from trellis_planner.generate import Generator
+from trellis_planner.summarize import Summarizer
 
 
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
-    def __init__(self, planner: Planner, generator: Generator) -> None:
+    def __init__(self, planner: Planner, generator: Generator, summarizer: Summarizer) -> None:
         self._planner = planner
         self._generator = generator
+        self._summarizer = summarizer
 
     async def Plan(
         self, request: planner_pb2.PlanRequest, context: aio.ServicerContext
@@ -72,6 +74,17 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             usage=[_call_usage(u) for u in embedded.usage],
             error=embedded.error,
         )
+
+    async def Summarize(
+        self, request: planner_pb2.SummarizeRequest, context: aio.ServicerContext
+    ) -> planner_pb2.SummarizeResponse:
+        folded = await self._summarizer.summarize(request)
+        response = planner_pb2.SummarizeResponse(
+            folded=folded.folded, summary=folded.summary, through_turn=folded.through_turn
+        )
+        if folded.usage is not None:
+            response.usage.CopyFrom(_call_usage(folded.usage))
+        return response
 
 
 def _call_usage(item: CallStarted | CallUsage) -> planner_pb2.ModelCallUsage:

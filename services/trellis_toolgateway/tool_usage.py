@@ -26,6 +26,7 @@ from typing import Protocol
 
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
+from trellis.runtime import context
 from trellis.runtime.convert import timestamp
 
 
@@ -69,5 +70,6 @@ class ToolUsage:
                 tool=tool,
                 tool_cost_nano_usd=outcome.cost_nano_usd,
                 occurred_at=timestamp(),
+                session_id=context.session(),
             )
         )

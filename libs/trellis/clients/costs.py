@@ -51,10 +51,10 @@ class CostsClient:
             return await self._stub.GetRunUsage(request, timeout=self._timeout)
 
     async def get_usage(
-        self, tenant_id: str = "", start_day: str = "", end_day: str = ""
+        self, tenant_id: str = "", start_day: str = "", end_day: str = "", session_id: str = ""
     ) -> costs_pb2.GetUsageResponse:
         request = costs_pb2.GetUsageRequest(
-            tenant_id=tenant_id, start_day=start_day, end_day=end_day
+            tenant_id=tenant_id, start_day=start_day, end_day=end_day, session_id=session_id
         )
         with translated_rpc_errors():
             return await self._stub.GetUsage(request, timeout=self._timeout)

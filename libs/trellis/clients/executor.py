@@ -71,3 +71,34 @@ class ExecutorClient:
                 executor_pb2.ListToolsRequest(), timeout=self._timeout, metadata=self._metadata
             )
         return list(response.tools)
+
+    async def get_session(self, session_id: str) -> executor_pb2.Session:
+        """A session of the caller's tenant with its turns; NOT_FOUND otherwise."""
+        with translated_rpc_errors():
+            response = await self._stub.GetSession(
+                executor_pb2.GetSessionRequest(session_id=session_id),
+                timeout=self._timeout,
+                metadata=self._metadata,
+            )
+        return response.session
+
+    async def list_sessions(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> executor_pb2.ListSessionsResponse:
+        """One page of the caller's sessions, most recently active first."""
+        with translated_rpc_errors():
+            return await self._stub.ListSessions(
+                executor_pb2.ListSessionsRequest(page_size=page_size, page_token=page_token),
+                timeout=self._timeout,
+                metadata=self._metadata,
+            )
+
+    async def delete_session(self, session_id: str) -> int:
+        """Erase a session's content; how many turns it had."""
+        with translated_rpc_errors():
+            response = await self._stub.DeleteSession(
+                executor_pb2.DeleteSessionRequest(session_id=session_id),
+                timeout=self._timeout,
+                metadata=self._metadata,
+            )
+        return response.turns

@@ -38,3 +38,10 @@ class PlannerClient:
         """One embeddings call, with Generate's error rules."""
         with translated_rpc_errors():
             return await self._stub.Embed(request, timeout=within or self._timeout)
+
+    async def summarize(
+        self, request: planner_pb2.SummarizeRequest
+    ) -> planner_pb2.SummarizeResponse:
+        """Fold the oldest turns of a session's context when it is over its budget."""
+        with translated_rpc_errors():
+            return await self._stub.Summarize(request, timeout=self._timeout)

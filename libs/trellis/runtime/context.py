@@ -1,9 +1,11 @@
-"""Request-scoped state that must follow a request across hops: deadline and tenant.
+"""Request-scoped state that must follow a request across hops: deadline, tenant, session.
 
 Python gRPC does not propagate deadlines, so the server interceptor records the
 incoming call's deadline here and the client interceptor shortens every onward call
 to it. Tenant identity travels the same way as ``x-tenant-id`` metadata. Core code
-never touches gRPC; it only reads ``remaining()`` and ``tenant()`` when it needs them.
+never touches gRPC; it only reads ``remaining()`` and ``tenant()`` when it needs them. A
+run's session id travels as ``x-trellis-session-id`` so that what the run's calls use is
+recorded in the ledger under the session (``session()``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from contextvars import ContextVar
 
 TENANT_METADATA_KEY = "x-tenant-id"
 DEFAULT_TENANT = "default"
+SESSION_METADATA_KEY = "x-trellis-session-id"
 
 _deadline: ContextVar[float | None] = ContextVar("trellis_deadline", default=None)
 _tenant: ContextVar[str] = ContextVar("trellis_tenant", default=DEFAULT_TENANT)
+_session: ContextVar[str] = ContextVar("trellis_session", default="")
 
 
 def remaining() -> float | None:
@@ -37,9 +41,18 @@ def tenant() -> str:
     return _tenant.get()
 
 
+def session() -> str:
+    """The session of the run the current request serves ("" when none)."""
+    return _session.get()
+
+
 @contextmanager
 def request_scope(
-    *, timeout: float | None = None, tenant_id: str | None = None, detached: bool = False
+    *,
+    timeout: float | None = None,
+    tenant_id: str | None = None,
+    detached: bool = False,
+    session_id: str | None = None,
 ) -> Iterator[None]:
     """Run a block as one request: with a deadline ``timeout`` seconds away and a tenant.
 
@@ -58,6 +71,8 @@ def request_scope(
             tokens.append((_deadline, _deadline.set(new_deadline)))
     if tenant_id:
         tokens.append((_tenant, _tenant.set(tenant_id)))
+    if session_id is not None:
+        tokens.append((_session, _session.set(session_id)))
     try:
         yield
     finally:

@@ -45,7 +45,7 @@ from trellis.runtime.errors import (
 )
 from trellis.runtime.metrics import RPC_ERRORS
 from trellis.runtime.rpc_spans import ServerCall, rpc_method, server_span
-from trellis.runtime.validation import TENANT_ID
+from trellis.runtime.validation import SESSION_ID, TENANT_ID
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,22 @@ def _scope(ctx: aio.ServicerContext, method: str, api_keys: ApiKeys | None):
             raise
     # The current span is this RPC's server span (``server_span``).
     trace.get_current_span().set_attribute(ATTR_TENANT, tenant_id or context.tenant())
-    return context.request_scope(timeout=ctx.time_remaining(), tenant_id=tenant_id)
+    session_id = _request_session(ctx)
+    return context.request_scope(
+        timeout=ctx.time_remaining(), tenant_id=tenant_id, session_id=session_id
+    )
+
+
+def _request_session(ctx: aio.ServicerContext) -> str | None:
+    """The ``x-trellis-session-id`` a caller forwarded (the ledger labels usage with it)."""
+    session_id = _metadata_value(ctx, context.SESSION_METADATA_KEY)
+    if session_id and (problem := SESSION_ID.problem(session_id)) is not None:
+        raise InvalidArgument(
+            f"metadata {context.SESSION_METADATA_KEY}: {problem}",
+            reason="INVALID_ID",
+            violations=[FieldViolation(context.SESSION_METADATA_KEY, problem)],
+        )
+    return session_id or None
 
 
 async def _fail(ctx: aio.ServicerContext, method: str, exc: Exception, call: ServerCall) -> None:
@@ -304,4 +319,6 @@ def propagate(details: aio.ClientCallDetails) -> aio.ClientCallDetails:
     metadata = aio.Metadata(*(details.metadata or ()))
     if context.TENANT_METADATA_KEY not in metadata:
         metadata.add(context.TENANT_METADATA_KEY, context.tenant())
+    if context.session() and context.SESSION_METADATA_KEY not in metadata:
+        metadata.add(context.SESSION_METADATA_KEY, context.session())
     return details._replace(timeout=timeout, metadata=metadata)

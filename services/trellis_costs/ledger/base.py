@@ -95,6 +95,8 @@ class UsageEvent:
     estimated: bool = False
     #: When it happened; None means now. Naive datetimes are taken as UTC.
     occurred_at: datetime | None = None
+    #: The session of the run (empty: none): GetUsage filters by it.
+    session_id: str = ""
 
     @property
     def name(self) -> str:
@@ -231,8 +233,11 @@ class Ledger(Protocol):
         tenant's hold whose reservation id is the usage_id goes in the same transaction."""
         ...
 
-    async def usage(self, tenant_id: str, start_day: str, end_day: str) -> UsageReport:
-        """Totals by day, kind and model-or-tool over the inclusive window of days."""
+    async def usage(
+        self, tenant_id: str, start_day: str, end_day: str, session_id: str = ""
+    ) -> UsageReport:
+        """Totals by day, kind and model-or-tool over the inclusive window of days (only
+        the rows of ``session_id`` when given)."""
         ...
 
     async def run_usage(self, tenant_id: str, run_id: str) -> RunUsage:

@@ -65,6 +65,9 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 CREATE INDEX IF NOT EXISTS usage_tenant_day ON usage (tenant_id, day);
 CREATE INDEX IF NOT EXISTS usage_tenant_run ON usage (tenant_id, run_id);
+ALTER TABLE usage ADD COLUMN IF NOT EXISTS session_id TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS usage_tenant_session ON usage (tenant_id, session_id, day)
+    WHERE session_id <> '';
 CREATE TABLE IF NOT EXISTS budgets (
     tenant_id TEXT PRIMARY KEY,
     daily_limit_nano_usd BIGINT NOT NULL DEFAULT 0,
@@ -174,8 +177,8 @@ class PostgresLedger:
         inserted = await self._pool.fetchval(
             "WITH inserted AS (INSERT INTO usage (usage_id, tenant_id, run_id, node_id, kind,"
             " model, tool, input_tokens, output_tokens, cached_input_tokens, cost_nano_usd,"
-            " estimated, occurred_at, day) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
-            " $11, $12, $13, $14) ON CONFLICT (usage_id) DO NOTHING RETURNING true),"
+            " estimated, occurred_at, day, session_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
+            " $9, $10, $11, $12, $13, $14, $15) ON CONFLICT (usage_id) DO NOTHING RETURNING true),"
             " settled AS (DELETE FROM budget_holds WHERE tenant_id = $2 AND reservation_id = $1)"
             " SELECT EXISTS (SELECT 1 FROM inserted)",
             event.usage_id,
@@ -192,6 +195,7 @@ class PostgresLedger:
             event.estimated,
             when,
             day,
+            event.session_id,
         )
         if inserted:
             return Recorded(cost, duplicate=False, day=day.isoformat(), price_known=known)
@@ -202,7 +206,9 @@ class PostgresLedger:
             raise usage_id_taken(event.usage_id)
         return Recorded(row["cost_nano_usd"], duplicate=True, day=row["day"].isoformat())
 
-    async def usage(self, tenant_id: str, start_day: str, end_day: str) -> UsageReport:
+    async def usage(
+        self, tenant_id: str, start_day: str, end_day: str, session_id: str = ""
+    ) -> UsageReport:
         rows = await self._pool.fetch(
             "SELECT day, kind, name, SUM(input_tokens)::bigint, SUM(output_tokens)::bigint,"
             " SUM(cached_input_tokens)::bigint, SUM(cost_nano_usd)::bigint, COUNT(*),"
@@ -210,11 +216,13 @@ class PostgresLedger:
             " COALESCE(SUM(input_tokens) FILTER (WHERE estimated), 0)::bigint,"
             " COALESCE(SUM(output_tokens) FILTER (WHERE estimated), 0)::bigint"
             " FROM (SELECT *, CASE kind WHEN 'tool' THEN tool ELSE model END AS name"
-            " FROM usage WHERE tenant_id = $1 AND day BETWEEN $2 AND $3) AS u"
+            " FROM usage WHERE tenant_id = $1 AND day BETWEEN $2 AND $3"
+            " AND ($4 = '' OR (session_id = $4 AND session_id <> ''))) AS u"
             ' GROUP BY day, kind, name ORDER BY day, kind, name COLLATE "C"',
             tenant_id,
             _day(start_day),
             _day(end_day),
+            session_id,
         )
         return report(
             [

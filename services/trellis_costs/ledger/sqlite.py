@@ -142,6 +142,7 @@ class SqliteLedger:
         db = await sqlite.connect(url, autocommit=True)
         try:
             await db.executescript(SCHEMA)
+            await _add_session_column(db)
         except BaseException:
             await db.close()
             raise
@@ -179,7 +180,8 @@ class SqliteLedger:
             cursor = await db.execute(
                 "INSERT INTO usage (usage_id, tenant_id, run_id, node_id, kind, model, tool,"
                 " input_tokens, output_tokens, cached_input_tokens, cost_nano_usd, estimated,"
-                " occurred_at, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " occurred_at, day, session_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (usage_id) DO NOTHING",
                 (
                     event.usage_id,
@@ -196,6 +198,7 @@ class SqliteLedger:
                     int(event.estimated),
                     when.isoformat(),
                     day,
+                    event.session_id,
                 ),
             )
             inserted = cursor.rowcount == 1
@@ -216,15 +219,18 @@ class SqliteLedger:
             raise usage_id_taken(event.usage_id)
         return Recorded(int(stored_cost), duplicate=True, day=stored_day)
 
-    async def usage(self, tenant_id: str, start_day: str, end_day: str) -> UsageReport:
+    async def usage(
+        self, tenant_id: str, start_day: str, end_day: str, session_id: str = ""
+    ) -> UsageReport:
+        session = " AND session_id = ?" if session_id else ""
         rows = await self._fetchall(
             "SELECT day, kind, CASE kind WHEN 'tool' THEN tool ELSE model END AS name,"
             " SUM(input_tokens), SUM(output_tokens), SUM(cached_input_tokens),"
             " SUM(cost_nano_usd), COUNT(*), SUM(estimated), SUM(estimated * input_tokens),"
             " SUM(estimated * output_tokens)"
-            " FROM usage WHERE tenant_id = ? AND day BETWEEN ? AND ?"
+            f" FROM usage WHERE tenant_id = ? AND day BETWEEN ? AND ?{session}"
             " GROUP BY day, kind, name ORDER BY day, kind, name",
-            (tenant_id, start_day, end_day),
+            (tenant_id, start_day, end_day, *([session_id] if session_id else [])),
         )
         return report(
             [
@@ -336,3 +342,14 @@ async def _standing(
     assert row is not None
     daily, monthly, today, month, reserved, held, expired = row
     return standing_of(tenant_id, daily, monthly, today, month, reserved, held), bool(expired)
+
+
+async def _add_session_column(db: aiosqlite.Connection) -> None:
+    """``usage.session_id``, added to a ledger file made before sessions existed."""
+    columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(usage)")}
+    if "session_id" not in columns:
+        await db.execute("ALTER TABLE usage ADD COLUMN session_id TEXT NOT NULL DEFAULT ''")
+    await db.execute(
+        "CREATE INDEX IF NOT EXISTS usage_tenant_session ON usage (tenant_id, session_id, day)"
+        " WHERE session_id <> ''"
+    )

@@ -33,6 +33,7 @@ from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.convert import timestamp
 from trellis.runtime.errors import AlreadyExists, FailedPrecondition
+from trellis_executor.store.sessions import SessionCursor, SessionRecord, SessionRules
 
 DEFAULT_OWNER = "local"
 DEFAULT_LEASE_SECONDS = 15.0
@@ -174,9 +175,37 @@ class RunStore(Protocol):
         request: executor_pb2.RunRequest,
         trace_id: str,
         span_id: str = "",
+        session_id: str = "",
+        rules: SessionRules | None = None,
     ) -> None:
         """Record a new RUNNING run owned (leased) by this store's owner;
-        AlreadyExists(reason="RUN_EXISTS") if the id is taken."""
+        AlreadyExists(reason="RUN_EXISTS") if the id is taken. With a ``session_id``
+        the run is the session's next turn, admitted under ``rules`` in the same
+        transaction: FailedPrecondition SESSION_BUSY / SESSION_FULL (``sessions.py``)."""
+        ...
+
+    async def get_session(
+        self, tenant_id: str, session_id: str, ttl_seconds: float
+    ) -> tuple[SessionRecord, list[executor_pb2.Run]] | None:
+        """The tenant's live session and its turns (oldest first, with their nodes);
+        None when there is none, it expired, or it belongs to another tenant."""
+        ...
+
+    async def list_sessions(
+        self, tenant_id: str, ttl_seconds: float, cursor: SessionCursor | None, limit: int
+    ) -> list[tuple[executor_pb2.SessionSummary, SessionCursor]]:
+        """Up to ``limit`` of the tenant's live sessions, most recently active first."""
+        ...
+
+    async def save_summary(
+        self, tenant_id: str, session_id: str, summary: str, through_turn: int
+    ) -> None:
+        """Store a context summary, unless one covering as many turns is stored."""
+        ...
+
+    async def delete_session(self, tenant_id: str, session_id: str, ttl_seconds: float) -> int:
+        """Erase the content of the session's turns and its summary; the number of turns.
+        NotFound is the caller's (-1 here); SESSION_BUSY while a turn runs."""
         ...
 
     async def add_nodes(
@@ -253,6 +282,7 @@ def build_run(
     finished_blob: bytes | None,
     finished_at: datetime | None,
     progress: str | None = None,
+    session_id: str = "",
 ) -> executor_pb2.Run:
     """One row of ``runs`` as a Run message; both backends share it so they agree."""
     run = executor_pb2.Run(
@@ -263,6 +293,7 @@ def build_run(
         trace_id=trace_id,
         created_at=timestamp(created_at),
         plan_format=Progress.from_json(progress).plan_format,  # type: ignore[arg-type]
+        session_id=session_id,
     )
     if finished_blob:
         finished = executor_pb2.RunFinished.FromString(finished_blob)

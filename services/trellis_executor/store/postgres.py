@@ -20,7 +20,9 @@ import asyncpg
 
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
+from trellis.runtime.errors import FailedPrecondition, NotFound
 from trellis.runtime.postgres import ReconnectingPool, open_pool
+from trellis_executor.store import sessions as session_rows
 from trellis_executor.store.base import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_OWNER,
@@ -83,6 +85,17 @@ CREATE TABLE IF NOT EXISTS store_meta (
     name TEXT PRIMARY KEY,
     value BYTEA NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sessions (
+    tenant_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    summary TEXT NOT NULL DEFAULT '',
+    summary_through_turn INTEGER NOT NULL DEFAULT 0,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    deleted BOOLEAN NOT NULL DEFAULT false,
+    PRIMARY KEY (tenant_id, session_id)
+);
+CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions (tenant_id, updated_at, session_id);
 """
 
 #: Serializes schema creation: two replicas starting together would otherwise race
@@ -92,6 +105,12 @@ _SCHEMA_LOCK = 0x7472656C6C6973  # "trellis"
 #: "this owner holds the run": the fence on every write of a run's state.
 _OWNED = "EXISTS (SELECT 1 FROM runs r WHERE r.run_id = $1 AND r.owner = $2)"
 _LEASE = "now() + make_interval(secs => $2)"
+#: A session's turns ($1 tenant, $2 session): its runs since it (re)started.
+_TURNS = (
+    "tenant_id = $1 AND session_id = $2 AND created_at >= (SELECT created_at FROM sessions"
+    " WHERE tenant_id = $1 AND session_id = $2)"
+)
+_LIVE = "updated_at >= now() - make_interval(secs => $3)"
 
 
 def _count(status: str) -> int:
@@ -158,7 +177,13 @@ class PostgresRunStore:
         trace_id: str,
         span_id: str = "",
         session_id: str = "",
+        rules: session_rows.SessionRules | None = None,
     ) -> None:
+        if session_id and rules is not None:
+            await self._create_turn(
+                run_id, tenant_id, request, trace_id, span_id, session_id, rules
+            )
+            return
         retried = _Retried()
         try:
             await self._pool.run(
@@ -188,6 +213,243 @@ class PostgresRunStore:
             ):
                 return  # the first try committed before its connection dropped
             raise run_exists(run_id) from None
+
+    async def _create_turn(
+        self,
+        run_id: str,
+        tenant_id: str,
+        request: executor_pb2.RunRequest,
+        trace_id: str,
+        span_id: str,
+        session_id: str,
+        rules: session_rows.SessionRules,
+    ) -> None:
+        """One transaction: the session's row (started again when it expired or was
+        deleted) locked, the idle and turn-count checks, then the run. Replicas admitting
+        turns of one session at once queue on the row lock, so one wins."""
+
+        async def block(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO sessions AS s (tenant_id, session_id) VALUES ($1, $2)"
+                    " ON CONFLICT (tenant_id, session_id) DO UPDATE SET"
+                    " created_at = CASE WHEN s.deleted OR s.updated_at < now()"
+                    " - make_interval(secs => $3) THEN now() ELSE s.created_at END,"
+                    " summary = CASE WHEN s.deleted OR s.updated_at < now()"
+                    " - make_interval(secs => $3) THEN '' ELSE s.summary END,"
+                    " summary_through_turn = CASE WHEN s.deleted OR s.updated_at < now()"
+                    " - make_interval(secs => $3) THEN 0 ELSE s.summary_through_turn END,"
+                    " deleted = false, updated_at = now()",
+                    tenant_id,
+                    session_id,
+                    rules.ttl_seconds,
+                )
+                running, turns = await conn.fetchrow(
+                    f"SELECT count(*) FILTER (WHERE status = $3), count(*) FROM runs"
+                    f" WHERE {_TURNS}",
+                    tenant_id,
+                    session_id,
+                    RUNNING,
+                )
+                if running:
+                    raise session_rows.session_busy(session_id)
+                if turns >= rules.max_turns:
+                    raise session_rows.session_full(session_id, rules.max_turns)
+                await conn.execute(
+                    "INSERT INTO runs (run_id, owner, lease_until, tenant_id, goal, status,"
+                    " request, trace_id, span_id, session_id)"
+                    f" VALUES ($1, $3, {_LEASE}, $4, $5, $6, $7, $8, $9, $10)",
+                    run_id,
+                    self._lease,
+                    self.owner,
+                    tenant_id,
+                    request.goal,
+                    RUNNING,
+                    request.SerializeToString(),
+                    trace_id,
+                    span_id,
+                    session_id,
+                )
+
+        retried = _Retried()
+        try:
+            await self._pool.run(block, on_retry=retried)
+        except asyncpg.UniqueViolationError:
+            if retried.yes and await self._pool.fetchval(
+                "SELECT true FROM runs WHERE run_id = $1 AND owner = $2 AND trace_id = $3",
+                run_id,
+                self.owner,
+                trace_id,
+            ):
+                return
+            raise run_exists(run_id) from None
+        except FailedPrecondition:
+            if retried.yes and await self._pool.fetchval(
+                "SELECT true FROM runs WHERE run_id = $1 AND owner = $2 AND trace_id = $3",
+                run_id,
+                self.owner,
+                trace_id,
+            ):
+                return  # the first try committed: the running turn is this one
+            raise
+
+    async def _session_record(
+        self, conn: asyncpg.Connection, tenant_id: str, session_id: str, ttl_seconds: float
+    ) -> session_rows.SessionRecord | None:
+        row = await conn.fetchrow(
+            "SELECT summary, summary_through_turn, created_at, updated_at, deleted FROM sessions"
+            f" WHERE tenant_id = $1 AND session_id = $2 AND {_LIVE}",
+            tenant_id,
+            session_id,
+            ttl_seconds,
+        )
+        return None if row is None else session_rows.SessionRecord(tenant_id, session_id, *row)
+
+    @staticmethod
+    async def _turns(
+        conn: asyncpg.Connection, tenant_id: str, session_ids: list[str], nodes: bool
+    ) -> dict[str, list[executor_pb2.Run]]:
+        found = await conn.fetch(
+            "SELECT r.run_id, r.goal, r.status, r.trace_id, r.created_at, r.finished,"
+            " r.finished_at, r.progress, r.session_id FROM runs r JOIN sessions s"
+            " ON s.tenant_id = r.tenant_id AND s.session_id = r.session_id"
+            " WHERE r.tenant_id = $1 AND r.session_id = ANY($2::text[])"
+            " AND r.created_at >= s.created_at ORDER BY r.created_at, r.run_id",
+            tenant_id,
+            session_ids,
+        )
+        out: dict[str, list[executor_pb2.Run]] = {sid: [] for sid in session_ids}
+        by_id: dict[str, executor_pb2.Run] = {}
+        for row in found:
+            run = build_run(row["run_id"], tenant_id, *list(row.values())[1:])
+            out[row["session_id"]].append(run)
+            by_id[row["run_id"]] = run
+        if nodes and by_id:
+            node_rows = await conn.fetch(
+                "SELECT run_id, call, outcome FROM run_nodes WHERE run_id = ANY($1::text[])"
+                " ORDER BY run_id, seq",
+                list(by_id),
+            )
+            for n in node_rows:
+                add_nodes(by_id[n["run_id"]], [(n["call"], n["outcome"])])
+        return out
+
+    async def get_session(
+        self, tenant_id: str, session_id: str, ttl_seconds: float
+    ) -> tuple[session_rows.SessionRecord, list[executor_pb2.Run]] | None:
+        async def read(conn: asyncpg.Connection) -> Any:
+            record = await self._session_record(conn, tenant_id, session_id, ttl_seconds)
+            if record is None:
+                return None
+            turns = await self._turns(conn, tenant_id, [session_id], nodes=True)
+            return record, turns[session_id]
+
+        return await self._pool.run(read)
+
+    async def list_sessions(
+        self,
+        tenant_id: str,
+        ttl_seconds: float,
+        cursor: session_rows.SessionCursor | None,
+        limit: int,
+    ) -> list[tuple[executor_pb2.SessionSummary, session_rows.SessionCursor]]:
+        async def read(conn: asyncpg.Connection) -> Any:
+            args: list[object] = [tenant_id, limit, ttl_seconds]
+            after = ""
+            if cursor is not None:
+                args += [from_micros(cursor.updated_us), cursor.session_id]
+                after = " AND (updated_at < $4 OR (updated_at = $4 AND session_id < $5))"
+            found = await conn.fetch(
+                "SELECT session_id, summary, summary_through_turn, created_at, updated_at,"
+                f" deleted FROM sessions WHERE tenant_id = $1 AND {_LIVE}{after}"
+                " ORDER BY updated_at DESC, session_id DESC LIMIT $2",
+                *args,
+            )
+            records = [session_rows.SessionRecord(tenant_id, *row) for row in found]
+            turns = await self._turns(conn, tenant_id, [r.session_id for r in records], nodes=False)
+            return records, turns
+
+        records, turns = await self._pool.run(read)
+        return [
+            (
+                session_rows.build_session_summary(r, turns[r.session_id]),
+                session_rows.SessionCursor(to_micros(r.updated_at), r.session_id),
+            )
+            for r in records
+        ]
+
+    async def save_summary(
+        self, tenant_id: str, session_id: str, summary: str, through_turn: int
+    ) -> None:
+        await self._pool.execute(
+            "UPDATE sessions SET summary = $3, summary_through_turn = $4"
+            " WHERE tenant_id = $1 AND session_id = $2 AND summary_through_turn < $4"
+            " AND NOT deleted",
+            tenant_id,
+            session_id,
+            summary,
+            through_turn,
+        )
+
+    async def delete_session(self, tenant_id: str, session_id: str, ttl_seconds: float) -> int:
+        """One transaction under the session row's lock: no turn starts meanwhile."""
+
+        async def block(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                locked = await conn.fetchval(
+                    f"SELECT true FROM sessions WHERE tenant_id = $1 AND session_id = $2"
+                    f" AND {_LIVE} FOR UPDATE",
+                    tenant_id,
+                    session_id,
+                    ttl_seconds,
+                )
+                if not locked:
+                    raise NotFound(
+                        f"no session {session_id}",
+                        reason="SESSION_NOT_FOUND",
+                        metadata={"session_id": session_id},
+                    )
+                turns = (await self._turns(conn, tenant_id, [session_id], nodes=False))[session_id]
+                if any(run.status == RUNNING for run in turns):
+                    raise session_rows.session_busy(session_id)
+                ids = [run.run_id for run in turns]
+                for run_id, request, finished in await conn.fetch(
+                    "SELECT run_id, request, finished FROM runs WHERE run_id = ANY($1::text[])",
+                    ids,
+                ):
+                    await conn.execute(
+                        "UPDATE runs SET goal = '', request = $2, finished = $3 WHERE run_id = $1",
+                        run_id,
+                        session_rows.erased_request(request),
+                        session_rows.erased_finished(finished),
+                    )
+                nodes = await conn.fetch(
+                    "SELECT run_id, node_id, call, outcome FROM run_nodes"
+                    " WHERE run_id = ANY($1::text[])",
+                    ids,
+                )
+                await conn.executemany(
+                    "UPDATE run_nodes SET call = $3, outcome = $4"
+                    " WHERE run_id = $1 AND node_id = $2",
+                    [
+                        (
+                            n["run_id"],
+                            n["node_id"],
+                            session_rows.erased_call(n["call"]),
+                            session_rows.erased_outcome(n["outcome"]),
+                        )
+                        for n in nodes
+                    ],
+                )
+                await conn.execute(
+                    "UPDATE sessions SET deleted = true, summary = '', summary_through_turn = 0"
+                    " WHERE tenant_id = $1 AND session_id = $2",
+                    tenant_id,
+                    session_id,
+                )
+                return len(turns)
+
+        return await self._pool.run(block)
 
     async def _fenced(self, run_id: str, sql: str, *args: object) -> None:
         """Run a write of ``run_id``'s state that only its owner may make."""
@@ -246,7 +508,7 @@ class PostgresRunStore:
         async def read(conn: asyncpg.Connection) -> tuple[Any, list[Any]]:
             row = await conn.fetchrow(
                 "SELECT tenant_id, goal, status, trace_id, created_at, finished, finished_at,"
-                " progress FROM runs WHERE run_id = $1",
+                " progress, session_id FROM runs WHERE run_id = $1",
                 run_id,
             )
             if row is None:
@@ -269,6 +531,7 @@ class PostgresRunStore:
             row["finished"],
             row["finished_at"],
             row["progress"],
+            row["session_id"],
         )
         return add_nodes(run, [(n["call"], n["outcome"]) for n in nodes])
 

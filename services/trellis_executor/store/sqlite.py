@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import aiosqlite
 
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import sqlite
+from trellis.runtime.errors import NotFound
+from trellis_executor.store import sessions as session_rows
 from trellis_executor.store.base import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_OWNER,
@@ -67,6 +69,17 @@ CREATE TABLE IF NOT EXISTS store_meta (
     name TEXT PRIMARY KEY,
     value BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sessions (
+    tenant_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    summary TEXT NOT NULL DEFAULT '',
+    summary_through_turn INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant_id, session_id)
+);
+CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions (tenant_id, updated_at, session_id);
 """
 
 #: Columns added after the first release, added to an older file when it is opened.
@@ -98,6 +111,18 @@ _OWNED = "EXISTS (SELECT 1 FROM runs r WHERE r.run_id = :run_id AND r.owner = :o
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def _expired_before(ttl_seconds: float) -> str:
+    """Last activity before this (ISO text, as stored) means the session expired."""
+    return (datetime.now(UTC) - timedelta(seconds=ttl_seconds)).isoformat()
+
+
+#: A session's turns: its runs since it (re)started.
+_TURNS = (
+    "tenant_id = :tenant AND session_id = :session AND created_at >= (SELECT created_at"
+    " FROM sessions WHERE tenant_id = :tenant AND session_id = :session)"
+)
 
 
 class SqliteRunStore:
@@ -147,7 +172,13 @@ class SqliteRunStore:
         trace_id: str,
         span_id: str = "",
         session_id: str = "",
+        rules: session_rows.SessionRules | None = None,
     ) -> None:
+        if session_id and rules is not None:
+            await self._create_turn(
+                run_id, tenant_id, request, trace_id, span_id, session_id, rules
+            )
+            return
         try:
             await self._db.execute(
                 "INSERT INTO runs (run_id, owner, lease_until, tenant_id, goal, status, request,"
@@ -169,6 +200,248 @@ class SqliteRunStore:
             )
         except aiosqlite.IntegrityError:
             raise run_exists(run_id) from None
+
+    async def _create_turn(
+        self,
+        run_id: str,
+        tenant_id: str,
+        request: executor_pb2.RunRequest,
+        trace_id: str,
+        span_id: str,
+        session_id: str,
+        rules: session_rows.SessionRules,
+    ) -> None:
+        """The session's row (started again when it expired or was deleted), then the
+        run, in one statement that checks the session is idle and not full: SQLite
+        runs each statement alone, across processes too."""
+        now = _now()
+        await self._db.execute(
+            "INSERT INTO sessions (tenant_id, session_id, created_at, updated_at)"
+            " VALUES (:tenant, :session, :now, :now) ON CONFLICT (tenant_id, session_id)"
+            " DO UPDATE SET"
+            " created_at = CASE WHEN deleted OR updated_at < :expired THEN :now"
+            " ELSE created_at END,"
+            " summary = CASE WHEN deleted OR updated_at < :expired THEN '' ELSE summary END,"
+            " summary_through_turn = CASE WHEN deleted OR updated_at < :expired THEN 0"
+            " ELSE summary_through_turn END,"
+            " deleted = 0, updated_at = :now",
+            {
+                "tenant": tenant_id,
+                "session": session_id,
+                "now": now,
+                "expired": _expired_before(rules.ttl_seconds),
+            },
+        )
+        params = {
+            "run_id": run_id,
+            "owner": self.owner,
+            "lease": self._lease_until(),
+            "tenant": tenant_id,
+            "goal": request.goal,
+            "running": RUNNING,
+            "request": request.SerializeToString(),
+            "trace_id": trace_id,
+            "span_id": span_id,
+            "now": now,
+            "session": session_id,
+            "max_turns": rules.max_turns,
+        }
+        try:
+            cursor = await self._db.execute(
+                "INSERT INTO runs (run_id, owner, lease_until, tenant_id, goal, status, request,"
+                " trace_id, span_id, created_at, session_id) SELECT :run_id, :owner, :lease,"
+                " :tenant, :goal, :running, :request, :trace_id, :span_id, :now, :session"
+                f" WHERE NOT EXISTS (SELECT 1 FROM runs WHERE {_TURNS} AND status = :running)"
+                f" AND (SELECT count(*) FROM runs WHERE {_TURNS}) < :max_turns",
+                params,
+            )
+        except aiosqlite.IntegrityError:
+            raise run_exists(run_id) from None
+        if cursor.rowcount == 1:
+            return
+        busy = await self._db.execute_fetchall(
+            f"SELECT 1 FROM runs WHERE {_TURNS} AND status = :running", params
+        )
+        if busy:
+            raise session_rows.session_busy(session_id)
+        raise session_rows.session_full(session_id, rules.max_turns)
+
+    async def _session_record(
+        self, tenant_id: str, session_id: str, ttl_seconds: float
+    ) -> session_rows.SessionRecord | None:
+        found = await self._db.execute_fetchall(
+            "SELECT summary, summary_through_turn, created_at, updated_at, deleted FROM sessions"
+            " WHERE tenant_id = ? AND session_id = ? AND updated_at >= ?",
+            (tenant_id, session_id, _expired_before(ttl_seconds)),
+        )
+        for summary, through, created, updated, deleted in found:
+            return session_rows.SessionRecord(
+                tenant_id,
+                session_id,
+                summary,
+                through,
+                datetime.fromisoformat(created),
+                datetime.fromisoformat(updated),
+                bool(deleted),
+            )
+        return None
+
+    async def _turns(
+        self, tenant_id: str, session_ids: Sequence[str], nodes: bool
+    ) -> dict[str, list[executor_pb2.Run]]:
+        """The turns of each session (oldest first); with their nodes when ``nodes``."""
+        marks = ",".join("?" * len(session_ids))
+        found = await self._db.execute_fetchall(
+            "SELECT r.run_id, r.goal, r.status, r.trace_id, r.created_at, r.finished,"
+            " r.finished_at, r.progress, r.session_id FROM runs r JOIN sessions s"
+            " ON s.tenant_id = r.tenant_id AND s.session_id = r.session_id"
+            f" WHERE r.tenant_id = ? AND r.session_id IN ({marks})"
+            " AND r.created_at >= s.created_at ORDER BY r.created_at, r.run_id",
+            (tenant_id, *session_ids),
+        )
+        out: dict[str, list[executor_pb2.Run]] = {sid: [] for sid in session_ids}
+        by_id: dict[str, executor_pb2.Run] = {}
+        for run_id, goal, status, trace, created, blob, finished, progress, sid in found:
+            run = build_run(
+                run_id,
+                tenant_id,
+                goal,
+                status,
+                trace,
+                datetime.fromisoformat(created),
+                blob,
+                datetime.fromisoformat(finished) if finished else None,
+                progress,
+                sid,
+            )
+            out[sid].append(run)
+            by_id[run_id] = run
+        if nodes and by_id:
+            ids = list(by_id)
+            node_rows = await self._db.execute_fetchall(
+                f"SELECT run_id, call, outcome FROM run_nodes WHERE run_id IN"
+                f" ({','.join('?' * len(ids))}) ORDER BY run_id, seq",
+                ids,
+            )
+            for run_id, call, outcome in node_rows:
+                add_nodes(by_id[run_id], [(call, outcome)])
+        return out
+
+    async def get_session(
+        self, tenant_id: str, session_id: str, ttl_seconds: float
+    ) -> tuple[session_rows.SessionRecord, list[executor_pb2.Run]] | None:
+        record = await self._session_record(tenant_id, session_id, ttl_seconds)
+        if record is None:
+            return None
+        turns = await self._turns(tenant_id, [session_id], nodes=True)
+        return record, turns[session_id]
+
+    async def list_sessions(
+        self,
+        tenant_id: str,
+        ttl_seconds: float,
+        cursor: session_rows.SessionCursor | None,
+        limit: int,
+    ) -> list[tuple[executor_pb2.SessionSummary, session_rows.SessionCursor]]:
+        after = ""
+        params: list[object] = [tenant_id, _expired_before(ttl_seconds)]
+        if cursor is not None:
+            moment = from_micros(cursor.updated_us).isoformat()
+            after = " AND (updated_at < ? OR (updated_at = ? AND session_id < ?))"
+            params += [moment, moment, cursor.session_id]
+        found = await self._db.execute_fetchall(
+            "SELECT session_id, summary, summary_through_turn, created_at, updated_at, deleted"
+            f" FROM sessions WHERE tenant_id = ? AND updated_at >= ?{after}"
+            " ORDER BY updated_at DESC, session_id DESC LIMIT ?",
+            (*params, limit),
+        )
+        records = [
+            session_rows.SessionRecord(
+                tenant_id,
+                sid,
+                summary,
+                through,
+                datetime.fromisoformat(created),
+                datetime.fromisoformat(updated),
+                bool(deleted),
+            )
+            for sid, summary, through, created, updated, deleted in found
+        ]
+        turns = await self._turns(tenant_id, [r.session_id for r in records], nodes=False)
+        return [
+            (
+                session_rows.build_session_summary(r, turns[r.session_id]),
+                session_rows.SessionCursor(to_micros(r.updated_at), r.session_id),
+            )
+            for r in records
+        ]
+
+    async def save_summary(
+        self, tenant_id: str, session_id: str, summary: str, through_turn: int
+    ) -> None:
+        await self._db.execute(
+            "UPDATE sessions SET summary = ?, summary_through_turn = ?"
+            " WHERE tenant_id = ? AND session_id = ? AND summary_through_turn < ?"
+            " AND NOT deleted",
+            (summary, through_turn, tenant_id, session_id, through_turn),
+        )
+
+    async def delete_session(self, tenant_id: str, session_id: str, ttl_seconds: float) -> int:
+        params = {
+            "tenant": tenant_id,
+            "session": session_id,
+            "running": RUNNING,
+            "expired": _expired_before(ttl_seconds),
+        }
+        turns = (await self._turns(tenant_id, [session_id], nodes=False))[session_id]
+        cursor = await self._db.execute(
+            "UPDATE sessions SET deleted = 1, summary = '', summary_through_turn = 0"
+            " WHERE tenant_id = :tenant AND session_id = :session AND updated_at >= :expired"
+            f" AND NOT EXISTS (SELECT 1 FROM runs WHERE {_TURNS} AND status = :running)",
+            params,
+        )
+        if cursor.rowcount == 0:
+            if await self._session_record(tenant_id, session_id, ttl_seconds) is None:
+                raise NotFound(
+                    f"no session {session_id}",
+                    reason="SESSION_NOT_FOUND",
+                    metadata={"session_id": session_id},
+                )
+            raise session_rows.session_busy(session_id)
+        for run in turns:
+            await self._erase_run(run.run_id)
+        return len(turns)
+
+    async def _erase_run(self, run_id: str) -> None:
+        """A finished turn's goal, answer, tool arguments and outputs, erased."""
+        found = await self._db.execute_fetchall(
+            "SELECT request, finished FROM runs WHERE run_id = ? AND status <> ?",
+            (run_id, RUNNING),
+        )
+        for request, finished in found:
+            await self._db.execute(
+                "UPDATE runs SET goal = '', request = ?, finished = ? WHERE run_id = ?",
+                (
+                    session_rows.erased_request(request),
+                    session_rows.erased_finished(finished),
+                    run_id,
+                ),
+            )
+            nodes = await self._db.execute_fetchall(
+                "SELECT node_id, call, outcome FROM run_nodes WHERE run_id = ?", (run_id,)
+            )
+            await self._db.executemany(
+                "UPDATE run_nodes SET call = ?, outcome = ? WHERE run_id = ? AND node_id = ?",
+                [
+                    (
+                        session_rows.erased_call(call),
+                        session_rows.erased_outcome(outcome),
+                        run_id,
+                        node_id,
+                    )
+                    for node_id, call, outcome in nodes
+                ],
+            )
 
     async def _fenced(self, run_id: str, sql: str, **values: object) -> None:
         """Run a write of ``run_id``'s state that only its owner may make."""
@@ -224,13 +497,14 @@ class SqliteRunStore:
     async def get(self, run_id: str) -> executor_pb2.Run | None:
         rows = await self._db.execute_fetchall(
             "SELECT tenant_id, goal, status, trace_id, created_at, finished, finished_at,"
-            " progress FROM runs WHERE run_id = ?",
+            " progress, session_id FROM runs WHERE run_id = ?",
             (run_id,),
         )
         if not rows:
             return None
         row = next(iter(rows))
-        tenant_id, goal, status, trace_id, created_at, finished_blob, finished_at, progress = row
+        tenant_id, goal, status, trace_id, created_at, finished_blob, finished_at = row[:7]
+        progress, session_id = row[7:]
         run = build_run(
             run_id,
             tenant_id,
@@ -241,6 +515,7 @@ class SqliteRunStore:
             finished_blob,
             datetime.fromisoformat(finished_at) if finished_at else None,
             progress,
+            session_id,
         )
         nodes = await self._db.execute_fetchall(
             "SELECT call, outcome FROM run_nodes WHERE run_id = ? ORDER BY seq", (run_id,)

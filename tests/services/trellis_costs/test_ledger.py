@@ -382,3 +382,18 @@ async def test_standings_are_every_budgeted_tenants(ledger: Ledger, clock: Clock
         Standing(Budget("t1", 1_000, 0), 100, 100, 0),
         Standing(Budget("t2", 0, 5_000), 0, 0, 40),
     ]
+
+
+async def test_usage_of_one_session(ledger: Ledger) -> None:
+    await ledger.record(model_event("u1", session_id="chat-1", run_id="r1"))
+    await ledger.record(tool_event("u2", "search", 7, session_id="chat-1", run_id="r1"))
+    await ledger.record(model_event("u3", session_id="chat-2", run_id="r2"))
+    await ledger.record(model_event("u4", run_id="r3"))
+    await ledger.record(model_event("u5", tenant="t2", session_id="chat-1"))
+    day = (await ledger.record(model_event("u1"))).day
+    one = await ledger.usage("t1", day, day, "chat-1")
+    assert one.total_cost_nano_usd == MINI_1000_100 + 7
+    assert sum(row.events for row in one.rows) == 2
+    everything = await ledger.usage("t1", day, day)
+    assert sum(row.events for row in everything.rows) == 4
+    assert (await ledger.usage("t1", day, day, "nobody")).rows == []

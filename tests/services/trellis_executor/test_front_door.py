@@ -9,7 +9,12 @@ import pytest
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.errors import InvalidArgument
-from trellis_executor.front_door import check_run_id, check_run_request
+from trellis_executor.front_door import (
+    check_list_sessions,
+    check_run_id,
+    check_run_request,
+    check_session_id,
+)
 
 
 def refusal(request: executor_pb2.RunRequest, max_goal_bytes: int = 100) -> InvalidArgument:
@@ -58,3 +63,18 @@ def test_lookups_need_a_run_id_that_could_exist() -> None:
             check_run_id(run_id)
         assert raised.value.reason == reason
         assert [v.field for v in raised.value.violations] == ["run_id"]
+
+
+def test_session_ids_follow_the_run_id_rule() -> None:
+    check_run_request(executor_pb2.RunRequest(goal="g", session_id="chat-1.a:b"), 100)
+    error = refusal(executor_pb2.RunRequest(goal="g", session_id="a/b"))
+    assert (error.reason, [v.field for v in error.violations]) == ("INVALID_ID", ["session_id"])
+    check_session_id("chat-1")
+    for session_id, reason in [("", "SESSION_ID_REQUIRED"), ("x" * 129, "INVALID_ID")]:
+        with pytest.raises(InvalidArgument) as raised:
+            check_session_id(session_id)
+        assert raised.value.reason == reason
+    check_list_sessions(executor_pb2.ListSessionsRequest(page_size=5))
+    with pytest.raises(InvalidArgument) as negative:
+        check_list_sessions(executor_pb2.ListSessionsRequest(page_size=-1))
+    assert negative.value.reason == "INVALID_PAGE_SIZE"

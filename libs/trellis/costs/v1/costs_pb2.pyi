@@ -22,7 +22,7 @@ USAGE_KIND_MODEL: UsageKind
 USAGE_KIND_TOOL: UsageKind
 
 class RecordUsageRequest(_message.Message):
-    __slots__ = ("usage_id", "run_id", "node_id", "kind", "usage", "tool", "tool_cost_nano_usd", "estimated", "occurred_at")
+    __slots__ = ("usage_id", "run_id", "node_id", "kind", "usage", "tool", "tool_cost_nano_usd", "estimated", "occurred_at", "session_id")
     USAGE_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class RecordUsageRequest(_message.Message):
     TOOL_COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_FIELD_NUMBER: _ClassVar[int]
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     usage_id: str
     run_id: str
     node_id: str
@@ -41,7 +42,8 @@ class RecordUsageRequest(_message.Message):
     tool_cost_nano_usd: int
     estimated: bool
     occurred_at: _timestamp_pb2.Timestamp
-    def __init__(self, usage_id: _Optional[str] = ..., run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., kind: _Optional[_Union[UsageKind, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., tool: _Optional[str] = ..., tool_cost_nano_usd: _Optional[int] = ..., estimated: _Optional[bool] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    session_id: str
+    def __init__(self, usage_id: _Optional[str] = ..., run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., kind: _Optional[_Union[UsageKind, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., tool: _Optional[str] = ..., tool_cost_nano_usd: _Optional[int] = ..., estimated: _Optional[bool] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class RecordUsageResponse(_message.Message):
     __slots__ = ("cost_nano_usd", "duplicate")
@@ -98,14 +100,16 @@ class SetBudgetResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GetUsageRequest(_message.Message):
-    __slots__ = ("tenant_id", "start_day", "end_day")
+    __slots__ = ("tenant_id", "start_day", "end_day", "session_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     START_DAY_FIELD_NUMBER: _ClassVar[int]
     END_DAY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     start_day: str
     end_day: str
-    def __init__(self, tenant_id: _Optional[str] = ..., start_day: _Optional[str] = ..., end_day: _Optional[str] = ...) -> None: ...
+    session_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., start_day: _Optional[str] = ..., end_day: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class UsageRow(_message.Message):
     __slots__ = ("tenant_id", "day", "model", "input_tokens", "output_tokens", "cached_input_tokens", "cost_nano_usd", "events", "kind", "tool", "estimated_events", "estimated_input_tokens", "estimated_output_tokens")

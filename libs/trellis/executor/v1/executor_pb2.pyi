@@ -46,16 +46,18 @@ class RunOptions(_message.Message):
     def __init__(self, max_parallel: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_replans: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cache_mode: _Optional[_Union[_common_pb2.CacheMode, str]] = ..., model: _Optional[str] = ..., max_cost_nano_usd: _Optional[int] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("goal", "plan", "options", "run_id")
+    __slots__ = ("goal", "plan", "options", "run_id", "session_id")
     GOAL_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     goal: str
     plan: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]
     options: RunOptions
     run_id: str
-    def __init__(self, goal: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., options: _Optional[_Union[RunOptions, _Mapping]] = ..., run_id: _Optional[str] = ...) -> None: ...
+    session_id: str
+    def __init__(self, goal: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., options: _Optional[_Union[RunOptions, _Mapping]] = ..., run_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class RunStarted(_message.Message):
     __slots__ = ("trace_id",)
@@ -128,7 +130,7 @@ class RunResponse(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., started: _Optional[_Union[RunStarted, _Mapping]] = ..., node_planned: _Optional[_Union[NodePlanned, _Mapping]] = ..., node_started: _Optional[_Union[NodeStarted, _Mapping]] = ..., node_finished: _Optional[_Union[NodeFinished, _Mapping]] = ..., answer_delta: _Optional[_Union[AnswerDelta, _Mapping]] = ..., finished: _Optional[_Union[RunFinished, _Mapping]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "tenant_id", "goal", "status", "plan", "outcomes", "answer", "usage", "cost_nano_usd", "cache_hits", "trace_id", "created_at", "finished_at", "error", "failed_nodes", "plan_format")
+    __slots__ = ("run_id", "tenant_id", "goal", "status", "plan", "outcomes", "answer", "usage", "cost_nano_usd", "cache_hits", "trace_id", "created_at", "finished_at", "error", "failed_nodes", "plan_format", "session_id")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     GOAL_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +147,7 @@ class Run(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     FAILED_NODES_FIELD_NUMBER: _ClassVar[int]
     PLAN_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     tenant_id: str
     goal: str
@@ -161,7 +164,8 @@ class Run(_message.Message):
     error: _common_pb2.Error
     failed_nodes: int
     plan_format: _common_pb2.PlanFormat
-    def __init__(self, run_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., goal: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., outcomes: _Optional[_Iterable[_Union[_common_pb2.NodeOutcome, _Mapping]]] = ..., answer: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost_nano_usd: _Optional[int] = ..., cache_hits: _Optional[int] = ..., trace_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., failed_nodes: _Optional[int] = ..., plan_format: _Optional[_Union[_common_pb2.PlanFormat, str]] = ...) -> None: ...
+    session_id: str
+    def __init__(self, run_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., goal: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., outcomes: _Optional[_Iterable[_Union[_common_pb2.NodeOutcome, _Mapping]]] = ..., answer: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost_nano_usd: _Optional[int] = ..., cache_hits: _Optional[int] = ..., trace_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., failed_nodes: _Optional[int] = ..., plan_format: _Optional[_Union[_common_pb2.PlanFormat, str]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -278,3 +282,101 @@ class ListToolsResponse(_message.Message):
     TOOLS_FIELD_NUMBER: _ClassVar[int]
     tools: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolSpec]
     def __init__(self, tools: _Optional[_Iterable[_Union[_common_pb2.ToolSpec, _Mapping]]] = ...) -> None: ...
+
+class SessionTurn(_message.Message):
+    __slots__ = ("number", "run_id", "goal", "answer", "status", "created_at")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    GOAL_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    number: int
+    run_id: str
+    goal: str
+    answer: str
+    status: RunStatus
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, number: _Optional[int] = ..., run_id: _Optional[str] = ..., goal: _Optional[str] = ..., answer: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Session(_message.Message):
+    __slots__ = ("session_id", "turns", "summary", "summary_through_turn", "usage", "cost_nano_usd", "created_at", "updated_at", "deleted")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_THROUGH_TURN_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    turns: _containers.RepeatedCompositeFieldContainer[SessionTurn]
+    summary: str
+    summary_through_turn: int
+    usage: _common_pb2.Usage
+    cost_nano_usd: int
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    deleted: bool
+    def __init__(self, session_id: _Optional[str] = ..., turns: _Optional[_Iterable[_Union[SessionTurn, _Mapping]]] = ..., summary: _Optional[str] = ..., summary_through_turn: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost_nano_usd: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deleted: _Optional[bool] = ...) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class GetSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions", "next_page_token")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionSummary]
+    next_page_token: str
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionSummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class SessionSummary(_message.Message):
+    __slots__ = ("session_id", "turn_count", "usage", "cost_nano_usd", "created_at", "updated_at", "last_goal", "deleted")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_GOAL_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    turn_count: int
+    usage: _common_pb2.Usage
+    cost_nano_usd: int
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    last_goal: str
+    deleted: bool
+    def __init__(self, session_id: _Optional[str] = ..., turn_count: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost_nano_usd: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_goal: _Optional[str] = ..., deleted: _Optional[bool] = ...) -> None: ...
+
+class DeleteSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSessionResponse(_message.Message):
+    __slots__ = ("turns",)
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    turns: int
+    def __init__(self, turns: _Optional[int] = ...) -> None: ...

@@ -65,6 +65,21 @@ class ExecutorServiceStub:
                 request_serializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListToolsRequest.SerializeToString,
                 response_deserializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListToolsResponse.FromString,
                 _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/trellis.executor.v1.ExecutorService/GetSession',
+                request_serializer=trellis_dot_executor_dot_v1_dot_executor__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=trellis_dot_executor_dot_v1_dot_executor__pb2.GetSessionResponse.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/trellis.executor.v1.ExecutorService/ListSessions',
+                request_serializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSession = channel.unary_unary(
+                '/trellis.executor.v1.ExecutorService/DeleteSession',
+                request_serializer=trellis_dot_executor_dot_v1_dot_executor__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=trellis_dot_executor_dot_v1_dot_executor__pb2.DeleteSessionResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServiceServicer:
@@ -123,6 +138,29 @@ class ExecutorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSession(self, request, context):
+        """A session of the caller's tenant: its turns, context summary and totals.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """The caller's sessions, most recently active first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSession(self, request, context):
+        """Erases the stored content of a session's turns (goals, answers, tool arguments and
+        outputs) and its summary; the ledger keeps the cost rows. SESSION_BUSY while a
+        turn runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +193,21 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.ListTools,
                     request_deserializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListToolsRequest.FromString,
                     response_serializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListToolsResponse.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=trellis_dot_executor_dot_v1_dot_executor__pb2.GetSessionRequest.FromString,
+                    response_serializer=trellis_dot_executor_dot_v1_dot_executor__pb2.GetSessionResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListSessionsRequest.FromString,
+                    response_serializer=trellis_dot_executor_dot_v1_dot_executor__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'DeleteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSession,
+                    request_deserializer=trellis_dot_executor_dot_v1_dot_executor__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=trellis_dot_executor_dot_v1_dot_executor__pb2.DeleteSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -320,6 +373,87 @@ class ExecutorService:
             '/trellis.executor.v1.ExecutorService/ListTools',
             trellis_dot_executor_dot_v1_dot_executor__pb2.ListToolsRequest.SerializeToString,
             trellis_dot_executor_dot_v1_dot_executor__pb2.ListToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.executor.v1.ExecutorService/GetSession',
+            trellis_dot_executor_dot_v1_dot_executor__pb2.GetSessionRequest.SerializeToString,
+            trellis_dot_executor_dot_v1_dot_executor__pb2.GetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.executor.v1.ExecutorService/ListSessions',
+            trellis_dot_executor_dot_v1_dot_executor__pb2.ListSessionsRequest.SerializeToString,
+            trellis_dot_executor_dot_v1_dot_executor__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.executor.v1.ExecutorService/DeleteSession',
+            trellis_dot_executor_dot_v1_dot_executor__pb2.DeleteSessionRequest.SerializeToString,
+            trellis_dot_executor_dot_v1_dot_executor__pb2.DeleteSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,45 +27,55 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from trellis.common.v1 import common_pb2 as trellis_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n trellis/planner/v1/planner.proto\x12\x12trellis.planner.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1etrellis/common/v1/common.proto\"\xe9\x02\n\x0bPlanRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12*\n\x05tools\x18\x03 \x03(\x0b\x32\x1b.trellis.common.v1.ToolSpec\x12\x11\n\tmax_nodes\x18\x04 \x01(\x05\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\x05\x12\x32\n\rprevious_plan\x18\x07 \x03(\x0b\x32\x1b.trellis.common.v1.ToolCall\x12\x39\n\x11previous_outcomes\x18\x08 \x03(\x0b\x32\x1e.trellis.common.v1.NodeOutcome\x12\x15\n\rreplan_reason\x18\t \x01(\t\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x12\x32\n\x0bplan_format\x18\x0b \x01(\x0e\x32\x1d.trellis.common.v1.PlanFormat\x12\x14\n\x0cround_starts\x18\x0c \x03(\x05\"A\n\x0bPlanStarted\x12\x32\n\x0bplan_format\x18\x01 \x01(\x0e\x32\x1d.trellis.common.v1.PlanFormat\"E\n\x08PlanDone\x12\'\n\x05usage\x18\x01 \x01(\x0b\x32\x18.trellis.common.v1.Usage\x12\x10\n\x08\x61nswered\x18\x02 \x01(\x08\"s\n\x0eModelCallUsage\x12\x10\n\x08usage_id\x18\x01 \x01(\t\x12\x0f\n\x07started\x18\x02 \x01(\x08\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.trellis.common.v1.Usage\x12\x15\n\rcost_deferred\x18\x04 \x01(\x08\"\xf3\x01\n\x0cPlanResponse\x12+\n\x04node\x18\x01 \x01(\x0b\x32\x1b.trellis.common.v1.ToolCallH\x00\x12,\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1c.trellis.planner.v1.PlanDoneH\x00\x12\x33\n\x05usage\x18\x03 \x01(\x0b\x32\".trellis.planner.v1.ModelCallUsageH\x00\x12\x32\n\x07started\x18\x04 \x01(\x0b\x32\x1f.trellis.planner.v1.PlanStartedH\x00\x12\x16\n\x0c\x61nswer_delta\x18\x05 \x01(\tH\x00\x42\x07\n\x05\x65vent\"\xd6\x02\n\x0bJoinRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12)\n\x04plan\x18\x03 \x03(\x0b\x32\x1b.trellis.common.v1.ToolCall\x12\x30\n\x08outcomes\x18\x04 \x03(\x0b\x32\x1e.trellis.common.v1.NodeOutcome\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\x05\x12\x14\n\x0c\x61llow_replan\x18\x07 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12\x32\n\x0bplan_format\x18\t \x01(\x0e\x32\x1d.trellis.common.v1.PlanFormat\x12\x14\n\x0cround_starts\x18\n \x03(\x05\x12*\n\x05tools\x18\x0b \x03(\x0b\x32\x1b.trellis.common.v1.ToolSpec\x12\x11\n\tmax_nodes\x18\x0c \x01(\x05\"w\n\x08JoinDone\x12\x32\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32 .trellis.planner.v1.JoinDecision\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.trellis.common.v1.Usage\"\xbf\x01\n\x0cJoinResponse\x12\x16\n\x0c\x61nswer_delta\x18\x01 \x01(\tH\x00\x12,\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1c.trellis.planner.v1.JoinDoneH\x00\x12\x33\n\x05usage\x18\x03 \x01(\x0b\x32\".trellis.planner.v1.ModelCallUsageH\x00\x12+\n\x04node\x18\x04 \x01(\x0b\x32\x1b.trellis.common.v1.ToolCallH\x00\x42\x07\n\x05\x65vent\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"O\n\nUsageShare\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08usage_id\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x03\"\xc7\x02\n\x0fGenerateRequest\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.trellis.planner.v1.ChatMessage\x12\r\n\x05model\x18\x02 \x01(\t\x12.\n\routput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0boutput_name\x18\x04 \x01(\t\x12\x19\n\x11max_output_tokens\x18\x05 \x01(\x05\x12\x18\n\x0btemperature\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12.\n\x06shares\x18\x07 \x03(\x0b\x32\x1e.trellis.planner.v1.UsageShare\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04tool\x18\t \x01(\tB\x0e\n\x0c_temperature\"|\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x31\n\x05usage\x18\x02 \x03(\x0b\x32\".trellis.planner.v1.ModelCallUsage\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.trellis.common.v1.Error\"\xab\x01\n\x0c\x45mbedRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12.\n\x06shares\x18\x03 \x03(\x0b\x32\x1e.trellis.planner.v1.UsageShare\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04tool\x18\x05 \x01(\t\x12\x12\n\ndimensions\x18\x06 \x01(\x05\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x9e\x01\n\rEmbedResponse\x12\x31\n\nembeddings\x18\x01 \x03(\x0b\x32\x1d.trellis.planner.v1.Embedding\x12\x31\n\x05usage\x18\x02 \x03(\x0b\x32\".trellis.planner.v1.ModelCallUsage\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.trellis.common.v1.Error*a\n\x0cJoinDecision\x12\x1d\n\x19JOIN_DECISION_UNSPECIFIED\x10\x00\x12\x18\n\x14JOIN_DECISION_FINISH\x10\x01\x12\x18\n\x14JOIN_DECISION_REPLAN\x10\x02\x32\xcf\x02\n\x0ePlannerService\x12K\n\x04Plan\x12\x1f.trellis.planner.v1.PlanRequest\x1a .trellis.planner.v1.PlanResponse0\x01\x12K\n\x04Join\x12\x1f.trellis.planner.v1.JoinRequest\x1a .trellis.planner.v1.JoinResponse0\x01\x12U\n\x08Generate\x12#.trellis.planner.v1.GenerateRequest\x1a$.trellis.planner.v1.GenerateResponse\x12L\n\x05\x45mbed\x12 .trellis.planner.v1.EmbedRequest\x1a!.trellis.planner.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n trellis/planner/v1/planner.proto\x12\x12trellis.planner.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1etrellis/common/v1/common.proto\"\x9e\x03\n\x0bPlanRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12*\n\x05tools\x18\x03 \x03(\x0b\x32\x1b.trellis.common.v1.ToolSpec\x12\x11\n\tmax_nodes\x18\x04 \x01(\x05\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\x05\x12\x32\n\rprevious_plan\x18\x07 \x03(\x0b\x32\x1b.trellis.common.v1.ToolCall\x12\x39\n\x11previous_outcomes\x18\x08 \x03(\x0b\x32\x1e.trellis.common.v1.NodeOutcome\x12\x15\n\rreplan_reason\x18\t \x01(\t\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x12\x32\n\x0bplan_format\x18\x0b \x01(\x0e\x32\x1d.trellis.common.v1.PlanFormat\x12\x14\n\x0cround_starts\x18\x0c \x03(\x05\x12\x33\n\x07session\x18\r \x01(\x0b\x32\".trellis.planner.v1.SessionContext\"A\n\x0bPlanStarted\x12\x32\n\x0bplan_format\x18\x01 \x01(\x0e\x32\x1d.trellis.common.v1.PlanFormat\"E\n\x08PlanDone\x12\'\n\x05usage\x18\x01 \x01(\x0b\x32\x18.trellis.common.v1.Usage\x12\x10\n\x08\x61nswered\x18\x02 \x01(\x08\"s\n\x0eModelCallUsage\x12\x10\n\x08usage_id\x18\x01 \x01(\t\x12\x0f\n\x07started\x18\x02 \x01(\x08\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.trellis.common.v1.Usage\x12\x15\n\rcost_deferred\x18\x04 \x01(\x08\"\xf3\x01\n\x0cPlanResponse\x12+\n\x04node\x18\x01 \x01(\x0b\x32\x1b.trellis.common.v1.ToolCallH\x00\x12,\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1c.trellis.planner.v1.PlanDoneH\x00\x12\x33\n\x05usage\x18\x03 \x01(\x0b\x32\".trellis.planner.v1.ModelCallUsageH\x00\x12\x32\n\x07started\x18\x04 \x01(\x0b\x32\x1f.trellis.planner.v1.PlanStartedH\x00\x12\x16\n\x0c\x61nswer_delta\x18\x05 \x01(\tH\x00\x42\x07\n\x05\x65vent\"\x8b\x03\n\x0bJoinRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12)\n\x04plan\x18\x03 \x03(\x0b\x32\x1b.trellis.common.v1.ToolCall\x12\x30\n\x08outcomes\x18\x04 \x03(\x0b\x32\x1e.trellis.common.v1.NodeOutcome\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05round\x18\x06 \x01(\x05\x12\x14\n\x0c\x61llow_replan\x18\x07 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12\x32\n\x0bplan_format\x18\t \x01(\x0e\x32\x1d.trellis.common.v1.PlanFormat\x12\x14\n\x0cround_starts\x18\n \x03(\x05\x12*\n\x05tools\x18\x0b \x03(\x0b\x32\x1b.trellis.common.v1.ToolSpec\x12\x11\n\tmax_nodes\x18\x0c \x01(\x05\x12\x33\n\x07session\x18\r \x01(\x0b\x32\".trellis.planner.v1.SessionContext\"w\n\x08JoinDone\x12\x32\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32 .trellis.planner.v1.JoinDecision\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.trellis.common.v1.Usage\"\xbf\x01\n\x0cJoinResponse\x12\x16\n\x0c\x61nswer_delta\x18\x01 \x01(\tH\x00\x12,\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1c.trellis.planner.v1.JoinDoneH\x00\x12\x33\n\x05usage\x18\x03 \x01(\x0b\x32\".trellis.planner.v1.ModelCallUsageH\x00\x12+\n\x04node\x18\x04 \x01(\x0b\x32\x1b.trellis.common.v1.ToolCallH\x00\x42\x07\n\x05\x65vent\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"O\n\nUsageShare\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08usage_id\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x03\"\xc7\x02\n\x0fGenerateRequest\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.trellis.planner.v1.ChatMessage\x12\r\n\x05model\x18\x02 \x01(\t\x12.\n\routput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0boutput_name\x18\x04 \x01(\t\x12\x19\n\x11max_output_tokens\x18\x05 \x01(\x05\x12\x18\n\x0btemperature\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12.\n\x06shares\x18\x07 \x03(\x0b\x32\x1e.trellis.planner.v1.UsageShare\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04tool\x18\t \x01(\tB\x0e\n\x0c_temperature\"|\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x31\n\x05usage\x18\x02 \x03(\x0b\x32\".trellis.planner.v1.ModelCallUsage\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.trellis.common.v1.Error\"\xab\x01\n\x0c\x45mbedRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12.\n\x06shares\x18\x03 \x03(\x0b\x32\x1e.trellis.planner.v1.UsageShare\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04tool\x18\x05 \x01(\t\x12\x12\n\ndimensions\x18\x06 \x01(\x05\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x9e\x01\n\rEmbedResponse\x12\x31\n\nembeddings\x18\x01 \x03(\x0b\x32\x1d.trellis.planner.v1.Embedding\x12\x31\n\x05usage\x18\x02 \x03(\x0b\x32\".trellis.planner.v1.ModelCallUsage\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.trellis.common.v1.Error\":\n\nTurnResult\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\"l\n\x0b\x43ontextTurn\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\x12/\n\x07results\x18\x04 \x03(\x0b\x32\x1e.trellis.planner.v1.TurnResult\"\x83\x01\n\x0eSessionContext\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x1c\n\x14summary_through_turn\x18\x03 \x01(\x05\x12.\n\x05turns\x18\x04 \x03(\x0b\x32\x1f.trellis.planner.v1.ContextTurn\"\x8b\x01\n\x10SummarizeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x33\n\x07session\x18\x02 \x01(\x0b\x32\".trellis.planner.v1.SessionContext\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\"}\n\x11SummarizeResponse\x12\x0e\n\x06\x66olded\x18\x01 \x01(\x08\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x14\n\x0cthrough_turn\x18\x03 \x01(\x05\x12\x31\n\x05usage\x18\x04 \x01(\x0b\x32\".trellis.planner.v1.ModelCallUsage*a\n\x0cJoinDecision\x12\x1d\n\x19JOIN_DECISION_UNSPECIFIED\x10\x00\x12\x18\n\x14JOIN_DECISION_FINISH\x10\x01\x12\x18\n\x14JOIN_DECISION_REPLAN\x10\x02\x32\xa9\x03\n\x0ePlannerService\x12K\n\x04Plan\x12\x1f.trellis.planner.v1.PlanRequest\x1a .trellis.planner.v1.PlanResponse0\x01\x12K\n\x04Join\x12\x1f.trellis.planner.v1.JoinRequest\x1a .trellis.planner.v1.JoinResponse0\x01\x12U\n\x08Generate\x12#.trellis.planner.v1.GenerateRequest\x1a$.trellis.planner.v1.GenerateResponse\x12L\n\x05\x45mbed\x12 .trellis.planner.v1.EmbedRequest\x1a!.trellis.planner.v1.EmbedResponse\x12X\n\tSummarize\x12$.trellis.planner.v1.SummarizeRequest\x1a%.trellis.planner.v1.SummarizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'trellis.planner.v1.planner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOINDECISION']._serialized_start=2622
-  _globals['_JOINDECISION']._serialized_end=2719
+  _globals['_JOINDECISION']._serialized_start=3301
+  _globals['_JOINDECISION']._serialized_end=3398
   _globals['_PLANREQUEST']._serialized_start=151
-  _globals['_PLANREQUEST']._serialized_end=512
-  _globals['_PLANSTARTED']._serialized_start=514
-  _globals['_PLANSTARTED']._serialized_end=579
-  _globals['_PLANDONE']._serialized_start=581
-  _globals['_PLANDONE']._serialized_end=650
-  _globals['_MODELCALLUSAGE']._serialized_start=652
-  _globals['_MODELCALLUSAGE']._serialized_end=767
-  _globals['_PLANRESPONSE']._serialized_start=770
-  _globals['_PLANRESPONSE']._serialized_end=1013
-  _globals['_JOINREQUEST']._serialized_start=1016
-  _globals['_JOINREQUEST']._serialized_end=1358
-  _globals['_JOINDONE']._serialized_start=1360
-  _globals['_JOINDONE']._serialized_end=1479
-  _globals['_JOINRESPONSE']._serialized_start=1482
-  _globals['_JOINRESPONSE']._serialized_end=1673
-  _globals['_CHATMESSAGE']._serialized_start=1675
-  _globals['_CHATMESSAGE']._serialized_end=1719
-  _globals['_USAGESHARE']._serialized_start=1721
-  _globals['_USAGESHARE']._serialized_end=1800
-  _globals['_GENERATEREQUEST']._serialized_start=1803
-  _globals['_GENERATEREQUEST']._serialized_end=2130
-  _globals['_GENERATERESPONSE']._serialized_start=2132
-  _globals['_GENERATERESPONSE']._serialized_end=2256
-  _globals['_EMBEDREQUEST']._serialized_start=2259
-  _globals['_EMBEDREQUEST']._serialized_end=2430
-  _globals['_EMBEDDING']._serialized_start=2432
-  _globals['_EMBEDDING']._serialized_end=2459
-  _globals['_EMBEDRESPONSE']._serialized_start=2462
-  _globals['_EMBEDRESPONSE']._serialized_end=2620
-  _globals['_PLANNERSERVICE']._serialized_start=2722
-  _globals['_PLANNERSERVICE']._serialized_end=3057
+  _globals['_PLANREQUEST']._serialized_end=565
+  _globals['_PLANSTARTED']._serialized_start=567
+  _globals['_PLANSTARTED']._serialized_end=632
+  _globals['_PLANDONE']._serialized_start=634
+  _globals['_PLANDONE']._serialized_end=703
+  _globals['_MODELCALLUSAGE']._serialized_start=705
+  _globals['_MODELCALLUSAGE']._serialized_end=820
+  _globals['_PLANRESPONSE']._serialized_start=823
+  _globals['_PLANRESPONSE']._serialized_end=1066
+  _globals['_JOINREQUEST']._serialized_start=1069
+  _globals['_JOINREQUEST']._serialized_end=1464
+  _globals['_JOINDONE']._serialized_start=1466
+  _globals['_JOINDONE']._serialized_end=1585
+  _globals['_JOINRESPONSE']._serialized_start=1588
+  _globals['_JOINRESPONSE']._serialized_end=1779
+  _globals['_CHATMESSAGE']._serialized_start=1781
+  _globals['_CHATMESSAGE']._serialized_end=1825
+  _globals['_USAGESHARE']._serialized_start=1827
+  _globals['_USAGESHARE']._serialized_end=1906
+  _globals['_GENERATEREQUEST']._serialized_start=1909
+  _globals['_GENERATEREQUEST']._serialized_end=2236
+  _globals['_GENERATERESPONSE']._serialized_start=2238
+  _globals['_GENERATERESPONSE']._serialized_end=2362
+  _globals['_EMBEDREQUEST']._serialized_start=2365
+  _globals['_EMBEDREQUEST']._serialized_end=2536
+  _globals['_EMBEDDING']._serialized_start=2538
+  _globals['_EMBEDDING']._serialized_end=2565
+  _globals['_EMBEDRESPONSE']._serialized_start=2568
+  _globals['_EMBEDRESPONSE']._serialized_end=2726
+  _globals['_TURNRESULT']._serialized_start=2728
+  _globals['_TURNRESULT']._serialized_end=2786
+  _globals['_CONTEXTTURN']._serialized_start=2788
+  _globals['_CONTEXTTURN']._serialized_end=2896
+  _globals['_SESSIONCONTEXT']._serialized_start=2899
+  _globals['_SESSIONCONTEXT']._serialized_end=3030
+  _globals['_SUMMARIZEREQUEST']._serialized_start=3033
+  _globals['_SUMMARIZEREQUEST']._serialized_end=3172
+  _globals['_SUMMARIZERESPONSE']._serialized_start=3174
+  _globals['_SUMMARIZERESPONSE']._serialized_end=3299
+  _globals['_PLANNERSERVICE']._serialized_start=3401
+  _globals['_PLANNERSERVICE']._serialized_end=3826
 # @@protoc_insertion_point(module_scope)

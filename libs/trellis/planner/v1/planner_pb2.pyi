@@ -22,7 +22,7 @@ JOIN_DECISION_FINISH: JoinDecision
 JOIN_DECISION_REPLAN: JoinDecision
 
 class PlanRequest(_message.Message):
-    __slots__ = ("run_id", "goal", "tools", "max_nodes", "model", "round", "previous_plan", "previous_outcomes", "replan_reason", "attempt", "plan_format", "round_starts")
+    __slots__ = ("run_id", "goal", "tools", "max_nodes", "model", "round", "previous_plan", "previous_outcomes", "replan_reason", "attempt", "plan_format", "round_starts", "session")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     GOAL_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class PlanRequest(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PLAN_FORMAT_FIELD_NUMBER: _ClassVar[int]
     ROUND_STARTS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     goal: str
     tools: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolSpec]
@@ -47,7 +48,8 @@ class PlanRequest(_message.Message):
     attempt: int
     plan_format: _common_pb2.PlanFormat
     round_starts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, run_id: _Optional[str] = ..., goal: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolSpec, _Mapping]]] = ..., max_nodes: _Optional[int] = ..., model: _Optional[str] = ..., round: _Optional[int] = ..., previous_plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., previous_outcomes: _Optional[_Iterable[_Union[_common_pb2.NodeOutcome, _Mapping]]] = ..., replan_reason: _Optional[str] = ..., attempt: _Optional[int] = ..., plan_format: _Optional[_Union[_common_pb2.PlanFormat, str]] = ..., round_starts: _Optional[_Iterable[int]] = ...) -> None: ...
+    session: SessionContext
+    def __init__(self, run_id: _Optional[str] = ..., goal: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolSpec, _Mapping]]] = ..., max_nodes: _Optional[int] = ..., model: _Optional[str] = ..., round: _Optional[int] = ..., previous_plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., previous_outcomes: _Optional[_Iterable[_Union[_common_pb2.NodeOutcome, _Mapping]]] = ..., replan_reason: _Optional[str] = ..., attempt: _Optional[int] = ..., plan_format: _Optional[_Union[_common_pb2.PlanFormat, str]] = ..., round_starts: _Optional[_Iterable[int]] = ..., session: _Optional[_Union[SessionContext, _Mapping]] = ...) -> None: ...
 
 class PlanStarted(_message.Message):
     __slots__ = ("plan_format",)
@@ -90,7 +92,7 @@ class PlanResponse(_message.Message):
     def __init__(self, node: _Optional[_Union[_common_pb2.ToolCall, _Mapping]] = ..., done: _Optional[_Union[PlanDone, _Mapping]] = ..., usage: _Optional[_Union[ModelCallUsage, _Mapping]] = ..., started: _Optional[_Union[PlanStarted, _Mapping]] = ..., answer_delta: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("run_id", "goal", "plan", "outcomes", "model", "round", "allow_replan", "attempt", "plan_format", "round_starts", "tools", "max_nodes")
+    __slots__ = ("run_id", "goal", "plan", "outcomes", "model", "round", "allow_replan", "attempt", "plan_format", "round_starts", "tools", "max_nodes", "session")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     GOAL_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +105,7 @@ class JoinRequest(_message.Message):
     ROUND_STARTS_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     goal: str
     plan: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]
@@ -115,7 +118,8 @@ class JoinRequest(_message.Message):
     round_starts: _containers.RepeatedScalarFieldContainer[int]
     tools: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolSpec]
     max_nodes: int
-    def __init__(self, run_id: _Optional[str] = ..., goal: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., outcomes: _Optional[_Iterable[_Union[_common_pb2.NodeOutcome, _Mapping]]] = ..., model: _Optional[str] = ..., round: _Optional[int] = ..., allow_replan: _Optional[bool] = ..., attempt: _Optional[int] = ..., plan_format: _Optional[_Union[_common_pb2.PlanFormat, str]] = ..., round_starts: _Optional[_Iterable[int]] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolSpec, _Mapping]]] = ..., max_nodes: _Optional[int] = ...) -> None: ...
+    session: SessionContext
+    def __init__(self, run_id: _Optional[str] = ..., goal: _Optional[str] = ..., plan: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., outcomes: _Optional[_Iterable[_Union[_common_pb2.NodeOutcome, _Mapping]]] = ..., model: _Optional[str] = ..., round: _Optional[int] = ..., allow_replan: _Optional[bool] = ..., attempt: _Optional[int] = ..., plan_format: _Optional[_Union[_common_pb2.PlanFormat, str]] = ..., round_starts: _Optional[_Iterable[int]] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolSpec, _Mapping]]] = ..., max_nodes: _Optional[int] = ..., session: _Optional[_Union[SessionContext, _Mapping]] = ...) -> None: ...
 
 class JoinDone(_message.Message):
     __slots__ = ("decision", "reason", "usage")
@@ -222,3 +226,63 @@ class EmbedResponse(_message.Message):
     usage: _containers.RepeatedCompositeFieldContainer[ModelCallUsage]
     error: _common_pb2.Error
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[ModelCallUsage, _Mapping]]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
+
+class TurnResult(_message.Message):
+    __slots__ = ("tool", "status", "output")
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    tool: str
+    status: str
+    output: str
+    def __init__(self, tool: _Optional[str] = ..., status: _Optional[str] = ..., output: _Optional[str] = ...) -> None: ...
+
+class ContextTurn(_message.Message):
+    __slots__ = ("number", "goal", "answer", "results")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    GOAL_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    number: int
+    goal: str
+    answer: str
+    results: _containers.RepeatedCompositeFieldContainer[TurnResult]
+    def __init__(self, number: _Optional[int] = ..., goal: _Optional[str] = ..., answer: _Optional[str] = ..., results: _Optional[_Iterable[_Union[TurnResult, _Mapping]]] = ...) -> None: ...
+
+class SessionContext(_message.Message):
+    __slots__ = ("session_id", "summary", "summary_through_turn", "turns")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_THROUGH_TURN_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    summary: str
+    summary_through_turn: int
+    turns: _containers.RepeatedCompositeFieldContainer[ContextTurn]
+    def __init__(self, session_id: _Optional[str] = ..., summary: _Optional[str] = ..., summary_through_turn: _Optional[int] = ..., turns: _Optional[_Iterable[_Union[ContextTurn, _Mapping]]] = ...) -> None: ...
+
+class SummarizeRequest(_message.Message):
+    __slots__ = ("run_id", "session", "max_tokens", "model", "attempt")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session: SessionContext
+    max_tokens: int
+    model: str
+    attempt: int
+    def __init__(self, run_id: _Optional[str] = ..., session: _Optional[_Union[SessionContext, _Mapping]] = ..., max_tokens: _Optional[int] = ..., model: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class SummarizeResponse(_message.Message):
+    __slots__ = ("folded", "summary", "through_turn", "usage")
+    FOLDED_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    THROUGH_TURN_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    folded: bool
+    summary: str
+    through_turn: int
+    usage: ModelCallUsage
+    def __init__(self, folded: _Optional[bool] = ..., summary: _Optional[str] = ..., through_turn: _Optional[int] = ..., usage: _Optional[_Union[ModelCallUsage, _Mapping]] = ...) -> None: ...

@@ -55,6 +55,11 @@ class PlannerServiceStub:
                 request_serializer=trellis_dot_planner_dot_v1_dot_planner__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=trellis_dot_planner_dot_v1_dot_planner__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Summarize = channel.unary_unary(
+                '/trellis.planner.v1.PlannerService/Summarize',
+                request_serializer=trellis_dot_planner_dot_v1_dot_planner__pb2.SummarizeRequest.SerializeToString,
+                response_deserializer=trellis_dot_planner_dot_v1_dot_planner__pb2.SummarizeResponse.FromString,
+                _registered_method=True)
 
 
 class PlannerServiceServicer:
@@ -97,6 +102,15 @@ class PlannerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Summarize(self, request, context):
+        """Folds the oldest turns of a session's context into a summary when the context is
+        over `max_tokens` (one costed, traced model call, its usage recorded under
+        `usage_id`); answers `folded` false without a model call when it fits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlannerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +133,11 @@ def add_PlannerServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=trellis_dot_planner_dot_v1_dot_planner__pb2.EmbedRequest.FromString,
                     response_serializer=trellis_dot_planner_dot_v1_dot_planner__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Summarize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Summarize,
+                    request_deserializer=trellis_dot_planner_dot_v1_dot_planner__pb2.SummarizeRequest.FromString,
+                    response_serializer=trellis_dot_planner_dot_v1_dot_planner__pb2.SummarizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -230,6 +249,33 @@ class PlannerService:
             '/trellis.planner.v1.PlannerService/Embed',
             trellis_dot_planner_dot_v1_dot_planner__pb2.EmbedRequest.SerializeToString,
             trellis_dot_planner_dot_v1_dot_planner__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Summarize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.planner.v1.PlannerService/Summarize',
+            trellis_dot_planner_dot_v1_dot_planner__pb2.SummarizeRequest.SerializeToString,
+            trellis_dot_planner_dot_v1_dot_planner__pb2.SummarizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
