@@ -61,7 +61,7 @@ from trellis_planner.formats import FormatChooser, PlanFormat
 from trellis_planner.json_plan import JsonPlanReader
 from trellis_planner.model import ChatCall, ChatModel
 from trellis_planner.model_errors import refused
-from trellis_planner.model_usage import UsageSender
+from trellis_planner.model_usage import CallUsage, UsageSender
 from trellis_planner.plan_round import PlanRound, preparer, repair_calls, total
 from trellis_planner.prompts import (
     Message,
@@ -107,16 +107,6 @@ class CallStarted:
     """A model call under ``usage_id`` passed its budget check and is being made."""
 
     usage_id: str
-
-
-@dataclass(frozen=True)
-class CallUsage:
-    """What the model call ``usage_id`` used, and cost as the ledger priced it;
-    ``deferred``: cost accounting was out of reach, the ledger prices it later."""
-
-    usage_id: str
-    usage: common_pb2.Usage
-    deferred: bool
 
 
 @dataclass(frozen=True)
@@ -417,21 +407,4 @@ class Planner:
         )
 
     async def _record(self, call: ChatCall, request: Request) -> CallUsage:
-        """Record the call's usage; zero tokens when the endpoint never answered (the row
-        still tells the ledger, and whoever waits for the call, that it is over)."""
-        result = call.result
-        usage = common_pb2.Usage(model=result.model or result.request_model)
-        if call.opened:
-            usage.input_tokens = result.input_tokens
-            usage.output_tokens = result.output_tokens
-            usage.cached_input_tokens = result.cached_input_tokens
-            usage.estimated = result.estimated
-        cost = await model_usage.record(
-            self._usage,
-            usage_id=call.usage_id,
-            run_id=request.run_id,
-            usage=usage,
-            estimated=usage.estimated,
-        )
-        usage.cost_nano_usd = cost or 0
-        return CallUsage(call.usage_id, usage, deferred=cost is None)
+        return await model_usage.record_call(self._usage, call, request.run_id)

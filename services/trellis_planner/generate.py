@@ -46,10 +46,9 @@ from trellis.runtime.redact import redact_text
 from trellis.runtime.shares import split
 from trellis.runtime.validation import MODEL_NAME, NODE_ID, RUN_ID, TOOL_NAME, USAGE_ID, Problems
 from trellis_planner import model_usage
-from trellis_planner.core import CallUsage
 from trellis_planner.embedding import MAX_INPUTS, EmbeddingCall
 from trellis_planner.model import ChatModel
-from trellis_planner.model_usage import UsageSender
+from trellis_planner.model_usage import CallUsage, UsageSender
 
 STEP = "generate"
 ROLES = frozenset({"system", "user", "assistant"})

@@ -29,12 +29,16 @@ uses the same id, so recording the call settles it):
 from __future__ import annotations
 
 import uuid
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2
 from trellis.runtime import context
 from trellis.runtime.convert import timestamp
+
+if TYPE_CHECKING:
+    from trellis_planner.model import ChatCall
 
 
 class UsageSender(Protocol):
@@ -80,3 +84,25 @@ async def record(
     )
     response = await sender.send(request)
     return None if response is None else response.cost_nano_usd
+
+
+@dataclass(frozen=True)
+class CallUsage:
+    """What the model call ``usage_id`` used, and cost as the ledger priced it;
+    ``deferred``: cost accounting was out of reach, the ledger prices it later."""
+
+    usage_id: str
+    usage: common_pb2.Usage
+    deferred: bool
+
+
+async def record_call(sender: UsageSender, call: ChatCall, run_id: str) -> CallUsage:
+    """Record a chat call's usage (``ChatCall.usage``: zero tokens when the endpoint never
+    answered — the row still tells the ledger, and whoever waits for the call, that it is
+    over) under its own usage id."""
+    usage = call.usage()
+    cost = await record(
+        sender, usage_id=call.usage_id, run_id=run_id, usage=usage, estimated=usage.estimated
+    )
+    usage.cost_nano_usd = cost or 0
+    return CallUsage(call.usage_id, usage, deferred=cost is None)

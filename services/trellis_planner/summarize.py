@@ -15,15 +15,13 @@ from __future__ import annotations
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from trellis.common.v1 import common_pb2
 from trellis.contract.session_context import fold_count
 from trellis.planner.v1 import planner_pb2
 from trellis.runtime.validation import MODEL_NAME, RUN_ID, Problems
 from trellis_planner import model_usage
-from trellis_planner.core import CallUsage
 from trellis_planner.model import ChatCall, ChatModel
 from trellis_planner.model_errors import refused
-from trellis_planner.model_usage import UsageSender
+from trellis_planner.model_usage import CallUsage, UsageSender
 from trellis_planner.prompts import summary_messages
 
 STEP = "summarize"
@@ -94,19 +92,4 @@ class Summarizer:
         return Folded(True, summary, session.turns[fold - 1].number, used)
 
     async def _record(self, call: ChatCall, request: planner_pb2.SummarizeRequest) -> CallUsage:
-        result = call.result
-        usage = common_pb2.Usage(model=result.model or result.request_model)
-        if call.opened:
-            usage.input_tokens = result.input_tokens
-            usage.output_tokens = result.output_tokens
-            usage.cached_input_tokens = result.cached_input_tokens
-            usage.estimated = result.estimated
-        cost = await model_usage.record(
-            self._usage,
-            usage_id=call.usage_id,
-            run_id=request.run_id,
-            usage=usage,
-            estimated=usage.estimated,
-        )
-        usage.cost_nano_usd = cost or 0
-        return CallUsage(call.usage_id, usage, deferred=cost is None)
+        return await model_usage.record_call(self._usage, call, request.run_id)

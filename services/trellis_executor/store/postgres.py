@@ -187,20 +187,8 @@ class PostgresRunStore:
         retried = _Retried()
         try:
             await self._pool.run(
-                lambda conn: conn.execute(
-                    "INSERT INTO runs (run_id, owner, lease_until, tenant_id, goal, status,"
-                    " request, trace_id, span_id, session_id)"
-                    f" VALUES ($1, $3, {_LEASE}, $4, $5, $6, $7, $8, $9, $10)",
-                    run_id,
-                    self._lease,
-                    self.owner,
-                    tenant_id,
-                    request.goal,
-                    RUNNING,
-                    request.SerializeToString(),
-                    trace_id,
-                    span_id,
-                    session_id,
+                lambda conn: self._insert_run(
+                    conn, run_id, tenant_id, request, trace_id, span_id, session_id
                 ),
                 on_retry=retried,
             )
@@ -213,6 +201,33 @@ class PostgresRunStore:
             ):
                 return  # the first try committed before its connection dropped
             raise run_exists(run_id) from None
+
+    async def _insert_run(
+        self,
+        conn: asyncpg.Connection,
+        run_id: str,
+        tenant_id: str,
+        request: executor_pb2.RunRequest,
+        trace_id: str,
+        span_id: str,
+        session_id: str,
+    ) -> None:
+        """The new run's row, leased to this replica."""
+        await conn.execute(
+            "INSERT INTO runs (run_id, owner, lease_until, tenant_id, goal, status,"
+            " request, trace_id, span_id, session_id)"
+            f" VALUES ($1, $3, {_LEASE}, $4, $5, $6, $7, $8, $9, $10)",
+            run_id,
+            self._lease,
+            self.owner,
+            tenant_id,
+            request.goal,
+            RUNNING,
+            request.SerializeToString(),
+            trace_id,
+            span_id,
+            session_id,
+        )
 
     async def _create_turn(
         self,
@@ -255,20 +270,8 @@ class PostgresRunStore:
                     raise session_rows.session_busy(session_id)
                 if turns >= rules.max_turns:
                     raise session_rows.session_full(session_id, rules.max_turns)
-                await conn.execute(
-                    "INSERT INTO runs (run_id, owner, lease_until, tenant_id, goal, status,"
-                    " request, trace_id, span_id, session_id)"
-                    f" VALUES ($1, $3, {_LEASE}, $4, $5, $6, $7, $8, $9, $10)",
-                    run_id,
-                    self._lease,
-                    self.owner,
-                    tenant_id,
-                    request.goal,
-                    RUNNING,
-                    request.SerializeToString(),
-                    trace_id,
-                    span_id,
-                    session_id,
+                await self._insert_run(
+                    conn, run_id, tenant_id, request, trace_id, span_id, session_id
                 )
 
         retried = _Retried()
