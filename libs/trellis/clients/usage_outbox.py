@@ -2,7 +2,13 @@
 
 Callers of cost accounting (the planner's model calls, the gateway's tool executions)
 hand each ``RecordUsageRequest`` to ``UsageOutbox.send`` (or ``submit``, to deliver in
-the background). It is delivered at once, bounded by ``send_timeout``; when that fails with
+the background). Events are coalesced ("flush when idle"): with a ``batch_sender``
+(``CostsClient.record_usages``), an event submitted while no delivery is under way goes
+at once, and the events submitted while one is under way go together, one
+RecordUsages per tenant, as soon as it returns (``batch_window`` adds a short wait
+before each batch, 0 by default), so a busy service makes a few ledger transactions
+instead of one per call. Each event still has its own outcome (its entry's result).
+It is delivered bounded by ``send_timeout``; when that fails with
 anything that may heal (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL,
 connection errors, timeouts) the request is written to a local SQLite file, keyed by
 tenant and usage_id, with the tenant it was made for (RecordUsage reads the tenant from
@@ -38,7 +44,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +71,10 @@ Request = costs_pb2.RecordUsageRequest
 Response = costs_pb2.RecordUsageResponse
 #: Delivers one event (e.g. ``CostsClient.record_usage``); raises when it was not taken.
 Sender = Callable[[Request], Awaitable[Response]]
+#: Delivers one tenant's events in one call (e.g. ``CostsClient.record_usages``).
+BatchSender = Callable[[Sequence[Request]], Awaitable[costs_pb2.RecordUsagesResponse]]
+#: Most events one batch carries (cost accounting's RecordUsages limit).
+MAX_BATCH = 1000
 
 #: Refusals no retry can change: the event is dropped (logged and counted).
 PERMANENT = (InvalidArgument, AlreadyExists, NotFound, FailedPrecondition, Unimplemented)
@@ -146,9 +156,16 @@ class UsageOutbox:
         flush_seconds: float = 1.0,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        batch_sender: BatchSender | None = None,
+        batch_window: float = 0.0,
     ) -> None:
         self._db = db
         self._sender = sender
+        self._batch_sender = batch_sender
+        self._batch_window = batch_window
+        #: Events waiting for the next batch, by tenant, each with its delivery's future.
+        self._queued: dict[str, list[tuple[_Event, asyncio.Future[Response]]]] = {}
+        self._flusher: asyncio.Task[None] | None = None
         self.path = path
         self._timeout = send_timeout
         self._first_retry = first_retry
@@ -182,6 +199,8 @@ class UsageOutbox:
         flush_seconds: float = 1.0,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        batch_sender: BatchSender | None = None,
+        batch_window: float = 0.0,
     ) -> UsageOutbox:
         """Open (or create) the outbox file; rows an earlier process left are due now."""
         path = Path(path)
@@ -196,6 +215,8 @@ class UsageOutbox:
             flush_seconds=flush_seconds,
             clock=clock,
             rng=rng,
+            batch_sender=batch_sender,
+            batch_window=batch_window,
         )
         try:
             await db.execute(SCHEMA)
@@ -252,7 +273,10 @@ class UsageOutbox:
         assert task is not None
         self._sending.add(task)
         try:
-            response = await self._call(event)
+            if self._batch_sender is None:
+                response = await self._call(event)
+            else:
+                response = await self._enqueue(event)
         except asyncio.CancelledError:
             # Only ``aclose`` (or the event loop ending) cancels a delivery: keep the event.
             await self._keep(event, "interrupted by shutdown")
@@ -283,6 +307,69 @@ class UsageOutbox:
         with context.request_scope(timeout=self._timeout, tenant_id=event.tenant_id, detached=True):
             async with asyncio.timeout(self._timeout):
                 return await self._sender(event.request)
+
+    def _enqueue(self, event: _Event) -> asyncio.Future[Response]:
+        """Queue ``event`` for the next batch; its future ends with the entry's outcome."""
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._queued.setdefault(event.tenant_id, []).append((event, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="usage-outbox-batches")
+        return future
+
+    async def _flush(self) -> None:
+        """Send the queued events, a batch per tenant, one batch at a time, until none
+        is left: what is submitted meanwhile goes in the next batch."""
+        try:
+            while self._queued:
+                if self._batch_window > 0:
+                    await asyncio.sleep(self._batch_window)
+                tenant_id, queued = next(iter(self._queued.items()))
+                batch, rest = queued[:MAX_BATCH], queued[MAX_BATCH:]
+                if rest:
+                    self._queued[tenant_id] = rest
+                else:
+                    del self._queued[tenant_id]
+                live = [(event, future) for event, future in batch if not future.done()]
+                if not live:
+                    continue
+                outcomes = await self._send_batch(tenant_id, [event for event, _ in live])
+                for (_event, future), outcome in zip(live, outcomes, strict=True):
+                    if future.done():  # its delivery was interrupted (shutdown)
+                        continue
+                    if isinstance(outcome, BaseException):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        finally:
+            self._flusher = None
+            for queued in self._queued.values():  # only when cancelled: fail them over
+                for _event, future in queued:
+                    if not future.done():
+                        future.cancel()
+            self._queued.clear()
+
+    async def _send_batch(self, tenant_id: str, events: list[_Event]) -> list[Response | Exception]:
+        """One RecordUsages for ``events`` (one tenant's): each entry's response, or
+        the error that entry (or the whole call) failed with."""
+        assert self._batch_sender is not None
+        batch_sender = self._batch_sender
+        try:
+            with context.request_scope(timeout=self._timeout, tenant_id=tenant_id, detached=True):
+                async with asyncio.timeout(self._timeout):
+                    answer = await batch_sender([event.request for event in events])
+        except Unimplemented:
+            # A cost accounting without RecordUsages: one RecordUsage per event, as before.
+            self._batch_sender = None
+            results = await asyncio.gather(
+                *(self._call(event) for event in events), return_exceptions=True
+            )
+            return [r if not isinstance(r, BaseException) else _as_exception(r) for r in results]
+        except Exception as error:
+            return [error] * len(events)
+        if len(answer.results) != len(events):
+            failure = InvalidArgument("RecordUsages answered another number of results")
+            return [failure] * len(events)
+        return [_entry_outcome(result) for result in answer.results]
 
     async def _keep(self, event: _Event, error: str) -> None:
         """Write ``event`` to the file for a later try (a repeat of a kept one is a no-op)."""
@@ -454,9 +541,29 @@ class UsageOutbox:
             task.cancel()
         while self._tasks:
             await asyncio.wait(set(self._tasks))
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
         self._closed = True
         self._count(-self._pending)
         await self._db.close()
+
+
+def _as_exception(error: BaseException) -> Exception:
+    return error if isinstance(error, Exception) else RuntimeError(repr(error))
+
+
+#: Entry reasons RecordUsages refuses with that are not INVALID_ARGUMENT.
+_ENTRY_ERRORS = {"USAGE_ID_TAKEN": AlreadyExists}
+
+
+def _entry_outcome(result: costs_pb2.RecordUsageResult) -> Response | Exception:
+    """One entry's result as RecordUsage would have given it: a response, or the
+    (permanent) refusal."""
+    if result.HasField("error"):
+        kind = _ENTRY_ERRORS.get(result.error.code, InvalidArgument)
+        return kind(result.error.message, reason=result.error.code)
+    return Response(cost_nano_usd=result.cost_nano_usd, duplicate=result.duplicate)
 
 
 def _describe(request: Request, tenant_id: str) -> dict[str, object]:

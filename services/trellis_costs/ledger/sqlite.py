@@ -15,13 +15,14 @@ seconds.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 
 import aiosqlite
 
 from trellis.runtime import sqlite
+from trellis.runtime.errors import AlreadyExists
 from trellis_costs.ledger.base import (
     BUDGET_LIMITS,
     RUN_COLUMNS,
@@ -172,48 +173,62 @@ class SqliteLedger:
             return list(await cursor.fetchall())  # type: ignore[arg-type]
 
     async def record(self, event: UsageEvent) -> Recorded:
+        (result,) = await self.record_many([event])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def record_many(self, events: Sequence[UsageEvent]) -> list[Recorded | AlreadyExists]:
+        results: list[Recorded | AlreadyExists] = []
+        async with self._transaction() as db:
+            for event in events:
+                results.append(await self._insert(db, event))
+        return results
+
+    async def _insert(
+        self, db: aiosqlite.Connection, event: UsageEvent
+    ) -> Recorded | AlreadyExists:
+        """One event's row and the end of its hold, inside the caller's transaction."""
         cost, known = price(self._prices, event)
         when = as_utc(event.occurred_at or self._clock())
         day = when.date().isoformat()
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "INSERT INTO usage (usage_id, tenant_id, run_id, node_id, kind, model, tool,"
-                " input_tokens, output_tokens, cached_input_tokens, cost_nano_usd, estimated,"
-                " occurred_at, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (usage_id) DO NOTHING",
-                (
-                    event.usage_id,
-                    event.tenant_id,
-                    event.run_id,
-                    event.node_id,
-                    event.kind.value,
-                    event.model,
-                    event.tool,
-                    event.input_tokens,
-                    event.output_tokens,
-                    event.cached_input_tokens,
-                    cost,
-                    int(event.estimated),
-                    when.isoformat(),
-                    day,
-                ),
-            )
-            inserted = cursor.rowcount == 1
-            await cursor.close()
-            await db.execute(
-                "DELETE FROM budget_holds WHERE tenant_id = ? AND reservation_id = ?",
-                (event.tenant_id, event.usage_id),
-            )
-            if not inserted:
-                async with db.execute(
-                    "SELECT tenant_id, cost_nano_usd, day FROM usage WHERE usage_id = ?",
-                    (event.usage_id,),
-                ) as rows:
-                    tenant_id, stored_cost, stored_day = await rows.fetchone()  # type: ignore[misc]
+        cursor = await db.execute(
+            "INSERT INTO usage (usage_id, tenant_id, run_id, node_id, kind, model, tool,"
+            " input_tokens, output_tokens, cached_input_tokens, cost_nano_usd, estimated,"
+            " occurred_at, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (usage_id) DO NOTHING",
+            (
+                event.usage_id,
+                event.tenant_id,
+                event.run_id,
+                event.node_id,
+                event.kind.value,
+                event.model,
+                event.tool,
+                event.input_tokens,
+                event.output_tokens,
+                event.cached_input_tokens,
+                cost,
+                int(event.estimated),
+                when.isoformat(),
+                day,
+            ),
+        )
+        inserted = cursor.rowcount == 1
+        await cursor.close()
+        await db.execute(
+            "DELETE FROM budget_holds WHERE tenant_id = ? AND reservation_id = ?",
+            (event.tenant_id, event.usage_id),
+        )
         if inserted:
             return Recorded(cost, duplicate=False, day=day, price_known=known)
+        async with db.execute(
+            "SELECT tenant_id, cost_nano_usd, day FROM usage WHERE usage_id = ?",
+            (event.usage_id,),
+        ) as rows:
+            tenant_id, stored_cost, stored_day = await rows.fetchone()  # type: ignore[misc]
         if tenant_id != event.tenant_id:
-            raise usage_id_taken(event.usage_id)
+            return usage_id_taken(event.usage_id)
         return Recorded(int(stored_cost), duplicate=True, day=stored_day)
 
     async def usage(self, tenant_id: str, start_day: str, end_day: str) -> UsageReport:
