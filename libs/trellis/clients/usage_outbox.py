@@ -56,6 +56,7 @@ from trellis.runtime import context
 from trellis.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     Unimplemented,
@@ -255,7 +256,9 @@ class UsageOutbox:
         the task (and flushes it on ``aclose``). Its result is the response, or None when
         the event was kept for later or refused."""
         event = _Event(request, context.tenant())
-        task = asyncio.create_task(self._deliver(event))
+        # Queued now, not when the task first runs: a stop right after still flushes it.
+        queued = None if self._batch_sender is None or self._closing else self._enqueue(event)
+        task = asyncio.create_task(self._deliver(event, queued))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -265,18 +268,17 @@ class UsageOutbox:
         refused). Cancelling the caller does not cancel the delivery."""
         return await asyncio.shield(self.submit(request))
 
-    async def _deliver(self, event: _Event) -> Response | None:
-        if self._closing:
+    async def _deliver(
+        self, event: _Event, queued: asyncio.Future[Response] | None = None
+    ) -> Response | None:
+        if queued is None and self._closing:
             await self._keep(event, "the service is stopping")
             return None
         task = asyncio.current_task()
         assert task is not None
         self._sending.add(task)
         try:
-            if self._batch_sender is None:
-                response = await self._call(event)
-            else:
-                response = await self._enqueue(event)
+            response = await (self._call(event) if queued is None else queued)
         except asyncio.CancelledError:
             # Only ``aclose`` (or the event loop ending) cancels a delivery: keep the event.
             await self._keep(event, "interrupted by shutdown")
@@ -351,9 +353,10 @@ class UsageOutbox:
     async def _send_batch(self, tenant_id: str, events: list[_Event]) -> list[Response | Exception]:
         """One RecordUsages for ``events`` (one tenant's): each entry's response, or
         the error that entry (or the whole call) failed with."""
-        assert self._batch_sender is not None
         batch_sender = self._batch_sender
         try:
+            if batch_sender is None:
+                raise Unimplemented("one RecordUsage per event")
             with context.request_scope(timeout=self._timeout, tenant_id=tenant_id, detached=True):
                 async with asyncio.timeout(self._timeout):
                     answer = await batch_sender([event.request for event in events])
@@ -367,7 +370,7 @@ class UsageOutbox:
         except Exception as error:
             return [error] * len(events)
         if len(answer.results) != len(events):
-            failure = InvalidArgument("RecordUsages answered another number of results")
+            failure = Internal("RecordUsages answered another number of results")
             return [failure] * len(events)
         return [_entry_outcome(result) for result in answer.results]
 
