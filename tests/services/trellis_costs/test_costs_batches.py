@@ -180,9 +180,9 @@ async def test_an_empty_or_oversized_batch_is_invalid(costs: CostsClient) -> Non
 
 async def test_the_headroom_gauge_follows_a_batch(costs: CostsClient) -> None:
     def gauge() -> float | None:
-        return REGISTRY.get_sample_value("trellis_budget_remaining_usd", {"tenant": "gauged"})
+        return REGISTRY.get_sample_value("trellis_budget_remaining_usd", {"tenant": "batch-gauged"})
 
-    with request_scope(tenant_id="gauged"):
+    with request_scope(tenant_id="batch-gauged"):
         await costs.set_budget(costs_pb2.SetBudgetRequest(daily_limit_nano_usd=10_000_000_000))
         await costs.record_usages([tool("g1", 1_000_000_000), tool("g2", 500_000_000)])
     assert gauge() == pytest.approx(8.5)
