@@ -128,7 +128,7 @@ class GatewaySettings(ServiceSettings):
         "(one per gateway process).",
     )
     usage_batch_seconds: float = Field(
-        0.005,
+        0.02,
         ge=0,
         le=1,
         description="How long tool usage waits to be sent with the usage of other calls"
