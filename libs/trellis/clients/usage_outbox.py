@@ -4,23 +4,23 @@ Callers of cost accounting (the planner's model calls, the gateway's tool execut
 hand each ``RecordUsageRequest`` to ``UsageOutbox.send`` (or ``submit``, to deliver in
 the background). Events are coalesced ("flush when idle"): with a ``batch_sender``
 (``CostsClient.record_usages``), an event submitted while no delivery is under way goes
-at once, and the events submitted while one is under way go together, one
-RecordUsages per tenant, as soon as it returns (``batch_window`` adds a short wait
-before each batch, 0 by default), so a busy service makes a few ledger transactions
-instead of one per call. Each event still has its own outcome (its entry's result).
-It is delivered bounded by ``send_timeout``; when that fails with
-anything that may heal (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL,
-connection errors, timeouts) the request is written to a local SQLite file, keyed by
-tenant and usage_id, with the tenant it was made for (RecordUsage reads the tenant from
-``x-tenant-id``, so a redelivery runs under the original one), its attempts and the
-time of its next attempt. A background loop (``start``/``aclose``) redelivers the rows
-oldest first (among those tried as often), one at a time, with exponential backoff and
-jitter (about 1 s, doubling per failure in a row, capped at 30 s): one failure
-postpones every row (cost accounting is down for all of them), and one success,
-redelivered or fresh, makes every row due again (it is back). A row that keeps failing
-is tried after the others, so it cannot hold them back. Rows left by an earlier process
-are due as soon as the next one starts. The ledger is idempotent on usage_id, so a
-redelivery of an event that did arrive is acknowledged, not counted.
+at once, and the events submitted while one is under way go together, one RecordUsages
+per tenant (at most MAX_BATCH events), as soon as it returns (``batch_window`` adds a
+short wait before each round, 0 by default), so a busy service makes a few ledger
+transactions instead of one per call. Each event still has its own outcome (its entry's
+result). It is delivered bounded by ``send_timeout``; when that fails with anything that
+may heal (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, connection
+errors, timeouts) the request is written to a local SQLite file, keyed by tenant and
+usage_id, with the tenant it was made for (RecordUsage reads the tenant from
+``x-tenant-id``, so a redelivery runs under the original one), its attempts and the time
+of its next attempt. A background loop (``start``/``aclose``) redelivers the rows oldest
+first (among those tried as often), one at a time, with exponential backoff and jitter
+(about 1 s, doubling per failure in a row, capped at 30 s): one failure postpones every
+row (cost accounting is down for all of them), and one success, redelivered or fresh,
+makes every row due again (it is back). A row that keeps failing is tried after the
+others, so it cannot hold them back. Rows left by an earlier process are due as soon as
+the next one starts. The ledger is idempotent on usage_id, so a redelivery of an event
+that did arrive is acknowledged, not counted.
 
 A permanent refusal (INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND, FAILED_PRECONDITION,
 UNIMPLEMENTED: the event itself is wrong and no retry can fix it) is logged as an error
@@ -29,8 +29,9 @@ with the event, counted as ``rejected`` and dropped, never silently.
 On a graceful stop (``aclose``) deliveries still in flight get ``flush_seconds`` to
 finish; the rest are written to the file rather than lost. The one window left: a
 process SIGKILLed (or crashing) after a call ended and before its usage was delivered
-or written here loses that one event; shrinking it further would mean writing every
-event to disk before the first try, on the hot path of every call.
+or written here loses that event (with a ``batch_window``, the events of that window);
+shrinking it further would mean writing every event to disk before the first try, on
+the hot path of every call.
 
 Only the sender callable knows gRPC; failures are classified by the domain errors of
 ``trellis.runtime.errors`` (a raw ``grpc.RpcError`` is translated first).
@@ -319,29 +320,19 @@ class UsageOutbox:
         return future
 
     async def _flush(self) -> None:
-        """Send the queued events, a batch per tenant, one batch at a time, until none
-        is left: what is submitted meanwhile goes in the next batch."""
+        """Send what is queued, a batch per tenant (the tenants' batches at once), and
+        again until nothing is left: what is submitted meanwhile goes in the next round."""
         try:
             while self._queued:
                 if self._batch_window > 0:
                     await asyncio.sleep(self._batch_window)
-                tenant_id, queued = next(iter(self._queued.items()))
-                batch, rest = queued[:MAX_BATCH], queued[MAX_BATCH:]
-                if rest:
-                    self._queued[tenant_id] = rest
-                else:
-                    del self._queued[tenant_id]
-                live = [(event, future) for event, future in batch if not future.done()]
-                if not live:
-                    continue
-                outcomes = await self._send_batch(tenant_id, [event for event, _ in live])
-                for (_event, future), outcome in zip(live, outcomes, strict=True):
-                    if future.done():  # its delivery was interrupted (shutdown)
-                        continue
-                    if isinstance(outcome, BaseException):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
+                batches: list[tuple[str, list[tuple[_Event, asyncio.Future[Response]]]]] = []
+                for tenant_id, queued in self._queued.items():
+                    live = [(event, future) for event, future in queued if not future.done()]
+                    for first in range(0, len(live), MAX_BATCH):
+                        batches.append((tenant_id, live[first : first + MAX_BATCH]))
+                self._queued.clear()
+                await asyncio.gather(*(self._settle(tenant, batch) for tenant, batch in batches))
         finally:
             self._flusher = None
             for queued in self._queued.values():  # only when cancelled: fail them over
@@ -349,6 +340,19 @@ class UsageOutbox:
                     if not future.done():
                         future.cancel()
             self._queued.clear()
+
+    async def _settle(
+        self, tenant_id: str, batch: list[tuple[_Event, asyncio.Future[Response]]]
+    ) -> None:
+        """Send one tenant's batch and end each event's future with its outcome."""
+        outcomes = await self._send_batch(tenant_id, [event for event, _ in batch])
+        for (_event, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():  # its delivery was interrupted (shutdown)
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
     async def _send_batch(self, tenant_id: str, events: list[_Event]) -> list[Response | Exception]:
         """One RecordUsages for ``events`` (one tenant's): each entry's response, or
