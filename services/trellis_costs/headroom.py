@@ -41,8 +41,9 @@ class HeadroomGauge:
     def publish(self, tenant_id: str, headroom: int | None) -> None:
         """Export ``headroom`` (nano-USD) for the tenant; None (no budget) removes it."""
         if headroom is None:
-            self._published.discard(tenant_id)
-            BUDGET_REMAINING_USD.remove(tenant_id)
+            if tenant_id in self._published:  # most tenants never had a series
+                self._published.discard(tenant_id)
+                BUDGET_REMAINING_USD.remove(tenant_id)
             return
         self._published.add(tenant_id)
         BUDGET_REMAINING_USD.labels(tenant=tenant_id).set(headroom / 1e9)
