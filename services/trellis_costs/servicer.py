@@ -122,7 +122,16 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
                 events.append((index, _usage_event(entry, tenant_id)))
             except InvalidArgument as error:
                 results[index].error.CopyFrom(_entry_error(error))
-        recorded = await self._budgets.record_many([event for _i, event in events])
+        kinds = sorted({event.kind.value for _i, event in events})
+        with self._tracer.start_as_current_span(
+            "trellis.ledger.record",
+            attributes={
+                "trellis.usage.kind": ",".join(kinds),
+                "trellis.usage.count": len(events),
+                "trellis.tenant_id": tenant_id,
+            },
+        ):
+            recorded = await self._budgets.record_many([event for _i, event in events])
         for (index, event), outcome in zip(events, recorded, strict=True):
             if isinstance(outcome, TrellisError):
                 results[index].error.CopyFrom(_entry_error(outcome))

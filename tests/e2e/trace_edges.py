@@ -18,10 +18,10 @@ EDGES: Mapping[tuple[str, str], str] = {
     ("executor", "costs"): "CheckBudget before the run starts",
     ("executor", "toolgateway"): "ListTools and InvokeTool, one per node",
     ("executor", "planner"): "Plan (streamed nodes) and Join (streamed answer)",
-    ("planner", "costs"): "CheckBudget before and RecordUsage after each model call",
+    ("planner", "costs"): "CheckBudget before and RecordUsage(s) after each model call",
     ("toolgateway", "planner"): "Generate (Embed) of a model (embed) tool: the planner owns models",
     ("toolgateway", "cache"): "Get before running a cacheable tool, Set after",
-    ("toolgateway", "costs"): "RecordUsage of each tool execution (from the usage outbox)",
+    ("toolgateway", "costs"): "RecordUsages of tool executions (batched by the usage outbox)",
     ("cache", "redis"): "the cache's commands, when TRELLIS_REDIS_URL is set",
 }
 
