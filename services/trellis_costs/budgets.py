@@ -21,10 +21,11 @@ well within ``reservation_seconds``.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
+from trellis.runtime.errors import AlreadyExists
 from trellis_costs.ledger import (
     BUDGET_LIMITS,
     Budget,
@@ -124,6 +125,10 @@ class Budgets:
         """Write ``event`` to the ledger (once); the hold of the call (reservation_id ==
         usage_id) ends in the same transaction."""
         return await self._ledger.record(event)
+
+    async def record_many(self, events: Sequence[UsageEvent]) -> list[Recorded | AlreadyExists]:
+        """``record`` of a batch in one ledger transaction; a result per event."""
+        return await self._ledger.record_many(events)
 
     async def check(
         self, tenant_id: str, estimate_nano_usd: int = 0, reservation_id: str = ""

@@ -1,8 +1,9 @@
 """``trellis_budget_remaining_usd{tenant}``: what each tenant with a budget has left.
 
 Every replica exports the gauge, and alerts read every replica's series. A call that
-checks, records or sets a tenant's budget publishes its headroom at once; besides,
-every ``interval`` seconds each replica republishes every budgeted tenant from the
+checks or sets a tenant's budget publishes its headroom at once, and so does a
+recording (a RecordUsage, or a RecordUsages batch once) for a tenant the gauge
+follows; besides, every ``interval`` seconds each replica republishes every budgeted tenant from the
 ledger and drops tenants whose budget is gone, so a replica that has not served a
 tenant lately does not keep exporting an old figure (its spend and holds may have
 moved at the other replicas).
@@ -32,11 +33,17 @@ class HeadroomGauge:
         self._published: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
+    def follows(self, tenant_id: str) -> bool:
+        """Whether the gauge exports the tenant (it has a budget, as far as this replica
+        knows): only then does a recording need the tenant's headroom read again."""
+        return tenant_id in self._published
+
     def publish(self, tenant_id: str, headroom: int | None) -> None:
         """Export ``headroom`` (nano-USD) for the tenant; None (no budget) removes it."""
         if headroom is None:
-            self._published.discard(tenant_id)
-            BUDGET_REMAINING_USD.remove(tenant_id)
+            if tenant_id in self._published:  # most tenants never had a series
+                self._published.discard(tenant_id)
+                BUDGET_REMAINING_USD.remove(tenant_id)
             return
         self._published.add(tenant_id)
         BUDGET_REMAINING_USD.labels(tenant=tenant_id).set(headroom / 1e9)

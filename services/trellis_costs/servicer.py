@@ -21,7 +21,7 @@ from opentelemetry import trace
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2, costs_pb2_grpc
 from trellis.runtime.context import tenant as current_tenant
-from trellis.runtime.errors import FieldViolation, InvalidArgument
+from trellis.runtime.errors import FieldViolation, InvalidArgument, TrellisError
 from trellis.runtime.logs import get_logger
 from trellis.runtime.metrics import COST_USD, TOKENS, UNKNOWN_MODEL_PRICES
 from trellis.runtime.validation import (
@@ -41,6 +41,7 @@ from trellis_costs.ledger import (
     BUDGET_LIMITS,
     Budget,
     Ledger,
+    Recorded,
     UsageEvent,
     UsageKind,
     UsageRow,
@@ -51,6 +52,8 @@ from trellis_costs.prices import PriceTable
 log = get_logger(__name__)
 
 _KINDS = {costs_pb2.USAGE_KIND_MODEL: UsageKind.MODEL, costs_pb2.USAGE_KIND_TOOL: UsageKind.TOOL}
+#: Most events one RecordUsages may carry.
+MAX_BATCH = 1000
 #: Bound on the models remembered for warn-once; past it every unknown model warns.
 _MAX_WARNED_MODELS = 1024
 
@@ -93,15 +96,69 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
             recorded = await self._budgets.record(event)
             span.set_attribute("trellis.usage.duplicate", recorded.duplicate)
             span.set_attribute("trellis.cost_nano_usd", recorded.cost_nano_usd)
-        if not recorded.duplicate:
-            _count(event, recorded.cost_nano_usd, event.tenant_id if self._tenant_label else "")
-            if not recorded.price_known:
-                UNKNOWN_MODEL_PRICES.labels(model=event.model).inc()
-                self._warn_unknown_model(event)
-        self._headroom.publish(event.tenant_id, await self._budgets.headroom(event.tenant_id))
+        self._counted(event, recorded)
+        await self._publish_headroom(event.tenant_id)
         return costs_pb2.RecordUsageResponse(
             cost_nano_usd=recorded.cost_nano_usd, duplicate=recorded.duplicate
         )
+
+    async def RecordUsages(
+        self, request: costs_pb2.RecordUsagesRequest, context: aio.ServicerContext
+    ) -> costs_pb2.RecordUsagesResponse:
+        """RecordUsage of every entry in one ledger transaction. Each entry gets its own
+        result: a bad one (INVALID_USAGE, USAGE_ID_REQUIRED, USAGE_ID_TAKEN) is refused
+        in it and the others are recorded. No entries, or more than MAX_BATCH, is
+        INVALID_ARGUMENT, reason INVALID_USAGE_BATCH. The tenant's headroom is
+        published once per batch."""
+        count = len(request.entries)
+        if not 0 < count <= MAX_BATCH:
+            raise _invalid(
+                "entries", f"must hold 1 to {MAX_BATCH} events", reason="INVALID_USAGE_BATCH"
+            )
+        tenant_id = current_tenant()
+        results = [costs_pb2.RecordUsageResult(usage_id=e.usage_id) for e in request.entries]
+        events: list[tuple[int, UsageEvent]] = []
+        for index, entry in enumerate(request.entries):
+            try:
+                events.append((index, _usage_event(entry, tenant_id)))
+            except InvalidArgument as error:
+                results[index].error.CopyFrom(_entry_error(error))
+        kinds = sorted({event.kind.value for _i, event in events})
+        with self._tracer.start_as_current_span(
+            "trellis.ledger.record",
+            attributes={
+                "trellis.usage.kind": ",".join(kinds),
+                "trellis.usage.count": len(events),
+                "trellis.tenant_id": tenant_id,
+            },
+        ):
+            recorded = await self._budgets.record_many([event for _i, event in events])
+        for (index, event), outcome in zip(events, recorded, strict=True):
+            if isinstance(outcome, TrellisError):
+                results[index].error.CopyFrom(_entry_error(outcome))
+                continue
+            self._counted(event, outcome)
+            results[index].cost_nano_usd = outcome.cost_nano_usd
+            results[index].duplicate = outcome.duplicate
+        if events:
+            await self._publish_headroom(tenant_id)
+        return costs_pb2.RecordUsagesResponse(results=results)
+
+    def _counted(self, event: UsageEvent, recorded: Recorded) -> None:
+        """Move the cost and token counters for a new row (never for a repeat)."""
+        if recorded.duplicate:
+            return
+        _count(event, recorded.cost_nano_usd, event.tenant_id if self._tenant_label else "")
+        if not recorded.price_known:
+            UNKNOWN_MODEL_PRICES.labels(model=event.model).inc()
+            self._warn_unknown_model(event)
+
+    async def _publish_headroom(self, tenant_id: str) -> None:
+        """After a recording: the tenant's headroom, read again only when the gauge
+        follows it (it has a budget). A tenant budgeted at another replica is picked up
+        by the gauge's periodic refresh, so a tenant without a budget costs no read."""
+        if self._headroom.follows(tenant_id):
+            self._headroom.publish(tenant_id, await self._budgets.headroom(tenant_id))
 
     async def CheckBudget(
         self, request: costs_pb2.CheckBudgetRequest, context: aio.ServicerContext
@@ -202,6 +259,15 @@ def _tenant(tenant_id: str) -> str:
     problems.check_id("tenant_id", tenant_id, TENANT_ID)
     problems.refuse("request")
     return tenant_id or current_tenant()
+
+
+def _entry_error(error: TrellisError) -> common_pb2.Error:
+    """A refused entry's result: the stable reason, and the bad fields in details."""
+    return common_pb2.Error(
+        code=error.reason,
+        message=error.message,
+        details={v.field: v.description for v in error.violations},
+    )
 
 
 def _invalid(field: str, description: str, reason: str = "INVALID_ARGUMENT") -> InvalidArgument:

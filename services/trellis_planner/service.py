@@ -125,7 +125,9 @@ async def build(settings: PlannerSettings, telemetry: Telemetry, channels: Chann
         breakers=breakers,
     )
     try:
-        outbox = await UsageOutbox.open(settings.outbox_path, costs.record_usage)
+        outbox = await UsageOutbox.open(
+            settings.outbox_path, costs.record_usage, batch_sender=costs.record_usages
+        )
     except BaseException:
         await model.aclose()
         raise

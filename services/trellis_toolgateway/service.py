@@ -81,7 +81,12 @@ async def build(settings: GatewaySettings, telemetry: Telemetry, channels: Chann
     watcher = ToolsFileWatcher(settings.tools_path, options, interval=settings.tools_reload_seconds)
     costs = CostsClient(channels.get(settings.costs_target))
     try:
-        outbox = await UsageOutbox.open(settings.outbox_path, costs.record_usage)
+        outbox = await UsageOutbox.open(
+            settings.outbox_path,
+            costs.record_usage,
+            batch_sender=costs.record_usages,
+            batch_window=settings.usage_batch_seconds,
+        )
     except BaseException:
         await client.aclose()
         raise

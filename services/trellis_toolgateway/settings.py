@@ -127,6 +127,14 @@ class GatewaySettings(ServiceSettings):
         description="SQLite file keeping tool usage until cost accounting takes it "
         "(one per gateway process).",
     )
+    usage_batch_seconds: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="How long tool usage waits to be sent with the usage of other calls"
+        " (one RecordUsages per batch): off the path of the executor's next dispatch."
+        " 0: as soon as no batch is under way.",
+    )
 
     tenant_tools: Annotated[dict[str, list[str]], NoDecode] = Field(
         {},

@@ -6,7 +6,11 @@ nothing) as one ``RecordUsageRequest`` of kind ``USAGE_KIND_TOOL``: the tool, th
 and node, and the outcome's cost (``spec.cost_nano_usd`` per attempt). It is handed to
 the service's durable usage outbox (``trellis.clients.usage_outbox``) in the background, so the
 InvokeTool response never waits for cost accounting, and an outage only delays the
-row: the outbox keeps it on disk and redelivers it under the same tenant.
+row: the outbox keeps it on disk and redelivers it under the same tenant. The outbox
+sends rows in batches (one RecordUsages, one ledger transaction, after
+``TRELLIS_USAGE_BATCH_SECONDS``, 20 ms), so a zero-cost tool's row costs no ledger
+write of its own and the send does not land on the executor's next dispatch. A run's
+cost does not wait for these rows: the executor adds the outcomes' costs.
 
 A model tool's call that declares no cost of its own is not a tool row: the planner
 records its model call under ``{run}/{node}/model``, which says all there is (a zero-cost

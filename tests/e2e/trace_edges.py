@@ -21,10 +21,16 @@ EDGES: Mapping[tuple[str, str], str] = {
     ("executor", "costs"): "CheckBudget before the run starts, when it fails",
     ("executor", "toolgateway"): "ListTools and InvokeTool, one per node",
     ("executor", "planner"): "Plan (streamed nodes) and Join (streamed answer)",
-    ("planner", "costs"): "CheckBudget before and RecordUsage after a model call, when they fail",
+    (
+        "planner",
+        "costs",
+    ): "CheckBudget before, RecordUsage(s) after a model call, if they fail",
     ("toolgateway", "planner"): "Generate (Embed) of a model (embed) tool: the planner owns models",
     ("toolgateway", "cache"): "Get before running a cacheable tool, Set after",
-    ("toolgateway", "costs"): "RecordUsage of a tool execution (usage outbox), when it fails",
+    (
+        "toolgateway",
+        "costs",
+    ): "RecordUsages of tool executions (usage outbox batches), if it fails",
     ("cache", "redis"): "the cache's commands, when TRELLIS_REDIS_URL is set",
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from grpc import aio
 
 from trellis.common.v1 import common_pb2
@@ -20,6 +22,15 @@ class CostsClient:
         """Record one usage event (idempotent on usage_id); returns its cost."""
         with translated_rpc_errors():
             return await self._stub.RecordUsage(request, timeout=self._timeout)
+
+    async def record_usages(
+        self, entries: Sequence[costs_pb2.RecordUsageRequest]
+    ) -> costs_pb2.RecordUsagesResponse:
+        """Record many events of the caller's tenant in one ledger transaction; a result
+        per entry, in order (a refused entry carries its error)."""
+        request = costs_pb2.RecordUsagesRequest(entries=entries)
+        with translated_rpc_errors():
+            return await self._stub.RecordUsages(request, timeout=self._timeout)
 
     async def check_budget(
         self,

@@ -2,19 +2,25 @@
 
 Callers of cost accounting (the planner's model calls, the gateway's tool executions)
 hand each ``RecordUsageRequest`` to ``UsageOutbox.send`` (or ``submit``, to deliver in
-the background). It is delivered at once, bounded by ``send_timeout``; when that fails with
-anything that may heal (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL,
-connection errors, timeouts) the request is written to a local SQLite file, keyed by
-tenant and usage_id, with the tenant it was made for (RecordUsage reads the tenant from
-``x-tenant-id``, so a redelivery runs under the original one), its attempts and the
-time of its next attempt. A background loop (``start``/``aclose``) redelivers the rows
-oldest first (among those tried as often), one at a time, with exponential backoff and
-jitter (about 1 s, doubling per failure in a row, capped at 30 s): one failure
-postpones every row (cost accounting is down for all of them), and one success,
-redelivered or fresh, makes every row due again (it is back). A row that keeps failing
-is tried after the others, so it cannot hold them back. Rows left by an earlier process
-are due as soon as the next one starts. The ledger is idempotent on usage_id, so a
-redelivery of an event that did arrive is acknowledged, not counted.
+the background). Events are coalesced ("flush when idle"): with a ``batch_sender``
+(``CostsClient.record_usages``), an event submitted while no delivery is under way goes
+at once, and the events submitted while one is under way go together, one RecordUsages
+per tenant (at most MAX_BATCH events), as soon as it returns (``batch_window`` adds a
+short wait before each round, 0 by default), so a busy service makes a few ledger
+transactions instead of one per call. Each event still has its own outcome (its entry's
+result). It is delivered bounded by ``send_timeout``; when that fails with anything that
+may heal (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, connection
+errors, timeouts) the request is written to a local SQLite file, keyed by tenant and
+usage_id, with the tenant it was made for (RecordUsage reads the tenant from
+``x-tenant-id``, so a redelivery runs under the original one), its attempts and the time
+of its next attempt. A background loop (``start``/``aclose``) redelivers the rows oldest
+first (among those tried as often), one at a time, with exponential backoff and jitter
+(about 1 s, doubling per failure in a row, capped at 30 s): one failure postpones every
+row (cost accounting is down for all of them), and one success, redelivered or fresh,
+makes every row due again (it is back). A row that keeps failing is tried after the
+others, so it cannot hold them back. Rows left by an earlier process are due as soon as
+the next one starts. The ledger is idempotent on usage_id, so a redelivery of an event
+that did arrive is acknowledged, not counted.
 
 A permanent refusal (INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND, FAILED_PRECONDITION,
 UNIMPLEMENTED: the event itself is wrong and no retry can fix it) is logged as an error
@@ -23,8 +29,9 @@ with the event, counted as ``rejected`` and dropped, never silently.
 On a graceful stop (``aclose``) deliveries still in flight get ``flush_seconds`` to
 finish; the rest are written to the file rather than lost. The one window left: a
 process SIGKILLed (or crashing) after a call ended and before its usage was delivered
-or written here loses that one event; shrinking it further would mean writing every
-event to disk before the first try, on the hot path of every call.
+or written here loses that event (with a ``batch_window``, the events of that window);
+shrinking it further would mean writing every event to disk before the first try, on
+the hot path of every call.
 
 Only the sender callable knows gRPC; failures are classified by the domain errors of
 ``trellis.runtime.errors`` (a raw ``grpc.RpcError`` is translated first).
@@ -38,7 +45,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +57,7 @@ from trellis.runtime import context
 from trellis.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     Unimplemented,
@@ -65,6 +73,10 @@ Request = costs_pb2.RecordUsageRequest
 Response = costs_pb2.RecordUsageResponse
 #: Delivers one event (e.g. ``CostsClient.record_usage``); raises when it was not taken.
 Sender = Callable[[Request], Awaitable[Response]]
+#: Delivers one tenant's events in one call (e.g. ``CostsClient.record_usages``).
+BatchSender = Callable[[Sequence[Request]], Awaitable[costs_pb2.RecordUsagesResponse]]
+#: Most events one batch carries (cost accounting's RecordUsages limit).
+MAX_BATCH = 1000
 
 #: Refusals no retry can change: the event is dropped (logged and counted).
 PERMANENT = (InvalidArgument, AlreadyExists, NotFound, FailedPrecondition, Unimplemented)
@@ -146,9 +158,16 @@ class UsageOutbox:
         flush_seconds: float = 1.0,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        batch_sender: BatchSender | None = None,
+        batch_window: float = 0.0,
     ) -> None:
         self._db = db
         self._sender = sender
+        self._batch_sender = batch_sender
+        self._batch_window = batch_window
+        #: Events waiting for the next batch, by tenant, each with its delivery's future.
+        self._queued: dict[str, list[tuple[_Event, asyncio.Future[Response]]]] = {}
+        self._flusher: asyncio.Task[None] | None = None
         self.path = path
         self._timeout = send_timeout
         self._first_retry = first_retry
@@ -182,6 +201,8 @@ class UsageOutbox:
         flush_seconds: float = 1.0,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        batch_sender: BatchSender | None = None,
+        batch_window: float = 0.0,
     ) -> UsageOutbox:
         """Open (or create) the outbox file; rows an earlier process left are due now."""
         path = Path(path)
@@ -196,6 +217,8 @@ class UsageOutbox:
             flush_seconds=flush_seconds,
             clock=clock,
             rng=rng,
+            batch_sender=batch_sender,
+            batch_window=batch_window,
         )
         try:
             await db.execute(SCHEMA)
@@ -234,7 +257,9 @@ class UsageOutbox:
         the task (and flushes it on ``aclose``). Its result is the response, or None when
         the event was kept for later or refused."""
         event = _Event(request, context.tenant())
-        task = asyncio.create_task(self._deliver(event))
+        # Queued now, not when the task first runs: a stop right after still flushes it.
+        queued = None if self._batch_sender is None or self._closing else self._enqueue(event)
+        task = asyncio.create_task(self._deliver(event, queued))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -244,15 +269,17 @@ class UsageOutbox:
         refused). Cancelling the caller does not cancel the delivery."""
         return await asyncio.shield(self.submit(request))
 
-    async def _deliver(self, event: _Event) -> Response | None:
-        if self._closing:
+    async def _deliver(
+        self, event: _Event, queued: asyncio.Future[Response] | None = None
+    ) -> Response | None:
+        if queued is None and self._closing:
             await self._keep(event, "the service is stopping")
             return None
         task = asyncio.current_task()
         assert task is not None
         self._sending.add(task)
         try:
-            response = await self._call(event)
+            response = await (self._call(event) if queued is None else queued)
         except asyncio.CancelledError:
             # Only ``aclose`` (or the event loop ending) cancels a delivery: keep the event.
             await self._keep(event, "interrupted by shutdown")
@@ -283,6 +310,73 @@ class UsageOutbox:
         with context.request_scope(timeout=self._timeout, tenant_id=event.tenant_id, detached=True):
             async with asyncio.timeout(self._timeout):
                 return await self._sender(event.request)
+
+    def _enqueue(self, event: _Event) -> asyncio.Future[Response]:
+        """Queue ``event`` for the next batch; its future ends with the entry's outcome."""
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._queued.setdefault(event.tenant_id, []).append((event, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="usage-outbox-batches")
+        return future
+
+    async def _flush(self) -> None:
+        """Send what is queued, a batch per tenant (the tenants' batches at once), and
+        again until nothing is left: what is submitted meanwhile goes in the next round."""
+        try:
+            while self._queued:
+                if self._batch_window > 0:
+                    await asyncio.sleep(self._batch_window)
+                batches: list[tuple[str, list[tuple[_Event, asyncio.Future[Response]]]]] = []
+                for tenant_id, queued in self._queued.items():
+                    live = [(event, future) for event, future in queued if not future.done()]
+                    for first in range(0, len(live), MAX_BATCH):
+                        batches.append((tenant_id, live[first : first + MAX_BATCH]))
+                self._queued.clear()
+                await asyncio.gather(*(self._settle(tenant, batch) for tenant, batch in batches))
+        finally:
+            self._flusher = None
+            for queued in self._queued.values():  # only when cancelled: fail them over
+                for _event, future in queued:
+                    if not future.done():
+                        future.cancel()
+            self._queued.clear()
+
+    async def _settle(
+        self, tenant_id: str, batch: list[tuple[_Event, asyncio.Future[Response]]]
+    ) -> None:
+        """Send one tenant's batch and end each event's future with its outcome."""
+        outcomes = await self._send_batch(tenant_id, [event for event, _ in batch])
+        for (_event, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():  # its delivery was interrupted (shutdown)
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    async def _send_batch(self, tenant_id: str, events: list[_Event]) -> list[Response | Exception]:
+        """One RecordUsages for ``events`` (one tenant's): each entry's response, or
+        the error that entry (or the whole call) failed with."""
+        batch_sender = self._batch_sender
+        try:
+            if batch_sender is None:
+                raise Unimplemented("one RecordUsage per event")
+            with context.request_scope(timeout=self._timeout, tenant_id=tenant_id, detached=True):
+                async with asyncio.timeout(self._timeout):
+                    answer = await batch_sender([event.request for event in events])
+        except Unimplemented:
+            # A cost accounting without RecordUsages: one RecordUsage per event, as before.
+            self._batch_sender = None
+            results = await asyncio.gather(
+                *(self._call(event) for event in events), return_exceptions=True
+            )
+            return [r if not isinstance(r, BaseException) else _as_exception(r) for r in results]
+        except Exception as error:
+            return [error] * len(events)
+        if len(answer.results) != len(events):
+            failure = Internal("RecordUsages answered another number of results")
+            return [failure] * len(events)
+        return [_entry_outcome(result) for result in answer.results]
 
     async def _keep(self, event: _Event, error: str) -> None:
         """Write ``event`` to the file for a later try (a repeat of a kept one is a no-op)."""
@@ -454,9 +548,29 @@ class UsageOutbox:
             task.cancel()
         while self._tasks:
             await asyncio.wait(set(self._tasks))
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
         self._closed = True
         self._count(-self._pending)
         await self._db.close()
+
+
+def _as_exception(error: BaseException) -> Exception:
+    return error if isinstance(error, Exception) else RuntimeError(repr(error))
+
+
+#: Entry reasons RecordUsages refuses with that are not INVALID_ARGUMENT.
+_ENTRY_ERRORS = {"USAGE_ID_TAKEN": AlreadyExists}
+
+
+def _entry_outcome(result: costs_pb2.RecordUsageResult) -> Response | Exception:
+    """One entry's result as RecordUsage would have given it: a response, or the
+    (permanent) refusal."""
+    if result.HasField("error"):
+        kind = _ENTRY_ERRORS.get(result.error.code, InvalidArgument)
+        return kind(result.error.message, reason=result.error.code)
+    return Response(cost_nano_usd=result.cost_nano_usd, duplicate=result.duplicate)
 
 
 def _describe(request: Request, tenant_id: str) -> dict[str, object]:

@@ -1,8 +1,16 @@
-"""Conversions between protobuf well-known types and plain Python values."""
+"""Conversions between protobuf well-known types and plain Python values.
+
+Reading a Value or Struct walks the message directly (one node's args and output are
+read on every hop): the same result as ``json_format.MessageToDict`` plus integers
+restored, without its JSON printer; a non-finite number, which JSON cannot hold, is left
+to ``json_format`` (which refuses it as before).
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import math
+import time
+from datetime import datetime
 from typing import Any
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
@@ -30,7 +38,34 @@ def from_value(value: struct_pb2.Value) -> Any:
     """A protobuf Value as a plain Python object (None when unset)."""
     if value.WhichOneof("kind") is None:
         return None
-    return _restore_ints(json_format.MessageToDict(value))
+    try:
+        return _plain(value)
+    except _NotFinite:
+        return _restore_ints(json_format.MessageToDict(value))
+
+
+class _NotFinite(Exception):
+    """A number JSON cannot hold: ``json_format`` decides what becomes of it."""
+
+
+def _plain(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise _NotFinite
+        if number.is_integer() and abs(number) < _MAX_SAFE_INT:
+            return int(number)
+        return number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {key: _plain(item) for key, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_plain(item) for item in value.list_value.values]
+    return None  # null_value (and an unset Value inside a list or struct)
 
 
 def to_struct(obj: dict[str, Any] | None) -> struct_pb2.Struct:
@@ -41,7 +76,10 @@ def to_struct(obj: dict[str, Any] | None) -> struct_pb2.Struct:
 
 
 def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return _restore_ints(json_format.MessageToDict(struct))
+    try:
+        return {key: _plain(item) for key, item in struct.fields.items()}
+    except _NotFinite:
+        return _restore_ints(json_format.MessageToDict(struct))
 
 
 def seconds(duration: duration_pb2.Duration) -> float:
@@ -56,7 +94,10 @@ def duration(secs: float) -> duration_pb2.Duration:
 
 def timestamp(when: datetime | None = None) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(when or datetime.now(UTC))
+    if when is None:
+        ts.FromNanoseconds(time.time_ns())  # now, without building a datetime
+    else:
+        ts.FromDatetime(when)
     return ts
 
 

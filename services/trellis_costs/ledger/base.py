@@ -7,7 +7,8 @@ stored cost back, ``duplicate=True``; a usage_id of another tenant is
 AlreadyExists(reason="USAGE_ID_TAKEN"). Costs are computed once, at insert time,
 with the prices then in force, and stored as integer nano-USD; reports and budgets
 only sum them. A row's day is the UTC day of its ``occurred_at``, ``YYYY-MM-DD``.
-Every write is committed when its method returns.
+Every write is committed when its method returns; ``record_many`` writes a batch of
+events in one transaction, so a batch costs one commit.
 
 Budgets live in the same database, so every replica decides from the same figures:
 ``spend_by_day`` is a running total per tenant and day that an insert trigger keeps in
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import calendar
 import re
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from enum import StrEnum
@@ -231,6 +232,13 @@ class Ledger(Protocol):
         """Store ``event`` once; a repeated usage_id returns the stored cost, uncounted.
         AlreadyExists(reason="USAGE_ID_TAKEN") when another tenant used the id. The
         tenant's hold whose reservation id is the usage_id goes in the same transaction."""
+        ...
+
+    async def record_many(self, events: Sequence[UsageEvent]) -> list[Recorded | AlreadyExists]:
+        """``record`` of every event in ONE transaction (one commit for the batch); a
+        result per event, in order: an id another tenant used is its AlreadyExists
+        (returned, not raised: the other events are stored), a usage_id repeated in the
+        batch is a duplicate of its first entry."""
         ...
 
     async def usage(

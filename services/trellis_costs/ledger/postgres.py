@@ -15,11 +15,13 @@ whichever replica they run; a tenant without a budget has no row and nothing to 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from datetime import date, datetime
+from typing import Any
 
 import asyncpg
 
+from trellis.runtime.errors import AlreadyExists
 from trellis.runtime.postgres import ReconnectingPool, open_pool
 from trellis_costs.ledger.base import (
     BUDGET_LIMITS,
@@ -137,6 +139,18 @@ FROM budgets AS b
 """
 
 
+#: Many usage rows in one statement; returns the usage ids it inserted.
+_INSERT_MANY = """
+INSERT INTO usage (usage_id, tenant_id, run_id, node_id, kind, model, tool, input_tokens,
+    output_tokens, cached_input_tokens, cost_nano_usd, estimated, occurred_at, day, session_id)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+    $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::boolean[],
+    $13::timestamptz[], $14::date[], $15::text[])
+ON CONFLICT (usage_id) DO NOTHING
+RETURNING usage_id
+"""
+
+
 def _day(text: str) -> date:
     return date.fromisoformat(text)
 
@@ -169,42 +183,77 @@ class PostgresLedger:
         await self._pool.close()
 
     async def record(self, event: UsageEvent) -> Recorded:
-        cost, known = price(self._prices, event)
-        when = as_utc(event.occurred_at or self._clock())
-        day = when.date()
-        # One statement, so one transaction: the row (its trigger adds it to
-        # spend_by_day) and the end of the call's hold commit together.
-        inserted = await self._pool.fetchval(
-            "WITH inserted AS (INSERT INTO usage (usage_id, tenant_id, run_id, node_id, kind,"
-            " model, tool, input_tokens, output_tokens, cached_input_tokens, cost_nano_usd,"
-            " estimated, occurred_at, day, session_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
-            " $9, $10, $11, $12, $13, $14, $15) ON CONFLICT (usage_id) DO NOTHING RETURNING true),"
-            " settled AS (DELETE FROM budget_holds WHERE tenant_id = $2 AND reservation_id = $1)"
-            " SELECT EXISTS (SELECT 1 FROM inserted)",
-            event.usage_id,
-            event.tenant_id,
-            event.run_id,
-            event.node_id,
-            event.kind.value,
-            event.model,
-            event.tool,
-            event.input_tokens,
-            event.output_tokens,
-            event.cached_input_tokens,
-            cost,
-            event.estimated,
-            when,
-            day,
-            event.session_id,
+        (result,) = await self.record_many([event])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def record_many(self, events: Sequence[UsageEvent]) -> list[Recorded | AlreadyExists]:
+        priced = [(event, *price(self._prices, event)) for event in events]
+        whens = [as_utc(event.occurred_at or self._clock()) for event in events]
+        columns = (
+            [e.usage_id for e in events],
+            [e.tenant_id for e in events],
+            [e.run_id for e in events],
+            [e.node_id for e in events],
+            [e.kind.value for e in events],
+            [e.model for e in events],
+            [e.tool for e in events],
+            [e.input_tokens for e in events],
+            [e.output_tokens for e in events],
+            [e.cached_input_tokens for e in events],
+            [cost for _e, cost, _known in priced],
+            [e.estimated for e in events],
+            whens,
+            [when.date() for when in whens],
+            [e.session_id for e in events],
         )
-        if inserted:
-            return Recorded(cost, duplicate=False, day=day.isoformat(), price_known=known)
-        row = await self._pool.fetchrow(
-            "SELECT tenant_id, cost_nano_usd, day FROM usage WHERE usage_id = $1", event.usage_id
-        )
-        if row["tenant_id"] != event.tenant_id:
-            raise usage_id_taken(event.usage_id)
-        return Recorded(row["cost_nano_usd"], duplicate=True, day=row["day"].isoformat())
+
+        async def write(conn: asyncpg.Connection) -> tuple[set[str], dict[str, Any]]:
+            # One transaction of three statements, whatever the number of events: the
+            # rows (their trigger adds them to spend_by_day), the end of their holds,
+            # and what was stored before for the repeats.
+            async with conn.transaction():
+                inserted = await conn.fetch(_INSERT_MANY, *columns)
+                await conn.execute(
+                    "DELETE FROM budget_holds AS h USING unnest($1::text[], $2::text[])"
+                    " AS s(tenant_id, reservation_id) WHERE h.tenant_id = s.tenant_id"
+                    " AND h.reservation_id = s.reservation_id",
+                    columns[1],
+                    columns[0],
+                )
+                new = {row[0] for row in inserted}
+                repeats = [usage_id for usage_id in columns[0] if usage_id not in new]
+                stored = (
+                    await conn.fetch(
+                        "SELECT usage_id, tenant_id, cost_nano_usd, day FROM usage"
+                        " WHERE usage_id = ANY($1::text[])",
+                        repeats,
+                    )
+                    if repeats
+                    else []
+                )
+            return new, {row["usage_id"]: row for row in stored}
+
+        new, stored = await self._pool.run(write)
+        results: list[Recorded | AlreadyExists] = []
+        first: dict[str, Recorded] = {}
+        for (event, cost, known), when in zip(priced, whens, strict=True):
+            day = when.date().isoformat()
+            if event.usage_id in first:  # repeated within this batch
+                earlier = first[event.usage_id]
+                results.append(Recorded(earlier.cost_nano_usd, duplicate=True, day=earlier.day))
+            elif event.usage_id in new:
+                first[event.usage_id] = Recorded(cost, False, day, price_known=known)
+                results.append(first[event.usage_id])
+            elif stored[event.usage_id]["tenant_id"] != event.tenant_id:
+                results.append(usage_id_taken(event.usage_id))
+            else:
+                row = stored[event.usage_id]
+                results.append(
+                    Recorded(row["cost_nano_usd"], duplicate=True, day=row["day"].isoformat())
+                )
+        return results
 
     async def usage(
         self, tenant_id: str, start_day: str, end_day: str, session_id: str = ""

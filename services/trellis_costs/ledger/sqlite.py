@@ -15,13 +15,14 @@ seconds.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 
 import aiosqlite
 
 from trellis.runtime import sqlite
+from trellis.runtime.errors import AlreadyExists
 from trellis_costs.ledger.base import (
     BUDGET_LIMITS,
     RUN_COLUMNS,
@@ -127,6 +128,35 @@ FROM budgets AS b
 """
 
 
+#: Bound on the ``?`` of one statement (SQLite's default limit is 32,766).
+_MAX_VARIABLES = 500
+
+
+def _row(
+    event: UsageEvent, cost: int, known: bool, clock: Clock
+) -> tuple[tuple[object, ...], bool]:
+    """The ``usage`` columns of ``event`` (cost at index 10, day at 13), and whether its
+    price was known."""
+    when = as_utc(event.occurred_at or clock())
+    return (
+        event.usage_id,
+        event.tenant_id,
+        event.run_id,
+        event.node_id,
+        event.kind.value,
+        event.model,
+        event.tool,
+        event.input_tokens,
+        event.output_tokens,
+        event.cached_input_tokens,
+        cost,
+        int(event.estimated),
+        when.isoformat(),
+        when.date().isoformat(),
+        event.session_id,
+    ), known
+
+
 class SqliteLedger:
     """Usage rows, budgets and holds over one SQLite connection."""
 
@@ -173,51 +203,52 @@ class SqliteLedger:
             return list(await cursor.fetchall())  # type: ignore[arg-type]
 
     async def record(self, event: UsageEvent) -> Recorded:
-        cost, known = price(self._prices, event)
-        when = as_utc(event.occurred_at or self._clock())
-        day = when.date().isoformat()
+        (result,) = await self.record_many([event])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def record_many(self, events: Sequence[UsageEvent]) -> list[Recorded | AlreadyExists]:
+        # Three statements whatever the number of events (each one a hop to aiosqlite's
+        # thread): what is stored already, the new rows, the end of their holds. The
+        # write lock (BEGIN IMMEDIATE) is held throughout, so nothing lands in between.
+        rows = [_row(event, *price(self._prices, event), self._clock) for event in events]
+        ids = list(dict.fromkeys(event.usage_id for event in events))
         async with self._transaction() as db:
-            cursor = await db.execute(
+            stored: dict[str, tuple[str, int, str]] = {}
+            for first in range(0, len(ids), _MAX_VARIABLES):
+                chunk = ids[first : first + _MAX_VARIABLES]
+                marks = ",".join("?" * len(chunk))
+                async with db.execute(
+                    "SELECT usage_id, tenant_id, cost_nano_usd, day FROM usage"
+                    f" WHERE usage_id IN ({marks})",
+                    chunk,
+                ) as cursor:
+                    for usage_id, tenant_id, cost, day in await cursor.fetchall():
+                        stored[usage_id] = (tenant_id, int(cost), day)
+            await db.executemany(
                 "INSERT INTO usage (usage_id, tenant_id, run_id, node_id, kind, model, tool,"
                 " input_tokens, output_tokens, cached_input_tokens, cost_nano_usd, estimated,"
                 " occurred_at, day, session_id)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (usage_id) DO NOTHING",
-                (
-                    event.usage_id,
-                    event.tenant_id,
-                    event.run_id,
-                    event.node_id,
-                    event.kind.value,
-                    event.model,
-                    event.tool,
-                    event.input_tokens,
-                    event.output_tokens,
-                    event.cached_input_tokens,
-                    cost,
-                    int(event.estimated),
-                    when.isoformat(),
-                    day,
-                    event.session_id,
-                ),
+                [row for row, _known in rows if row[0] not in stored],
             )
-            inserted = cursor.rowcount == 1
-            await cursor.close()
-            await db.execute(
+            await db.executemany(
                 "DELETE FROM budget_holds WHERE tenant_id = ? AND reservation_id = ?",
-                (event.tenant_id, event.usage_id),
+                [(event.tenant_id, event.usage_id) for event in events],
             )
-            if not inserted:
-                async with db.execute(
-                    "SELECT tenant_id, cost_nano_usd, day FROM usage WHERE usage_id = ?",
-                    (event.usage_id,),
-                ) as rows:
-                    tenant_id, stored_cost, stored_day = await rows.fetchone()  # type: ignore[misc]
-        if inserted:
-            return Recorded(cost, duplicate=False, day=day, price_known=known)
-        if tenant_id != event.tenant_id:
-            raise usage_id_taken(event.usage_id)
-        return Recorded(int(stored_cost), duplicate=True, day=stored_day)
+        results: list[Recorded | AlreadyExists] = []
+        for event, (row, known) in zip(events, rows, strict=True):
+            if event.usage_id not in stored:  # the first entry of this id: stored now
+                stored[event.usage_id] = (event.tenant_id, row[10], row[13])
+                results.append(Recorded(row[10], duplicate=False, day=row[13], price_known=known))
+            elif stored[event.usage_id][0] != event.tenant_id:
+                results.append(usage_id_taken(event.usage_id))
+            else:
+                _tenant, cost, day = stored[event.usage_id]
+                results.append(Recorded(cost, duplicate=True, day=day))
+        return results
 
     async def usage(
         self, tenant_id: str, start_day: str, end_day: str, session_id: str = ""

@@ -1,7 +1,10 @@
 """The PostgreSQL run store: what several executor replicas share.
 
-asyncpg with a connection pool; every statement runs in autocommit, so a write is
-durable when the method returns, the same promise the SQLite store makes.
+asyncpg with a connection pool; a write is durable when the method returns, the same
+promise the SQLite store makes. The writes of a run's state (nodes, outcomes, progress,
+the end) go through a group commit (``group_commit``): those submitted while a commit
+runs are committed together in the next transaction, so the writes of one scheduler
+step cost one synchronous commit, not one each; other statements run in autocommit.
 Every statement is retried on a fresh connection after a connection error for a few
 seconds (``trellis.runtime.postgres``), so a database restart or fail-over delays a
 run's writes instead of failing the run; a write whose connection dropped after it
@@ -13,7 +16,8 @@ skewed clocks still agree on when a lease has expired.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -45,6 +49,7 @@ from trellis_executor.store.base import (
     run_exists,
     to_micros,
 )
+from trellis_executor.store.group_commit import GroupCommit
 
 RUNNING = executor_pb2.RUN_STATUS_RUNNING
 
@@ -111,6 +116,9 @@ _TURNS = (
     " WHERE tenant_id = $1 AND session_id = $2)"
 )
 _LIVE = "updated_at >= now() - make_interval(secs => $3)"
+#: Locks the rows of several runs in run_id order: a group commit and the lease upkeep
+#: (which locks in the same order) never wait on each other in a cycle (a deadlock).
+_LOCK_RUNS = "SELECT 1 FROM runs WHERE run_id = ANY($1::text[]) ORDER BY run_id FOR NO KEY UPDATE"
 
 
 def _count(status: str) -> int:
@@ -128,6 +136,23 @@ class _Retried:
         self.yes = True
 
 
+@dataclass(frozen=True)
+class _Write:
+    """A fenced write: ``sql`` takes $1 run_id, $2 owner, then ``args``."""
+
+    run_id: str
+    sql: str
+    args: tuple[object, ...]
+
+
+async def _error_of(write: Awaitable[None]) -> BaseException | None:
+    try:
+        await write
+    except Exception as error:
+        return error
+    return None
+
+
 class PostgresRunStore:
     """Async PostgreSQL run store over an asyncpg pool, for one owner."""
 
@@ -138,6 +163,7 @@ class PostgresRunStore:
         self.owner = owner
         self._lease = lease_seconds
         self.page_token_key = page_token_key
+        self._writes: GroupCommit[_Write] = GroupCommit(self._commit_many)
 
     @classmethod
     async def open(
@@ -167,6 +193,7 @@ class PostgresRunStore:
         return cls(pool, owner, lease_seconds, bytes(key))
 
     async def close(self) -> None:
+        await self._writes.aclose()
         await self._pool.close()
 
     async def create(
@@ -455,18 +482,51 @@ class PostgresRunStore:
         return await self._pool.run(block)
 
     async def _fenced(self, run_id: str, sql: str, *args: object) -> None:
-        """Run a write of ``run_id``'s state that only its owner may make."""
+        """Run a write of ``run_id``'s state that only its owner may make, committed
+        with the other writes queued meanwhile (``group_commit``)."""
+        await self._writes.write(_Write(run_id, sql, args))
+
+    async def _commit_many(self, writes: Sequence[_Write]) -> list[BaseException | None]:
+        """``writes`` in one transaction, in order: None for each one committed, or
+        LeaseLost for one this owner may no longer make (the others still commit).
+        A statement that fails aborts the transaction: then each write runs alone, so
+        only its own caller gets its error."""
+        if len(writes) == 1:
+            return [await _error_of(self._fenced_alone(writes[0]))]
         retried = _Retried()
+
+        runs = sorted({w.run_id for w in writes})
+
+        async def apply(conn: asyncpg.Connection) -> list[str]:
+            async with conn.transaction():
+                if len(runs) > 1:  # rows of runs locked in run_id order, as renew does
+                    await conn.execute(_LOCK_RUNS, runs)
+                return [await conn.execute(w.sql, w.run_id, self.owner, *w.args) for w in writes]
+
+        try:
+            statuses = await self._pool.run(apply, on_retry=retried)
+        except asyncpg.PostgresError:
+            return [await _error_of(self._fenced_alone(w, retried.yes)) for w in writes]
+        return [
+            lease_lost(w.run_id) if _count(status) == 0 else None
+            for w, status in zip(writes, statuses, strict=True)
+        ]
+
+    async def _fenced_alone(self, write: _Write, retried_before: bool = False) -> None:
+        """One write in a transaction of its own."""
+        retried = _Retried()
+        retried.yes = retried_before
         try:
             status = await self._pool.run(
-                lambda conn: conn.execute(sql, run_id, self.owner, *args), on_retry=retried
+                lambda conn: conn.execute(write.sql, write.run_id, self.owner, *write.args),
+                on_retry=retried,
             )
         except asyncpg.UniqueViolationError:
             if retried.yes:  # the nodes' first try committed before its connection dropped
                 return
             raise
         if _count(status) == 0:
-            raise lease_lost(run_id)
+            raise lease_lost(write.run_id)
 
     async def add_nodes(
         self, run_id: str, first_seq: int, calls: Sequence[common_pb2.ToolCall]
@@ -580,8 +640,9 @@ class PostgresRunStore:
         if not run_ids:
             return set()
         rows = await self._pool.fetch(
-            f"UPDATE runs SET lease_until = {_LEASE}"
-            " WHERE run_id = ANY($3::text[]) AND owner = $1 RETURNING run_id",
+            f"UPDATE runs SET lease_until = {_LEASE} WHERE run_id IN (SELECT run_id FROM runs"
+            " WHERE run_id = ANY($3::text[]) AND owner = $1 ORDER BY run_id"
+            " FOR NO KEY UPDATE) RETURNING run_id",
             self.owner,
             self._lease,
             list(run_ids),
@@ -604,8 +665,9 @@ class PostgresRunStore:
 
     async def release(self, run_ids: Collection[str]) -> None:
         await self._pool.execute(
-            "UPDATE runs SET lease_until = now() - interval '1 second'"
-            " WHERE run_id = ANY($2::text[]) AND owner = $1 AND status = $3",
+            "UPDATE runs SET lease_until = now() - interval '1 second' WHERE run_id IN"
+            " (SELECT run_id FROM runs WHERE run_id = ANY($2::text[]) AND owner = $1"
+            " AND status = $3 ORDER BY run_id FOR NO KEY UPDATE)",
             self.owner,
             list(run_ids),
             RUNNING,

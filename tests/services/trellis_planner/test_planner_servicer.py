@@ -30,6 +30,13 @@ class StandInCosts(costs_pb2_grpc.CostAccountingServiceServicer):
         self.recorded.append((context.tenant(), request))
         return costs_pb2.RecordUsageResponse(cost_nano_usd=777)
 
+    async def RecordUsages(self, request, ctx: aio.ServicerContext):
+        results = []
+        for entry in request.entries:
+            self.recorded.append((context.tenant(), entry))
+            results.append(costs_pb2.RecordUsageResult(usage_id=entry.usage_id, cost_nano_usd=777))
+        return costs_pb2.RecordUsagesResponse(results=results)
+
 
 @pytest.fixture
 async def costs(serve):

@@ -27,37 +27,43 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from trellis.common.v1 import common_pb2 as trellis_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctrellis/costs/v1/costs.proto\x12\x10trellis.costs.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etrellis/common/v1/common.proto\"\x9d\x02\n\x12RecordUsageRequest\x12\x10\n\x08usage_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12)\n\x04kind\x18\x04 \x01(\x0e\x32\x1b.trellis.costs.v1.UsageKind\x12\'\n\x05usage\x18\x05 \x01(\x0b\x32\x18.trellis.common.v1.Usage\x12\x0c\n\x04tool\x18\x06 \x01(\t\x12\x1a\n\x12tool_cost_nano_usd\x18\x07 \x01(\x03\x12\x11\n\testimated\x18\x08 \x01(\x08\x12/\n\x0boccurred_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\n \x01(\t\"?\n\x13RecordUsageResponse\x12\x15\n\rcost_nano_usd\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x80\x01\n\x12\x43heckBudgetRequest\x12\x1f\n\x17\x65stimated_cost_nano_usd\x18\x01 \x01(\x03\x12\x31\n\x0f\x65stimated_usage\x18\x02 \x01(\x0b\x32\x18.trellis.common.v1.Usage\x12\x16\n\x0ereservation_id\x18\x03 \x01(\t\"\xfd\x01\n\x13\x43heckBudgetResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x1c\n\x14\x64\x61ily_limit_nano_usd\x18\x02 \x01(\x03\x12\x1c\n\x14spent_today_nano_usd\x18\x03 \x01(\x03\x12\x1a\n\x12remaining_nano_usd\x18\x04 \x01(\x03\x12\x1e\n\x16monthly_limit_nano_usd\x18\x05 \x01(\x03\x12!\n\x19spent_this_month_nano_usd\x18\x06 \x01(\x03\x12\x19\n\x11reserved_nano_usd\x18\x07 \x01(\x03\x12\x1f\n\x17\x65stimated_cost_nano_usd\x18\x08 \x01(\x03\"\x94\x01\n\x10SetBudgetRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x1c\n\x14\x64\x61ily_limit_nano_usd\x18\x02 \x01(\x03\x12\x1e\n\x16monthly_limit_nano_usd\x18\x03 \x01(\x03\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x13\n\x11SetBudgetResponse\"\\\n\x0fGetUsageRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tstart_day\x18\x02 \x01(\t\x12\x0f\n\x07\x65nd_day\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\"\xbe\x02\n\x08UsageRow\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\x03\x12\x15\n\routput_tokens\x18\x05 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x06 \x01(\x03\x12\x15\n\rcost_nano_usd\x18\x07 \x01(\x03\x12\x0e\n\x06\x65vents\x18\x08 \x01(\x03\x12)\n\x04kind\x18\t \x01(\x0e\x32\x1b.trellis.costs.v1.UsageKind\x12\x0c\n\x04tool\x18\n \x01(\t\x12\x18\n\x10\x65stimated_events\x18\x0b \x01(\x03\x12\x1e\n\x16\x65stimated_input_tokens\x18\x0c \x01(\x03\x12\x1f\n\x17\x65stimated_output_tokens\x18\r \x01(\x03\"\xac\x01\n\x10GetUsageResponse\x12(\n\x04rows\x18\x01 \x03(\x0b\x32\x1a.trellis.costs.v1.UsageRow\x12\x1b\n\x13total_cost_nano_usd\x18\x02 \x01(\x03\x12\x1a\n\x12total_input_tokens\x18\x03 \x01(\x03\x12\x1b\n\x13total_output_tokens\x18\x04 \x01(\x03\x12\x18\n\x10\x65stimated_events\x18\x05 \x01(\x03\"$\n\x12GetRunUsageRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x8a\x01\n\x13GetRunUsageResponse\x12-\n\x0bmodel_usage\x18\x01 \x01(\x0b\x32\x18.trellis.common.v1.Usage\x12\x1a\n\x12tool_cost_nano_usd\x18\x02 \x01(\x03\x12\x15\n\rcost_nano_usd\x18\x03 \x01(\x03\x12\x11\n\tusage_ids\x18\x04 \x03(\t*R\n\tUsageKind\x12\x1a\n\x16USAGE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10USAGE_KIND_MODEL\x10\x01\x12\x13\n\x0fUSAGE_KIND_TOOL\x10\x02\x32\xd4\x03\n\x15\x43ostAccountingService\x12Z\n\x0bRecordUsage\x12$.trellis.costs.v1.RecordUsageRequest\x1a%.trellis.costs.v1.RecordUsageResponse\x12Z\n\x0b\x43heckBudget\x12$.trellis.costs.v1.CheckBudgetRequest\x1a%.trellis.costs.v1.CheckBudgetResponse\x12Q\n\x08GetUsage\x12!.trellis.costs.v1.GetUsageRequest\x1a\".trellis.costs.v1.GetUsageResponse\x12T\n\tSetBudget\x12\".trellis.costs.v1.SetBudgetRequest\x1a#.trellis.costs.v1.SetBudgetResponse\x12Z\n\x0bGetRunUsage\x12$.trellis.costs.v1.GetRunUsageRequest\x1a%.trellis.costs.v1.GetRunUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctrellis/costs/v1/costs.proto\x12\x10trellis.costs.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etrellis/common/v1/common.proto\"\x9d\x02\n\x12RecordUsageRequest\x12\x10\n\x08usage_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12)\n\x04kind\x18\x04 \x01(\x0e\x32\x1b.trellis.costs.v1.UsageKind\x12\'\n\x05usage\x18\x05 \x01(\x0b\x32\x18.trellis.common.v1.Usage\x12\x0c\n\x04tool\x18\x06 \x01(\t\x12\x1a\n\x12tool_cost_nano_usd\x18\x07 \x01(\x03\x12\x11\n\testimated\x18\x08 \x01(\x08\x12/\n\x0boccurred_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\n \x01(\t\"?\n\x13RecordUsageResponse\x12\x15\n\rcost_nano_usd\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"L\n\x13RecordUsagesRequest\x12\x35\n\x07\x65ntries\x18\x01 \x03(\x0b\x32$.trellis.costs.v1.RecordUsageRequest\"x\n\x11RecordUsageResult\x12\x10\n\x08usage_id\x18\x01 \x01(\t\x12\x15\n\rcost_nano_usd\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x18.trellis.common.v1.Error\"L\n\x14RecordUsagesResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.trellis.costs.v1.RecordUsageResult\"\x80\x01\n\x12\x43heckBudgetRequest\x12\x1f\n\x17\x65stimated_cost_nano_usd\x18\x01 \x01(\x03\x12\x31\n\x0f\x65stimated_usage\x18\x02 \x01(\x0b\x32\x18.trellis.common.v1.Usage\x12\x16\n\x0ereservation_id\x18\x03 \x01(\t\"\xfd\x01\n\x13\x43heckBudgetResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x1c\n\x14\x64\x61ily_limit_nano_usd\x18\x02 \x01(\x03\x12\x1c\n\x14spent_today_nano_usd\x18\x03 \x01(\x03\x12\x1a\n\x12remaining_nano_usd\x18\x04 \x01(\x03\x12\x1e\n\x16monthly_limit_nano_usd\x18\x05 \x01(\x03\x12!\n\x19spent_this_month_nano_usd\x18\x06 \x01(\x03\x12\x19\n\x11reserved_nano_usd\x18\x07 \x01(\x03\x12\x1f\n\x17\x65stimated_cost_nano_usd\x18\x08 \x01(\x03\"\x94\x01\n\x10SetBudgetRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x1c\n\x14\x64\x61ily_limit_nano_usd\x18\x02 \x01(\x03\x12\x1e\n\x16monthly_limit_nano_usd\x18\x03 \x01(\x03\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x13\n\x11SetBudgetResponse\"\\\n\x0fGetUsageRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tstart_day\x18\x02 \x01(\t\x12\x0f\n\x07\x65nd_day\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\"\xbe\x02\n\x08UsageRow\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\x03\x12\x15\n\routput_tokens\x18\x05 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x06 \x01(\x03\x12\x15\n\rcost_nano_usd\x18\x07 \x01(\x03\x12\x0e\n\x06\x65vents\x18\x08 \x01(\x03\x12)\n\x04kind\x18\t \x01(\x0e\x32\x1b.trellis.costs.v1.UsageKind\x12\x0c\n\x04tool\x18\n \x01(\t\x12\x18\n\x10\x65stimated_events\x18\x0b \x01(\x03\x12\x1e\n\x16\x65stimated_input_tokens\x18\x0c \x01(\x03\x12\x1f\n\x17\x65stimated_output_tokens\x18\r \x01(\x03\"\xac\x01\n\x10GetUsageResponse\x12(\n\x04rows\x18\x01 \x03(\x0b\x32\x1a.trellis.costs.v1.UsageRow\x12\x1b\n\x13total_cost_nano_usd\x18\x02 \x01(\x03\x12\x1a\n\x12total_input_tokens\x18\x03 \x01(\x03\x12\x1b\n\x13total_output_tokens\x18\x04 \x01(\x03\x12\x18\n\x10\x65stimated_events\x18\x05 \x01(\x03\"$\n\x12GetRunUsageRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x8a\x01\n\x13GetRunUsageResponse\x12-\n\x0bmodel_usage\x18\x01 \x01(\x0b\x32\x18.trellis.common.v1.Usage\x12\x1a\n\x12tool_cost_nano_usd\x18\x02 \x01(\x03\x12\x15\n\rcost_nano_usd\x18\x03 \x01(\x03\x12\x11\n\tusage_ids\x18\x04 \x03(\t*R\n\tUsageKind\x12\x1a\n\x16USAGE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10USAGE_KIND_MODEL\x10\x01\x12\x13\n\x0fUSAGE_KIND_TOOL\x10\x02\x32\xb3\x04\n\x15\x43ostAccountingService\x12Z\n\x0bRecordUsage\x12$.trellis.costs.v1.RecordUsageRequest\x1a%.trellis.costs.v1.RecordUsageResponse\x12Z\n\x0b\x43heckBudget\x12$.trellis.costs.v1.CheckBudgetRequest\x1a%.trellis.costs.v1.CheckBudgetResponse\x12Q\n\x08GetUsage\x12!.trellis.costs.v1.GetUsageRequest\x1a\".trellis.costs.v1.GetUsageResponse\x12T\n\tSetBudget\x12\".trellis.costs.v1.SetBudgetRequest\x1a#.trellis.costs.v1.SetBudgetResponse\x12Z\n\x0bGetRunUsage\x12$.trellis.costs.v1.GetRunUsageRequest\x1a%.trellis.costs.v1.GetRunUsageResponse\x12]\n\x0cRecordUsages\x12%.trellis.costs.v1.RecordUsagesRequest\x1a&.trellis.costs.v1.RecordUsagesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'trellis.costs.v1.costs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USAGEKIND']._serialized_start=1830
-  _globals['_USAGEKIND']._serialized_end=1912
+  _globals['_USAGEKIND']._serialized_start=2108
+  _globals['_USAGEKIND']._serialized_end=2190
   _globals['_RECORDUSAGEREQUEST']._serialized_start=150
   _globals['_RECORDUSAGEREQUEST']._serialized_end=435
   _globals['_RECORDUSAGERESPONSE']._serialized_start=437
   _globals['_RECORDUSAGERESPONSE']._serialized_end=500
-  _globals['_CHECKBUDGETREQUEST']._serialized_start=503
-  _globals['_CHECKBUDGETREQUEST']._serialized_end=631
-  _globals['_CHECKBUDGETRESPONSE']._serialized_start=634
-  _globals['_CHECKBUDGETRESPONSE']._serialized_end=887
-  _globals['_SETBUDGETREQUEST']._serialized_start=890
-  _globals['_SETBUDGETREQUEST']._serialized_end=1038
-  _globals['_SETBUDGETRESPONSE']._serialized_start=1040
-  _globals['_SETBUDGETRESPONSE']._serialized_end=1059
-  _globals['_GETUSAGEREQUEST']._serialized_start=1061
-  _globals['_GETUSAGEREQUEST']._serialized_end=1153
-  _globals['_USAGEROW']._serialized_start=1156
-  _globals['_USAGEROW']._serialized_end=1474
-  _globals['_GETUSAGERESPONSE']._serialized_start=1477
-  _globals['_GETUSAGERESPONSE']._serialized_end=1649
-  _globals['_GETRUNUSAGEREQUEST']._serialized_start=1651
-  _globals['_GETRUNUSAGEREQUEST']._serialized_end=1687
-  _globals['_GETRUNUSAGERESPONSE']._serialized_start=1690
-  _globals['_GETRUNUSAGERESPONSE']._serialized_end=1828
-  _globals['_COSTACCOUNTINGSERVICE']._serialized_start=1915
-  _globals['_COSTACCOUNTINGSERVICE']._serialized_end=2383
+  _globals['_RECORDUSAGESREQUEST']._serialized_start=502
+  _globals['_RECORDUSAGESREQUEST']._serialized_end=578
+  _globals['_RECORDUSAGERESULT']._serialized_start=580
+  _globals['_RECORDUSAGERESULT']._serialized_end=700
+  _globals['_RECORDUSAGESRESPONSE']._serialized_start=702
+  _globals['_RECORDUSAGESRESPONSE']._serialized_end=778
+  _globals['_CHECKBUDGETREQUEST']._serialized_start=781
+  _globals['_CHECKBUDGETREQUEST']._serialized_end=909
+  _globals['_CHECKBUDGETRESPONSE']._serialized_start=912
+  _globals['_CHECKBUDGETRESPONSE']._serialized_end=1165
+  _globals['_SETBUDGETREQUEST']._serialized_start=1168
+  _globals['_SETBUDGETREQUEST']._serialized_end=1316
+  _globals['_SETBUDGETRESPONSE']._serialized_start=1318
+  _globals['_SETBUDGETRESPONSE']._serialized_end=1337
+  _globals['_GETUSAGEREQUEST']._serialized_start=1339
+  _globals['_GETUSAGEREQUEST']._serialized_end=1431
+  _globals['_USAGEROW']._serialized_start=1434
+  _globals['_USAGEROW']._serialized_end=1752
+  _globals['_GETUSAGERESPONSE']._serialized_start=1755
+  _globals['_GETUSAGERESPONSE']._serialized_end=1927
+  _globals['_GETRUNUSAGEREQUEST']._serialized_start=1929
+  _globals['_GETRUNUSAGEREQUEST']._serialized_end=1965
+  _globals['_GETRUNUSAGERESPONSE']._serialized_start=1968
+  _globals['_GETRUNUSAGERESPONSE']._serialized_end=2106
+  _globals['_COSTACCOUNTINGSERVICE']._serialized_start=2193
+  _globals['_COSTACCOUNTINGSERVICE']._serialized_end=2756
 # @@protoc_insertion_point(module_scope)

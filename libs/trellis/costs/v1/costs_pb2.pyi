@@ -53,6 +53,30 @@ class RecordUsageResponse(_message.Message):
     duplicate: bool
     def __init__(self, cost_nano_usd: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
+class RecordUsagesRequest(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[RecordUsageRequest]
+    def __init__(self, entries: _Optional[_Iterable[_Union[RecordUsageRequest, _Mapping]]] = ...) -> None: ...
+
+class RecordUsageResult(_message.Message):
+    __slots__ = ("usage_id", "cost_nano_usd", "duplicate", "error")
+    USAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    usage_id: str
+    cost_nano_usd: int
+    duplicate: bool
+    error: _common_pb2.Error
+    def __init__(self, usage_id: _Optional[str] = ..., cost_nano_usd: _Optional[int] = ..., duplicate: _Optional[bool] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
+
+class RecordUsagesResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RecordUsageResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[RecordUsageResult, _Mapping]]] = ...) -> None: ...
+
 class CheckBudgetRequest(_message.Message):
     __slots__ = ("estimated_cost_nano_usd", "estimated_usage", "reservation_id")
     ESTIMATED_COST_NANO_USD_FIELD_NUMBER: _ClassVar[int]

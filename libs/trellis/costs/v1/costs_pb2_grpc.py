@@ -61,6 +61,11 @@ class CostAccountingServiceStub:
                 request_serializer=trellis_dot_costs_dot_v1_dot_costs__pb2.GetRunUsageRequest.SerializeToString,
                 response_deserializer=trellis_dot_costs_dot_v1_dot_costs__pb2.GetRunUsageResponse.FromString,
                 _registered_method=True)
+        self.RecordUsages = channel.unary_unary(
+                '/trellis.costs.v1.CostAccountingService/RecordUsages',
+                request_serializer=trellis_dot_costs_dot_v1_dot_costs__pb2.RecordUsagesRequest.SerializeToString,
+                response_deserializer=trellis_dot_costs_dot_v1_dot_costs__pb2.RecordUsagesResponse.FromString,
+                _registered_method=True)
 
 
 class CostAccountingServiceServicer:
@@ -103,6 +108,15 @@ class CostAccountingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordUsages(self, request, context):
+        """Records many usage events in one ledger transaction; each entry is idempotent on
+        its usage_id as in RecordUsage, and each gets a result of its own, in order: a bad
+        entry is refused in its result without refusing the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CostAccountingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +144,11 @@ def add_CostAccountingServiceServicer_to_server(servicer, server):
                     servicer.GetRunUsage,
                     request_deserializer=trellis_dot_costs_dot_v1_dot_costs__pb2.GetRunUsageRequest.FromString,
                     response_serializer=trellis_dot_costs_dot_v1_dot_costs__pb2.GetRunUsageResponse.SerializeToString,
+            ),
+            'RecordUsages': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordUsages,
+                    request_deserializer=trellis_dot_costs_dot_v1_dot_costs__pb2.RecordUsagesRequest.FromString,
+                    response_serializer=trellis_dot_costs_dot_v1_dot_costs__pb2.RecordUsagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +288,33 @@ class CostAccountingService:
             '/trellis.costs.v1.CostAccountingService/GetRunUsage',
             trellis_dot_costs_dot_v1_dot_costs__pb2.GetRunUsageRequest.SerializeToString,
             trellis_dot_costs_dot_v1_dot_costs__pb2.GetRunUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordUsages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.costs.v1.CostAccountingService/RecordUsages',
+            trellis_dot_costs_dot_v1_dot_costs__pb2.RecordUsagesRequest.SerializeToString,
+            trellis_dot_costs_dot_v1_dot_costs__pb2.RecordUsagesResponse.FromString,
             options,
             channel_credentials,
             insecure,
