@@ -201,7 +201,7 @@ async def measure_model_fanout(samples: int) -> dict[str, Any]:
         tools.write_text(MODEL_TOOLS)
         stack = await start_stack(database_url=f"sqlite:///{tmp}/bench.db", tools_file=str(tools))
         assert stack.model is not None
-        stack.model.state.next_behaviour = lambda: Behaviour(stall_seconds=MODEL_MS / 1000)
+        stack.model.state.next_behaviour = lambda body: Behaviour(stall_seconds=MODEL_MS / 1000)
         channels = Channels()
         try:
             client = ExecutorClient(channels.get(stack.executor_target))
