@@ -220,14 +220,21 @@ class PostgresRunStore:
                 on_retry=retried,
             )
         except asyncpg.UniqueViolationError:
-            if retried.yes and await self._pool.fetchval(
+            if await self._committed_before(retried, run_id, trace_id):
+                return  # the first try committed before its connection dropped
+            raise run_exists(run_id) from None
+
+    async def _committed_before(self, retried: _Retried, run_id: str, trace_id: str) -> bool:
+        """Whether a retried create failed only because its first try had committed
+        before its connection dropped (the row is this replica's, for this trace)."""
+        return retried.yes and bool(
+            await self._pool.fetchval(
                 "SELECT true FROM runs WHERE run_id = $1 AND owner = $2 AND trace_id = $3",
                 run_id,
                 self.owner,
                 trace_id,
-            ):
-                return  # the first try committed before its connection dropped
-            raise run_exists(run_id) from None
+            )
+        )
 
     async def _insert_run(
         self,
@@ -305,21 +312,11 @@ class PostgresRunStore:
         try:
             await self._pool.run(block, on_retry=retried)
         except asyncpg.UniqueViolationError:
-            if retried.yes and await self._pool.fetchval(
-                "SELECT true FROM runs WHERE run_id = $1 AND owner = $2 AND trace_id = $3",
-                run_id,
-                self.owner,
-                trace_id,
-            ):
+            if await self._committed_before(retried, run_id, trace_id):
                 return
             raise run_exists(run_id) from None
         except FailedPrecondition:
-            if retried.yes and await self._pool.fetchval(
-                "SELECT true FROM runs WHERE run_id = $1 AND owner = $2 AND trace_id = $3",
-                run_id,
-                self.owner,
-                trace_id,
-            ):
+            if await self._committed_before(retried, run_id, trace_id):
                 return  # the first try committed: the running turn is this one
             raise
 
