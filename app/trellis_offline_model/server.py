@@ -140,6 +140,17 @@ def _parse(body: Any) -> tuple[list[Mapping[str, Any]], str | None]:
     return messages, None
 
 
+async def _scripted_failure(behaviour: Behaviour) -> web.Response | None:
+    """What a test scripted for this request before any answer: a stall, then an error."""
+    if behaviour.stall_seconds:
+        await asyncio.sleep(behaviour.stall_seconds)
+    if behaviour.status:
+        return error_response(
+            behaviour.status, behaviour.message, retry_after_ms=behaviour.retry_after_ms
+        )
+    return None
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     try:
@@ -152,12 +163,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state.requests.append(body)
 
     behaviour = state.next_behaviour(body) or Behaviour()
-    if behaviour.stall_seconds:
-        await asyncio.sleep(behaviour.stall_seconds)
-    if behaviour.status:
-        return error_response(
-            behaviour.status, behaviour.message, retry_after_ms=behaviour.retry_after_ms
-        )
+    if (failed := await _scripted_failure(behaviour)) is not None:
+        return failed
     if behaviour.plan is not None:
         reply = render(body, list(behaviour.plan))
     elif behaviour.text is not None:
@@ -366,12 +373,8 @@ async def embeddings(request: web.Request) -> web.Response:
     texts, dimensions = parsed
     state.requests.append(body)
     behaviour = state.next_behaviour(body) or Behaviour()
-    if behaviour.stall_seconds:
-        await asyncio.sleep(behaviour.stall_seconds)
-    if behaviour.status:
-        return error_response(
-            behaviour.status, behaviour.message, retry_after_ms=behaviour.retry_after_ms
-        )
+    if (failed := await _scripted_failure(behaviour)) is not None:
+        return failed
     as_base64 = body.get("encoding_format") == "base64"
     data = []
     for index, vector in enumerate(generating.vectors(texts, dimensions)):

@@ -31,7 +31,6 @@ async def build(settings: CostsSettings, telemetry: Telemetry, channels: Channel
         prices,
         headroom,
         tenant_label=settings.metrics_tenant_label,
-        tracer=telemetry.tracer,
     )
 
     def register(server: aio.Server) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from datetime import UTC
 
 from grpc import aio
-from opentelemetry import trace
 
 from trellis.common.v1 import common_pb2
 from trellis.costs.v1 import costs_pb2, costs_pb2_grpc
@@ -67,10 +66,8 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
         headroom: HeadroomGauge,
         *,
         tenant_label: bool = False,
-        tracer: trace.Tracer | None = None,
     ) -> None:
         self._ledger = ledger
-        self._tracer = tracer or trace.NoOpTracer()
         self._budgets = budgets
         self._headroom = headroom
         self._prices = prices
@@ -84,18 +81,7 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
         hold whose reservation_id is this usage_id. A usage_id another tenant used is
         ALREADY_EXISTS, reason USAGE_ID_TAKEN."""
         event = _usage_event(request, current_tenant())
-        with self._tracer.start_as_current_span(
-            "trellis.ledger.record",
-            attributes={
-                "trellis.usage_id": event.usage_id,
-                "trellis.usage.kind": event.kind.value,
-                "trellis.tenant_id": event.tenant_id,
-                "trellis.run_id": event.run_id,
-            },
-        ) as span:
-            recorded = await self._budgets.record(event)
-            span.set_attribute("trellis.usage.duplicate", recorded.duplicate)
-            span.set_attribute("trellis.cost_nano_usd", recorded.cost_nano_usd)
+        recorded = await self._budgets.record(event)
         self._counted(event, recorded)
         await self._publish_headroom(event.tenant_id)
         return costs_pb2.RecordUsageResponse(
@@ -123,16 +109,7 @@ class CostAccountingServicer(costs_pb2_grpc.CostAccountingServiceServicer):
                 events.append((index, _usage_event(entry, tenant_id)))
             except InvalidArgument as error:
                 results[index].error.CopyFrom(_entry_error(error))
-        kinds = sorted({event.kind.value for _i, event in events})
-        with self._tracer.start_as_current_span(
-            "trellis.ledger.record",
-            attributes={
-                "trellis.usage.kind": ",".join(kinds),
-                "trellis.usage.count": len(events),
-                "trellis.tenant_id": tenant_id,
-            },
-        ):
-            recorded = await self._budgets.record_many([event for _i, event in events])
+        recorded = await self._budgets.record_many([event for _i, event in events])
         for (index, event), outcome in zip(events, recorded, strict=True):
             if isinstance(outcome, TrellisError):
                 results[index].error.CopyFrom(_entry_error(outcome))
