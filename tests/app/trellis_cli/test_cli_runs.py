@@ -9,13 +9,12 @@ import asyncio
 import json
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
 
+from tests.support import pty_session
 from tests.support.cli import TRELLIS, clean_env, trellis
 from trellis.clients.executor import ExecutorClient
 from trellis.common.v1 import common_pb2
@@ -254,19 +253,9 @@ async def test_every_command_names_an_unreachable_executor() -> None:
 
 def interrupt(args: list[str], wait_for: str) -> tuple[int, str]:
     """``trellis ARGS`` in a pseudo-terminal: Ctrl-C once ``wait_for`` shows; its exit
-    status and everything it wrote (see tests/support/pty_interrupt.py for why in a process
-    of its own)."""
-    helper = [sys.executable, "-m", "tests.support.pty_interrupt", wait_for, "60"]
-    done = subprocess.run(
-        [*helper, str(TRELLIS), *args],
-        env=clean_env(COLUMNS="100", LINES="30"),
-        cwd=Path(__file__).parents[3],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    result = json.loads(done.stdout)
+    status and everything it wrote."""
+    env = clean_env(COLUMNS="100", LINES="30")
+    result = pty_session.interrupt([str(TRELLIS), *args], wait_for, env)
     assert result["shown"], f"trellis {args} ended ({result['code']}) first: {result['output']!r}"
     return result["code"], result["output"]
 

@@ -7,33 +7,19 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.support import pty_session
 from tests.support.cli import TRELLIS, clean_env, trellis
 from trellis.clients.executor import ExecutorClient
 from trellis.runtime.errors import NotFound
 
-REPO = Path(__file__).parents[3]
-
 
 def converse(args: list[str], script: list[tuple[str, str]], **env: str) -> dict:
-    """``trellis ARGS`` in a pseudo-terminal, typed ``script`` (see
-    tests/support/pty_conversation.py for why in a process of its own)."""
-    helper = [sys.executable, "-m", "tests.support.pty_conversation", "60", "you> "]
-    done = subprocess.run(
-        [*helper, json.dumps(script), "--", str(TRELLIS), *args],
-        env=clean_env(COLUMNS="120", LINES="40", **env),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=150,
-        check=True,
-    )
-    return json.loads(done.stdout)
+    """``trellis ARGS`` in a pseudo-terminal, typed ``script``."""
+    env = clean_env(COLUMNS="120", LINES="40", **env)
+    return pty_session.converse([str(TRELLIS), *args], "you> ", script, env)
 
 
 @pytest.fixture
