@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from trellis.contract.session_context import fold_count
 from trellis.planner.v1 import planner_pb2
+from trellis.runtime.tokens import CHARS_PER_TOKEN
 from trellis.runtime.validation import MODEL_NAME, RUN_ID, Problems
 from trellis_planner import model_usage
 from trellis_planner.model import ChatCall, ChatModel
@@ -27,7 +28,6 @@ from trellis_planner.prompts import summary_messages
 STEP = "summarize"
 #: Share of the context budget a summary may take (tokens); about 1.3 tokens a word.
 SUMMARY_SHARE = 4
-CHARS_PER_TOKEN = 4
 
 
 @dataclass(frozen=True)

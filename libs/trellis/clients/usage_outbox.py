@@ -1,26 +1,27 @@
 """A durable outbox of usage events: what a call spent is never lost to an outage.
 
-Callers of cost accounting (the planner's model calls, the gateway's tool executions)
-hand each ``RecordUsageRequest`` to ``UsageOutbox.send`` (or ``submit``, to deliver in
-the background). Events are coalesced ("flush when idle"): with a ``batch_sender``
-(``CostsClient.record_usages``), an event submitted while no delivery is under way goes
-at once, and the events submitted while one is under way go together, one RecordUsages
-per tenant (at most MAX_BATCH events), as soon as it returns (``batch_window`` adds a
-short wait before each round, 0 by default), so a busy service makes a few ledger
-transactions instead of one per call. Each event still has its own outcome (its entry's
+Callers of cost accounting (the planner's model calls, the gateway's tool executions) hand
+each ``RecordUsageRequest`` to ``UsageOutbox.send`` (or ``submit``, to deliver in the
+background). Events are coalesced ("flush when idle"): with a ``batch_sender``
+(``CostsClient.record_usages``), an event submitted while no delivery is under way goes at
+once, and the events submitted while one is under way go together, one RecordUsages per
+tenant (at most MAX_BATCH events; each tenant's batches go independently), as soon as it
+returns (``batch_window`` adds a short wait before each round, 0 by default), so a busy
+service makes a few ledger transactions instead of one per call
+(``trellis.runtime.coalescing``). Each event still has its own outcome (its entry's
 result). It is delivered bounded by ``send_timeout``; when that fails with anything that
-may heal (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, connection
-errors, timeouts) the request is written to a local SQLite file, keyed by tenant and
-usage_id, with the tenant it was made for (RecordUsage reads the tenant from
-``x-tenant-id``, so a redelivery runs under the original one), its attempts and the time
-of its next attempt. A background loop (``start``/``aclose``) redelivers the rows oldest
-first (among those tried as often), one at a time, with exponential backoff and jitter
-(about 1 s, doubling per failure in a row, capped at 30 s): one failure postpones every
-row (cost accounting is down for all of them), and one success, redelivered or fresh,
-makes every row due again (it is back). A row that keeps failing is tried after the
-others, so it cannot hold them back. Rows left by an earlier process are due as soon as
-the next one starts. The ledger is idempotent on usage_id, so a redelivery of an event
-that did arrive is acknowledged, not counted.
+may heal (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, connection errors,
+timeouts) the request is written to a local SQLite file, keyed by tenant and usage_id,
+with the tenant it was made for (RecordUsage reads the tenant from ``x-tenant-id``, so a
+redelivery runs under the original one), its attempts and the time of its next attempt. A
+background loop (``start``/``aclose``) redelivers the rows oldest first (among those tried
+as often), one at a time, with exponential backoff and jitter (about 1 s, doubling per
+failure in a row, capped at 30 s): one failure postpones every row (cost accounting is
+down for all of them), and one success, redelivered or fresh, makes every row due again
+(it is back). A row that keeps failing is tried after the others, so it cannot hold them
+back. Rows left by an earlier process are due as soon as the next one starts. The ledger
+is idempotent on usage_id, so a redelivery of an event that did arrive is acknowledged,
+not counted.
 
 A permanent refusal (INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND, FAILED_PRECONDITION,
 UNIMPLEMENTED: the event itself is wrong and no retry can fix it) is logged as an error
@@ -42,6 +43,7 @@ and ``trellis_usage_deliveries_total{outcome=delivered|queued|redelivered|reject
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import time
@@ -54,6 +56,7 @@ import grpc
 
 from trellis.costs.v1 import costs_pb2
 from trellis.runtime import context
+from trellis.runtime.coalescing import Coalescer
 from trellis.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -165,9 +168,8 @@ class UsageOutbox:
         self._sender = sender
         self._batch_sender = batch_sender
         self._batch_window = batch_window
-        #: Events waiting for the next batch, by tenant, each with its delivery's future.
-        self._queued: dict[str, list[tuple[_Event, asyncio.Future[Response]]]] = {}
-        self._flusher: asyncio.Task[None] | None = None
+        #: Each tenant's events waiting for its next batch (a batch is one tenant's).
+        self._batches: dict[str, Coalescer[_Event, Response]] = {}
         self.path = path
         self._timeout = send_timeout
         self._first_retry = first_retry
@@ -312,49 +314,22 @@ class UsageOutbox:
                 return await self._sender(event.request)
 
     def _enqueue(self, event: _Event) -> asyncio.Future[Response]:
-        """Queue ``event`` for the next batch; its future ends with the entry's outcome."""
-        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-        self._queued.setdefault(event.tenant_id, []).append((event, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush(), name="usage-outbox-batches")
-        return future
+        """Queue ``event`` for its tenant's next batch; the future ends with its outcome.
+        An event whose delivery was interrupted first is not sent: it was kept on disk."""
+        batches = self._batches.get(event.tenant_id)
+        if batches is None:
+            batches = self._batches[event.tenant_id] = Coalescer(
+                functools.partial(self._send_batch, event.tenant_id),
+                max_group=MAX_BATCH,
+                window=self._batch_window,
+                drop_abandoned=True,
+                name="usage-outbox-batches",
+            )
+        return batches.submit(event)
 
-    async def _flush(self) -> None:
-        """Send what is queued, a batch per tenant (the tenants' batches at once), and
-        again until nothing is left: what is submitted meanwhile goes in the next round."""
-        try:
-            while self._queued:
-                if self._batch_window > 0:
-                    await asyncio.sleep(self._batch_window)
-                batches: list[tuple[str, list[tuple[_Event, asyncio.Future[Response]]]]] = []
-                for tenant_id, queued in self._queued.items():
-                    live = [(event, future) for event, future in queued if not future.done()]
-                    for first in range(0, len(live), MAX_BATCH):
-                        batches.append((tenant_id, live[first : first + MAX_BATCH]))
-                self._queued.clear()
-                await asyncio.gather(*(self._settle(tenant, batch) for tenant, batch in batches))
-        finally:
-            self._flusher = None
-            for queued in self._queued.values():  # only when cancelled: fail them over
-                for _event, future in queued:
-                    if not future.done():
-                        future.cancel()
-            self._queued.clear()
-
-    async def _settle(
-        self, tenant_id: str, batch: list[tuple[_Event, asyncio.Future[Response]]]
-    ) -> None:
-        """Send one tenant's batch and end each event's future with its outcome."""
-        outcomes = await self._send_batch(tenant_id, [event for event, _ in batch])
-        for (_event, future), outcome in zip(batch, outcomes, strict=True):
-            if future.done():  # its delivery was interrupted (shutdown)
-                continue
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
-
-    async def _send_batch(self, tenant_id: str, events: list[_Event]) -> list[Response | Exception]:
+    async def _send_batch(
+        self, tenant_id: str, events: Sequence[_Event]
+    ) -> list[Response | Exception]:
         """One RecordUsages for ``events`` (one tenant's): each entry's response, or
         the error that entry (or the whole call) failed with."""
         batch_sender = self._batch_sender
@@ -548,9 +523,8 @@ class UsageOutbox:
             task.cancel()
         while self._tasks:
             await asyncio.wait(set(self._tasks))
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
+        for batches in self._batches.values():
+            await batches.cancel()
         self._closed = True
         self._count(-self._pending)
         await self._db.close()

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 
+#: About four characters per token: the usual rule of thumb for BPE vocabularies.
+CHARS_PER_TOKEN = 4
+
 
 def estimate_tokens(text: str) -> int:
-    """About four characters per token: the usual rule of thumb for BPE vocabularies."""
-    return math.ceil(len(text) / 4)
+    """The tokens ``text`` is estimated to take (``CHARS_PER_TOKEN``)."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN)

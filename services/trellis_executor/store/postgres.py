@@ -2,7 +2,7 @@
 
 asyncpg with a connection pool; a write is durable when the method returns, the same
 promise the SQLite store makes. The writes of a run's state (nodes, outcomes, progress,
-the end) go through a group commit (``group_commit``): those submitted while a commit
+the end) go through a group commit (``trellis.runtime.coalescing``): those submitted while a commit
 runs are committed together in the next transaction, so the writes of one scheduler
 step cost one synchronous commit, not one each; other statements run in autocommit.
 Every statement is retried on a fresh connection after a connection error for a few
@@ -24,6 +24,7 @@ import asyncpg
 
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
+from trellis.runtime.coalescing import Coalescer
 from trellis.runtime.errors import FailedPrecondition, NotFound
 from trellis.runtime.postgres import ReconnectingPool, open_pool
 from trellis_executor.store import sessions as session_rows
@@ -49,7 +50,6 @@ from trellis_executor.store.base import (
     run_exists,
     to_micros,
 )
-from trellis_executor.store.group_commit import GroupCommit
 
 RUNNING = executor_pb2.RUN_STATUS_RUNNING
 
@@ -116,6 +116,8 @@ _TURNS = (
     " WHERE tenant_id = $1 AND session_id = $2)"
 )
 _LIVE = "updated_at >= now() - make_interval(secs => $3)"
+#: Most state writes one transaction carries.
+MAX_GROUP = 256
 #: Locks the rows of several runs in run_id order: a group commit and the lease upkeep
 #: (which locks in the same order) never wait on each other in a cycle (a deadlock).
 _LOCK_RUNS = "SELECT 1 FROM runs WHERE run_id = ANY($1::text[]) ORDER BY run_id FOR NO KEY UPDATE"
@@ -163,7 +165,9 @@ class PostgresRunStore:
         self.owner = owner
         self._lease = lease_seconds
         self.page_token_key = page_token_key
-        self._writes: GroupCommit[_Write] = GroupCommit(self._commit_many)
+        self._writes: Coalescer[_Write, None] = Coalescer(
+            self._commit_many, max_group=MAX_GROUP, name="store-group-commit"
+        )
 
     @classmethod
     async def open(
@@ -480,8 +484,8 @@ class PostgresRunStore:
 
     async def _fenced(self, run_id: str, sql: str, *args: object) -> None:
         """Run a write of ``run_id``'s state that only its owner may make, committed
-        with the other writes queued meanwhile (``group_commit``)."""
-        await self._writes.write(_Write(run_id, sql, args))
+        with the other writes queued meanwhile (``trellis.runtime.coalescing``)."""
+        await self._writes.send(_Write(run_id, sql, args))
 
     async def _commit_many(self, writes: Sequence[_Write]) -> list[BaseException | None]:
         """``writes`` in one transaction, in order: None for each one committed, or

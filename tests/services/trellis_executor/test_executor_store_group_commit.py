@@ -5,7 +5,7 @@ not be made (a lost lease, a duplicate node) fails alone."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -13,7 +13,6 @@ import pytest
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis_executor.store import LeaseLost, PostgresRunStore, open_store
-from trellis_executor.store.group_commit import GroupCommit
 
 REQUEST = executor_pb2.RunRequest(goal="fan out", run_id="r1")
 
@@ -26,41 +25,6 @@ def outcome(node_id: str, cost: int = 1) -> common_pb2.NodeOutcome:
     return common_pb2.NodeOutcome(
         node_id=node_id, status=common_pb2.NODE_STATUS_SUCCEEDED, cost_nano_usd=cost
     )
-
-
-# -- the queue --------------------------------------------------------------------------
-
-
-async def test_writes_queued_during_a_commit_share_the_next_in_order() -> None:
-    groups: list[list[int]] = []
-    gate = asyncio.Event()
-
-    async def commit_many(items: Sequence[int]) -> list[BaseException | None]:
-        groups.append(list(items))
-        if len(groups) == 1:
-            await gate.wait()  # the first commit is slow: the others queue behind it
-        return [ValueError(f"odd {i}") if i == 7 else None for i in items]
-
-    commit: GroupCommit[int] = GroupCommit(commit_many)
-    first = asyncio.create_task(commit.write(0))
-    await asyncio.sleep(0)
-    rest = [asyncio.create_task(commit.write(i)) for i in range(1, 10)]
-    await asyncio.sleep(0.01)
-    assert groups == [[0]]  # nothing else committed while the first one runs
-    gate.set()
-    results = await asyncio.gather(first, *rest, return_exceptions=True)
-    assert groups == [[0], list(range(1, 10))]
-    assert commit.commits == 2
-    assert [isinstance(r, ValueError) for r in results] == [i == 7 for i in range(10)]
-
-
-async def test_a_failed_commit_fails_every_write_of_its_group() -> None:
-    async def commit_many(items: Sequence[int]) -> list[BaseException | None]:
-        raise ConnectionError("down")
-
-    commit: GroupCommit[int] = GroupCommit(commit_many)
-    results = await asyncio.gather(*(commit.write(i) for i in range(3)), return_exceptions=True)
-    assert all(isinstance(r, ConnectionError) for r in results)
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------
@@ -83,9 +47,9 @@ async def test_concurrent_outcomes_take_fewer_commits_and_all_are_stored(
     await store.create("r1", "t", REQUEST, "ab" * 16)
     nodes = [f"n{i:02}" for i in range(40)]
     await store.add_nodes("r1", 1, [call(n) for n in nodes])
-    before = store._writes.commits
+    before = store._writes.groups
     await asyncio.gather(*(store.set_outcome("r1", outcome(n, i)) for i, n in enumerate(nodes)))
-    assert store._writes.commits - before < len(nodes)  # grouped
+    assert store._writes.groups - before < len(nodes)  # grouped
     reader = await open_store(postgres_url, owner="reader")  # what another replica reads
     try:
         run = await reader.get("r1")
