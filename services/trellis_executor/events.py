@@ -4,12 +4,20 @@ Usually one subscriber (the client that started the run); a second Run with the 
 run_id, or a ResumeRun, subscribes too and first gets the run's history. A run that
 this replica resumed starts its history from the store. When the run is lost to
 another replica (its lease expired), writes stop and subscribers are told.
+
+A write is issued at once and the caller need not wait for it (the scheduler starts a
+node's dependents while its outcome is being stored), yet subscribers get the events in
+the order they happened and each only once its write is committed: events wait in
+``_unsent`` behind the writes issued before them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterable
+from collections import deque
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
@@ -21,6 +29,16 @@ from trellis_executor.store import LeaseLost, Progress, RunStore
 END = None
 
 Queue = asyncio.Queue[executor_pb2.RunResponse | None]
+
+
+@dataclass
+class _Unsent:
+    """Events waiting for their write (None: nothing to store) and those before them."""
+
+    write: asyncio.Future[None] | None
+    events: list[executor_pb2.RunResponse]
+    #: The run's last event: the streams end after it.
+    end: bool = False
 
 
 class RunEvents(SchedulerEvents):
@@ -40,6 +58,7 @@ class RunEvents(SchedulerEvents):
         self._seq = sum(1 for e in self._history if e.HasField("node_planned"))
         self._retried = set(retried)
         self._subscribers: list[Queue] = []
+        self._unsent: deque[_Unsent] = deque()
         self.ended = False
         #: Another replica owns the run now: nothing more is written or sent from here.
         self.lost = False
@@ -71,23 +90,55 @@ class RunEvents(SchedulerEvents):
         self.lost = True
         self._end()
 
-    async def _write(self, write: Awaitable[None]) -> bool:
-        """Persist one change; False (and nothing written) once the run is lost."""
-        if self.lost:
-            write.close()  # type: ignore[attr-defined]
-            return False
-        try:
-            await write
-        except LeaseLost:
-            self.lose()
-            raise
-        return True
+    def _store_then_send(
+        self,
+        write: Coroutine[Any, Any, None] | None,
+        *events: executor_pb2.RunResponse,
+        end: bool = False,
+    ) -> asyncio.Future[None]:
+        """Issue ``write`` now; ``events`` go out once it is committed and everything
+        issued before them went out. The future is the write (``LeaseLost`` when the
+        run moved: then nothing more is written or sent from here)."""
+        if self.lost or write is None:
+            if write is not None:
+                write.close()
+            else:
+                self._unsent.append(_Unsent(None, list(events), end))
+                self._pump()
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        task = asyncio.ensure_future(write)
+        self._unsent.append(_Unsent(task, list(events), end))
+        task.add_done_callback(self._written)
+        return task
 
-    def _send(self, **event: object) -> None:
-        response = executor_pb2.RunResponse(run_id=self.run_id, **event)  # type: ignore[arg-type]
-        self._history.append(response)
-        for queue in self._subscribers:
-            queue.put_nowait(response)
+    def _written(self, write: asyncio.Future[None]) -> None:
+        if not write.cancelled() and isinstance(write.exception(), LeaseLost):
+            self.lose()
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send the events whose writes (and all writes before them) are done."""
+        while self._unsent:
+            head = self._unsent[0]
+            if head.write is not None and not head.write.done():
+                return
+            self._unsent.popleft()
+            if self.lost or (
+                head.write is not None
+                and (head.write.cancelled() or head.write.exception() is not None)
+            ):
+                continue  # not stored: never shown
+            for response in head.events:
+                self._history.append(response)
+                for queue in self._subscribers:
+                    queue.put_nowait(response)
+            if head.end:
+                self._end()
+
+    def _event(self, **event: object) -> executor_pb2.RunResponse:
+        return executor_pb2.RunResponse(run_id=self.run_id, **event)  # type: ignore[arg-type]
 
     def close(self) -> None:
         """The run's task is over: end the subscribers' streams (if ``finished`` did not)."""
@@ -101,28 +152,32 @@ class RunEvents(SchedulerEvents):
         self._subscribers.clear()
 
     async def planned(self, *calls: common_pb2.ToolCall) -> None:
-        if await self._write(self._store.add_nodes(self.run_id, self._seq + 1, calls)):
-            self._seq += len(calls)
-            for call in calls:
-                self._send(node_planned=executor_pb2.NodePlanned(call=call))
+        first, self._seq = self._seq + 1, self._seq + len(calls)
+        await self._store_then_send(
+            self._store.add_nodes(self.run_id, first, calls),
+            *(self._event(node_planned=executor_pb2.NodePlanned(call=call)) for call in calls),
+        )
 
     async def started(self, node_id: str) -> None:
-        if not self.lost:
-            attempt = 2 if node_id in self._retried else 1
-            self._send(node_started=executor_pb2.NodeStarted(node_id=node_id, attempt=attempt))
+        attempt = 2 if node_id in self._retried else 1
+        self._store_then_send(
+            None, self._event(node_started=executor_pb2.NodeStarted(node_id=node_id, attempt=attempt))
+        )
 
-    async def finished(self, outcome: common_pb2.NodeOutcome) -> None:
-        if await self._write(self._store.set_outcome(self.run_id, outcome)):
-            self._send(node_finished=executor_pb2.NodeFinished(outcome=outcome))
+    def finished(self, outcome: common_pb2.NodeOutcome) -> asyncio.Future[None]:
+        """Issued at once; awaiting it waits for the write (see the module docstring)."""
+        return self._store_then_send(
+            self._store.set_outcome(self.run_id, outcome),
+            self._event(node_finished=executor_pb2.NodeFinished(outcome=outcome)),
+        )
 
     async def progress(self, progress: Progress) -> None:
-        await self._write(self._store.save_progress(self.run_id, progress))
+        await self._store_then_send(self._store.save_progress(self.run_id, progress))
 
     def answer(self, text: str) -> None:
-        if not self.lost:
-            self._send(answer_delta=executor_pb2.AnswerDelta(text=text))
+        self._store_then_send(None, self._event(answer_delta=executor_pb2.AnswerDelta(text=text)))
 
     async def run_finished(self, finished: executor_pb2.RunFinished) -> None:
-        if await self._write(self._store.finish(self.run_id, finished)):
-            self._send(finished=finished)
-            self._end()
+        await self._store_then_send(
+            self._store.finish(self.run_id, finished), self._event(finished=finished), end=True
+        )

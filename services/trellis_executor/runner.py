@@ -427,14 +427,21 @@ class Runner:
         """
         started = time.monotonic()  # the deadline counts from here, as the caller's does
         limits = Limits.of(request.options, self._settings, context.remaining())
-        tools = await self._catalog()
-        if request.plan:
-            _check_explicit_plan(request.plan, tools, limits.max_nodes)
-        await require_budget(
-            lambda: self._budget.check_budget(0),
-            BudgetPolicy.of(self._settings),
-            refused="no run started",
+        budget = asyncio.ensure_future(  # asked meanwhile: two independent round trips
+            require_budget(
+                lambda: self._budget.check_budget(0),
+                BudgetPolicy.of(self._settings),
+                refused="no run started",
+            )
         )
+        try:
+            tools = await self._catalog()
+            if request.plan:
+                _check_explicit_plan(request.plan, tools, limits.max_nodes)
+        except BaseException:
+            budget.cancel()
+            raise
+        await budget
         write = asyncio.ensure_future(
             self._store.create(
                 run_id,

@@ -51,7 +51,10 @@ class SchedulerEvents:
 
     async def planned(self, *calls: common_pb2.ToolCall) -> None: ...
     async def started(self, node_id: str) -> None: ...
-    async def finished(self, outcome: common_pb2.NodeOutcome) -> None: ...
+
+    def finished(self, outcome: common_pb2.NodeOutcome) -> Awaitable[None]:
+        """Issued at once, awaited later: the scheduler goes on while it is stored."""
+        return asyncio.sleep(0)
 
 
 def ended(node_id: str, status: int, code: str, message: str) -> common_pb2.NodeOutcome:
@@ -129,13 +132,17 @@ class DagScheduler:
 
     async def run_plan(self, calls: Sequence[common_pb2.ToolCall]) -> None:
         """Run a whole plan known up front (an explicit one, already checked and in
-        dependency order): its nodes are stored in one write, then start as ready."""
+        dependency order, and stored with the run's request): its nodes are stored in
+        one write, issued before they start as ready but not waited for."""
         if not calls:
             return
-        await self._events.planned(*calls)
-        async with self._node_tasks():
-            for call in calls:
-                await self._admit(call, announce=False)
+        planned = asyncio.ensure_future(self._events.planned(*calls))
+        try:
+            async with self._node_tasks():
+                for call in calls:
+                    await self._admit(call, announce=False)
+        finally:
+            await planned
 
     async def resume(
         self, plan: Iterable[common_pb2.ToolCall], outcomes: Iterable[common_pb2.NodeOutcome]
@@ -236,9 +243,21 @@ class DagScheduler:
         await self._events.finished(outcome)
 
     async def _complete(self, outcome: common_pb2.NodeOutcome) -> None:
-        await self._record(outcome)
-        if self._on_outcome is not None:
-            self._on_outcome(outcome)  # may raise: then no dependent starts
+        """Record the outcome and start what it made ready. Its dependents start while
+        the outcome is being stored (the client still sees it first): the store's write
+        is off the critical path. A crash in between loses nothing: a node without a
+        stored outcome runs again on resume, and writes are stored in the order issued."""
+        self._remember(outcome)
+        recorded = asyncio.ensure_future(self._events.finished(outcome))
+        try:
+            if self._on_outcome is not None:
+                self._on_outcome(outcome)  # may raise: then no dependent starts
+            await self._release(outcome)
+        finally:
+            await recorded
+
+    async def _release(self, outcome: common_pb2.NodeOutcome) -> None:
+        """Start (or skip) the dependents ``outcome`` was the last one they waited for."""
         for dependent in self._dependents.pop(outcome.node_id, []):
             waiting = self._waiting.get(dependent)
             if waiting is None:

@@ -86,6 +86,7 @@ async def build(settings: GatewaySettings, telemetry: Telemetry, channels: Chann
             costs.record_usage,
             batch_sender=costs.record_usages,
             batch_window=settings.usage_batch_seconds,
+            free_window=settings.usage_free_batch_seconds,
         )
     except BaseException:
         await client.aclose()

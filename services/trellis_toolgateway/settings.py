@@ -135,6 +135,14 @@ class GatewaySettings(ServiceSettings):
         " (one RecordUsages per batch): off the path of the executor's next dispatch."
         " 0: as soon as no batch is under way.",
     )
+    usage_free_batch_seconds: float = Field(
+        1.0,
+        ge=0,
+        le=10,
+        description="How long the usage of a tool call that cost nothing (tool cost 0, no"
+        " tokens) may wait to go with other usage; it spends no budget. A gateway killed"
+        " (not stopped) loses at most this long of such rows from the ledger.",
+    )
 
     tenant_tools: Annotated[dict[str, list[str]], NoDecode] = Field(
         {},

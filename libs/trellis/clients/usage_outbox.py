@@ -8,7 +8,10 @@ once, and the events submitted while one is under way go together, one RecordUsa
 tenant (at most MAX_BATCH events; each tenant's batches go independently), as soon as it
 returns (``batch_window`` adds a short wait before each round, 0 by default), so a busy
 service makes a few ledger transactions instead of one per call
-(``trellis.runtime.coalescing``). Each event still has its own outcome (its entry's
+(``trellis.runtime.coalescing``). The event of a tool call that cost nothing (no tool
+cost, no tokens) may wait ``free_window`` instead, going with the next batch that forms
+anyway: no budget or spend depends on it, and an idle-time RecordUsage per call is
+what would otherwise delay the calls being served. Each event still has its own outcome (its entry's
 result). It is delivered bounded by ``send_timeout``; when that fails with anything that
 may heal (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, connection errors,
 timeouts) the request is written to a local SQLite file, keyed by tenant and usage_id,
@@ -30,7 +33,8 @@ with the event, counted as ``rejected`` and dropped, never silently.
 On a graceful stop (``aclose``) deliveries still in flight get ``flush_seconds`` to
 finish; the rest are written to the file rather than lost. The one window left: a
 process SIGKILLed (or crashing) after a call ended and before its usage was delivered
-or written here loses that event (with a ``batch_window``, the events of that window);
+or written here loses that event (with a ``batch_window``, the events of that window;
+with a ``free_window``, the zero-cost events of that one);
 shrinking it further would mean writing every event to disk before the first try, on
 the hot path of every call.
 
@@ -163,11 +167,13 @@ class UsageOutbox:
         rng: random.Random | None = None,
         batch_sender: BatchSender | None = None,
         batch_window: float = 0.0,
+        free_window: float = 0.0,
     ) -> None:
         self._db = db
         self._sender = sender
         self._batch_sender = batch_sender
         self._batch_window = batch_window
+        self._free_window = free_window
         #: Each tenant's events waiting for its next batch (a batch is one tenant's).
         self._batches: dict[str, Coalescer[_Event, Response]] = {}
         self.path = path
@@ -205,6 +211,7 @@ class UsageOutbox:
         rng: random.Random | None = None,
         batch_sender: BatchSender | None = None,
         batch_window: float = 0.0,
+        free_window: float = 0.0,
     ) -> UsageOutbox:
         """Open (or create) the outbox file; rows an earlier process left are due now."""
         path = Path(path)
@@ -221,6 +228,7 @@ class UsageOutbox:
             rng=rng,
             batch_sender=batch_sender,
             batch_window=batch_window,
+            free_window=free_window,
         )
         try:
             await db.execute(SCHEMA)
@@ -325,7 +333,8 @@ class UsageOutbox:
                 drop_abandoned=True,
                 name="usage-outbox-batches",
             )
-        return batches.submit(event)
+        free = self._free_window if costs_nothing(event.request) else None
+        return batches.submit(event, within=free)
 
     async def _send_batch(
         self, tenant_id: str, events: Sequence[_Event]
@@ -512,6 +521,8 @@ class UsageOutbox:
         if self._closing:
             return
         self._closing = True
+        for batches in self._batches.values():
+            batches.flush()  # what waits for company goes now
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
@@ -528,6 +539,16 @@ class UsageOutbox:
         self._closed = True
         self._count(-self._pending)
         await self._db.close()
+
+
+def costs_nothing(request: Request) -> bool:
+    """A tool call priced at zero: no budget or spend moves with it, so its event may
+    wait longer for company (``free_window``)."""
+    return (
+        request.kind == costs_pb2.USAGE_KIND_TOOL
+        and request.tool_cost_nano_usd == 0
+        and not request.HasField("usage")
+    )
 
 
 def _as_exception(error: BaseException) -> Exception:

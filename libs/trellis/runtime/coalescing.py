@@ -9,6 +9,11 @@ at most ``max_group`` to a group. Each submitter gets a future that ends with it
 item's outcome (a result, or the error that item — or its whole group — failed with), and
 items keep the order they were submitted in.
 
+An item may be submitted ``within`` a longer wait than ``window`` (the usage of a call that
+cost nothing, which no budget waits for): it goes with the next group that forms for
+another reason, or when its own wait is over, so idle-time traffic becomes rare. A
+``flush`` sends everything queued at once.
+
 An item whose future is already done when its group is formed (its submitter was
 cancelled) is still sent unless ``drop_abandoned``: the run store commits a write it was
 asked for; the outbox has kept an abandoned event on disk instead, so it skips it.
@@ -17,6 +22,7 @@ asked for; the outbox has kept an abandoned event on disk instead, so it skips i
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -46,15 +52,23 @@ class Coalescer(Generic[T, R]):
         self._drop_abandoned = drop_abandoned
         self._name = name
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        #: When the queue's most pressing item must go (monotonic), and its wake-up.
+        self._due = float("inf")
+        self._sooner = asyncio.Event()
         self._drain: asyncio.Task[None] | None = None
         #: Groups sent (for tests and metrics: fewer than items when they coalesced).
         self.groups = 0
 
-    def submit(self, item: T) -> asyncio.Future[R]:
+    def submit(self, item: T, *, within: float | None = None) -> asyncio.Future[R]:
         """Queue ``item`` now (not when a task first runs: a stop right after still
-        sends it); the future ends with its outcome."""
+        sends it), to go within ``window`` seconds or, if given and longer, ``within``;
+        the future ends with its outcome."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
+        due = time.monotonic() + max(self._window, within or 0.0)
+        if due < self._due:
+            self._due = due
+            self._sooner.set()
         if self._drain is None:
             self._drain = asyncio.create_task(self._run(), name=self._name)
         return future
@@ -66,10 +80,11 @@ class Coalescer(Generic[T, R]):
     async def _run(self) -> None:
         try:
             while self._queue:
-                if self._window > 0:
-                    await asyncio.sleep(self._window)
+                await self._until_due()
                 group = self._queue[: self._max_group]
                 del self._queue[: self._max_group]
+                # what is left (or comes now) goes in the next group, without a wait
+                self._due = float("inf") if not self._queue else time.monotonic()
                 if self._drop_abandoned:
                     group = [(item, future) for item, future in group if not future.done()]
                     if not group:
@@ -88,13 +103,31 @@ class Coalescer(Generic[T, R]):
                         future.set_result(outcome)
         finally:
             self._drain = None
+            self._due = float("inf")
             for _item, future in self._queue:  # only when cancelled: nobody will send them
                 if not future.done():
                     future.cancel()
             self._queue.clear()
 
+    async def _until_due(self) -> None:
+        """Wait until the queue's most pressing item is due (sooner if one comes)."""
+        while (left := self._due - time.monotonic()) > 0:
+            self._sooner.clear()
+            try:
+                async with asyncio.timeout(left):
+                    await self._sooner.wait()
+            except TimeoutError:
+                return
+
+    def flush(self) -> None:
+        """Send what is queued now, whatever it was submitted ``within``."""
+        if self._queue:
+            self._due = time.monotonic()
+            self._sooner.set()
+
     async def aclose(self) -> None:
-        """Wait for the items queued so far to be sent."""
+        """Send the items queued so far at once, and wait for them to be sent."""
+        self.flush()
         if self._drain is not None:
             await asyncio.gather(self._drain, return_exceptions=True)
 
