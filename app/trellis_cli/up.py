@@ -28,7 +28,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -193,15 +193,22 @@ async def wait_http(port: int, within: float) -> None:
             await asyncio.sleep(0.2)
 
 
-async def stop_all(procs: list[asyncio.subprocess.Process], grace: float = 8.0) -> None:
-    """SIGTERM (each service's graceful stop), then SIGKILL whatever outlives ``grace``."""
+async def stop_all(procs: Sequence[asyncio.subprocess.Process], grace: float = 8.0) -> None:
+    """Stop ``procs`` one after the other, callers first: SIGTERM (the service's graceful
+    stop) and wait, so that each still reaches what it calls while it stops (the
+    executor's runs end; the gateway's last usage reaches cost accounting); SIGKILL
+    whatever is left once ``grace`` seconds have passed in all."""
+    deadline = asyncio.get_running_loop().time() + grace
     for proc in procs:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
-    for proc in procs:
         try:
-            await asyncio.wait_for(proc.wait(), grace)
+            async with asyncio.timeout_at(deadline):
+                await proc.wait()
         except TimeoutError:
+            break
+    for proc in procs:
+        if proc.returncode is None:
             proc.kill()
             await proc.wait()
 
@@ -339,4 +346,4 @@ async def up(
         fail(f"start-up failed: {error}")
         return 1
     finally:
-        await stop_all([c.process for c in children])
+        await stop_all([c.process for c in reversed(children)])

@@ -77,4 +77,9 @@ def request_scope(
         yield
     finally:
         for var, token in reversed(tokens):
-            var.reset(token)  # type: ignore[attr-defined]
+            try:
+                var.reset(token)  # type: ignore[attr-defined]
+            except ValueError:
+                # Left in another context: a stream's generator its caller abandoned is
+                # closed by the event loop in a task of its own; nothing here to restore.
+                pass

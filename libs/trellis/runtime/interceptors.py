@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -230,8 +231,12 @@ def _wrap_stream(
                     if inspect.isawaitable(responses):
                         await responses
                         return
-                    async for item in responses:
-                        yield item
+                    # Closed with this handler however it ends: when gRPC drops a stream
+                    # whose caller left (rather than cancelling it), the servicer's
+                    # cleanup (e.g. cancelling a run nobody follows) still runs now.
+                    async with aclosing(responses):
+                        async for item in responses:
+                            yield item
                 except aio.AbortError:
                     raise
                 except Exception as exc:

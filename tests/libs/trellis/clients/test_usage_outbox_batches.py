@@ -165,6 +165,34 @@ async def test_a_graceful_stop_delivers_what_is_queued(costs: Costs, tmp_path: P
     assert len(costs.batches) < 30
 
 
+async def test_zero_cost_tool_usage_waits_for_company_and_a_stop_sends_it(
+    costs: Costs, tmp_path: Path
+) -> None:
+    outbox = await open_outbox(tmp_path, costs, free_window=30.0, flush_seconds=5)
+    try:
+        with context.request_scope(tenant_id="acme"):
+            free = [outbox.submit(event(f"free{i}", cost=0)) for i in range(3)]
+            await asyncio.sleep(0.1)
+            assert costs.batches == []  # nothing spent: no RecordUsages of its own
+            paid = await outbox.send(event("paid", cost=9))  # goes at once, with them
+            assert paid is not None and paid.cost_nano_usd == 9
+            assert costs.batches == [("acme", 4)]
+            assert all(task.done() for task in free)
+            later = outbox.submit(event("free-later", cost=0))
+            await asyncio.sleep(0.1)
+            assert not later.done()
+    finally:
+        await asyncio.wait_for(outbox.aclose(), 5.0)  # a graceful stop does not wait 30 s
+    assert costs.batches == [("acme", 4), ("acme", 1)]
+    assert [u for _, u, _ in ledger_rows(tmp_path / "ledger.db")] == [
+        "free-later",
+        "free0",
+        "free1",
+        "free2",
+        "paid",
+    ]
+
+
 async def test_without_record_usages_each_event_goes_alone(tmp_path: Path) -> None:
     taken: list[str] = []
 

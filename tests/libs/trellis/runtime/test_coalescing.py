@@ -69,3 +69,41 @@ async def test_abandoned_items_are_dropped_only_when_asked() -> None:
         coalescer.submit(1).cancel()  # its submitter gave up before the group formed
         await coalescer.send(2)
         assert sent == expected
+
+
+async def test_an_item_that_may_wait_goes_with_the_next_group_or_when_its_wait_is_over() -> None:
+    groups: list[list[str]] = []
+
+    async def send_many(items: Sequence[str]) -> list[None]:
+        groups.append(list(items))
+        return [None] * len(items)
+
+    coalescer: Coalescer[str, None] = Coalescer(send_many, max_group=10)
+    free = coalescer.submit("free", within=0.2)
+    await asyncio.sleep(0.05)
+    assert groups == []  # it waits for company
+    await coalescer.send("urgent")  # goes at once, taking the waiting one along
+    assert groups == [["free", "urgent"]]
+    assert free.done()
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await coalescer.submit("alone", within=0.05)  # no company comes: its wait ends
+    assert groups[-1] == ["alone"]
+    assert 0.04 <= loop.time() - started < 1.0
+
+
+async def test_flush_and_aclose_send_waiting_items_at_once() -> None:
+    groups: list[list[int]] = []
+
+    async def send_many(items: Sequence[int]) -> list[None]:
+        groups.append(list(items))
+        return [None] * len(items)
+
+    coalescer: Coalescer[int, None] = Coalescer(send_many, max_group=10)
+    waiting = [coalescer.submit(i, within=60.0) for i in range(3)]
+    await asyncio.sleep(0.01)
+    assert groups == []
+    await asyncio.wait_for(coalescer.aclose(), 1.0)  # not the minute they may wait
+    assert groups == [[0, 1, 2]]
+    assert all(f.done() and f.exception() is None for f in waiting)
