@@ -184,21 +184,25 @@ class DagScheduler:
         self._started.append(call.node_id)
         self._group.create_task(self._execute(call), name=f"node:{call.node_id}")
 
+    def _resolved(self, call: common_pb2.ToolCall) -> common_pb2.ToolCall:
+        """``call`` with its references to its dependencies' outputs replaced (a node
+        without dependencies has none: the plan checker allows none elsewhere)."""
+        if not call.depends_on:
+            return call
+        args = resolve(from_struct(call.args), self._outputs)
+        return common_pb2.ToolCall(
+            node_id=call.node_id, tool=call.tool, args=to_struct(args), depends_on=call.depends_on
+        )
+
     async def _execute(self, call: common_pb2.ToolCall) -> None:
         async with self._slots, self._process_slots:
             try:
-                args = resolve(from_struct(call.args), self._outputs)
+                resolved = self._resolved(call)
             except TrellisError as error:
                 outcome = ended(
                     call.node_id, Status.NODE_STATUS_FAILED, error.reason, error.message
                 )
             else:
-                resolved = common_pb2.ToolCall(
-                    node_id=call.node_id,
-                    tool=call.tool,
-                    args=to_struct(args),
-                    depends_on=call.depends_on,
-                )
                 await self._events.started(call.node_id)
                 try:
                     outcome = await self._dispatch(resolved)

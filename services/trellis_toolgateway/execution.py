@@ -243,9 +243,11 @@ class PolicyRunner:
             bound, by_deadline = left, True
         try:
             async with asyncio.timeout(max(bound, 0.0)):
-                if len(items) > 1 and isinstance(tool, BatchTool):
+                if len(items) == 1:  # the usual case: no task of its own
+                    produced = [await _alone(tool, items[0])]
+                elif isinstance(tool, BatchTool):
                     produced = await tool.run_batch(items)
-                else:  # one call, or a tool that takes one at a time: each on its own
+                else:  # a tool that takes one at a time: each on its own
                     produced = list(await asyncio.gather(*(_alone(tool, i) for i in items)))
         except InvalidArgument:
             raise  # the call broke the tool's contract: an RPC error, not an outcome

@@ -269,4 +269,9 @@ def run_service(
         await running.stop()
 
     with startup_errors_exit(program):
-        asyncio.run(serve())
+        if settings.event_loop == "uvloop":
+            import uvloop  # not on Windows, where asyncio's loop is the only one
+
+            uvloop.run(serve())
+        else:
+            asyncio.run(serve())

@@ -9,8 +9,10 @@ times are ISO 8601 text in UTC (``datetime.isoformat``), which sorts as the time
 
 from __future__ import annotations
 
+import sqlite3
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import aiosqlite
@@ -18,6 +20,7 @@ import aiosqlite
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import sqlite
+from trellis.runtime.coalescing import Coalescer
 from trellis.runtime.errors import NotFound
 from trellis_executor.store import sessions as session_rows
 from trellis_executor.store.base import (
@@ -107,6 +110,39 @@ CREATE INDEX IF NOT EXISTS runs_by_tenant_session
 
 #: "this owner holds the run": the fence on every write of a run's state.
 _OWNED = "EXISTS (SELECT 1 FROM runs r WHERE r.run_id = :run_id AND r.owner = :owner)"
+#: Most state writes committed in one transaction (one thread hop, one WAL commit).
+MAX_GROUP = 256
+
+
+@dataclass(frozen=True)
+class _Write:
+    """A fenced write of one run's state: ``sql`` with its named ``params``."""
+
+    run_id: str
+    sql: str
+    params: Mapping[str, object]
+
+
+def _commit_group(conn: sqlite3.Connection, writes: Sequence[_Write]) -> list[Exception | None]:
+    """``writes`` in one transaction, in order (in aiosqlite's thread): None for each
+    committed, ``LeaseLost`` for one this owner may no longer make, or the error of a
+    statement that failed (SQLite undoes that statement only; the others commit)."""
+    results: list[Exception | None] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for write in writes:
+            try:
+                cursor = conn.execute(write.sql, write.params)
+            except sqlite3.Error as error:
+                results.append(error)
+                continue
+            results.append(None if cursor.rowcount else lease_lost(write.run_id))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
 
 
 def _now() -> str:
@@ -126,7 +162,12 @@ _TURNS = (
 
 
 class SqliteRunStore:
-    """Async SQLite run store for one owner; each write is committed when it returns."""
+    """Async SQLite run store for one owner; each write is committed when it returns.
+
+    A run's state writes queued while others commit go together in the next transaction
+    (``trellis.runtime.coalescing``), as on PostgreSQL: under load one thread hop and one
+    WAL commit serve many writes.
+    """
 
     def __init__(
         self, db: aiosqlite.Connection, owner: str, lease_seconds: float, page_token_key: bytes
@@ -135,6 +176,9 @@ class SqliteRunStore:
         self.owner = owner
         self._lease = lease_seconds
         self.page_token_key = page_token_key
+        self._writes: Coalescer[_Write, None] = Coalescer(
+            self._commit_many, max_group=MAX_GROUP, name="store-group-commit"
+        )
 
     @classmethod
     async def open(
@@ -159,6 +203,7 @@ class SqliteRunStore:
         return cls(db, owner, lease_seconds, bytes(key))
 
     async def close(self) -> None:
+        await self._writes.aclose()
         await self._db.close()
 
     def _lease_until(self) -> float:
@@ -444,10 +489,23 @@ class SqliteRunStore:
             )
 
     async def _fenced(self, run_id: str, sql: str, **values: object) -> None:
-        """Run a write of ``run_id``'s state that only its owner may make."""
-        cursor = await self._db.execute(sql, {"run_id": run_id, "owner": self.owner, **values})
-        if cursor.rowcount == 0:
-            raise lease_lost(run_id)
+        """Run a write of ``run_id``'s state that only its owner may make, committed
+        with the other writes queued meanwhile."""
+        await self._writes.send(
+            _Write(run_id, sql, {"run_id": run_id, "owner": self.owner, **values})
+        )
+
+    async def _commit_many(self, writes: Sequence[_Write]) -> list[Exception | None]:
+        if len(writes) == 1:  # one statement commits itself: no transaction to open
+            write = writes[0]
+            try:
+                cursor = await self._db.execute(write.sql, write.params)
+            except sqlite3.Error as error:
+                return [error]
+            return [None if cursor.rowcount else lease_lost(write.run_id)]
+        # aiosqlite's own way to run a function in its thread (private, but the only
+        # one that runs several statements in a single hop)
+        return await self._db._execute(_commit_group, self._db._conn, writes)  # type: ignore[attr-defined]
 
     async def add_nodes(
         self, run_id: str, first_seq: int, calls: Sequence[common_pb2.ToolCall]

@@ -1,18 +1,20 @@
-"""Group commit: concurrent writes of a run's state share transactions (PostgreSQL),
-every one durable when its caller returns, in the order submitted; a write that may
-not be made (a lost lease, a duplicate node) fails alone."""
+"""Group commit: concurrent writes of a run's state share transactions (PostgreSQL and
+SQLite), every one durable when its caller returns, in the order submitted; a write
+that may not be made (a lost lease, a duplicate node) fails alone."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import asyncpg
 import pytest
 
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
-from trellis_executor.store import LeaseLost, PostgresRunStore, open_store
+from trellis_executor.store import LeaseLost, RunStore, open_store
 
 REQUEST = executor_pb2.RunRequest(goal="fan out", run_id="r1")
 
@@ -27,30 +29,39 @@ def outcome(node_id: str, cost: int = 1) -> common_pb2.NodeOutcome:
     )
 
 
-# -- PostgreSQL ---------------------------------------------------------------------------
+@dataclass
+class Stores:
+    """Two replicas' stores over one database, its URL, and its duplicate-key error."""
+
+    mine: RunStore
+    other: RunStore
+    url: str
+    duplicate: type[Exception]
 
 
 @pytest.fixture
-async def stores(postgres_url: str) -> AsyncIterator[tuple[PostgresRunStore, PostgresRunStore]]:
-    mine = await open_store(postgres_url, owner="mine")
-    other = await open_store(postgres_url, owner="other")
-    assert isinstance(mine, PostgresRunStore) and isinstance(other, PostgresRunStore)
-    yield mine, other
+async def stores(store_url: str) -> AsyncIterator[Stores]:
+    duplicate = (
+        sqlite3.IntegrityError if store_url.startswith("sqlite") else asyncpg.UniqueViolationError
+    )
+    mine = await open_store(store_url, owner="mine")
+    other = await open_store(store_url, owner="other")
+    yield Stores(mine, other, store_url, duplicate)
     await mine.close()
     await other.close()
 
 
 async def test_concurrent_outcomes_take_fewer_commits_and_all_are_stored(
-    stores: tuple[PostgresRunStore, PostgresRunStore], postgres_url: str
+    stores: Stores,
 ) -> None:
-    store, _ = stores
+    store = stores.mine
     await store.create("r1", "t", REQUEST, "ab" * 16)
     nodes = [f"n{i:02}" for i in range(40)]
     await store.add_nodes("r1", 1, [call(n) for n in nodes])
     before = store._writes.groups
     await asyncio.gather(*(store.set_outcome("r1", outcome(n, i)) for i, n in enumerate(nodes)))
     assert store._writes.groups - before < len(nodes)  # grouped
-    reader = await open_store(postgres_url, owner="reader")  # what another replica reads
+    reader = await open_store(stores.url, owner="reader")  # what another replica reads
     try:
         run = await reader.get("r1")
     finally:
@@ -60,9 +71,9 @@ async def test_concurrent_outcomes_take_fewer_commits_and_all_are_stored(
 
 
 async def test_writes_of_one_run_keep_their_order_within_a_group(
-    stores: tuple[PostgresRunStore, PostgresRunStore],
+    stores: Stores,
 ) -> None:
-    store, _ = stores
+    store = stores.mine
     await store.create("r1", "t", REQUEST, "t")
     await store.add_nodes("r1", 1, [call("a")])
     # Submitted together: the second outcome of "a" must win, and the nodes planned
@@ -79,9 +90,9 @@ async def test_writes_of_one_run_keep_their_order_within_a_group(
 
 
 async def test_a_lost_run_fails_alone_in_its_group(
-    stores: tuple[PostgresRunStore, PostgresRunStore],
+    stores: Stores,
 ) -> None:
-    mine, other = stores
+    mine, other = stores.mine, stores.other
     await mine.create("kept", "t", REQUEST, "t")
     await mine.create("lost", "t", REQUEST, "t")
     await mine.add_nodes("kept", 1, [call(f"k{i}") for i in range(5)])
@@ -102,9 +113,9 @@ async def test_a_lost_run_fails_alone_in_its_group(
 
 
 async def test_a_failing_statement_fails_only_its_own_write(
-    stores: tuple[PostgresRunStore, PostgresRunStore],
+    stores: Stores,
 ) -> None:
-    store, _ = stores
+    store = stores.mine
     await store.create("r1", "t", REQUEST, "t")
     await store.add_nodes("r1", 1, [call("a"), call("b")])
     results = await asyncio.gather(
@@ -114,6 +125,6 @@ async def test_a_failing_statement_fails_only_its_own_write(
         return_exceptions=True,
     )
     assert results[0] is None and results[2] is None
-    assert isinstance(results[1], asyncpg.UniqueViolationError)
+    assert isinstance(results[1], stores.duplicate)
     run = await store.get("r1")
     assert run is not None and len(run.outcomes) == 2

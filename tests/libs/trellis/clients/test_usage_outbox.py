@@ -317,9 +317,12 @@ def test_outbox_path_must_be_a_file(tmp_path: Path) -> None:
             validate_outbox_path(bad)
 
 
-async def test_model_usage_is_logged_in_full_when_refused(open_outbox, caplog) -> None:
+async def test_model_usage_is_logged_in_full_when_refused(open_outbox, monkeypatch) -> None:
     """A refusal drops the event, so the log line must carry all of it."""
+    import structlog
     from structlog.testing import capture_logs
+
+    from trellis.clients import usage_outbox
 
     refusing = Ledger(error=InvalidArgument("bad"))
     outbox = await open_outbox(refusing)
@@ -330,6 +333,8 @@ async def test_model_usage_is_logged_in_full_when_refused(open_outbox, caplog) -
         usage=common_pb2.Usage(model="gpt-4o", input_tokens=10, output_tokens=3),
     )
     with capture_logs() as logs:
+        # a logger bound now: the module's may be cached from an earlier test's set-up
+        monkeypatch.setattr(usage_outbox, "log", structlog.get_logger(usage_outbox.__name__))
         assert await outbox.send(request) is None
     [line] = [entry for entry in logs if entry["log_level"] == "error"]
     assert line["usage_id"] == "r/plan/0"
