@@ -160,9 +160,8 @@ class RunEvents(SchedulerEvents):
 
     async def started(self, node_id: str) -> None:
         attempt = 2 if node_id in self._retried else 1
-        self._store_then_send(
-            None, self._event(node_started=executor_pb2.NodeStarted(node_id=node_id, attempt=attempt))
-        )
+        started = executor_pb2.NodeStarted(node_id=node_id, attempt=attempt)
+        self._store_then_send(None, self._event(node_started=started))
 
     def finished(self, outcome: common_pb2.NodeOutcome) -> asyncio.Future[None]:
         """Issued at once; awaiting it waits for the write (see the module docstring)."""

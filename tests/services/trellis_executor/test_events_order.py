@@ -54,11 +54,14 @@ def drained(queue: asyncio.Queue) -> list[str]:
             seen.append("END")
             continue
         kind = event.WhichOneof("event")
-        node = {
-            "node_planned": lambda: event.node_planned.call.node_id,
-            "node_started": lambda: event.node_started.node_id,
-            "node_finished": lambda: event.node_finished.outcome.node_id,
-        }.get(kind, lambda: "")()
+        if kind == "node_planned":
+            node = event.node_planned.call.node_id
+        elif kind == "node_started":
+            node = event.node_started.node_id
+        elif kind == "node_finished":
+            node = event.node_finished.outcome.node_id
+        else:
+            node = ""
         seen.append(f"{kind} {node}".strip())
     return seen
 
