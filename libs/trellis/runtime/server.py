@@ -21,6 +21,7 @@ interceptor; health and reflection stay open for probes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -238,6 +239,20 @@ async def start_service(
     return await start_server(settings, builder, telemetry=telemetry, channels=channels)
 
 
+#: Allocations between two young-generation collections (CPython's default: 700). A
+#: service allocates thousands of short-lived objects per call, nearly all freed by
+#: reference counting; the default made the cycle collector a few % of every service's CPU.
+GC_THRESHOLD = (20_000, 50, 100)
+
+
+def tune_gc() -> None:
+    """Fewer cycle collections in a service process: what start-up built (modules, settings,
+    registries) is frozen out of them (``gc.freeze``) and the young generation collected
+    less often. Measured: 6 % less CPU per node, 7 % more nodes/s (README "Benchmarks")."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 async def wait_for_signal() -> None:
     """Return on the first SIGTERM or SIGINT."""
     stop = asyncio.Event()
@@ -263,6 +278,7 @@ def run_service(
     async def serve() -> None:
         check_ports(settings)
         running = await start_service(settings, name, builder)
+        tune_gc()
         start_metrics(settings)
         await wait_for_signal()
         log.info("stopping", service=name, grace=settings.grace_seconds)
