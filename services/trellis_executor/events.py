@@ -41,6 +41,12 @@ class _Unsent:
     end: bool = False
 
 
+def _done() -> asyncio.Future[None]:
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done
+
+
 class RunEvents(SchedulerEvents):
     """Store first, client second: a client never sees state the store lacks."""
 
@@ -99,15 +105,13 @@ class RunEvents(SchedulerEvents):
         """Issue ``write`` now; ``events`` go out once it is committed and everything
         issued before them went out. The future is the write (``LeaseLost`` when the
         run moved: then nothing more is written or sent from here)."""
-        if self.lost or write is None:
-            if write is not None:
-                write.close()
-            else:
-                self._unsent.append(_Unsent(None, list(events), end))
-                self._pump()
-            done = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            return done
+        if write is None:
+            self._unsent.append(_Unsent(None, list(events), end))
+            self._pump()
+            return _done()
+        if self.lost:
+            write.close()  # the run moved: nothing more is written from here
+            return _done()
         task = asyncio.ensure_future(write)
         self._unsent.append(_Unsent(task, list(events), end))
         task.add_done_callback(self._written)

@@ -444,6 +444,7 @@ class Runner:
                 _check_explicit_plan(request.plan, tools, limits.max_nodes)
         except BaseException:
             budget.cancel()
+            await asyncio.gather(budget, return_exceptions=True)  # its verdict is moot
             raise
         await budget
         write = asyncio.ensure_future(

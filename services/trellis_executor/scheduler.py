@@ -5,9 +5,11 @@ barrier — and nodes start while the plan is still streaming in. Dependents of 
 node that did not succeed are SKIPPED; independent branches go on. Concurrency is
 bounded per run (and per process through a shared semaphore).
 
-``on_outcome`` sees each outcome once it is recorded and before any dependent starts;
-raising there (the run's cost limit) stops the run: the task group cancels the nodes in
-flight and nothing further starts.
+``on_outcome`` sees each outcome as soon as it is known (its write issued) and before any
+dependent starts; raising there (the run's cost limit) stops the run: the task group
+cancels the nodes in flight and nothing further starts. A node's dependents start while
+its outcome is being stored (``_complete``); the events reach the client in order, each
+after its write (``events.RunEvents``).
 """
 
 from __future__ import annotations
