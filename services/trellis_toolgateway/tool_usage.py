@@ -8,9 +8,10 @@ the service's durable usage outbox (``trellis.clients.usage_outbox``) in the bac
 InvokeTool response never waits for cost accounting, and an outage only delays the
 row: the outbox keeps it on disk and redelivers it under the same tenant. The outbox
 sends rows in batches (one RecordUsages, one ledger transaction, after
-``TRELLIS_USAGE_BATCH_SECONDS``, 20 ms), so a zero-cost tool's row costs no ledger
-write of its own and the send does not land on the executor's next dispatch. A run's
-cost does not wait for these rows: the executor adds the outcomes' costs.
+``TRELLIS_USAGE_BATCH_SECONDS``, 20 ms; a zero-cost row may wait up to
+``TRELLIS_USAGE_FREE_BATCH_SECONDS``, 1 s, for the next batch), so a zero-cost tool's row
+costs no ledger write of its own and the send does not land on the executor's next
+dispatch. A run's cost does not wait for these rows: the executor adds the outcomes' costs.
 
 A model tool's call that declares no cost of its own is not a tool row: the planner
 records its model call under ``{run}/{node}/model``, which says all there is (a zero-cost

@@ -10,9 +10,9 @@ returns (``batch_window`` adds a short wait before each round, 0 by default), so
 service makes a few ledger transactions instead of one per call
 (``trellis.runtime.coalescing``). The event of a tool call that cost nothing (no tool
 cost, no tokens) may wait ``free_window`` instead, going with the next batch that forms
-anyway: no budget or spend depends on it, and an idle-time RecordUsage per call is
-what would otherwise delay the calls being served. Each event still has its own outcome (its entry's
-result). It is delivered bounded by ``send_timeout``; when that fails with anything that
+anyway: no budget or spend depends on it, and an idle-time RecordUsages per call is what
+would otherwise delay the calls being served. Each event still has its own outcome (its
+entry's result). It is delivered bounded by ``send_timeout``; when that fails with anything that
 may heal (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, connection errors,
 timeouts) the request is written to a local SQLite file, keyed by tenant and usage_id,
 with the tenant it was made for (RecordUsage reads the tenant from ``x-tenant-id``, so a
