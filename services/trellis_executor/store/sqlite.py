@@ -1,10 +1,12 @@
 """The SQLite run store: the embedded default.
 
-One connection per process in autocommit mode: every write is one statement, so it
-is durable when its ``execute`` returns. WAL plus a busy timeout
-(``trellis.runtime.sqlite.connect``) let several processes share a file. Leases are
-in Unix seconds of the host clock: processes sharing a file share a host. Creation
-times are ISO 8601 text in UTC (``datetime.isoformat``), which sorts as the times do.
+One connection per process in autocommit mode: a write alone is one statement; a run's
+state writes that queue while one commits go together in one transaction (group commit),
+each durable when its caller returns. WAL plus a busy timeout
+(``trellis.runtime.sqlite.connect``) let several processes share a file. Leases are in
+Unix seconds of the host clock: processes sharing a file share a host. Creation times are
+ISO 8601 text in UTC (``datetime.isoformat``), which sorts as the times do. The session
+queries are in ``sqlite_sessions``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sqlite3
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import aiosqlite
 
@@ -21,7 +23,6 @@ from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime import sqlite
 from trellis.runtime.coalescing import Coalescer
-from trellis.runtime.errors import NotFound
 from trellis_executor.store import sessions as session_rows
 from trellis_executor.store.base import (
     DEFAULT_LEASE_SECONDS,
@@ -45,8 +46,12 @@ from trellis_executor.store.base import (
     run_exists,
     to_micros,
 )
-
-RUNNING = executor_pb2.RUN_STATUS_RUNNING
+from trellis_executor.store.sqlite_sessions import (
+    RUNNING,
+    TURNS,
+    SqliteSessions,
+    expired_before,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -149,19 +154,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def _expired_before(ttl_seconds: float) -> str:
-    """Last activity before this (ISO text, as stored) means the session expired."""
-    return (datetime.now(UTC) - timedelta(seconds=ttl_seconds)).isoformat()
-
-
-#: A session's turns: its runs since it (re)started.
-_TURNS = (
-    "tenant_id = :tenant AND session_id = :session AND created_at >= (SELECT created_at"
-    " FROM sessions WHERE tenant_id = :tenant AND session_id = :session)"
-)
-
-
-class SqliteRunStore:
+class SqliteRunStore(SqliteSessions):
     """Async SQLite run store for one owner; each write is committed when it returns.
 
     A run's state writes queued while others commit go together in the next transaction
@@ -274,7 +267,7 @@ class SqliteRunStore:
                 "tenant": tenant_id,
                 "session": session_id,
                 "now": now,
-                "expired": _expired_before(rules.ttl_seconds),
+                "expired": expired_before(rules.ttl_seconds),
             },
         )
         params = {
@@ -296,8 +289,8 @@ class SqliteRunStore:
                 "INSERT INTO runs (run_id, owner, lease_until, tenant_id, goal, status, request,"
                 " trace_id, span_id, created_at, session_id) SELECT :run_id, :owner, :lease,"
                 " :tenant, :goal, :running, :request, :trace_id, :span_id, :now, :session"
-                f" WHERE NOT EXISTS (SELECT 1 FROM runs WHERE {_TURNS} AND status = :running)"
-                f" AND (SELECT count(*) FROM runs WHERE {_TURNS}) < :max_turns",
+                f" WHERE NOT EXISTS (SELECT 1 FROM runs WHERE {TURNS} AND status = :running)"
+                f" AND (SELECT count(*) FROM runs WHERE {TURNS}) < :max_turns",
                 params,
             )
         except aiosqlite.IntegrityError:
@@ -305,188 +298,11 @@ class SqliteRunStore:
         if cursor.rowcount == 1:
             return
         busy = await self._db.execute_fetchall(
-            f"SELECT 1 FROM runs WHERE {_TURNS} AND status = :running", params
+            f"SELECT 1 FROM runs WHERE {TURNS} AND status = :running", params
         )
         if busy:
             raise session_rows.session_busy(session_id)
         raise session_rows.session_full(session_id, rules.max_turns)
-
-    async def _session_record(
-        self, tenant_id: str, session_id: str, ttl_seconds: float
-    ) -> session_rows.SessionRecord | None:
-        found = await self._db.execute_fetchall(
-            "SELECT summary, summary_through_turn, created_at, updated_at, deleted FROM sessions"
-            " WHERE tenant_id = ? AND session_id = ? AND updated_at >= ?",
-            (tenant_id, session_id, _expired_before(ttl_seconds)),
-        )
-        for summary, through, created, updated, deleted in found:
-            return session_rows.SessionRecord(
-                tenant_id,
-                session_id,
-                summary,
-                through,
-                datetime.fromisoformat(created),
-                datetime.fromisoformat(updated),
-                bool(deleted),
-            )
-        return None
-
-    async def _turns(
-        self, tenant_id: str, session_ids: Sequence[str], nodes: bool
-    ) -> dict[str, list[executor_pb2.Run]]:
-        """The turns of each session (oldest first); with their nodes when ``nodes``."""
-        marks = ",".join("?" * len(session_ids))
-        found = await self._db.execute_fetchall(
-            "SELECT r.run_id, r.goal, r.status, r.trace_id, r.created_at, r.finished,"
-            " r.finished_at, r.progress, r.session_id FROM runs r JOIN sessions s"
-            " ON s.tenant_id = r.tenant_id AND s.session_id = r.session_id"
-            f" WHERE r.tenant_id = ? AND r.session_id IN ({marks})"
-            " AND r.created_at >= s.created_at ORDER BY r.created_at, r.run_id",
-            (tenant_id, *session_ids),
-        )
-        out: dict[str, list[executor_pb2.Run]] = {sid: [] for sid in session_ids}
-        by_id: dict[str, executor_pb2.Run] = {}
-        for run_id, goal, status, trace, created, blob, finished, progress, sid in found:
-            run = build_run(
-                run_id,
-                tenant_id,
-                goal,
-                status,
-                trace,
-                datetime.fromisoformat(created),
-                blob,
-                datetime.fromisoformat(finished) if finished else None,
-                progress,
-                sid,
-            )
-            out[sid].append(run)
-            by_id[run_id] = run
-        if nodes and by_id:
-            ids = list(by_id)
-            node_rows = await self._db.execute_fetchall(
-                f"SELECT run_id, call, outcome FROM run_nodes WHERE run_id IN"
-                f" ({','.join('?' * len(ids))}) ORDER BY run_id, seq",
-                ids,
-            )
-            for run_id, call, outcome in node_rows:
-                add_nodes(by_id[run_id], [(call, outcome)])
-        return out
-
-    async def get_session(
-        self, tenant_id: str, session_id: str, ttl_seconds: float
-    ) -> tuple[session_rows.SessionRecord, list[executor_pb2.Run]] | None:
-        record = await self._session_record(tenant_id, session_id, ttl_seconds)
-        if record is None:
-            return None
-        turns = await self._turns(tenant_id, [session_id], nodes=True)
-        return record, turns[session_id]
-
-    async def list_sessions(
-        self,
-        tenant_id: str,
-        ttl_seconds: float,
-        cursor: session_rows.SessionCursor | None,
-        limit: int,
-    ) -> list[tuple[executor_pb2.SessionSummary, session_rows.SessionCursor]]:
-        after = ""
-        params: list[object] = [tenant_id, _expired_before(ttl_seconds)]
-        if cursor is not None:
-            moment = from_micros(cursor.updated_us).isoformat()
-            after = " AND (updated_at < ? OR (updated_at = ? AND session_id < ?))"
-            params += [moment, moment, cursor.session_id]
-        found = await self._db.execute_fetchall(
-            "SELECT session_id, summary, summary_through_turn, created_at, updated_at, deleted"
-            f" FROM sessions WHERE tenant_id = ? AND updated_at >= ?{after}"
-            " ORDER BY updated_at DESC, session_id DESC LIMIT ?",
-            (*params, limit),
-        )
-        records = [
-            session_rows.SessionRecord(
-                tenant_id,
-                sid,
-                summary,
-                through,
-                datetime.fromisoformat(created),
-                datetime.fromisoformat(updated),
-                bool(deleted),
-            )
-            for sid, summary, through, created, updated, deleted in found
-        ]
-        turns = await self._turns(tenant_id, [r.session_id for r in records], nodes=False)
-        return [
-            (
-                session_rows.build_session_summary(r, turns[r.session_id]),
-                session_rows.SessionCursor(to_micros(r.updated_at), r.session_id),
-            )
-            for r in records
-        ]
-
-    async def save_summary(
-        self, tenant_id: str, session_id: str, summary: str, through_turn: int
-    ) -> None:
-        await self._db.execute(
-            "UPDATE sessions SET summary = ?, summary_through_turn = ?"
-            " WHERE tenant_id = ? AND session_id = ? AND summary_through_turn < ?"
-            " AND NOT deleted",
-            (summary, through_turn, tenant_id, session_id, through_turn),
-        )
-
-    async def delete_session(self, tenant_id: str, session_id: str, ttl_seconds: float) -> int:
-        params = {
-            "tenant": tenant_id,
-            "session": session_id,
-            "running": RUNNING,
-            "expired": _expired_before(ttl_seconds),
-        }
-        turns = (await self._turns(tenant_id, [session_id], nodes=False))[session_id]
-        cursor = await self._db.execute(
-            "UPDATE sessions SET deleted = 1, summary = '', summary_through_turn = 0"
-            " WHERE tenant_id = :tenant AND session_id = :session AND updated_at >= :expired"
-            f" AND NOT EXISTS (SELECT 1 FROM runs WHERE {_TURNS} AND status = :running)",
-            params,
-        )
-        if cursor.rowcount == 0:
-            if await self._session_record(tenant_id, session_id, ttl_seconds) is None:
-                raise NotFound(
-                    f"no session {session_id}",
-                    reason="SESSION_NOT_FOUND",
-                    metadata={"session_id": session_id},
-                )
-            raise session_rows.session_busy(session_id)
-        for run in turns:
-            await self._erase_run(run.run_id)
-        return len(turns)
-
-    async def _erase_run(self, run_id: str) -> None:
-        """A finished turn's goal, answer, tool arguments and outputs, erased."""
-        found = await self._db.execute_fetchall(
-            "SELECT request, finished FROM runs WHERE run_id = ? AND status <> ?",
-            (run_id, RUNNING),
-        )
-        for request, finished in found:
-            await self._db.execute(
-                "UPDATE runs SET goal = '', request = ?, finished = ? WHERE run_id = ?",
-                (
-                    session_rows.erased_request(request),
-                    session_rows.erased_finished(finished),
-                    run_id,
-                ),
-            )
-            nodes = await self._db.execute_fetchall(
-                "SELECT node_id, call, outcome FROM run_nodes WHERE run_id = ?", (run_id,)
-            )
-            await self._db.executemany(
-                "UPDATE run_nodes SET call = ?, outcome = ? WHERE run_id = ? AND node_id = ?",
-                [
-                    (
-                        session_rows.erased_call(call),
-                        session_rows.erased_outcome(outcome),
-                        run_id,
-                        node_id,
-                    )
-                    for node_id, call, outcome in nodes
-                ],
-            )
 
     async def _fenced(self, run_id: str, sql: str, **values: object) -> None:
         """Run a write of ``run_id``'s state that only its owner may make, committed
