@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -33,7 +33,12 @@ from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.convert import timestamp
 from trellis.runtime.errors import AlreadyExists, FailedPrecondition
-from trellis_executor.store.sessions import SessionCursor, SessionRecord, SessionRules
+from trellis_executor.store.sessions import (
+    SessionCursor,
+    SessionRecord,
+    SessionRules,
+    build_session_summary,
+)
 
 DEFAULT_OWNER = "local"
 DEFAULT_LEASE_SECONDS = 15.0
@@ -50,6 +55,19 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 def new_page_token_key() -> bytes:
     return secrets.token_bytes(32)
+
+
+def session_page(
+    records: Sequence[SessionRecord], turns: Mapping[str, list[executor_pb2.Run]]
+) -> list[tuple[executor_pb2.SessionSummary, SessionCursor]]:
+    """A ListSessions page: each session's summary (from its turns) and the cursor after it."""
+    return [
+        (
+            build_session_summary(record, turns[record.session_id]),
+            SessionCursor(to_micros(record.updated_at), record.session_id),
+        )
+        for record in records
+    ]
 
 
 def to_micros(moment: datetime) -> int:

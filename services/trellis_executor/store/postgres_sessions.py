@@ -12,7 +12,12 @@ from trellis.executor.v1 import executor_pb2
 from trellis.runtime.errors import NotFound
 from trellis.runtime.postgres import ReconnectingPool
 from trellis_executor.store import sessions as session_rows
-from trellis_executor.store.base import add_nodes, build_run, from_micros, to_micros
+from trellis_executor.store.base import (
+    add_nodes,
+    build_run,
+    from_micros,
+    session_page,
+)
 
 RUNNING = executor_pb2.RUN_STATUS_RUNNING
 
@@ -102,13 +107,7 @@ class PostgresSessions:
             return records, turns
 
         records, turns = await self._pool.run(read)
-        return [
-            (
-                session_rows.build_session_summary(r, turns[r.session_id]),
-                session_rows.SessionCursor(to_micros(r.updated_at), r.session_id),
-            )
-            for r in records
-        ]
+        return session_page(records, turns)
 
     async def save_summary(
         self, tenant_id: str, session_id: str, summary: str, through_turn: int

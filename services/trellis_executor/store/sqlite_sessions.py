@@ -12,7 +12,12 @@ import aiosqlite
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.errors import NotFound
 from trellis_executor.store import sessions as session_rows
-from trellis_executor.store.base import add_nodes, build_run, from_micros, to_micros
+from trellis_executor.store.base import (
+    add_nodes,
+    build_run,
+    from_micros,
+    session_page,
+)
 
 RUNNING = executor_pb2.RUN_STATUS_RUNNING
 
@@ -28,6 +33,27 @@ def expired_before(ttl_seconds: float) -> str:
     return (datetime.now(UTC) - timedelta(seconds=ttl_seconds)).isoformat()
 
 
+def _record(
+    tenant_id: str,
+    session_id: str,
+    summary: str,
+    through_turn: int,
+    created: str,
+    updated: str,
+    deleted: int,
+) -> session_rows.SessionRecord:
+    """A session's row as SQLite keeps it (ISO 8601 text times, a 0/1 flag)."""
+    return session_rows.SessionRecord(
+        tenant_id,
+        session_id,
+        summary,
+        through_turn,
+        datetime.fromisoformat(created),
+        datetime.fromisoformat(updated),
+        bool(deleted),
+    )
+
+
 class SqliteSessions:
     """The session queries of ``SqliteRunStore`` (over its connection)."""
 
@@ -41,16 +67,8 @@ class SqliteSessions:
             " WHERE tenant_id = ? AND session_id = ? AND updated_at >= ?",
             (tenant_id, session_id, expired_before(ttl_seconds)),
         )
-        for summary, through, created, updated, deleted in found:
-            return session_rows.SessionRecord(
-                tenant_id,
-                session_id,
-                summary,
-                through,
-                datetime.fromisoformat(created),
-                datetime.fromisoformat(updated),
-                bool(deleted),
-            )
+        for row in found:
+            return _record(tenant_id, session_id, *row)
         return None
 
     async def _turns(
@@ -122,26 +140,9 @@ class SqliteSessions:
             " ORDER BY updated_at DESC, session_id DESC LIMIT ?",
             (*params, limit),
         )
-        records = [
-            session_rows.SessionRecord(
-                tenant_id,
-                sid,
-                summary,
-                through,
-                datetime.fromisoformat(created),
-                datetime.fromisoformat(updated),
-                bool(deleted),
-            )
-            for sid, summary, through, created, updated, deleted in found
-        ]
+        records = [_record(tenant_id, *row) for row in found]
         turns = await self._turns(tenant_id, [r.session_id for r in records], nodes=False)
-        return [
-            (
-                session_rows.build_session_summary(r, turns[r.session_id]),
-                session_rows.SessionCursor(to_micros(r.updated_at), r.session_id),
-            )
-            for r in records
-        ]
+        return session_page(records, turns)
 
     async def save_summary(
         self, tenant_id: str, session_id: str, summary: str, through_turn: int
