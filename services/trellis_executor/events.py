@@ -41,12 +41,6 @@ class _Unsent:
     end: bool = False
 
 
-def _done() -> asyncio.Future[None]:
-    done = asyncio.get_running_loop().create_future()
-    done.set_result(None)
-    return done
-
-
 class RunEvents(SchedulerEvents):
     """Store first, client second: a client never sees state the store lacks."""
 
@@ -98,24 +92,27 @@ class RunEvents(SchedulerEvents):
 
     def _store_then_send(
         self,
-        write: Coroutine[Any, Any, None] | None,
+        write: Coroutine[Any, Any, None],
         *events: executor_pb2.RunResponse,
         end: bool = False,
     ) -> asyncio.Future[None]:
         """Issue ``write`` now; ``events`` go out once it is committed and everything
         issued before them went out. The future is the write (``LeaseLost`` when the
         run moved: then nothing more is written or sent from here)."""
-        if write is None:
-            self._unsent.append(_Unsent(None, list(events), end))
-            self._pump()
-            return _done()
         if self.lost:
             write.close()  # the run moved: nothing more is written from here
-            return _done()
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
         task = asyncio.ensure_future(write)
         self._unsent.append(_Unsent(task, list(events), end))
         task.add_done_callback(self._written)
         return task
+
+    def _send(self, *events: executor_pb2.RunResponse) -> None:
+        """Send ``events`` (nothing to store) after every write issued before them."""
+        self._unsent.append(_Unsent(None, list(events)))
+        self._pump()
 
     def _written(self, write: asyncio.Future[None]) -> None:
         if not write.cancelled() and isinstance(write.exception(), LeaseLost):
@@ -165,7 +162,7 @@ class RunEvents(SchedulerEvents):
     async def started(self, node_id: str) -> None:
         attempt = 2 if node_id in self._retried else 1
         started = executor_pb2.NodeStarted(node_id=node_id, attempt=attempt)
-        self._store_then_send(None, self._event(node_started=started))
+        self._send(self._event(node_started=started))
 
     def finished(self, outcome: common_pb2.NodeOutcome) -> asyncio.Future[None]:
         """Issued at once; awaiting it waits for the write (see the module docstring)."""
@@ -178,7 +175,7 @@ class RunEvents(SchedulerEvents):
         await self._store_then_send(self._store.save_progress(self.run_id, progress))
 
     def answer(self, text: str) -> None:
-        self._store_then_send(None, self._event(answer_delta=executor_pb2.AnswerDelta(text=text)))
+        self._send(self._event(answer_delta=executor_pb2.AnswerDelta(text=text)))
 
     async def run_finished(self, finished: executor_pb2.RunFinished) -> None:
         await self._store_then_send(

@@ -201,7 +201,7 @@ class Runner:
         if active is not None and abandoned:
             # The caller went away while the run was being stored: it exists, so it ends
             # like any run its caller left (cancelled, or out of time at its deadline).
-            await self._leave(active, None, _caller_deadline())
+            await self._leave(active, None)
             raise asyncio.CancelledError
         if active is None:  # a concurrent Run with this id created it first: follow that one
             existing = await self._existing(run_id)
@@ -302,9 +302,6 @@ class Runner:
         self, active: ActiveRun, queue: Queue
     ) -> AsyncIterator[executor_pb2.RunResponse]:
         """``started``, the run's events so far and as they come, then how it ended."""
-        # Read now: a stream gRPC drops is closed later in another task and context,
-        # where ``context.remaining()`` is not this caller's.
-        deadline = _caller_deadline()
         try:
             yield executor_pb2.RunResponse(
                 run_id=active.events.run_id,
@@ -325,20 +322,19 @@ class Runner:
             if not active.task.cancelled() and active.task.exception():
                 raise active.task.exception()  # type: ignore[misc]
         finally:
-            await self._leave(active, queue, deadline)
+            await self._leave(active, queue)
 
-    async def _leave(
-        self, active: ActiveRun, queue: Queue | None, deadline: float | None = None
-    ) -> None:
+    async def _leave(self, active: ActiveRun, queue: Queue | None) -> None:
         """A follower is gone; when it was the last one, cancel everything under the run.
 
-        Not when the follower's own ``deadline`` (monotonic) is what ended its call: the
-        run's deadline is earlier (``Limits.of``), so the run is ending FAILED
-        DEADLINE_EXCEEDED by itself and must not turn CANCELLED by racing it."""
+        Not when the follower's own deadline is what ended its call: the run's deadline
+        is earlier (``Limits.of``), so the run is ending FAILED DEADLINE_EXCEEDED by itself
+        and must not turn CANCELLED by racing it."""
         if queue is not None:
             active.events.unsubscribe(queue)
         if active.events.subscribers == 0 and not active.detached and not active.task.done():
-            if deadline is None or deadline > time.monotonic():
+            left = context.remaining()
+            if left is None or left > 0:
                 active.task.cancel()
             await asyncio.wait([active.task])
 
@@ -503,12 +499,6 @@ class Runner:
             cached = _Catalog(response.catalog_version, list(response.tools), now)
         self._tools[tenant] = cached
         return cached.tools
-
-
-def _caller_deadline() -> float | None:
-    """When the current caller's deadline passes (monotonic); None without one."""
-    left = context.remaining()
-    return None if left is None else time.monotonic() + left
 
 
 def _with_timeout(request: executor_pb2.RunRequest, timeout: float) -> executor_pb2.RunRequest:

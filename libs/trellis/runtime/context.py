@@ -77,9 +77,4 @@ def request_scope(
         yield
     finally:
         for var, token in reversed(tokens):
-            try:
-                var.reset(token)  # type: ignore[attr-defined]
-            except ValueError:
-                # Left in another context: a stream's generator its caller abandoned is
-                # closed by the event loop in a task of its own; nothing here to restore.
-                pass
+            var.reset(token)  # type: ignore[attr-defined]

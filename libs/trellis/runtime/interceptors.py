@@ -24,6 +24,7 @@ the handler refuses the request it could not parse (gRPC itself would answer UNK
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -220,10 +221,16 @@ def _wrap_stream(
     tracer: trace.Tracer | None,
 ) -> Callable[..., Any]:
     """Wrap a streaming handler of either style: an async generator, or a coroutine that
-    sends with ``context.write`` (grpcio-health-checking's ``Watch``)."""
+    sends with ``context.write`` (grpcio-health-checking's ``Watch``).
+
+    The wrapper itself sends with ``context.write``: a send that fails because the caller
+    is gone then fails here, in the call's own task and context, and the servicer's stream
+    is closed at once (its cleanup, e.g. cancelling a run nobody follows, runs in the
+    request's scope). An async-generator wrapper would be dropped by gRPC instead, and
+    closed later by the event loop in a task and context of its own."""
     rpc = rpc_method(method)
 
-    async def handler(request: Any, ctx: aio.ServicerContext) -> AsyncIterator[Any]:
+    async def handler(request: Any, ctx: aio.ServicerContext) -> None:
         with server_span(tracer, rpc, ctx.invocation_metadata()) as call:
             with await _entered_scope(ctx, method, api_keys, call):
                 try:
@@ -231,18 +238,29 @@ def _wrap_stream(
                     if inspect.isawaitable(responses):
                         await responses
                         return
-                    # Closed with this handler however it ends: when gRPC drops a stream
-                    # whose caller left (rather than cancelling it), the servicer's
-                    # cleanup (e.g. cancelling a run nobody follows) still runs now.
                     async with aclosing(responses):
                         async for item in responses:
-                            yield item
+                            if not await _sent(ctx, item):
+                                return
                 except aio.AbortError:
                     raise
                 except Exception as exc:
                     await _fail(ctx, method, exc, call)
 
     return handler
+
+
+async def _sent(ctx: aio.ServicerContext, message: Any) -> bool:
+    """Send ``message``; False when the stream broke (gRPC's send failed: the caller is
+    gone, nobody is left to answer)."""
+    try:
+        await ctx.write(message)
+    except (aio.AbortError, asyncio.CancelledError):
+        raise
+    except Exception as error:
+        log.info("stream ended: the caller is gone (%s)", type(error).__name__)
+        return False
+    return True
 
 
 class ServerRulesInterceptor(aio.ServerInterceptor):

@@ -1,12 +1,15 @@
-"""A server stream gRPC drops instead of cancelling (its caller left while a response was
-being written) is closed by the event loop, in a task and a context of its own: the
-servicer's cleanup still runs (the executor cancels a run nobody follows), and leaving
-the request scope there is not an error."""
+"""A server stream whose caller is gone mid-send ends in the call's own task: the failed
+send stops it, the servicer's stream is closed at once (its cleanup — the executor
+cancelling a run nobody follows — runs in the request's scope), and nothing is logged
+as an error or answered. gRPC drops an async-generator handler in that case instead, to
+be closed later by the event loop in another task and context (seen with a client killed
+mid-stream), which is why the rules interceptor sends with ``context.write``."""
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import inspect
+import logging
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
@@ -21,8 +24,17 @@ class Metadatum(NamedTuple):
     value: str
 
 
+class BrokenStream(Exception):
+    """What gRPC's send raises once the stream broke (ExecuteBatchError)."""
+
+
 class Ctx:
-    """The parts of a servicer context the wrapper reads."""
+    """A servicer context whose stream breaks after ``sent_ok`` messages."""
+
+    def __init__(self, sent_ok: int) -> None:
+        self.sent: list[object] = []
+        self.sent_ok = sent_ok
+        self.aborted = False
 
     def invocation_metadata(self) -> tuple[Metadatum, ...]:
         return (Metadatum("x-tenant-id", "acme"),)
@@ -33,9 +45,17 @@ class Ctx:
     def peer(self) -> str:
         return "ipv4:127.0.0.1:1"
 
+    async def write(self, message: object) -> None:
+        if len(self.sent) == self.sent_ok:
+            raise BrokenStream("execute_batch failed")
+        self.sent.append(message)
 
-async def test_a_dropped_stream_still_runs_the_servicers_cleanup() -> None:
-    cleaned: list[str] = []
+    async def abort(self, *args: object, **kwargs: object) -> None:
+        self.aborted = True
+
+
+async def test_a_broken_stream_closes_the_servicers_stream_in_the_calls_task(caplog) -> None:
+    cleaned: list[tuple[str, asyncio.Task | None]] = []
 
     async def follow(request: object, ctx: object) -> AsyncIterator[int]:
         try:
@@ -43,15 +63,16 @@ async def test_a_dropped_stream_still_runs_the_servicers_cleanup() -> None:
                 yield i
                 await asyncio.sleep(0)
         finally:
-            cleaned.append(context.tenant())
+            cleaned.append((context.tenant(), asyncio.current_task()))
 
     handler = _wrap_stream("/p.S/Follow", follow, None, None)
-    stream = handler(object(), Ctx())
-    assert await anext(stream) == 0
-    # what the event loop's async-generator finalizer does with an abandoned stream:
-    # aclose() in a new task, in a copy of another context
-    closing = asyncio.get_running_loop().create_task(
-        stream.aclose(), context=contextvars.copy_context()
-    )
-    await asyncio.wait_for(closing, 5)  # no error leaving the scope in that context
-    assert cleaned == ["acme"]  # ran at once, still in the request's scope
+    assert inspect.iscoroutinefunction(handler)  # gRPC awaits it; it never drops it
+    ctx = Ctx(sent_ok=3)
+    with caplog.at_level(logging.INFO):
+        call = asyncio.create_task(handler(object(), ctx))
+        await asyncio.wait_for(call, 5)
+    assert ctx.sent == [0, 1, 2]
+    assert cleaned == [("acme", call)]  # at once, in the call's task, in its scope
+    assert not ctx.aborted  # nobody is left to answer
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "stream ended: the caller is gone (BrokenStream)" in caplog.text

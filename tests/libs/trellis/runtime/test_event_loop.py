@@ -38,3 +38,13 @@ def test_the_runner_runs_a_service_coroutine_on_uvloop() -> None:
 
     event_loop_runner(ServiceSettings())(main())
     assert seen == ["uvloop"]
+
+
+def test_an_unknown_event_loop_is_refused_at_start(monkeypatch, capsys) -> None:
+    from trellis.runtime.settings import load_settings
+
+    monkeypatch.setenv("TRELLIS_EVENT_LOOP", "trio")
+    with pytest.raises(SystemExit) as raised:
+        load_settings(ServiceSettings, "trellis-probe")
+    assert raised.value.code == 2
+    assert "TRELLIS_EVENT_LOOP" in capsys.readouterr().err
