@@ -23,9 +23,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -240,21 +239,6 @@ async def start_service(
     return await start_server(settings, builder, telemetry=telemetry, channels=channels)
 
 
-def event_loop_runner(settings: ServiceSettings) -> Callable[[Coroutine[Any, Any, None]], None]:
-    """``uvloop.run`` or ``asyncio.run``, as ``event_loop`` says; a ``StartupError`` when
-    uvloop is asked for but not installed (it does not run on Windows)."""
-    if settings.event_loop == "asyncio":
-        return asyncio.run
-    try:
-        import uvloop
-    except ImportError:
-        variable = env_name(type(settings), "event_loop")
-        raise StartupError(
-            f"{variable}=uvloop: uvloop is not installed here; set {variable}=asyncio"
-        ) from None
-    return uvloop.run
-
-
 #: Allocations between two young-generation collections (CPython's default: 700). A
 #: service allocates thousands of short-lived objects per call, nearly all freed by
 #: reference counting; the default made the cycle collector a few % of every service's CPU.
@@ -301,4 +285,4 @@ def run_service(
         await running.stop()
 
     with startup_errors_exit(program):
-        event_loop_runner(settings)(serve())
+        asyncio.run(serve())

@@ -22,7 +22,6 @@ ENV_PREFIX = "TRELLIS_"
 
 Port = int
 LogLevel = Literal["debug", "info", "warning", "error"]
-EventLoop = Literal["uvloop", "asyncio"]
 _TARGET = "gRPC target of the {} (host:port; dns:///host:port balances replicas)."
 
 
@@ -65,11 +64,6 @@ class ServiceSettings(BaseSettings):
     grace_seconds: float = Field(5.0, ge=0, description="In-flight RPCs get this long on stop.")
     call_timeout_seconds: float = Field(30.0, gt=0, description="Default onward-call timeout.")
     log_level: LogLevel = Field("info", description="debug, info, warning or error.")
-    event_loop: EventLoop = Field(
-        "uvloop",
-        description="The service process's event loop: uvloop (less CPU per call and per"
-        " callback) or asyncio's own.",
-    )
 
     executor_target: str = Field("localhost:50051", description=_TARGET.format("executor"))
     planner_target: str = Field("localhost:50052", description=_TARGET.format("planner"))
