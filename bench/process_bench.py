@@ -18,6 +18,8 @@ gRPC client in this process, medians of 5 after a warm-up run:
 - ``throughput``: 50 clients x 20 runs of the 5-node echo plan (zero-latency tools);
   ``cpu_ms_per_node`` is the user + system CPU the five service processes spent over
   that phase (``/proc/<pid>/stat``), divided by its nodes.
+- ``floor``: the same DAGs and load over bare grpc.aio processes (``bench.floor_bench``),
+  measured first in the same run: what the machine gives before any Trellis code.
 - ``spans``: the skewed runs' traces as the sink received them once the stack stopped
   (a SIGTERM flushes every batched span): spans per run and the share of cost-accounting
   bookkeeping spans.
@@ -40,7 +42,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from bench import proc_cpu
+from bench import floor_bench, proc_cpu
 from bench.dag_common import SKEWED_CRITICAL_MS, r, skewed_plan, timed_run
 from bench.executor_bench import (
     CHAIN,
@@ -250,7 +252,9 @@ async def measure_backend(
 async def run(*, quick: bool = False, workload: Workload | None = None) -> dict[str, Any]:
     """Both backends, one after the other, each with a fresh stack and sink."""
     workload = workload or (Workload.quick() if quick else Workload())
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {
+        "floor": await floor_bench.measure(workload.samples, workload.clients, workload.runs_each)
+    }
     for backend in BACKENDS:
         sink = await start_sink()
         try:
