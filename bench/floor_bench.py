@@ -33,7 +33,7 @@ from bench.executor_bench import (
     echo_plan,
     fan_out_plan,
 )
-from bench.floor_stack import RUN_METHOD
+from bench.floor_stack import RUN_METHOD, identity
 from trellis.common.v1 import common_pb2
 from trellis.runtime.ports import free_port
 
@@ -54,10 +54,6 @@ def floor_nodes(plan: Sequence[common_pb2.ToolCall]) -> bytes:
     return json.dumps(nodes).encode()
 
 
-def _identity(data: bytes) -> bytes:
-    return data
-
-
 @asynccontextmanager
 async def floor_stack() -> AsyncIterator[tuple[Callable[[bytes], Any], dict[str, int]]]:
     """Both floor processes, and a ``run(nodes) -> wall ms`` over them; stopped after."""
@@ -76,7 +72,7 @@ async def floor_stack() -> AsyncIterator[tuple[Callable[[bytes], Any], dict[str,
     try:
         await asyncio.wait_for(channel.channel_ready(), _READY_SECONDS)
         call = channel.unary_stream(
-            RUN_METHOD, request_serializer=_identity, response_deserializer=_identity
+            RUN_METHOD, request_serializer=identity, response_deserializer=identity
         )
 
         async def run(nodes: bytes) -> float:

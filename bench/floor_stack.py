@@ -27,7 +27,8 @@ GATEWAY_METHOD = "/floor.Gateway/Invoke"
 RUN_METHOD = "/floor.Executor/Run"
 
 
-def _identity(data: bytes) -> bytes:
+def identity(data: bytes) -> bytes:
+    """Messages are bytes as they are (JSON)."""
     return data
 
 
@@ -41,7 +42,7 @@ async def _invoke(request: bytes, context: aio.ServicerContext) -> bytes:
 
 def _run_handler(gateway: aio.Channel):
     invoke = gateway.unary_unary(
-        GATEWAY_METHOD, request_serializer=_identity, response_deserializer=_identity
+        GATEWAY_METHOD, request_serializer=identity, response_deserializer=identity
     )
 
     async def run(request: bytes, context: aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -55,7 +56,9 @@ def _run_handler(gateway: aio.Channel):
         async def node_task(node: dict) -> None:
             for dep in node["deps"]:
                 await done[dep]
-            answer = await invoke(json.dumps({"ms": node["ms"]}).encode(), timeout=30)
+            answer = await invoke(
+                json.dumps({"ms": node["ms"]}).encode(), timeout=30, wait_for_ready=True
+            )
             done[node["id"]].set_result(None)
             await finished.put(json.dumps({"node": node["id"], "answer": len(answer)}).encode())
 
@@ -75,13 +78,13 @@ async def serve(role: str, port: int, gateway_target: str | None) -> None:
     server = aio.server()
     channel = None
     if role == "gateway":
-        handlers = {"Invoke": grpc.unary_unary_rpc_method_handler(_invoke, _identity, _identity)}
+        handlers = {"Invoke": grpc.unary_unary_rpc_method_handler(_invoke, identity, identity)}
         service = "floor.Gateway"
     else:
         assert gateway_target is not None
         channel = aio.insecure_channel(gateway_target)
         run = _run_handler(channel)
-        handlers = {"Run": grpc.unary_stream_rpc_method_handler(run, _identity, _identity)}
+        handlers = {"Run": grpc.unary_stream_rpc_method_handler(run, identity, identity)}
         service = "floor.Executor"
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_insecure_port(f"127.0.0.1:{port}")
