@@ -58,7 +58,9 @@ def floor_nodes(plan: Sequence[common_pb2.ToolCall]) -> bytes:
 async def floor_stack() -> AsyncIterator[tuple[Callable[[bytes], Any], dict[str, int]]]:
     """Both floor processes, and a ``run(nodes) -> wall ms`` over them; stopped after."""
     gateway_port, executor_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), *sys.path]))}
+    # ``bench`` from this checkout; grpc from the same interpreter's packages
+    path = os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     module = [sys.executable, "-m", "bench.floor_stack"]
     procs = {
         "gateway": await asyncio.create_subprocess_exec(

@@ -51,21 +51,28 @@ def _run_handler(gateway: aio.Channel):
         done: dict[str, asyncio.Future[None]] = {
             node["id"]: asyncio.get_running_loop().create_future() for node in nodes
         }
-        finished: asyncio.Queue[bytes] = asyncio.Queue()
+        finished: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
 
         async def node_task(node: dict) -> None:
-            for dep in node["deps"]:
-                await done[dep]
-            answer = await invoke(
-                json.dumps({"ms": node["ms"]}).encode(), timeout=30, wait_for_ready=True
-            )
+            try:
+                for dep in node["deps"]:
+                    await done[dep]
+                answer = await invoke(
+                    json.dumps({"ms": node["ms"]}).encode(), timeout=30, wait_for_ready=True
+                )
+            except Exception as error:  # the Run fails with it rather than waiting forever
+                await finished.put(error)
+                return
             done[node["id"]].set_result(None)
             await finished.put(json.dumps({"node": node["id"], "answer": len(answer)}).encode())
 
         tasks = [asyncio.create_task(node_task(node)) for node in nodes]
         try:
             for _ in nodes:
-                yield await finished.get()
+                message = await finished.get()
+                if isinstance(message, BaseException):
+                    raise message
+                yield message
             yield b'{"finished": true}'
         finally:
             for task in tasks:
