@@ -1,7 +1,8 @@
 """The channel factory: one cached grpc.aio channel per target.
 
 Every channel gets the same service config (round_robin over all resolved addresses,
-transparent retries of UNAVAILABLE only), keepalive, message limits and the client
+transparent retries of UNAVAILABLE only), keepalive, a reconnect back-off capped at 2 s,
+their own connections (no subchannels shared between channels), message limits and the client
 interceptors (deadline and tenant propagation, and with a tracer the calls' spans:
 ``trellis.runtime.client_interceptors``). Services ask for a channel
 by target and never build one themselves. With ``credentials`` (mTLS, see
@@ -28,6 +29,9 @@ RETRY_POLICY = {
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
 
+#: The longest wait between attempts to reconnect to a dead target (gRPC's default: 120 s).
+MAX_RECONNECT_BACKOFF_MS = 2_000
+
 SERVICE_CONFIG = json.dumps(
     {
         "loadBalancingConfig": [{"round_robin": {}}],
@@ -44,6 +48,12 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        # gRPC's default grows the wait between reconnects to 120 s: a dependency that was
+        # down for a minute would stay "down" to its callers long after it is back.
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        # Each channel owns its connections: a fresh channel never inherits the reconnect
+        # back-off of another channel (in this process) to an address that was dead.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 

@@ -2,6 +2,7 @@
 limits hold, errors map, health and reflection answer, stop is graceful."""
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -11,6 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
 from trellis.runtime import context
+from trellis.runtime.channels import MAX_RECONNECT_BACKOFF_MS, Channels
 from trellis.runtime.convert import from_struct, from_value, to_value
 from trellis.runtime.errors import (
     DeadlineExceeded,
@@ -68,7 +70,7 @@ def probe(next_target: str | None = None, servicers: list | None = None):
 
 
 def settings(**kw) -> ServiceSettings:
-    return ServiceSettings(port=0, metrics_port=0, **kw)
+    return ServiceSettings(**{"port": 0, "metrics_port": 0, **kw})
 
 
 async def call(channels, target, deadline=5.0, **args):
@@ -176,6 +178,50 @@ async def test_unreachable_target_is_retried_then_unavailable(channels) -> None:
         port = sock.getsockname()[1]
     with pytest.raises(Unavailable):
         await call(channels, f"127.0.0.1:{port}", deadline=5)
+
+
+async def test_a_new_channel_does_not_inherit_a_dead_connection_to_the_same_port(
+    serve, channels
+) -> None:
+    # Another channel in this process saw the server at this port die; a server now
+    # listens there again. gRPC's process-wide subchannel pool would hand the new channel
+    # that connection, still backing off: calls failed fast with UNAVAILABLE.
+    first = await serve("p", probe(), settings())
+    old = Channels()
+    try:
+        await call(old, first.target)
+        await first.stop(0)
+        with pytest.raises(Unavailable):
+            await call(old, first.target, deadline=1)
+        again = await serve("p", probe(), settings(port=first.port))
+        seen = await call(channels, again.target, deadline=5)
+        assert seen["remaining"] > 4.5  # answered at once, not after waiting out a back-off
+    finally:
+        await old.close()
+
+
+async def test_a_dependency_back_after_an_outage_is_reached_within_seconds(serve, channels) -> None:
+    # gRPC's own reconnect back-off grows to 120 s: after 20 s down, the next attempt
+    # came 4-11 s after the server was back (30 s down: 16 s). Capped, it is seconds.
+    first = await serve("p", probe(), settings())
+    await call(channels, first.target)
+    await first.stop(0)
+    loop = asyncio.get_running_loop()
+    down_until = loop.time() + 20
+    while loop.time() < down_until:  # callers keep trying while it is down
+        with contextlib.suppress(Unavailable, DeadlineExceeded):
+            await call(channels, first.target, deadline=1)
+        await asyncio.sleep(0.5)
+    await serve("p", probe(), settings(port=first.port))
+    back = loop.time()
+    while True:
+        try:
+            await call(channels, first.target, deadline=1)
+            break
+        except (Unavailable, DeadlineExceeded):
+            await asyncio.sleep(0.1)
+    waited = loop.time() - back
+    assert waited < MAX_RECONNECT_BACKOFF_MS * 1.2 / 1000 + 1.0, waited
 
 
 async def test_message_over_the_size_limit_is_rejected(serve, channels) -> None:
