@@ -36,6 +36,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from trellis.runtime import auth, context, tls
+from trellis.runtime.channels import CONNECTION_OPTIONS
 from trellis.runtime.ports import bind_error
 from trellis.runtime.settings import ServiceSettings, env_name
 
@@ -160,10 +161,12 @@ async def wait_serving(
     (over TLS with ``credentials``)."""
     deadline = asyncio.get_running_loop().time() + within
     target = f"{HOST}:{port}"
+    # Polled while the service starts: a reconnect back-off growing unbounded would see
+    # it SERVING seconds late.
     channel = (
-        aio.insecure_channel(target)
+        aio.insecure_channel(target, options=CONNECTION_OPTIONS)
         if credentials is None
-        else aio.secure_channel(target, credentials)
+        else aio.secure_channel(target, credentials, options=CONNECTION_OPTIONS)
     )
     async with channel:
         stub = health_pb2_grpc.HealthStub(channel)

@@ -32,6 +32,16 @@ RETRY_POLICY = {
 #: The longest wait between attempts to reconnect to a dead target (gRPC's default: 120 s).
 MAX_RECONNECT_BACKOFF_MS = 2_000
 
+#: How every channel, the project's own short-lived ones too, (re)connects.
+CONNECTION_OPTIONS: tuple[tuple[str, object], ...] = (
+    # gRPC's default grows the wait between reconnects to 120 s: a dependency that was
+    # down for a minute would stay "down" to its callers long after it is back.
+    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    # Each channel owns its connections: a fresh channel never inherits the reconnect
+    # back-off of another channel (in this process) to an address that was dead.
+    ("grpc.use_local_subchannel_pool", 1),
+)
+
 SERVICE_CONFIG = json.dumps(
     {
         "loadBalancingConfig": [{"round_robin": {}}],
@@ -48,12 +58,7 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
-        # gRPC's default grows the wait between reconnects to 120 s: a dependency that was
-        # down for a minute would stay "down" to its callers long after it is back.
-        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
-        # Each channel owns its connections: a fresh channel never inherits the reconnect
-        # back-off of another channel (in this process) to an address that was dead.
-        ("grpc.use_local_subchannel_pool", 1),
+        *CONNECTION_OPTIONS,
     ]
 
 

@@ -28,17 +28,22 @@ def add_trace_ids(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever ``sys.stderr`` is when a line is logged, like logging's own
-    last-resort handler: a command run in-process (tests, an embedding program) may
-    swap stderr and close the one that was there at set-up."""
+    """Writes to whatever ``sys.stderr`` is when a line is logged (as logging's own
+    last-resort handler does), unless given a stream with ``setStream``: a command run
+    in-process (tests, an embedding program) may swap stderr and close the one that was
+    there at set-up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._chosen: Any = None  # the base class set the stderr of the moment: forget it
 
     @property  # type: ignore[override]
     def stream(self) -> Any:
-        return sys.stderr
+        return self._chosen if self._chosen is not None else sys.stderr
 
     @stream.setter
-    def stream(self, _: Any) -> None:
-        pass
+    def stream(self, value: Any) -> None:
+        self._chosen = value
 
 
 def setup_logging(level: str = "info", *, service: str | None = None) -> None:
