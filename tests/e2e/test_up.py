@@ -136,6 +136,9 @@ def started() -> Iterator[list[subprocess.Popen[str]]]:
 def test_up_refuses_a_busy_port_with_one_line_before_starting_anything(tmp_path: Path) -> None:
     base = free_block()
     with socket.socket() as holder:
+        # As servers (and free_block's probe) do: an old connection on this port still in
+        # TIME_WAIT must not fail the bind (it did once in CI).
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         holder.bind(("127.0.0.1", base + 3))  # where the tool gateway would listen
         holder.listen()
         result = subprocess.run(
