@@ -24,23 +24,20 @@ from trellis.contract.session_context import compact_result, context_tokens, fol
 from trellis.executor.v1 import executor_pb2
 from trellis.planner.v1 import planner_pb2
 from trellis.runtime import context
-from trellis.runtime.errors import FieldViolation, InvalidArgument, NotFound, TrellisError
+from trellis.runtime.errors import FieldViolation, InvalidArgument, TrellisError
 from trellis.runtime.logs import get_logger
 from trellis_executor import ports
 from trellis_executor.run_list import MAX_PAGE_TOKEN_CHARS, page_size
 from trellis_executor.store import RunStore
-from trellis_executor.store.sessions import SessionCursor, SessionRules, build_session
+from trellis_executor.store.sessions import (
+    SessionCursor,
+    SessionRules,
+    build_session,
+    session_not_found,
+)
 
 log = get_logger(__name__)
 _SALT = "trellis.executor.v1.ListSessions"
-
-
-def session_not_found(session_id: str) -> NotFound:
-    return NotFound(
-        f"no session {session_id}",
-        reason="SESSION_NOT_FOUND",
-        metadata={"session_id": session_id},
-    )
 
 
 def _bad_token(why: str) -> InvalidArgument:

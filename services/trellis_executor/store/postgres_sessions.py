@@ -9,7 +9,6 @@ from typing import Any
 import asyncpg
 
 from trellis.executor.v1 import executor_pb2
-from trellis.runtime.errors import NotFound
 from trellis.runtime.postgres import ReconnectingPool
 from trellis_executor.store import sessions as session_rows
 from trellis_executor.store.base import (
@@ -135,11 +134,7 @@ class PostgresSessions:
                     ttl_seconds,
                 )
                 if not locked:
-                    raise NotFound(
-                        f"no session {session_id}",
-                        reason="SESSION_NOT_FOUND",
-                        metadata={"session_id": session_id},
-                    )
+                    raise session_rows.session_not_found(session_id)
                 turns = (await self._turns(conn, tenant_id, [session_id], nodes=False))[session_id]
                 if any(run.status == RUNNING for run in turns):
                     raise session_rows.session_busy(session_id)

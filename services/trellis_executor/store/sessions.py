@@ -21,7 +21,7 @@ from datetime import datetime
 from trellis.common.v1 import common_pb2
 from trellis.executor.v1 import executor_pb2
 from trellis.runtime.convert import timestamp
-from trellis.runtime.errors import FailedPrecondition
+from trellis.runtime.errors import FailedPrecondition, NotFound
 
 #: Characters of the last goal a session summary carries.
 LAST_GOAL_CHARS = 120
@@ -54,6 +54,14 @@ class SessionCursor:
 
     updated_us: int
     session_id: str
+
+
+def session_not_found(session_id: str) -> NotFound:
+    return NotFound(
+        f"no session {session_id}",
+        reason="SESSION_NOT_FOUND",
+        metadata={"session_id": session_id},
+    )
 
 
 def session_busy(session_id: str) -> FailedPrecondition:

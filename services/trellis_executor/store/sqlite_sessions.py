@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 import aiosqlite
 
 from trellis.executor.v1 import executor_pb2
-from trellis.runtime.errors import NotFound
 from trellis_executor.store import sessions as session_rows
 from trellis_executor.store.base import (
     add_nodes,
@@ -170,11 +169,7 @@ class SqliteSessions:
         )
         if cursor.rowcount == 0:
             if await self._session_record(tenant_id, session_id, ttl_seconds) is None:
-                raise NotFound(
-                    f"no session {session_id}",
-                    reason="SESSION_NOT_FOUND",
-                    metadata={"session_id": session_id},
-                )
+                raise session_rows.session_not_found(session_id)
             raise session_rows.session_busy(session_id)
         for run in turns:
             await self._erase_run(run.run_id)

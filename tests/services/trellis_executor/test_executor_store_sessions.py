@@ -77,8 +77,9 @@ async def test_sessions_are_per_tenant(store: RunStore) -> None:
     [(acme, _)] = await store.list_sessions("acme", TTL, None, 10)
     assert (acme.session_id, acme.turn_count, acme.last_goal) == ("s", 1, "mine")
     assert await store.list_sessions("nobody", TTL, None, 10) == []
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as missing:
         await store.delete_session("other", "s", TTL)
+    assert missing.value.reason == "SESSION_NOT_FOUND"
 
 
 async def test_list_pages_most_recent_first(store: RunStore) -> None:
